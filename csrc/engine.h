@@ -1,0 +1,190 @@
+/* SPDX-License-Identifier: MIT
+ *
+ * engine.h - public interface of the spliceproxy relay engine.
+ *
+ * One engine is one epoll loop holding any number of TCP and UDP listeners,
+ * each with its own backend address.  The engine owns every descriptor handed
+ * to it.  All functions return >= 0 on success or -errno; the library never
+ * prints, never exits and never touches process-wide signal dispositions.
+ *
+ * Threading: one thread runs sp_engine_run(); sp_engine_stop() may be called
+ * from any thread or signal handler; sp_engine_stats() may be read from any
+ * thread at any time (each counter is an aligned 64-bit word written by the
+ * loop thread alone).
+ */
+#ifndef SPLICEPROXY_ENGINE_H
+#define SPLICEPROXY_ENGINE_H
+
+#include <stdint.h>
+#include <sys/socket.h>
+
+struct sp_engine;
+
+/* Counters.  The order is ABI: the stats file written by the front end is an
+ * array of these in this order, after struct sp_stats_header. */
+#define SP_STATS_LIST(X)                                                    \
+	X(TCP_ACCEPTED)        /* connections accepted */                   \
+	X(TCP_ACTIVE)          /* connections open now (gauge) */           \
+	X(TCP_FAILED)          /* backend connect failures */               \
+	X(TCP_CLOSED)          /* connections finished */                   \
+	X(TCP_RESETS)          /* resets propagated from one side to the other */ \
+	X(BYTES_C2B)           /* bytes relayed client -> backend */        \
+	X(BYTES_B2C)           /* bytes relayed backend -> client */        \
+	X(ACCEPT_PAUSES)       /* accept paused for lack of descriptors */  \
+	X(IDLE_RECLAIMED)      /* half-closed pairs reclaimed by timeout */ \
+	X(UDP_FLOWS_ACTIVE)    /* UDP client entries now (gauge) */         \
+	X(UDP_FLOWS_CREATED)   /* UDP client entries created */             \
+	X(UDP_FLOWS_EXPIRED)   /* UDP entries expired after the timeout */  \
+	X(UDP_FLOWS_EVICTED)   /* UDP entries evicted by the table bound */ \
+	X(UDP_DGRAMS_C2B)      /* datagrams client -> backend */            \
+	X(UDP_DGRAMS_B2C)      /* datagrams backend -> client */            \
+	X(UDP_BYTES_C2B)                                                    \
+	X(UDP_BYTES_B2C)                                                    \
+	X(UDP_DROPS)           /* datagrams that could not be delivered */  \
+	X(PIPES_OPEN)          /* kernel pipes open now, pooled or in use (gauge) */ \
+	X(PIPES_IN_USE)        /* pipes holding data in flight (gauge) */   \
+	X(FDS_OPEN)            /* descriptors the engine holds (gauge) */   \
+	X(ERR_EMFILE)          /* EMFILE/ENFILE seen */                     \
+	X(ERR_ENOBUFS)         /* ENOBUFS/ENOMEM seen */                    \
+	X(ERR_RESET)           /* ECONNRESET/EPIPE seen */                  \
+	X(ERR_OTHER)           /* any other per-connection error */         \
+	X(EVENTS_DROPPED)      /* log events lost because the ring was full */ \
+	X(LOOP_WAKEUPS)        /* epoll_wait returns */                     \
+	X(SYSCALLS)            /* every system call the engine made */      \
+	X(SYS_EPOLL_WAIT)                                                   \
+	X(SYS_EPOLL_CTL)                                                    \
+	X(SYS_ACCEPT)                                                       \
+	X(SYS_SOCKET)                                                       \
+	X(SYS_CONNECT)                                                      \
+	X(SYS_SETSOCKOPT)                                                   \
+	X(SYS_GETSOCKOPT)                                                   \
+	X(SYS_SPLICE)                                                       \
+	X(SYS_READ)                                                         \
+	X(SYS_WRITE)                                                        \
+	X(SYS_SHUTDOWN)                                                     \
+	X(SYS_CLOSE)                                                        \
+	X(SYS_PIPE)                                                         \
+	X(SYS_FCNTL)                                                        \
+	X(SYS_RECVMMSG)                                                     \
+	X(SYS_SENDMMSG)                                                     \
+	X(SYS_RECV)                                                         \
+	X(SYS_SEND)                                                         \
+	X(SYS_BIND)                                                         \
+	X(SYS_OTHER)
+
+enum sp_stat {
+#define SP_STAT_ENUM(name) SP_STAT_##name,
+	SP_STATS_LIST(SP_STAT_ENUM)
+#undef SP_STAT_ENUM
+	SP_STAT_COUNT
+};
+
+/* Header of a shared counters area: magic, layout version, counter count. */
+#define SP_STATS_MAGIC 0x5453584c50535053ULL /* "SPSPLXST" little-endian */
+#define SP_STATS_VERSION 1
+struct sp_stats_header {
+	uint64_t magic;
+	uint32_t version;
+	uint32_t count;
+	uint64_t pid;
+	uint64_t reserved;
+};
+
+/* Tunables, set before or between runs with sp_engine_set_option(). */
+enum sp_option {
+	SP_OPT_PIPE_SIZE,          /* bytes per relay pipe (F_SETPIPE_SZ), default 1 MiB */
+	SP_OPT_PIPE_POOL_MAX,      /* idle pipes kept for reuse, default 64 */
+	SP_OPT_COPY_MODE,          /* SP_COPY_SPLICE (default) or SP_COPY_READWRITE */
+	SP_OPT_COPY_BUF,           /* buffer bytes in read/write mode, default 64 KiB */
+	SP_OPT_IDLE_TIMEOUT_MS,    /* reclaim half-closed pairs idle this long; 0 = never */
+	SP_OPT_UDP_TIMEOUT_MS,     /* UDP entry expiry, default 90000 */
+	SP_OPT_UDP_MAX_FLOWS,      /* UDP entries per listener, default 16384 */
+	SP_OPT_ACCEPT_BACKOFF_MS,  /* pause after EMFILE/ENFILE, default 100 */
+	SP_OPT_COUNT
+};
+
+enum sp_copy_mode { SP_COPY_SPLICE = 0, SP_COPY_READWRITE = 1 };
+
+/* What sp_engine_run() returned for, when not an error. */
+enum sp_run_result {
+	SP_RUN_STOPPED = 0,  /* sp_engine_stop() was called */
+	SP_RUN_EVENTS = 1,   /* events are queued: drain with sp_engine_next_event() */
+	SP_RUN_WATCH = 2,    /* the watched descriptor became readable */
+	SP_RUN_TIMEOUT = 3,  /* timeout_ms elapsed */
+	SP_RUN_INTERRUPTED = 4, /* a signal interrupted epoll_wait */
+};
+
+/* Things worth a log line; the front end decides how to word and where to send them. */
+enum sp_event_kind {
+	SP_EV_CONNECT_FAILED = 1, /* backend connect failed (err) */
+	SP_EV_ACCEPT_PAUSED,      /* accept failed for lack of descriptors (err) */
+	SP_EV_ACCEPT_RESUMED,     /* accepting again */
+	SP_EV_ACCEPT_ERROR,       /* another accept error (err); the listener keeps going */
+	SP_EV_UDP_SEND_FAILED,    /* datagram to the backend dropped (err); count coalesced */
+	SP_EV_UDP_REPLY_FAILED,   /* datagram to a client dropped (err); count coalesced */
+	SP_EV_UDP_EVICTED,        /* entries evicted by the table bound; count */
+	SP_EV_UDP_FLOW_FAILED,    /* creating a backend socket failed (err) */
+	SP_EV_LISTENER_FAILED,    /* the listener failed and was removed (err) */
+	SP_EV_IDLE_RECLAIMED,     /* half-closed pairs reclaimed; count */
+};
+
+struct sp_event {
+	int32_t kind;     /* enum sp_event_kind */
+	int32_t err;      /* positive errno, or 0 */
+	int32_t listener; /* listener id from sp_engine_add_*() */
+	int32_t pad;
+	uint64_t count;   /* how many occurrences this event stands for */
+};
+
+/* Create an engine.  stats, if not NULL, points at SP_STAT_COUNT aligned
+ * 64-bit words the engine keeps its counters in (e.g. a shared mapping);
+ * otherwise it keeps them privately. */
+int sp_engine_new(struct sp_engine **out, uint64_t *stats);
+
+/* Close every descriptor and free the engine. */
+void sp_engine_free(struct sp_engine *e);
+
+int sp_engine_set_option(struct sp_engine *e, int option, int64_t value);
+
+/* Add a listening TCP socket (ownership passes to the engine; it is made
+ * nonblocking).  Returns the listener id. */
+int sp_engine_add_tcp(struct sp_engine *e, int listen_fd,
+		      const struct sockaddr *backend, socklen_t backend_len);
+
+/* Add a bound UDP socket.  family selects the cmsg family for reply-source
+ * handling (AF_INET/AF_INET6); IP_PKTINFO/IPV6_RECVPKTINFO is enabled on it.
+ * Returns the listener id. */
+int sp_engine_add_udp(struct sp_engine *e, int fd, int family,
+		      const struct sockaddr *backend, socklen_t backend_len);
+
+/* Make run() return SP_RUN_WATCH when fd becomes readable (the front end
+ * passes its signal wakeup descriptor).  The fd is not owned.  -1 clears. */
+int sp_engine_watch(struct sp_engine *e, int fd);
+
+/* Run the loop until stopped, an event is queued, the watched fd is
+ * readable, a signal interrupts, or timeout_ms (-1: none) elapses. */
+int sp_engine_run(struct sp_engine *e, int timeout_ms);
+
+/* Ask a running loop to return SP_RUN_STOPPED.  Async-signal-safe. */
+int sp_engine_stop(struct sp_engine *e);
+
+/* Pop the oldest queued event; 1 if one was copied, 0 if none. */
+int sp_engine_next_event(struct sp_engine *e, struct sp_event *ev);
+
+/* The counters (SP_STAT_COUNT words). */
+const uint64_t *sp_engine_stats(const struct sp_engine *e);
+
+/* Name of counter i, lower case ("tcp_accepted"), or NULL. */
+const char *sp_stat_name(int i);
+
+/* Open a listening socket on addr the way docker-proxy does: SO_REUSEADDR,
+ * IPV6_V6ONLY for AF_INET6, backlog from net.core.somaxconn for TCP,
+ * IP_PKTINFO/IPV6_RECVPKTINFO for UDP.  type is SOCK_STREAM or SOCK_DGRAM.
+ * On failure *step names the failing call ("socket", "bind", "listen", ...). */
+int sp_open_listener(int type, const struct sockaddr *addr, socklen_t len,
+		     const char **step);
+
+/* Raise the soft RLIMIT_NOFILE to the hard limit.  Returns the new limit. */
+int64_t sp_raise_nofile(void);
+
+#endif

@@ -1,0 +1,64 @@
+"""Build the C relay engine (csrc/) as the Cython extension spliceproxy._engine.
+
+A failed compile fails the install: there is no slow pure-Python fallback.
+Set SPLICEPROXY_CFLAGS to add compiler flags (e.g. the sanitizer build) and
+SPLICEPROXY_WERROR=1 to make C warnings errors.
+"""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/sockets.c"]
+
+
+class LoudBuildExt(build_ext):
+    """build_ext that explains what to install when the compiler fails."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001 - re-raised after the hint
+            sys.stderr.write(
+                "\n*** spliceproxy: building the C engine (%s) failed: %s\n"
+                "*** It needs a C11 compiler and the Python headers, e.g. on Debian:\n"
+                "***     apt-get install gcc python3-dev\n"
+                "*** There is no pure-Python fallback by design.\n\n" % (ext.name, exc)
+            )
+            raise
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    cflags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+    ldflags = []
+    if os.environ.get("SPLICEPROXY_WERROR") == "1":
+        cflags.append("-Werror")
+    extra = os.environ.get("SPLICEPROXY_CFLAGS", "").split()
+    cflags += extra
+    ldflags += [f for f in extra if f.startswith("-fsanitize")]
+    engine = Extension(
+        "spliceproxy._engine",
+        sources=["src/spliceproxy/_engine.pyx"] + CSRC,
+        include_dirs=["csrc"],
+        define_macros=[("_GNU_SOURCE", "1")],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+    exts = cythonize([engine], language_level=3, compiler_directives={"binding": False})
+    return exts
+
+
+def cffi_modules():
+    path = "src/spliceproxy/bench/_loadgen_build.py:ffibuilder"
+    return [path] if os.path.exists(path.split(":")[0]) else []
+
+
+setup(
+    ext_modules=extensions(),
+    cffi_modules=cffi_modules(),
+    cmdclass={"build_ext": LoudBuildExt},
+)

@@ -1,0 +1,1 @@
+"""Benchmark harness: topology, load generator, paths, metrics, gate."""

@@ -118,7 +118,10 @@ int64_t sp_now_ms(void);
 int sp_tcp_init(struct sp_engine *e);
 void sp_tcp_free(struct sp_engine *e);
 void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events);
-void sp_tcp_conn_event(struct sp_engine *e, unsigned type, uint32_t idx, uint32_t events);
+/* Connection events (tag types SP_TAG_TCP_CLIENT/BACKEND); stale tags are ignored. */
+void sp_tcp_dispatch(struct sp_engine *e, uint64_t tag, uint32_t events);
+/* Socket options and O_NONBLOCK for a listener; accepted sockets inherit them. */
+void sp_tcp_listener_setup(struct sp_engine *e, int fd);
 /* Timers (accept resume, idle reclaim); returns ms until the next deadline, or -1. */
 int64_t sp_tcp_timer(struct sp_engine *e);
 

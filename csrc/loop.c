@@ -1,0 +1,465 @@
+/* SPDX-License-Identifier: MIT
+ *
+ * loop.c - engine lifetime, options, the epoll loop, the event ring.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <netinet/in.h>
+
+#include "internal.h"
+
+#define SP_EPOLL_BATCH 256
+
+static const char *const stat_names[SP_STAT_COUNT] = {
+#define SP_STAT_NAME(name) #name,
+	SP_STATS_LIST(SP_STAT_NAME)
+#undef SP_STAT_NAME
+};
+
+/* Lower-case copies of the counter names, built once (names are ABI). */
+static char stat_names_lower[SP_STAT_COUNT][32];
+
+const char *sp_stat_name(int i)
+{
+	if (i < 0 || i >= SP_STAT_COUNT)
+		return NULL;
+	if (!stat_names_lower[i][0]) {
+		const char *s = stat_names[i];
+		size_t k;
+
+		for (k = 0; s[k] && k < sizeof(stat_names_lower[i]) - 1; k++)
+			stat_names_lower[i][k] = (char)(s[k] >= 'A' && s[k] <= 'Z' ? s[k] + 32 : s[k]);
+		stat_names_lower[i][k] = '\0';
+	}
+	return stat_names_lower[i];
+}
+
+int64_t sp_now_ms(void)
+{
+	struct timespec ts;
+
+	/* CLOCK_MONOTONIC_COARSE is served from the vDSO: no system call. */
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void sp_count_error(struct sp_engine *e, int err)
+{
+	switch (err) {
+	case EMFILE:
+	case ENFILE:
+		sp_count(e, SP_STAT_ERR_EMFILE, 1);
+		break;
+	case ENOBUFS:
+	case ENOMEM:
+		sp_count(e, SP_STAT_ERR_ENOBUFS, 1);
+		break;
+	case ECONNRESET:
+	case EPIPE:
+		sp_count(e, SP_STAT_ERR_RESET, 1);
+		break;
+	default:
+		sp_count(e, SP_STAT_ERR_OTHER, 1);
+	}
+}
+
+void sp_emit(struct sp_engine *e, int kind, int err, int listener, uint64_t count)
+{
+	struct sp_event *ev;
+
+	if (e->ring_len) {
+		/* Coalesce bursts (a flood of refused connects) into one line. */
+		ev = &e->ring[(e->ring_head + e->ring_len - 1) % SP_EVENT_RING];
+		if (ev->kind == kind && ev->err == err && ev->listener == listener) {
+			ev->count += count;
+			return;
+		}
+	}
+	if (e->ring_len == SP_EVENT_RING) {
+		sp_count(e, SP_STAT_EVENTS_DROPPED, count);
+		return;
+	}
+	ev = &e->ring[(e->ring_head + e->ring_len) % SP_EVENT_RING];
+	ev->kind = kind;
+	ev->err = err;
+	ev->listener = listener;
+	ev->pad = 0;
+	ev->count = count;
+	e->ring_len++;
+}
+
+int sp_engine_next_event(struct sp_engine *e, struct sp_event *ev)
+{
+	if (!e->ring_len)
+		return 0;
+	*ev = e->ring[e->ring_head];
+	e->ring_head = (e->ring_head + 1) % SP_EVENT_RING;
+	e->ring_len--;
+	return 1;
+}
+
+int sp_epoll_add(struct sp_engine *e, int fd, uint32_t events, uint64_t tag)
+{
+	struct epoll_event ev = { .events = events, .data.u64 = tag };
+
+	sp_sys(e, SP_STAT_SYS_EPOLL_CTL);
+	if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) == -1)
+		return -errno;
+	return 0;
+}
+
+int sp_epoll_mod(struct sp_engine *e, int fd, uint32_t events, uint64_t tag)
+{
+	struct epoll_event ev = { .events = events, .data.u64 = tag };
+
+	sp_sys(e, SP_STAT_SYS_EPOLL_CTL);
+	if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, fd, &ev) == -1)
+		return -errno;
+	return 0;
+}
+
+int sp_epoll_del(struct sp_engine *e, int fd)
+{
+	sp_sys(e, SP_STAT_SYS_EPOLL_CTL);
+	if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL) == -1)
+		return -errno;
+	return 0;
+}
+
+void sp_close(struct sp_engine *e, int fd)
+{
+	if (fd < 0)
+		return;
+	sp_sys(e, SP_STAT_SYS_CLOSE);
+	/* close() always releases the descriptor, even on EINTR: never retry. */
+	close(fd);
+	sp_gauge_sub(e, SP_STAT_FDS_OPEN, 1);
+}
+
+static const int64_t option_defaults[SP_OPT_COUNT] = {
+	[SP_OPT_PIPE_SIZE] = 1 << 20,
+	[SP_OPT_PIPE_POOL_MAX] = 64,
+	[SP_OPT_COPY_MODE] = SP_COPY_SPLICE,
+	[SP_OPT_COPY_BUF] = 64 << 10,
+	[SP_OPT_IDLE_TIMEOUT_MS] = 0,
+	[SP_OPT_UDP_TIMEOUT_MS] = 90000,
+	[SP_OPT_UDP_MAX_FLOWS] = 16384,
+	[SP_OPT_ACCEPT_BACKOFF_MS] = 100,
+};
+
+int sp_engine_new(struct sp_engine **out, uint64_t *stats)
+{
+	struct sp_engine *e;
+	int rc;
+
+	e = calloc(1, sizeof(*e));
+	if (!e)
+		return -ENOMEM;
+	e->epfd = e->ctlfd = e->watchfd = -1;
+	e->stats = stats ? stats : e->own_stats;
+	memcpy(e->opt, option_defaults, sizeof(e->opt));
+	e->now_ms = sp_now_ms();
+
+	sp_sys(e, SP_STAT_SYS_OTHER);
+	e->epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (e->epfd == -1) {
+		rc = -errno;
+		goto fail;
+	}
+	sp_fd_opened(e);
+	sp_sys(e, SP_STAT_SYS_OTHER);
+	e->ctlfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (e->ctlfd == -1) {
+		rc = -errno;
+		goto fail;
+	}
+	sp_fd_opened(e);
+	rc = sp_epoll_add(e, e->ctlfd, EPOLLIN, sp_tag(SP_TAG_CONTROL, 0));
+	if (rc < 0)
+		goto fail;
+	rc = sp_pipes_init(e);
+	if (rc < 0)
+		goto fail;
+	rc = sp_tcp_init(e);
+	if (rc < 0)
+		goto fail;
+	rc = sp_udp_init(e);
+	if (rc < 0)
+		goto fail;
+	*out = e;
+	return 0;
+fail:
+	sp_engine_free(e);
+	return rc;
+}
+
+void sp_engine_free(struct sp_engine *e)
+{
+	int i;
+
+	if (!e)
+		return;
+	for (i = 0; i < e->n_listeners; i++) {
+		struct sp_listener *l = &e->listeners[i];
+
+		if (l->type == SOCK_DGRAM)
+			sp_udp_listener_free(e, l);
+		sp_close(e, l->fd);
+		l->fd = -1;
+	}
+	sp_tcp_free(e);
+	sp_udp_free(e);
+	sp_pipes_free(e);
+	free(e->listeners);
+	free(e->copy_buf);
+	sp_close(e, e->ctlfd);
+	sp_close(e, e->epfd);
+	free(e);
+}
+
+int sp_engine_set_option(struct sp_engine *e, int option, int64_t value)
+{
+	if (option < 0 || option >= SP_OPT_COUNT || value < 0)
+		return -EINVAL;
+	switch (option) {
+	case SP_OPT_COPY_MODE:
+		if (value != SP_COPY_SPLICE && value != SP_COPY_READWRITE)
+			return -EINVAL;
+		break;
+	case SP_OPT_COPY_BUF:
+		if (value < 1 || value > (64 << 20))
+			return -EINVAL;
+		free(e->copy_buf);
+		e->copy_buf = NULL;
+		break;
+	case SP_OPT_PIPE_SIZE:
+		if (value < 4096 || value > (1 << 30))
+			return -EINVAL;
+		break;
+	case SP_OPT_UDP_MAX_FLOWS:
+		if (value < 1)
+			return -EINVAL;
+		break;
+	default:
+		break;
+	}
+	e->opt[option] = value;
+	return 0;
+}
+
+/* Fill a new listener slot; returns it, or NULL when out of memory. */
+static struct sp_listener *listener_slot(struct sp_engine *e, int fd, int type, int family,
+					 const struct sockaddr *backend, socklen_t len)
+{
+	struct sp_listener *l;
+
+	if (e->n_listeners == e->cap_listeners) {
+		int cap = e->cap_listeners ? e->cap_listeners * 2 : 4;
+		struct sp_listener *n = realloc(e->listeners, sizeof(*n) * cap);
+
+		if (!n)
+			return NULL;
+		e->listeners = n;
+		e->cap_listeners = cap;
+	}
+	l = &e->listeners[e->n_listeners];
+	memset(l, 0, sizeof(*l));
+	l->fd = fd;
+	l->type = type;
+	l->family = family;
+	l->id = e->n_listeners;
+	memcpy(&l->backend, backend, len);
+	l->backend_len = len;
+	e->n_listeners++;
+	return l;
+}
+
+static int check_backend(const struct sockaddr *backend, socklen_t len)
+{
+	if (!backend)
+		return -EINVAL;
+	if (backend->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+		return 0;
+	if (backend->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+		return 0;
+	return -EAFNOSUPPORT;
+}
+
+int sp_engine_add_tcp(struct sp_engine *e, int listen_fd, const struct sockaddr *backend,
+		      socklen_t backend_len)
+{
+	struct sp_listener *l;
+	int rc = check_backend(backend, backend_len);
+
+	if (rc < 0)
+		return rc;
+	l = listener_slot(e, listen_fd, SOCK_STREAM, 0, backend, backend_len);
+	if (!l)
+		return -ENOMEM;
+	sp_fd_opened(e);
+	sp_tcp_listener_setup(e, listen_fd);
+	rc = sp_epoll_add(e, listen_fd, EPOLLIN, sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id));
+	if (rc < 0) {
+		/* Keep the slot (ids are stable) but give the descriptor back. */
+		sp_gauge_sub(e, SP_STAT_FDS_OPEN, 1);
+		l->fd = -1;
+		return rc;
+	}
+	return l->id;
+}
+
+int sp_engine_add_udp(struct sp_engine *e, int fd, int family, const struct sockaddr *backend,
+		      socklen_t backend_len)
+{
+	struct sp_listener *l;
+	int rc = check_backend(backend, backend_len);
+
+	if (rc < 0)
+		return rc;
+	if (family != AF_INET && family != AF_INET6)
+		return -EAFNOSUPPORT;
+	l = listener_slot(e, fd, SOCK_DGRAM, family, backend, backend_len);
+	if (!l)
+		return -ENOMEM;
+	sp_fd_opened(e);
+	rc = sp_udp_listener_init(e, l);
+	if (rc < 0) {
+		sp_gauge_sub(e, SP_STAT_FDS_OPEN, 1);
+		l->fd = -1;
+		return rc;
+	}
+	return l->id;
+}
+
+int sp_engine_watch(struct sp_engine *e, int fd)
+{
+	int rc;
+
+	if (e->watchfd >= 0) {
+		sp_epoll_del(e, e->watchfd);
+		e->watchfd = -1;
+	}
+	if (fd < 0)
+		return 0;
+	rc = sp_epoll_add(e, fd, EPOLLIN, sp_tag(SP_TAG_WATCH, 0));
+	if (rc < 0)
+		return rc;
+	e->watchfd = fd;
+	return 0;
+}
+
+int sp_engine_stop(struct sp_engine *e)
+{
+	uint64_t one = 1;
+
+	e->stop_requested = 1;
+	/* write(2) on an eventfd is async-signal-safe; EAGAIN means already signalled. */
+	if (write(e->ctlfd, &one, sizeof(one)) == -1 && errno != EAGAIN)
+		return -errno;
+	return 0;
+}
+
+const uint64_t *sp_engine_stats(const struct sp_engine *e)
+{
+	return e->stats;
+}
+
+/* Smallest non-negative of two timeouts where -1 means none. */
+static int64_t min_timeout(int64_t a, int64_t b)
+{
+	if (a < 0)
+		return b;
+	if (b < 0)
+		return a;
+	return a < b ? a : b;
+}
+
+int sp_engine_run(struct sp_engine *e, int timeout_ms)
+{
+	struct epoll_event evs[SP_EPOLL_BATCH];
+	int64_t deadline = timeout_ms >= 0 ? sp_now_ms() + timeout_ms : -1;
+	int result = -1;
+
+	while (result < 0) {
+		int64_t wait;
+		int n, i;
+
+		if (e->stop_requested) {
+			uint64_t v;
+
+			e->stop_requested = 0;
+			if (read(e->ctlfd, &v, sizeof(v)) == -1 && errno != EAGAIN)
+				return -errno;
+			return SP_RUN_STOPPED;
+		}
+		if (e->ring_len)
+			return SP_RUN_EVENTS;
+
+		e->now_ms = sp_now_ms();
+		wait = min_timeout(sp_tcp_timer(e), sp_udp_timer(e));
+		if (e->ring_len)
+			return SP_RUN_EVENTS;
+		if (deadline >= 0) {
+			int64_t left = deadline - e->now_ms;
+
+			if (left <= 0)
+				return SP_RUN_TIMEOUT;
+			wait = min_timeout(wait, left);
+		}
+		if (wait > 0x7fffffff)
+			wait = 0x7fffffff;
+
+		sp_sys(e, SP_STAT_SYS_EPOLL_WAIT);
+		n = epoll_wait(e->epfd, evs, SP_EPOLL_BATCH, (int)wait);
+		if (n == -1) {
+			if (errno == EINTR)
+				return SP_RUN_INTERRUPTED;
+			return -errno;
+		}
+		sp_count(e, SP_STAT_LOOP_WAKEUPS, 1);
+		e->now_ms = sp_now_ms();
+
+		for (i = 0; i < n; i++) {
+			uint64_t tag = evs[i].data.u64;
+			uint32_t idx = sp_tag_index(tag);
+			uint32_t ev = evs[i].events;
+			unsigned type = sp_tag_type(tag);
+
+			switch (type) {
+			case SP_TAG_CONTROL:
+				/* Handled at the top of the loop via stop_requested. */
+				break;
+			case SP_TAG_WATCH:
+				result = SP_RUN_WATCH;
+				break;
+			case SP_TAG_TCP_LISTENER:
+				if (idx < (uint32_t)e->n_listeners && e->listeners[idx].fd >= 0)
+					sp_tcp_listener_event(e, &e->listeners[idx], ev);
+				break;
+			case SP_TAG_TCP_CLIENT:
+			case SP_TAG_TCP_BACKEND:
+				sp_tcp_dispatch(e, tag, ev);
+				break;
+			case SP_TAG_UDP_LISTENER:
+				if (idx < (uint32_t)e->n_listeners && e->listeners[idx].fd >= 0)
+					sp_udp_listener_event(e, &e->listeners[idx], ev);
+				break;
+			case SP_TAG_UDP_FLOW:
+				sp_udp_flow_event(e, idx, ev);
+				break;
+			default:
+				break;
+			}
+		}
+		if (deadline >= 0 && result < 0 && sp_now_ms() >= deadline)
+			result = SP_RUN_TIMEOUT;
+	}
+	return result;
+}

@@ -1,0 +1,737 @@
+/* SPDX-License-Identifier: MIT
+ *
+ * tcp.c - the TCP relay: accept, nonblocking backend connect, and a splice(2)
+ * pump per direction through a pooled kernel pipe.
+ *
+ * Both sockets of a connection are registered once, edge-triggered, for
+ * input and output; the events only set readiness hints and the pump finds
+ * out the truth from the system calls.  Nothing is read from a side unless
+ * the pipe of that direction has room, so a slow peer holds at most one pipe
+ * of data per direction (backpressure through the kernel's own windows).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include "internal.h"
+
+#define CONN_CHUNK 1024          /* connections per allocation chunk */
+#define ACCEPT_BATCH 64          /* accepts per listener wakeup (fairness) */
+#define KEEPALIVE_S 15           /* Go's default keepalive idle and interval */
+#define KEEPALIVE_CNT 9
+#define SOCK_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+
+enum conn_state { CONN_FREE = 0, CONN_CONNECTING, CONN_OPEN };
+
+/* One direction of a connection: src -> pipe (or buffer) -> dst. */
+struct sp_dir {
+	struct sp_pipe pipe;   /* rd/wr == -1 when none is held */
+	char *buf;             /* read/write copy mode: buffer held while in flight */
+	size_t buf_off;        /* read/write mode: bytes of buf already written */
+	size_t queued;         /* bytes read from src, not yet written to dst */
+	bool eof;              /* src gave EOF */
+	bool shut;             /* EOF passed on: shutdown(dst, SHUT_WR) done */
+};
+
+struct sp_conn {
+	int cfd, bfd;          /* client and backend sockets */
+	uint32_t gen;          /* slot generation, checked against epoll tags */
+	uint32_t next;         /* free list / half-closed list links */
+	uint32_t prev;
+	int listener;
+	uint8_t state;
+	bool c_rd, c_wr, b_rd, b_wr;  /* readiness hints from edge-triggered events */
+	bool in_halfclosed;
+	int64_t last_ms;       /* last progress, for the idle reclaim */
+	struct sp_dir c2b, b2c;
+};
+
+#define NIL UINT32_MAX
+
+struct sp_conn_table {
+	struct sp_conn **chunks;
+	uint32_t n_chunks;
+	uint32_t free_head;
+	uint32_t half_head;     /* half-closed connections, for the idle reclaim */
+	int64_t next_idle_scan;
+	int paused_listeners;
+};
+
+static struct sp_conn *conn_at(struct sp_conn_table *t, uint32_t idx)
+{
+	uint32_t chunk = idx / CONN_CHUNK;
+
+	if (chunk >= t->n_chunks)
+		return NULL;
+	return &t->chunks[chunk][idx % CONN_CHUNK];
+}
+
+static uint64_t conn_tag(unsigned type, uint32_t idx, uint32_t gen)
+{
+	return ((uint64_t)type << 56) | ((uint64_t)(gen & 0xffffff) << 32) | idx;
+}
+
+int sp_tcp_init(struct sp_engine *e)
+{
+	struct sp_conn_table *t = calloc(1, sizeof(*t));
+
+	if (!t)
+		return -ENOMEM;
+	t->free_head = NIL;
+	t->half_head = NIL;
+	e->tcp = t;
+	return 0;
+}
+
+/* Grow the table by one chunk, threading its slots onto the free list. */
+static int table_grow(struct sp_conn_table *t)
+{
+	struct sp_conn **chunks;
+	struct sp_conn *c;
+	uint32_t base, i;
+
+	if (t->n_chunks >= (NIL / CONN_CHUNK) - 1)
+		return -ENOMEM;
+	chunks = realloc(t->chunks, sizeof(*chunks) * (t->n_chunks + 1));
+	if (!chunks)
+		return -ENOMEM;
+	t->chunks = chunks;
+	c = calloc(CONN_CHUNK, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	base = t->n_chunks * CONN_CHUNK;
+	t->chunks[t->n_chunks++] = c;
+	for (i = CONN_CHUNK; i-- > 0;) {
+		c[i].cfd = c[i].bfd = -1;
+		c[i].next = t->free_head;
+		t->free_head = base + i;
+	}
+	return 0;
+}
+
+static void dir_init(struct sp_dir *d)
+{
+	memset(d, 0, sizeof(*d));
+	d->pipe.rd = d->pipe.wr = -1;
+}
+
+/* Release what a direction holds (pipe or buffer), even with data in it. */
+static void dir_release(struct sp_engine *e, struct sp_dir *d)
+{
+	if (d->pipe.rd >= 0) {
+		if (d->queued)
+			sp_pipe_drop(e, &d->pipe);
+		else
+			sp_pipe_put(e, &d->pipe);
+	}
+	free(d->buf);
+	d->buf = NULL;
+	d->queued = 0;
+}
+
+static void halfclosed_unlink(struct sp_conn_table *t, struct sp_conn *c)
+{
+	struct sp_conn *n;
+
+	if (!c->in_halfclosed)
+		return;
+	if (c->prev != NIL)
+		conn_at(t, c->prev)->next = c->next;
+	else
+		t->half_head = c->next;
+	if (c->next != NIL) {
+		n = conn_at(t, c->next);
+		n->prev = c->prev;
+	}
+	c->in_halfclosed = false;
+}
+
+static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t idx)
+{
+	if (c->in_halfclosed)
+		return;
+	c->prev = NIL;
+	c->next = t->half_head;
+	if (t->half_head != NIL)
+		conn_at(t, t->half_head)->prev = idx;
+	t->half_head = idx;
+	c->in_halfclosed = true;
+}
+
+/* Make close() send a reset instead of a FIN. */
+static void set_abortive(struct sp_engine *e, int fd)
+{
+	struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+
+	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+}
+
+/* Resume listeners paused for lack of descriptors: some were just freed. */
+static void resume_listeners(struct sp_engine *e)
+{
+	int i;
+
+	for (i = 0; i < e->n_listeners; i++) {
+		struct sp_listener *l = &e->listeners[i];
+
+		if (l->type != SOCK_STREAM || !l->paused || l->fd < 0)
+			continue;
+		if (sp_epoll_mod(e, l->fd, EPOLLIN, sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) == 0) {
+			l->paused = false;
+			e->tcp->paused_listeners--;
+			sp_emit(e, SP_EV_ACCEPT_RESUMED, 0, l->id, 1);
+		}
+	}
+}
+
+/* Close a connection.  reset_client / reset_backend choose RST over FIN. */
+static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
+		       bool reset_client, bool reset_backend)
+{
+	struct sp_conn_table *t = e->tcp;
+
+	if (reset_client && c->cfd >= 0)
+		set_abortive(e, c->cfd);
+	if (reset_backend && c->bfd >= 0)
+		set_abortive(e, c->bfd);
+	/* close() removes the descriptors from the epoll set. */
+	sp_close(e, c->cfd);
+	sp_close(e, c->bfd);
+	c->cfd = c->bfd = -1;
+	dir_release(e, &c->c2b);
+	dir_release(e, &c->b2c);
+	halfclosed_unlink(t, c);
+	c->state = CONN_FREE;
+	c->gen++;
+	c->next = t->free_head;
+	t->free_head = idx;
+	sp_gauge_sub(e, SP_STAT_TCP_ACTIVE, 1);
+	sp_count(e, SP_STAT_TCP_CLOSED, 1);
+	if (t->paused_listeners)
+		resume_listeners(e);
+}
+
+static void set_sockopts(struct sp_engine *e, int fd)
+{
+	int one = 1, idle = KEEPALIVE_S, cnt = KEEPALIVE_CNT;
+
+	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &idle, sizeof(idle));
+	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+}
+
+/* Options set on a listener are inherited by every accepted socket, which
+ * saves five system calls per connection on the client side. */
+void sp_tcp_listener_setup(struct sp_engine *e, int fd)
+{
+	int fl;
+
+	set_sockopts(e, fd);
+	sp_sys(e, SP_STAT_SYS_FCNTL);
+	fl = fcntl(fd, F_GETFL);
+	if (fl != -1 && !(fl & O_NONBLOCK)) {
+		sp_sys(e, SP_STAT_SYS_FCNTL);
+		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+	}
+}
+
+/* The read half of a pump step: move bytes from src into the direction's
+ * pipe (or buffer).  Returns >0 bytes, 0 on EOF, -EAGAIN, or -errno. */
+static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
+{
+	ssize_t n;
+
+	if (e->opt[SP_OPT_COPY_MODE] == SP_COPY_READWRITE) {
+		size_t cap = (size_t)e->opt[SP_OPT_COPY_BUF];
+
+		if (!d->buf) {
+			d->buf = malloc(cap);
+			if (!d->buf)
+				return -ENOMEM;
+			d->buf_off = 0;
+		}
+		do {
+			sp_sys(e, SP_STAT_SYS_READ);
+			n = read(src, d->buf + d->queued, cap - d->queued);
+		} while (n == -1 && errno == EINTR);
+		return n == -1 ? -errno : n;
+	}
+	if (d->pipe.rd < 0) {
+		int rc = sp_pipe_get(e, &d->pipe);
+
+		if (rc < 0)
+			return rc;
+	}
+	do {
+		sp_sys(e, SP_STAT_SYS_SPLICE);
+		n = splice(src, NULL, d->pipe.wr, NULL, sp_pipe_capacity(e) - d->queued,
+			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+	} while (n == -1 && errno == EINTR);
+	if (n == -1)
+		return -errno;
+	return n;
+}
+
+/* The write half: move queued bytes to dst.  Returns bytes or -errno. */
+static ssize_t dir_write(struct sp_engine *e, struct sp_dir *d, int dst)
+{
+	ssize_t n;
+
+	if (d->buf) {
+		do {
+			sp_sys(e, SP_STAT_SYS_WRITE);
+			n = send(dst, d->buf + d->buf_off, d->queued - d->buf_off, MSG_NOSIGNAL);
+		} while (n == -1 && errno == EINTR);
+		if (n == -1)
+			return -errno;
+		d->buf_off += (size_t)n;
+		if (d->buf_off == d->queued) {
+			free(d->buf);
+			d->buf = NULL;
+			d->buf_off = 0;
+			d->queued = 0;
+		}
+		return n;
+	}
+	do {
+		sp_sys(e, SP_STAT_SYS_SPLICE);
+		n = splice(d->pipe.rd, NULL, dst, NULL, d->queued,
+			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+	} while (n == -1 && errno == EINTR);
+	if (n == -1)
+		return -errno;
+	d->queued -= (size_t)n;
+	if (!d->queued)
+		sp_pipe_put(e, &d->pipe);
+	return n;
+}
+
+/* Move as much as possible in one direction.  Returns 0, or -errno when the
+ * connection is broken; *err_on_dst tells which side the error came from. */
+static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, int src, int dst,
+		    bool *src_rd, bool *dst_wr, enum sp_stat bytes_stat, bool *err_on_dst)
+{
+	bool progress = true;
+
+	while (progress) {
+		progress = false;
+		if (d->queued && *dst_wr) {
+			size_t before = d->queued;
+			ssize_t n = dir_write(e, d, dst);
+
+			if (n == -EAGAIN) {
+				*dst_wr = false;
+			} else if (n < 0) {
+				*err_on_dst = true;
+				return (int)n;
+			} else {
+				sp_count(e, bytes_stat, (uint64_t)n);
+				c->last_ms = e->now_ms;
+				if ((size_t)n < before && d->queued)
+					*dst_wr = false;   /* socket buffer full */
+				else
+					progress = true;
+			}
+		}
+		if (d->eof) {
+			if (!d->queued && !d->shut) {
+				sp_sys(e, SP_STAT_SYS_SHUTDOWN);
+				if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN) {
+					*err_on_dst = true;
+					return -errno;
+				}
+				d->shut = true;
+			}
+			break;
+		}
+		if (*src_rd && d->queued < (d->buf ? (size_t)e->opt[SP_OPT_COPY_BUF]
+						 : sp_pipe_capacity(e))) {
+			ssize_t n = dir_read(e, d, src);
+
+			if (n == -EAGAIN) {
+				*src_rd = false;
+				if (!d->queued && d->pipe.rd >= 0)
+					sp_pipe_put(e, &d->pipe);
+				if (!d->queued && d->buf) {
+					free(d->buf);
+					d->buf = NULL;
+				}
+			} else if (n < 0) {
+				*err_on_dst = false;
+				return (int)n;
+			} else if (n == 0) {
+				d->eof = true;
+				*src_rd = false;
+				if (!d->queued && d->pipe.rd >= 0)
+					sp_pipe_put(e, &d->pipe);
+				if (!d->queued && d->buf) {
+					free(d->buf);
+					d->buf = NULL;
+				}
+				progress = true;   /* pass the EOF on */
+			} else {
+				d->queued += (size_t)n;
+				c->last_ms = e->now_ms;
+				progress = true;
+				/* A short read usually means the socket is drained, but
+				 * it can also mean the pipe ran out of slots; the next
+				 * round finds out (EAGAIN) once the pipe has room. */
+			}
+		}
+	}
+	return 0;
+}
+
+/* Run both pumps; close the connection when done or broken. */
+static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
+{
+	bool err_on_dst = false;
+	int rc;
+
+	rc = dir_pump(e, c, &c->c2b, c->cfd, c->bfd, &c->c_rd, &c->b_wr, SP_STAT_BYTES_C2B,
+		      &err_on_dst);
+	if (rc < 0) {
+		/* A broken side is reset; so is the other, as the NAT path would. */
+		sp_count_error(e, -rc);
+		sp_count(e, SP_STAT_TCP_RESETS, 1);
+		conn_close(e, idx, c, true, true);
+		return;
+	}
+	rc = dir_pump(e, c, &c->b2c, c->bfd, c->cfd, &c->b_rd, &c->c_wr, SP_STAT_BYTES_B2C,
+		      &err_on_dst);
+	if (rc < 0) {
+		sp_count_error(e, -rc);
+		sp_count(e, SP_STAT_TCP_RESETS, 1);
+		conn_close(e, idx, c, true, true);
+		return;
+	}
+	if (c->c2b.shut && c->b2c.shut) {
+		conn_close(e, idx, c, false, false);
+		return;
+	}
+	if ((c->c2b.eof || c->b2c.eof) && e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0)
+		halfclosed_link(e->tcp, c, idx);
+}
+
+/* Pause accepting on l for lack of descriptors (or memory). */
+static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
+{
+	if (l->paused)
+		return;
+	if (sp_epoll_mod(e, l->fd, 0, sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) < 0)
+		return;
+	l->paused = true;
+	l->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
+	e->tcp->paused_listeners++;
+	sp_count(e, SP_STAT_ACCEPT_PAUSES, 1);
+	sp_emit(e, SP_EV_ACCEPT_PAUSED, err, l->id, 1);
+}
+
+/* Start relaying an accepted client: open and connect the backend socket. */
+static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
+{
+	struct sp_conn_table *t = e->tcp;
+	struct sp_conn *c;
+	uint32_t idx;
+	int bfd, rc;
+
+	if (t->free_head == NIL && table_grow(t) < 0) {
+		sp_count_error(e, ENOMEM);
+		sp_close(e, cfd);
+		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		return;
+	}
+	sp_sys(e, SP_STAT_SYS_SOCKET);
+	bfd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (bfd == -1) {
+		int err = errno;
+
+		sp_count_error(e, err);
+		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		sp_emit(e, SP_EV_CONNECT_FAILED, err, l->id, 1);
+		sp_close(e, cfd);
+		if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)
+			pause_listener(e, l, err);
+		return;
+	}
+	sp_fd_opened(e);
+	set_sockopts(e, bfd);
+
+	idx = t->free_head;
+	c = conn_at(t, idx);
+	t->free_head = c->next;
+	c->cfd = cfd;
+	c->bfd = bfd;
+	c->listener = l->id;
+	c->state = CONN_CONNECTING;
+	c->c_rd = c->c_wr = c->b_rd = c->b_wr = false;
+	c->in_halfclosed = false;
+	c->last_ms = e->now_ms;
+	dir_init(&c->c2b);
+	dir_init(&c->b2c);
+	sp_count(e, SP_STAT_TCP_ACTIVE, 1);
+
+	do {
+		sp_sys(e, SP_STAT_SYS_CONNECT);
+		rc = connect(bfd, (struct sockaddr *)&l->backend, l->backend_len);
+	} while (rc == -1 && errno == EINTR);
+	if (rc == -1 && errno != EINPROGRESS) {
+		int err = errno;
+
+		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		sp_emit(e, SP_EV_CONNECT_FAILED, err, l->id, 1);
+		/* Like docker-proxy: a plain close, so the client sees FIN, or RST
+		 * if it had already sent data. */
+		conn_close(e, idx, c, false, false);
+		return;
+	}
+	if (sp_epoll_add(e, cfd, SOCK_EVENTS, conn_tag(SP_TAG_TCP_CLIENT, idx, c->gen)) < 0 ||
+	    sp_epoll_add(e, bfd, SOCK_EVENTS, conn_tag(SP_TAG_TCP_BACKEND, idx, c->gen)) < 0) {
+		sp_count_error(e, errno);
+		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		conn_close(e, idx, c, true, true);
+		return;
+	}
+	/* An immediate success (possible on loopback) is completed like the
+	 * asynchronous case: the edge-triggered registration reports EPOLLOUT. */
+}
+
+void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
+{
+	int i;
+
+	(void)events;
+	for (i = 0; i < ACCEPT_BATCH && !l->paused; i++) {
+		int cfd;
+
+		sp_sys(e, SP_STAT_SYS_ACCEPT);
+		cfd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (cfd == -1) {
+			int err = errno;
+
+			switch (err) {
+			case EAGAIN:
+				return;
+			case EINTR:
+			case ECONNABORTED:
+			case EPROTO:
+			case EPERM:      /* refused by a firewall rule */
+			case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+			case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH: case ETIMEDOUT:
+				/* Network errors of the pending connection: accept(2)
+				 * says to treat them like EAGAIN and retry. */
+				continue;
+			case EMFILE:
+			case ENFILE:
+			case ENOBUFS:
+			case ENOMEM:
+				sp_count_error(e, err);
+				pause_listener(e, l, err);
+				return;
+			default:
+				/* The listener itself is broken (EBADF, EINVAL...). */
+				sp_count_error(e, err);
+				sp_emit(e, SP_EV_LISTENER_FAILED, err, l->id, 1);
+				sp_epoll_del(e, l->fd);
+				sp_close(e, l->fd);
+				l->fd = -1;
+				return;
+			}
+		}
+		sp_fd_opened(e);
+		sp_count(e, SP_STAT_TCP_ACCEPTED, 1);
+		conn_start(e, l, cfd);
+	}
+}
+
+/* The backend connect finished (or failed). */
+static int sock_error(struct sp_engine *e, int fd);
+
+static void conn_connected(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
+{
+	int err = sock_error(e, c->bfd);
+
+	if (err) {
+		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		sp_count_error(e, err);
+		sp_emit(e, SP_EV_CONNECT_FAILED, err, c->listener, 1);
+		conn_close(e, idx, c, false, false);
+		return;
+	}
+	c->state = CONN_OPEN;
+	c->b_wr = true;
+	conn_pump(e, idx, c);
+}
+
+/* Fetch and clear a socket's pending error. */
+static int sock_error(struct sp_engine *e, int fd)
+{
+	int err = 0;
+	socklen_t len = sizeof(err);
+
+	sp_sys(e, SP_STAT_SYS_GETSOCKOPT);
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
+		err = errno;
+	return err;
+}
+
+static void conn_event(struct sp_engine *e, unsigned type, uint32_t idx, struct sp_conn *c,
+		       uint32_t events)
+{
+	if (c->state == CONN_FREE)
+		return;
+	/* Readiness hints; errors and hang-ups make both directions look ready
+	 * so that the next system call reports what really happened. */
+	if (type == SP_TAG_TCP_CLIENT) {
+		if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+			c->c_rd = true;
+		if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+			c->c_wr = true;
+	} else {
+		if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+			c->b_rd = true;
+		if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+			c->b_wr = true;
+	}
+	if (c->state == CONN_CONNECTING) {
+		if (type == SP_TAG_TCP_BACKEND && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+			conn_connected(e, idx, c);
+		return;
+	}
+	if (events & EPOLLERR) {
+		/* A reset or an error on one side: the pump might not touch that
+		 * side again (finished reading, nothing to write), so look now. */
+		int err = sock_error(e, type == SP_TAG_TCP_CLIENT ? c->cfd : c->bfd);
+
+		if (err) {
+			sp_count_error(e, err);
+			sp_count(e, SP_STAT_TCP_RESETS, 1);
+			conn_close(e, idx, c, true, true);
+			return;
+		}
+	}
+	conn_pump(e, idx, c);
+}
+
+/* Dispatch with the generation check: events for a recycled slot are stale. */
+void sp_tcp_dispatch(struct sp_engine *e, uint64_t tag, uint32_t events)
+{
+	struct sp_conn *c = conn_at(e->tcp, sp_tag_index(tag));
+
+	if (!c || ((c->gen & 0xffffff) != ((tag >> 32) & 0xffffff)))
+		return;
+	conn_event(e, sp_tag_type(tag), sp_tag_index(tag), c, events);
+}
+
+/* Reset half-closed pairs that saw no progress for the idle timeout. */
+static void reclaim_idle(struct sp_engine *e)
+{
+	struct sp_conn_table *t = e->tcp;
+	int64_t timeout = e->opt[SP_OPT_IDLE_TIMEOUT_MS];
+	uint32_t idx = t->half_head;
+	uint64_t n = 0;
+
+	while (idx != NIL) {
+		struct sp_conn *c = conn_at(t, idx);
+		uint32_t next = c->next;
+
+		if (e->now_ms - c->last_ms >= timeout) {
+			conn_close(e, idx, c, true, true);
+			n++;
+		}
+		idx = next;
+	}
+	if (n) {
+		sp_count(e, SP_STAT_IDLE_RECLAIMED, n);
+		sp_emit(e, SP_EV_IDLE_RECLAIMED, 0, -1, n);
+	}
+}
+
+int64_t sp_tcp_timer(struct sp_engine *e)
+{
+	struct sp_conn_table *t = e->tcp;
+	int64_t next = -1;
+	int i;
+
+	if (t->paused_listeners) {
+		for (i = 0; i < e->n_listeners; i++) {
+			struct sp_listener *l = &e->listeners[i];
+			int64_t left;
+
+			if (l->type != SOCK_STREAM || !l->paused || l->fd < 0)
+				continue;
+			left = l->resume_at_ms - e->now_ms;
+			if (left <= 0) {
+				if (sp_epoll_mod(e, l->fd, EPOLLIN,
+						 sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) == 0) {
+					l->paused = false;
+					t->paused_listeners--;
+					sp_emit(e, SP_EV_ACCEPT_RESUMED, 0, l->id, 1);
+				}
+				continue;
+			}
+			if (next < 0 || left < next)
+				next = left;
+		}
+	}
+	if (e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0 && t->half_head != NIL) {
+		int64_t step = e->opt[SP_OPT_IDLE_TIMEOUT_MS] / 4;
+		int64_t left;
+
+		if (step < 10)
+			step = 10;
+		if (step > 1000)
+			step = 1000;
+		if (e->now_ms >= t->next_idle_scan) {
+			reclaim_idle(e);
+			t->next_idle_scan = e->now_ms + step;
+		}
+		left = t->next_idle_scan - e->now_ms;
+		if (t->half_head != NIL && (next < 0 || left < next))
+			next = left;
+	}
+	return next;
+}
+
+void sp_tcp_free(struct sp_engine *e)
+{
+	struct sp_conn_table *t = e->tcp;
+	uint32_t i, j;
+
+	if (!t)
+		return;
+	for (i = 0; i < t->n_chunks; i++) {
+		for (j = 0; j < CONN_CHUNK; j++) {
+			struct sp_conn *c = &t->chunks[i][j];
+
+			if (c->state == CONN_FREE)
+				continue;
+			sp_close(e, c->cfd);
+			sp_close(e, c->bfd);
+			dir_release(e, &c->c2b);
+			dir_release(e, &c->b2c);
+			sp_gauge_sub(e, SP_STAT_TCP_ACTIVE, 1);
+		}
+		free(t->chunks[i]);
+	}
+	free(t->chunks);
+	free(t);
+	e->tcp = NULL;
+}

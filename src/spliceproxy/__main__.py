@@ -1,0 +1,21 @@
+"""Entry point: `spliceproxy <docker-proxy flags>` or `spliceproxy bench ...`."""
+
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    if len(argv) > 1 and argv[1] == "bench":
+        # dockerd never passes a positional argument first, so "bench" cannot
+        # collide with the proxy's own command line.
+        from spliceproxy.bench.cli import main as bench_main
+
+        return bench_main(argv[2:])
+    from spliceproxy.proxy import main as proxy_main
+
+    proxy_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

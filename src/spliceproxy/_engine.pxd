@@ -1,0 +1,46 @@
+# Declarations of csrc/engine.h, nothing else.
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+
+    struct sockaddr:
+        pass
+
+
+cdef extern from "engine.h" nogil:
+    struct sp_engine:
+        pass
+
+    struct sp_event:
+        int32_t kind
+        int32_t err
+        int32_t listener
+        uint64_t count
+
+    struct sp_stats_header:
+        uint64_t magic
+        uint32_t version
+        uint32_t count
+        uint64_t pid
+        uint64_t reserved
+
+    enum:
+        SP_STAT_COUNT
+        SP_STATS_MAGIC
+        SP_STATS_VERSION
+
+    int sp_engine_new(sp_engine **out, uint64_t *stats)
+    void sp_engine_free(sp_engine *e)
+    int sp_engine_set_option(sp_engine *e, int option, int64_t value)
+    int sp_engine_add_tcp(sp_engine *e, int listen_fd, const sockaddr *backend, socklen_t backend_len)
+    int sp_engine_add_udp(sp_engine *e, int fd, int family, const sockaddr *backend, socklen_t backend_len)
+    int sp_engine_watch(sp_engine *e, int fd)
+    int sp_engine_run(sp_engine *e, int timeout_ms)
+    int sp_engine_stop(sp_engine *e)
+    int sp_engine_next_event(sp_engine *e, sp_event *ev)
+    const uint64_t *sp_engine_stats(const sp_engine *e)
+    const char *sp_stat_name(int i)
+    int sp_open_listener(int type, const sockaddr *addr, socklen_t len, const char **step)
+    int64_t sp_raise_nofile()

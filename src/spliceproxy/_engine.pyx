@@ -1,0 +1,264 @@
+# cython: language_level=3
+"""Thin binding of the C relay engine (csrc/engine.h).
+
+Converts types, releases the GIL for the whole run loop, and turns -errno
+results into OSError in one place.  Policy lives in the Python front end.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno
+from libc.stdint cimport uint64_t
+from libc.string cimport memcpy, memset, strerror
+from posix.fcntl cimport O_CLOEXEC, O_CREAT, O_RDWR, open as c_open
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.unistd cimport close as c_close, ftruncate, getpid
+
+from spliceproxy._engine cimport *
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        pass
+
+    struct in6_addr:
+        pass
+
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        in6_addr sin6_addr
+
+    struct sockaddr_storage:
+        pass
+
+    unsigned short htons(unsigned short)
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        AF_INET
+        AF_INET6
+        SOCK_STREAM
+        SOCK_DGRAM
+
+# Mirrors of the C enums that the front end needs.
+RUN_STOPPED = 0
+RUN_EVENTS = 1
+RUN_WATCH = 2
+RUN_TIMEOUT = 3
+RUN_INTERRUPTED = 4
+
+OPT_PIPE_SIZE = 0
+OPT_PIPE_POOL_MAX = 1
+OPT_COPY_MODE = 2
+OPT_COPY_BUF = 3
+OPT_IDLE_TIMEOUT_MS = 4
+OPT_UDP_TIMEOUT_MS = 5
+OPT_UDP_MAX_FLOWS = 6
+OPT_ACCEPT_BACKOFF_MS = 7
+
+COPY_SPLICE = 0
+COPY_READWRITE = 1
+
+EV_CONNECT_FAILED = 1
+EV_ACCEPT_PAUSED = 2
+EV_ACCEPT_RESUMED = 3
+EV_ACCEPT_ERROR = 4
+EV_UDP_SEND_FAILED = 5
+EV_UDP_REPLY_FAILED = 6
+EV_UDP_EVICTED = 7
+EV_UDP_FLOW_FAILED = 8
+EV_LISTENER_FAILED = 9
+EV_IDLE_RECLAIMED = 10
+
+STATS_HEADER_SIZE = sizeof(sp_stats_header)
+
+
+cdef object _oserror(int err, filename=None):
+    """The one place a positive errno becomes an exception."""
+    msg = strerror(err).decode("utf-8", "replace")
+    if filename is None:
+        return OSError(err, msg)
+    return OSError(err, msg, filename)
+
+
+cdef socklen_t _sockaddr(sockaddr_storage *ss, int family, bytes addr, int port) except 0:
+    """Fill ss from (family, packed address, port); returns its length."""
+    cdef sockaddr_in *sin
+    cdef sockaddr_in6 *sin6
+    if port < 0 or port > 65535:
+        raise ValueError("port out of range: %d" % port)
+    memset(ss, 0, sizeof(sockaddr_storage))
+    if family == AF_INET and len(addr) == 4:
+        sin = <sockaddr_in *>ss
+        sin.sin_family = AF_INET
+        sin.sin_port = htons(port)
+        memcpy(&sin.sin_addr, <char *>addr, 4)
+        return sizeof(sockaddr_in)
+    if family == AF_INET6 and len(addr) == 16:
+        sin6 = <sockaddr_in6 *>ss
+        sin6.sin6_family = AF_INET6
+        sin6.sin6_port = htons(port)
+        memcpy(&sin6.sin6_addr, <char *>addr, 16)
+        return sizeof(sockaddr_in6)
+    raise ValueError("bad address for family %d" % family)
+
+
+def stat_names():
+    """Counter names in ABI order."""
+    return tuple(sp_stat_name(i).decode() for i in range(SP_STAT_COUNT))
+
+
+def open_listener(int type, int family, bytes addr, int port):
+    """Open a listening socket like docker-proxy.
+
+    Returns (fd, None) or (-errno, failing_step)."""
+    cdef sockaddr_storage ss
+    cdef socklen_t n = _sockaddr(&ss, family, addr, port)
+    cdef const char *step = NULL
+    cdef int rc = sp_open_listener(type, <sockaddr *>&ss, n, &step)
+    if rc >= 0:
+        return rc, None
+    return rc, (step.decode() if step != NULL else "socket")
+
+
+def raise_nofile():
+    """Raise the soft NOFILE limit to the hard one; returns the limit."""
+    cdef long long rc = sp_raise_nofile()
+    if rc < 0:
+        raise _oserror(<int>-rc)
+    return rc
+
+
+cdef class Engine:
+    """One epoll loop holding any number of TCP/UDP listeners."""
+
+    cdef sp_engine *e
+    cdef void *map
+    cdef size_t map_len
+
+    def __cinit__(self, stats_path=None):
+        cdef int rc, fd
+        cdef bytes path
+        cdef sp_stats_header *hdr
+        cdef uint64_t *counters = NULL
+        self.e = NULL
+        self.map = NULL
+        self.map_len = sizeof(sp_stats_header) + 8 * SP_STAT_COUNT
+        if stats_path is not None:
+            path = stats_path.encode() if isinstance(stats_path, str) else bytes(stats_path)
+            fd = c_open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+            if fd == -1:
+                raise _oserror(errno, stats_path)
+            if ftruncate(fd, self.map_len) == -1:
+                rc = errno
+                c_close(fd)
+                raise _oserror(rc, stats_path)
+            self.map = mmap(NULL, self.map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+            rc = errno
+            c_close(fd)
+            if self.map == MAP_FAILED:
+                self.map = NULL
+                raise _oserror(rc, stats_path)
+            memset(self.map, 0, self.map_len)
+            hdr = <sp_stats_header *>self.map
+            hdr.version = SP_STATS_VERSION
+            hdr.count = SP_STAT_COUNT
+            hdr.pid = getpid()
+            counters = <uint64_t *>(<char *>self.map + sizeof(sp_stats_header))
+        rc = sp_engine_new(&self.e, counters)
+        if rc < 0:
+            raise _oserror(-rc)
+        if self.map != NULL:
+            # Written last: a reader seeing the magic sees a live engine.
+            hdr.magic = SP_STATS_MAGIC
+
+    def __dealloc__(self):
+        if self.e != NULL:
+            sp_engine_free(self.e)
+            self.e = NULL
+        if self.map != NULL:
+            munmap(self.map, self.map_len)
+            self.map = NULL
+
+    cdef int _check(self) except -1:
+        if self.e == NULL:
+            raise ValueError("engine is closed")
+        return 0
+
+    def close(self):
+        """Close every socket the engine holds."""
+        if self.e != NULL:
+            sp_engine_free(self.e)
+            self.e = NULL
+
+    def set_option(self, int option, long long value):
+        self._check()
+        cdef int rc = sp_engine_set_option(self.e, option, value)
+        if rc < 0:
+            raise _oserror(-rc)
+
+    def add_tcp(self, int fd, int family, bytes addr, int port):
+        """Hand a listening TCP socket (fd) to the engine; returns the listener id."""
+        self._check()
+        cdef sockaddr_storage ss
+        cdef socklen_t n = _sockaddr(&ss, family, addr, port)
+        cdef int rc = sp_engine_add_tcp(self.e, fd, <sockaddr *>&ss, n)
+        if rc < 0:
+            raise _oserror(-rc)
+        return rc
+
+    def add_udp(self, int fd, int listen_family, int family, bytes addr, int port):
+        """Hand a bound UDP socket to the engine; returns the listener id."""
+        self._check()
+        cdef sockaddr_storage ss
+        cdef socklen_t n = _sockaddr(&ss, family, addr, port)
+        cdef int rc = sp_engine_add_udp(self.e, fd, listen_family, <sockaddr *>&ss, n)
+        if rc < 0:
+            raise _oserror(-rc)
+        return rc
+
+    def watch(self, int fd):
+        """Return from run() with RUN_WATCH when fd is readable (-1 clears)."""
+        self._check()
+        cdef int rc = sp_engine_watch(self.e, fd)
+        if rc < 0:
+            raise _oserror(-rc)
+
+    def run(self, int timeout_ms=-1):
+        """Run the loop without the GIL; returns a RUN_* code.
+
+        Pending Python signal handlers run before this returns."""
+        self._check()
+        cdef int rc
+        with nogil:
+            rc = sp_engine_run(self.e, timeout_ms)
+        PyErr_CheckSignals()
+        if rc < 0:
+            raise _oserror(-rc)
+        return rc
+
+    def stop(self):
+        self._check()
+        cdef int rc = sp_engine_stop(self.e)
+        if rc < 0:
+            raise _oserror(-rc)
+
+    def events(self):
+        """Drain queued events: a list of (kind, errno, listener, count)."""
+        self._check()
+        cdef sp_event ev
+        out = []
+        while sp_engine_next_event(self.e, &ev):
+            out.append((ev.kind, ev.err, ev.listener, ev.count))
+        return out
+
+    def stats(self):
+        """The counters as {name: value}."""
+        self._check()
+        cdef const uint64_t *s = sp_engine_stats(self.e)
+        return {sp_stat_name(i).decode(): s[i] for i in range(SP_STAT_COUNT)}

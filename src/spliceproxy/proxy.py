@@ -18,10 +18,8 @@ Imports are kept to the minimum: the process is started once per port.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import _signal
+import os
 
 from spliceproxy import _engine, cli
 from spliceproxy.log import Logger

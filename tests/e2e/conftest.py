@@ -1,0 +1,658 @@
+"""A private dockerd in its own network namespace, with the proxy under test as
+its userland proxy.
+
+Everything a daemon needs lives in one temporary directory (data-root,
+exec-root, socket, pidfile, containerd's root and state) and one network
+namespace named ``spe2e-<pid>[-suffix]``; containerd is started by the
+fixture with the same private paths, so a containerd already running on the
+machine is never used. Teardown removes containers, stops dockerd and
+containerd, kills whatever is still running in the namespace (and reports it
+as a leak), unmounts what is left under the directory, deletes the namespace
+and the directory, also when the test failed.
+
+Which proxy: ``shutil.which("spliceproxy")`` by default, or the absolute path
+in ``SPLICEPROXY_E2E_PROXY`` (e.g. ``/usr/sbin/docker-proxy`` to run the same
+scenarios against the reference). Prerequisites that are missing skip the
+suite with the reason, unless ``SPLICEPROXY_E2E_REQUIRE=1`` (CI), which turns
+them into errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CLIENT = HERE / "netns_client.py"
+UDP_ECHO_SRC = HERE / "udp_echo.c"
+BUSYBOX = Path("/bin/busybox")
+IMAGE = "local/spe2e-busybox:test"
+NETNS_DIR = Path("/var/run/netns")
+
+# Bridge subnets, one per daemon, from the benchmarking range.
+SESSION_BIP = "198.18.77.1/24"
+SCRATCH_BIP = "198.18.78.1/24"
+
+APPLETS = ("sh", "httpd", "sleep", "seq", "cat", "echo", "ls")
+CMD_TIMEOUT = 60.0
+START_TIMEOUT = 40.0
+STOP_TIMEOUT = 25.0
+
+
+# --------------------------------------------------------------------------
+# prerequisites
+
+
+def _is_static_elf(path: Path) -> bool:
+    """True when the ELF file has no PT_INTERP, i.e. needs no dynamic loader."""
+    try:
+        with open(path, "rb") as f:
+            ident = f.read(64)
+            if ident[:4] != b"\x7fELF" or ident[4] != 2:  # only ELF64 matters here
+                return False
+            endian = "<" if ident[5] == 1 else ">"
+            phoff = struct.unpack_from(endian + "Q", ident, 0x20)[0]
+            phentsize, phnum = struct.unpack_from(endian + "HH", ident, 0x36)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    for i in range(phnum):
+        (p_type,) = struct.unpack_from(endian + "I", table, i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def _proxy_path() -> tuple[str | None, str]:
+    env = os.environ.get("SPLICEPROXY_E2E_PROXY")
+    if env:
+        if not os.path.isabs(env):
+            return None, f"SPLICEPROXY_E2E_PROXY must be an absolute path, got {env!r}"
+        if not os.access(env, os.X_OK):
+            return None, f"SPLICEPROXY_E2E_PROXY={env} is not an executable file"
+        return env, ""
+    # The console script installed for the interpreter running the tests; PATH
+    # may hold only a wrapper (a pyenv shim) that dockerd must not be given.
+    script = Path(sysconfig.get_path("scripts")) / "spliceproxy"
+    if script.is_file() and os.access(script, os.X_OK):
+        return str(script), ""
+    found = shutil.which("spliceproxy")
+    if not found:
+        return None, "spliceproxy is not installed (pip install .): no `spliceproxy` on PATH"
+    return os.path.realpath(found), ""
+
+
+def _missing_prerequisite() -> str | None:
+    if sys.platform != "linux":
+        return "needs Linux"
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, dockerd)"
+    for tool in ("dockerd", "docker", "containerd", "runc", "nsenter", "ip", "iptables", "gcc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found (apt-get install docker.io iproute2 iptables gcc libc6-dev)"
+    if not BUSYBOX.exists() or not _is_static_elf(BUSYBOX):
+        return f"{BUSYBOX} is missing or not static (apt-get install busybox-static)"
+    path, why = _proxy_path()
+    if path is None:
+        return why
+    return None
+
+
+def _require_prerequisites() -> None:
+    why = _missing_prerequisite()
+    if why is None:
+        return
+    if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
+        pytest.fail(f"e2e prerequisites missing with SPLICEPROXY_E2E_REQUIRE=1: {why}",
+                    pytrace=False)
+    pytest.skip(f"e2e: {why}")
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+@dataclass
+class PsEntry:
+    """One line of `ps -e -o pid=,ppid=,comm=,args=`."""
+
+    pid: int
+    ppid: int
+    comm: str
+    args: str
+
+    def __str__(self) -> str:
+        return f"{self.pid:>7} {self.ppid:>7} {self.comm:<16} {self.args}"
+
+
+def _alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pids, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if _alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if _alive(p)]
+    return left
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"<{path}: {e.strerror}>"
+    return "\n".join(text.splitlines()[-lines:]) or "<empty>"
+
+
+# --------------------------------------------------------------------------
+# network namespace
+
+
+class Netns:
+    """A named network namespace with loopback up and IPv6 enabled on it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.path = NETNS_DIR / name
+
+    def create(self) -> None:
+        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=10,
+                       capture_output=True)
+        self.run(["ip", "link", "set", "lo", "up"], check=True)
+        # /proc/sys/net shows the namespace of the process that opens it.
+        self.run(["sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=0"], check=True)
+
+    def cmd(self, argv) -> list[str]:
+        return ["nsenter", f"--net={self.path}", *map(str, argv)]
+
+    def run(self, argv, timeout: float = 30.0, check: bool = False, **kw):
+        return subprocess.run(self.cmd(argv), timeout=timeout, check=check,
+                              capture_output=True, text=True, **kw)
+
+    def client(self, *args, timeout: float = 60.0) -> dict:
+        """Run netns_client.py inside the namespace and return its JSON result."""
+        r = self.run([sys.executable, CLIENT, *args], timeout=timeout)
+        if r.returncode != 0:
+            raise AssertionError(
+                f"netns client {args} failed rc={r.returncode}\n{r.stderr}{r.stdout}")
+        return json.loads(r.stdout)
+
+    def hold_port(self, port: int) -> subprocess.Popen:
+        """Open a TCP listener on 0.0.0.0:port in the namespace; close stdin to release."""
+        p = subprocess.Popen(self.cmd([sys.executable, CLIENT, "hold", port]),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = ""
+        try:
+            line = _readline_with_timeout(p, 10.0)
+        finally:
+            if line.strip() != "ready":
+                p.kill()
+                p.wait(5)
+        if line.strip() != "ready":
+            raise AssertionError(f"could not hold port {port} in {self.name}: {line!r}")
+        return p
+
+    def ino(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def pids(self) -> list[int]:
+        """Every live process whose network namespace is this one."""
+        try:
+            want = self.ino()
+        except OSError:
+            return []
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                st = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == want and _alive(int(entry)):
+                out.append(int(entry))
+        return out
+
+    def ps(self) -> list[PsEntry]:
+        """What `ps` shows, restricted to processes in this namespace."""
+        r = subprocess.run(["ps", "-e", "-ww", "-o", "pid=,ppid=,comm=,args="],
+                           capture_output=True, text=True, timeout=10, check=True)
+        mine = set(self.pids())
+        entries = []
+        for line in r.stdout.splitlines():
+            parts = line.split(None, 3)
+            if len(parts) < 3:
+                continue
+            pid, ppid, comm = int(parts[0]), int(parts[1]), parts[2]
+            if pid in mine:
+                entries.append(PsEntry(pid, ppid, comm, parts[3] if len(parts) > 3 else ""))
+        return entries
+
+    def delete(self) -> None:
+        if self.path.exists():
+            subprocess.run(["ip", "netns", "del", self.name], timeout=10, capture_output=True)
+
+
+def _readline_with_timeout(p: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            return ""
+        return p.stdout.readline()
+    finally:
+        sel.close()
+
+
+# --------------------------------------------------------------------------
+# the daemon
+
+
+@dataclass
+class ProxyUnderTest:
+    path: str
+    #: what `ps -o comm` shows for it
+    name: str
+
+    @property
+    def is_reference(self) -> bool:
+        return self.name == "docker-proxy"
+
+
+@dataclass
+class Daemon:
+    """dockerd + containerd with private paths inside their own netns."""
+
+    netns: Netns
+    workdir: Path
+    proxy: ProxyUnderTest
+    bip: str
+    rootfs: Path
+    dockerd: subprocess.Popen | None = None
+    containerd: subprocess.Popen | None = None
+    leaks: list[str] = field(default_factory=list)
+
+    # paths
+    @property
+    def sock(self) -> Path:
+        return self.workdir / "docker.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "dockerd.log"
+
+    @property
+    def containerd_log(self) -> Path:
+        return self.workdir / "containerd.log"
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.workdir / "proxy.log"
+
+    @property
+    def gateway(self) -> str:
+        return self.bip.split("/")[0]
+
+    # lifecycle
+    def start(self) -> None:
+        w = self.workdir
+        for d in ("data", "exec", "containerd/root", "containerd/state", "containerd/opt",
+                  "docker-config"):
+            (w / d).mkdir(parents=True, exist_ok=True)
+        self.netns.create()
+        self._start_containerd()
+        # An empty daemon.json so the machine's /etc/docker/daemon.json is never read.
+        (w / "daemon.json").write_text("{}\n")
+        self.proxy_log.touch()
+        self.start_dockerd()
+        self._import_image()
+
+    def start_dockerd(self) -> None:
+        """Start (or restart, on the same state) dockerd and wait for its API."""
+        w = self.workdir
+        env = dict(os.environ)
+        env["SPLICEPROXY_LOG_FILE"] = str(self.proxy_log)
+        argv = self.netns.cmd([
+            shutil.which("dockerd"),
+            "--config-file", w / "daemon.json",
+            "--data-root", w / "data",
+            "--exec-root", w / "exec",
+            "--pidfile", w / "docker.pid",
+            "-H", f"unix://{self.sock}",
+            "--containerd", w / "containerd" / "containerd.sock",
+            "--bip", self.bip,
+            "--userland-proxy=true",
+            "--userland-proxy-path", self.proxy.path,
+            "--shutdown-timeout", "2",
+        ])
+        with open(self.log, "ab") as logf:
+            self.dockerd = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                            stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.dockerd.poll() is not None:
+                raise RuntimeError(f"dockerd exited with {self.dockerd.returncode}"
+                                   f" during startup\n{self.diagnostics()}")
+            r = self.docker("version", "--format", "{{.Server.Version}}", check=False,
+                            timeout=10)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd not ready after {START_TIMEOUT}s\n"
+                                   f"{r.stderr}\n{self.diagnostics()}")
+            time.sleep(0.2)
+
+    def _start_containerd(self) -> None:
+        c = self.workdir / "containerd"
+        (c / "config.toml").write_text(
+            "version = 2\n"
+            f'root = "{c / "root"}"\n'
+            f'state = "{c / "state"}"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            "[grpc]\n"
+            f'  address = "{c / "containerd.sock"}"\n'
+            "[ttrpc]\n"
+            '  address = ""\n'
+            "[debug]\n"
+            '  address = ""\n'
+            "[metrics]\n"
+            '  address = ""\n'
+            '[plugins."io.containerd.internal.v1.opt"]\n'
+            f'  path = "{c / "opt"}"\n'
+        )
+        argv = self.netns.cmd([shutil.which("containerd"), "--config", c / "config.toml"])
+        with open(self.containerd_log, "ab") as logf:
+            self.containerd = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                               stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (c / "containerd.sock").exists():
+            if self.containerd.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("containerd did not come up\n"
+                                   + _tail(self.containerd_log, 40))
+            time.sleep(0.05)
+
+    def _import_image(self) -> None:
+        tar = subprocess.Popen(["tar", "-C", str(self.rootfs), "-c", "."],
+                               stdout=subprocess.PIPE)
+        try:
+            r = subprocess.run(self._docker_argv("import", "-", IMAGE), stdin=tar.stdout,
+                               capture_output=True, text=True, timeout=CMD_TIMEOUT,
+                               env=self._docker_env())
+        finally:
+            tar.stdout.close()
+            tar.wait(CMD_TIMEOUT)
+        if r.returncode != 0 or tar.returncode != 0:
+            raise RuntimeError(f"docker import failed: {r.stderr}\n{self.diagnostics()}")
+
+    def _docker_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        env["DOCKER_HOST"] = f"unix://{self.sock}"
+        env["DOCKER_CONFIG"] = str(self.workdir / "docker-config")
+        return env
+
+    def _docker_argv(self, *args) -> list[str]:
+        return [shutil.which("docker"), *map(str, args)]
+
+    def docker(self, *args, check: bool = True, timeout: float = CMD_TIMEOUT):
+        """Run the docker client against this daemon (from the host namespace)."""
+        try:
+            r = subprocess.run(self._docker_argv(*args), capture_output=True, text=True,
+                               timeout=timeout, env=self._docker_env())
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"`docker {' '.join(map(str, args))}` still running after"
+                                 f" {timeout}s\n{self.diagnostics()}") from e
+        if check and r.returncode != 0:
+            raise AssertionError(f"`docker {' '.join(map(str, args))}` failed"
+                                 f" rc={r.returncode}: {r.stderr.strip()}\n{self.diagnostics()}")
+        return r
+
+    @property
+    def pid(self) -> int:
+        assert self.dockerd is not None
+        return self.dockerd.pid
+
+    def alive(self) -> bool:
+        return self.dockerd is not None and self.dockerd.poll() is None
+
+    def stop_dockerd(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """SIGTERM dockerd and wait; SIGKILL after timeout. True if it stopped on SIGTERM."""
+        if self.dockerd is None or self.dockerd.poll() is not None:
+            return True
+        self.dockerd.send_signal(signal.SIGTERM)
+        try:
+            self.dockerd.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            self.leaks.append(f"dockerd ignored SIGTERM for {timeout}s; killed")
+            self.dockerd.kill()
+            self.dockerd.wait(10)
+            return False
+
+    def remove_all_containers(self) -> None:
+        if not self.alive():
+            return
+        r = self.docker("ps", "-aq", check=False, timeout=20)
+        ids = r.stdout.split()
+        if ids:
+            self.docker("rm", "-f", *ids, check=False, timeout=STOP_TIMEOUT)
+
+    def close(self) -> None:
+        """Tear everything down; record anything that had to be killed as a leak."""
+        try:
+            try:
+                self.remove_all_containers()
+            except AssertionError as e:
+                self.leaks.append(f"removing containers failed: {e}")
+            self.stop_dockerd()
+            if self.containerd is not None and self.containerd.poll() is None:
+                self.containerd.send_signal(signal.SIGTERM)
+                try:
+                    self.containerd.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.containerd.kill()
+                    self.containerd.wait(10)
+            left = _wait_gone(self.netns.pids(), 5.0)
+            if left:
+                self.leaks.append("processes left in the namespace after dockerd and containerd"
+                                  " stopped:\n" + "\n".join(map(str, self.netns.ps())))
+                for pid in left:
+                    _signal(pid, signal.SIGKILL)
+                _wait_gone(left, 5.0)
+        finally:
+            self._unmount_all()
+            self.netns.delete()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _unmount_all(self) -> None:
+        prefix = str(self.workdir)
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        mine = [p for p in points if p == prefix or p.startswith(prefix + "/")]
+        for point in sorted(set(mine), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=10)
+
+    # views
+    def proxies(self) -> list[PsEntry]:
+        """Processes of the proxy under test in the daemon's namespace, as ps shows them.
+
+        The program path is argv[0], or argv[1] when it is a script run by its
+        interpreter (a console script shows as `/usr/bin/python3 /path/spliceproxy`).
+        """
+        return [e for e in self.netns.ps() if self.proxy.path in e.args.split()[:2]]
+
+    def container_ip(self, name: str) -> str:
+        r = self.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)
+        ip = r.stdout.strip()
+        assert ip.startswith(self.gateway.rsplit(".", 1)[0] + "."), (ip, self.bip)
+        return ip
+
+    def wait_log(self, container: str, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.docker("logs", container, check=False, timeout=10)
+            if text in r.stdout + r.stderr:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{container} never logged {text!r}: {r.stdout}{r.stderr}"
+                                     f"\n{self.diagnostics()}")
+            time.sleep(0.1)
+
+    def diagnostics(self, lines: int = 40) -> str:
+        procs = "\n".join(map(str, self.netns.ps())) if self.netns.path.exists() else "<none>"
+        return (
+            f"--- proxy under test: {self.proxy.path}\n"
+            f"--- processes in netns {self.netns.name}:\n{procs}\n"
+            f"--- dockerd log ({self.log}), last {lines} lines:\n{_tail(self.log, lines)}\n"
+            f"--- proxy log (SPLICEPROXY_LOG_FILE), last {lines} lines:\n"
+            f"{_tail(self.proxy_log, lines)}"
+        )
+
+
+_LIVE_DAEMONS: list[Daemon] = []
+
+
+# --------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def proxy_under_test() -> ProxyUnderTest:
+    _require_prerequisites()
+    path, _ = _proxy_path()
+    assert path is not None
+    return ProxyUnderTest(path=path, name=os.path.basename(path)[:15])
+
+
+@pytest.fixture(scope="session")
+def page_token() -> str:
+    """Content of the page httpd serves, unique per run."""
+    return f"spliceproxy e2e {uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def image_rootfs(proxy_under_test, page_token):
+    """busybox-static + the UDP echo compiled now, laid out as an image root."""
+    root = Path(tempfile.mkdtemp(prefix=f"spe2e-{os.getpid()}-rootfs-", dir="/tmp"))
+    try:
+        (root / "bin").mkdir()
+        (root / "www").mkdir()
+        (root / "tmp").mkdir()
+        shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+        for applet in APPLETS:
+            (root / "bin" / applet).symlink_to("busybox")
+        (root / "www" / "index.html").write_text(page_token + "\n")
+        r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-std=c11",
+                            "-o", str(root / "bin" / "udp_echo"), str(UDP_ECHO_SRC)],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            msg = f"gcc -static failed (libc6-dev installed?): {r.stderr.strip()}"
+            if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
+                pytest.fail(msg, pytrace=False)
+            pytest.skip(f"e2e: {msg}")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _new_daemon(proxy: ProxyUnderTest, rootfs: Path, bip: str, suffix: str) -> Daemon:
+    name = f"spe2e-{os.getpid()}{suffix}"
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
+    d = Daemon(netns=Netns(name), workdir=workdir, proxy=proxy, bip=bip, rootfs=rootfs)
+    _LIVE_DAEMONS.append(d)
+    try:
+        d.start()
+    except BaseException:
+        d.close()
+        _LIVE_DAEMONS.remove(d)
+        raise
+    return d
+
+
+def _finish(d: Daemon) -> None:
+    try:
+        d.close()
+    finally:
+        _LIVE_DAEMONS.remove(d)
+    if d.leaks:
+        pytest.fail("teardown found leftovers:\n" + "\n".join(d.leaks), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def dockerd(proxy_under_test, image_rootfs):
+    """One daemon shared by the scenarios (started once)."""
+    d = _new_daemon(proxy_under_test, image_rootfs, SESSION_BIP, "")
+    yield d
+    _finish(d)
+
+
+@pytest.fixture
+def docker(dockerd):
+    """The shared daemon, emptied of containers after each test, checked for leftover proxies."""
+    yield dockerd
+    if not dockerd.alive():
+        pytest.fail("the shared dockerd died during the test\n" + dockerd.diagnostics(),
+                    pytrace=False)
+    dockerd.remove_all_containers()
+    left = _wait_gone([p.pid for p in dockerd.proxies()], 10.0)
+    if left:
+        stray = [str(p) for p in dockerd.proxies()]
+        for pid in left:
+            _signal(pid, signal.SIGKILL)
+        pytest.fail("proxy processes survived removal of every container:\n"
+                    + "\n".join(stray) + "\n" + dockerd.diagnostics(), pytrace=False)
+
+
+@pytest.fixture
+def scratch_dockerd(proxy_under_test, image_rootfs):
+    """A daemon of its own, for a test that stops it."""
+    d = _new_daemon(proxy_under_test, image_rootfs, SCRATCH_BIP, "-b")
+    yield d
+    _finish(d)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and rep.when in ("call", "setup"):
+        already = str(rep.longrepr)
+        for d in list(_LIVE_DAEMONS):
+            if str(d.log) in already:
+                continue  # the assertion message carries it already
+            try:
+                text = d.diagnostics(lines=60)
+            except Exception as e:  # diagnostics must never hide the real failure
+                text = f"<diagnostics unavailable: {e!r}>"
+            rep.sections.append((f"dockerd {d.netns.name}", text))

@@ -1,0 +1,239 @@
+"""Client side of the end-to-end suite, run inside the daemon's network namespace.
+
+The test process itself stays in the host namespace; every socket that must
+see the published ports is opened by this script, started with
+``nsenter --net=/var/run/netns/NAME python3 netns_client.py COMMAND ...``.
+Each command prints one JSON document on stdout (except ``hold``, which
+prints ``ready`` and then waits) and never blocks longer than its deadline.
+
+Commands:
+  http HOST PORT [PORT ...]   HTTP/1.0 GET / on each port, retried until it
+                              answers or the deadline passes; reads to EOF
+  udp HOST PORT               several clients (distinct source ports) send
+                              interleaved datagrams and check each echo
+  hold PORT                   listen on 0.0.0.0:PORT (TCP) until stdin closes
+  bind PROTO PORT             try to bind 0.0.0.0:PORT and [::]:PORT
+  tcp-states PORT             TCP states of sockets whose local port is PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+
+# /proc/net/tcp state codes (include/net/tcp_states.h).
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def http_get_once(host: str, port: int, timeout: float) -> tuple[int, bytes]:
+    """One GET that reads the reply to EOF, so the server side closes first."""
+    with socket.socket(family_of(host), socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    raw = b"".join(chunks)
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise OSError(f"truncated reply: {raw[:200]!r}")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[1].isdigit():
+        raise OSError(f"not an HTTP reply: {raw[:200]!r}")
+    return int(status_line[1]), body
+
+
+def cmd_http(args: argparse.Namespace) -> dict:
+    deadline = time.monotonic() + args.deadline
+    results = []
+    for port in args.ports:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                status, body = http_get_once(args.host, port, args.timeout)
+            except OSError as e:
+                # The proxy listens before the server in the container does;
+                # until then a connection is accepted and closed or reset.
+                if time.monotonic() >= deadline:
+                    results.append(
+                        {"port": port, "ok": False, "error": repr(e), "attempts": attempts}
+                    )
+                    break
+                time.sleep(0.1)
+                continue
+            results.append(
+                {
+                    "port": port,
+                    "ok": status == 200,
+                    "status": status,
+                    "body": body.decode(errors="replace"),
+                    "attempts": attempts,
+                }
+            )
+            break
+    return {"host": args.host, "results": results}
+
+
+def cmd_udp(args: argparse.Namespace) -> dict:
+    fam = family_of(args.host)
+    clients = []
+    try:
+        for _ in range(args.clients):
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.connect((args.host, args.port))
+            clients.append(s)
+        ports = [s.getsockname()[1] for s in clients]
+        deadline = time.monotonic() + args.deadline
+        failures = []
+        echoed = 0
+        # Interleave the clients so the proxy has to keep their flows apart.
+        for seq in range(args.count):
+            for idx, s in enumerate(clients):
+                payload = f"client {idx} port {ports[idx]} seq {seq} ".encode() * 3
+                got = None
+                while got is None and time.monotonic() < deadline:
+                    try:
+                        s.send(payload)
+                        s.settimeout(args.timeout)
+                        while True:
+                            reply = s.recv(65536)
+                            if reply == payload:
+                                got = reply
+                                break
+                            # A late echo of an earlier retry: keep reading.
+                    except TimeoutError:
+                        continue
+                    except ConnectionRefusedError:
+                        time.sleep(0.05)
+                        continue
+                if got is None:
+                    failures.append({"client": idx, "seq": seq, "error": "no echo before deadline"})
+                else:
+                    echoed += 1
+        return {
+            "host": args.host,
+            "source_ports": ports,
+            "sent": args.clients * args.count,
+            "echoed": echoed,
+            "failures": failures,
+        }
+    finally:
+        for s in clients:
+            s.close()
+
+
+def cmd_hold(args: argparse.Namespace) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", args.port))
+    s.listen(16)
+    print("ready", flush=True)
+    # Stay until the test closes our stdin (or dies, which closes it too).
+    sys.stdin.read()
+    s.close()
+
+
+def cmd_bind(args: argparse.Namespace) -> dict:
+    kind = socket.SOCK_STREAM if args.proto == "tcp" else socket.SOCK_DGRAM
+    out = {}
+    for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(fam, kind)
+        try:
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if kind == socket.SOCK_STREAM:
+                # What every TCP server (and the proxy) sets: TIME_WAIT
+                # leftovers must not count as "in use", a live listener must.
+                # Never for UDP, where it would let two sockets share a port.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, args.port))
+            if kind == socket.SOCK_STREAM:
+                s.listen(1)
+            out[host] = "ok"
+        except OSError as e:
+            out[host] = f"{type(e).__name__}: {e.strerror or e}"
+        finally:
+            s.close()
+    return out
+
+
+def cmd_tcp_states(args: argparse.Namespace) -> dict:
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == args.port:
+                    states.append(TCP_STATES.get(fields[3], fields[3]))
+    return {"port": args.port, "states": states}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("http")
+    p.add_argument("host")
+    p.add_argument("ports", type=int, nargs="+")
+    p.add_argument("--timeout", type=float, default=3.0, help="per-attempt socket timeout")
+    p.add_argument("--deadline", type=float, default=15.0, help="overall retry budget")
+    p.set_defaults(func=cmd_http)
+
+    p = sub.add_parser("udp")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=0.5, help="wait for one echo")
+    p.add_argument("--deadline", type=float, default=15.0)
+    p.set_defaults(func=cmd_udp)
+
+    p = sub.add_parser("hold")
+    p.add_argument("port", type=int)
+    p.set_defaults(func=cmd_hold)
+
+    p = sub.add_parser("bind")
+    p.add_argument("proto", choices=("tcp", "udp"))
+    p.add_argument("port", type=int)
+    p.set_defaults(func=cmd_bind)
+
+    p = sub.add_parser("tcp-states")
+    p.add_argument("port", type=int)
+    p.set_defaults(func=cmd_tcp_states)
+
+    args = parser.parse_args()
+    result = args.func(args)
+    if result is not None:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The proxy in its real setting: dockerd 20.10 starts it for every published port.
+
+Each scenario drives the docker CLI and checks what a user would see: pages
+served through published ports, `ps` output, errors from `docker run`, ports
+that are free again after a container goes away.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
+
+HTTPD = ["/bin/httpd", "-f", "-p", "80", "-h", "/www"]
+
+
+def argv_tail(proto: str, host_ip: str, host_port: int, container_ip: str,
+              container_port: int) -> str:
+    """dockerd's argv for one binding, as `ps` prints it after the program path."""
+    return (f"-proto {proto} -host-ip {host_ip} -host-port {host_port}"
+            f" -container-ip {container_ip} -container-port {container_port}")
+
+
+def proxies_for_port(d, host_port: int):
+    return [p for p in d.proxies() if f" -host-port {host_port} " in p.args]
+
+
+def assert_pages(d, host: str, ports, token: str) -> None:
+    res = d.netns.client("http", host, *ports)
+    bad = [r for r in res["results"] if not r["ok"] or r.get("body", "").strip() != token]
+    assert not bad, f"via {host}: {bad}\n{d.diagnostics()}"
+
+
+def assert_port_free(d, proto: str, port: int) -> None:
+    res = d.netns.client("bind", proto, port)
+    assert res == {"0.0.0.0": "ok", "::": "ok"}, (
+        f"{proto} port {port} still taken: {res}\n{d.diagnostics()}")
+
+
+def test_http_through_ipv4_and_ipv6(docker, proxy_under_test, page_token):
+    d = docker
+    port = 18080
+    d.docker("run", "-d", "--name", "web", "-p", f"{port}:80", "local/spe2e-busybox:test",
+             *HTTPD)
+    ip = d.container_ip("web")
+
+    assert_pages(d, "127.0.0.1", [port], page_token)
+    # dockerd gives the `::` binding the container's IPv4 address: 6->4 proxying.
+    assert_pages(d, "::1", [port], page_token)
+
+    procs = d.netns.ps()
+    listing = "\n".join(map(str, procs))
+    for host_ip in ("0.0.0.0", "::"):
+        tail = argv_tail("tcp", host_ip, port, ip, 80)
+        started = [p for p in procs
+                   if p.args.endswith(tail) and proxy_under_test.path in p.args.split()[:2]
+                   and p.ppid == d.pid]
+        assert started, f"no proxy child of dockerd with `{tail}`:\n{listing}"
+        assert any(p.comm == proxy_under_test.name for p in started), (
+            f"ps does not show {proxy_under_test.name!r} for `{tail}`:\n{listing}")
+    if not proxy_under_test.is_reference:
+        stray = [p for p in procs if p.comm == "docker-proxy" or "docker-proxy" in p.args]
+        assert not stray, f"docker-proxy is running although {proxy_under_test.path} is set:\n" \
+                          f"{listing}"
+
+
+def test_udp_echo_several_clients(docker):
+    d = docker
+    port = 18053
+    d.docker("run", "-d", "--name", "echo", "-p", f"{port}:5353/udp",
+             "local/spe2e-busybox:test", "/bin/udp_echo", "5353")
+    d.wait_log("echo", "ready 5353")
+    ip = d.container_ip("echo")
+
+    for host in ("127.0.0.1", "::1"):
+        res = d.netns.client("udp", host, port, "--clients", "4", "--count", "5")
+        assert len(set(res["source_ports"])) == 4, res
+        assert res["echoed"] == res["sent"] == 20 and not res["failures"], (
+            f"via {host}: {res}\n{d.diagnostics()}")
+
+    listing = [p.args for p in d.proxies()]
+    for host_ip in ("0.0.0.0", "::"):
+        tail = argv_tail("udp", host_ip, port, ip, 5353)
+        assert any(a.endswith(tail) for a in listing), (tail, listing)
+
+
+def test_stop_and_rm_end_every_proxy_and_free_the_port(docker, page_token):
+    d = docker
+    a_tcp, a_udp, b_tcp = 18090, 18091, 18092
+    d.docker("run", "-d", "--name", "alpha", "-p", f"{a_tcp}:80", "-p", f"{a_udp}:5353/udp",
+             "local/spe2e-busybox:test", *HTTPD)
+    d.docker("run", "-d", "--name", "bravo", "-p", f"{b_tcp}:80", "local/spe2e-busybox:test",
+             *HTTPD)
+    assert_pages(d, "127.0.0.1", [a_tcp, b_tcp], page_token)
+
+    a_pids = [p.pid for p in proxies_for_port(d, a_tcp) + proxies_for_port(d, a_udp)]
+    b_pids = [p.pid for p in proxies_for_port(d, b_tcp)]
+    assert len(a_pids) >= 4 and len(b_pids) >= 2, d.diagnostics()
+
+    # dockerd stops each proxy with SIGINT and waits for it without a timeout:
+    # a proxy that lingers makes `docker stop` hang, which the timeout reports.
+    t0 = time.monotonic()
+    d.docker("stop", "-t", "1", "alpha", timeout=30)
+    took = time.monotonic() - t0
+    alive = _settled(lambda: [p for p in d.proxies() if p.pid in a_pids])
+    assert not alive, f"after docker stop ({took:.1f}s): {alive}\n{d.diagnostics()}"
+    assert_port_free(d, "tcp", a_tcp)
+    assert_port_free(d, "udp", a_udp)
+    # The other container is untouched.
+    assert_pages(d, "127.0.0.1", [b_tcp], page_token)
+    assert all(p.pid in {q.pid for q in d.proxies()} for p in proxies_for_port(d, b_tcp))
+
+    d.docker("rm", "-f", "bravo", timeout=30)
+    alive = _settled(lambda: [p for p in d.proxies() if p.pid in b_pids])
+    assert not alive, f"after docker rm -f: {alive}\n{d.diagnostics()}"
+    assert_port_free(d, "tcp", b_tcp)
+
+    d.docker("rm", "alpha", timeout=30)
+    assert not d.proxies(), d.diagnostics()
+
+
+def test_recreate_on_same_port_while_time_wait(docker, page_token):
+    d = docker
+    port = 18100
+    d.docker("run", "-d", "--name", "first", "-p", f"{port}:80", "local/spe2e-busybox:test",
+             *HTTPD)
+    # The client reads to EOF, so the closing starts at httpd and the
+    # proxy's accepted socket on the host port is the one left in TIME_WAIT.
+    assert_pages(d, "127.0.0.1", [port], page_token)
+    states = d.netns.client("tcp-states", port)["states"]
+    assert "TIME_WAIT" in states, f"premise: no TIME_WAIT on port {port}: {states}"
+
+    d.docker("rm", "-f", "first", timeout=30)
+    d.docker("run", "-d", "--name", "second", "-p", f"{port}:80", "local/spe2e-busybox:test",
+             *HTTPD)
+    assert_pages(d, "127.0.0.1", [port], page_token)
+    assert_pages(d, "::1", [port], page_token)
+
+
+def test_port_in_use_fails_fast_with_proxy_error(docker, page_token):
+    d = docker
+    port = 18110
+    holder = d.netns.hold_port(port)
+    try:
+        t0 = time.monotonic()
+        r = d.docker("run", "-d", "--name", "clash", "-p", f"{port}:80",
+                     "local/spe2e-busybox:test", *HTTPD, check=False, timeout=30)
+        took = time.monotonic() - t0
+        assert r.returncode != 0, f"docker run succeeded on a taken port\n{d.diagnostics()}"
+        assert "Error starting userland proxy" in r.stderr, r.stderr
+        assert "address already in use" in r.stderr, r.stderr
+        # The proxy reports over fd 3 at once; dockerd's own timeout is 16 s.
+        assert took < 5.0, f"docker run took {took:.1f}s to fail: {r.stderr}"
+        left = _settled(lambda: proxies_for_port(d, port))
+        assert not left, f"proxy left behind after the failed start: {left}\n{d.diagnostics()}"
+        state = d.docker("inspect", "-f", "{{.State.Running}}", "clash").stdout.strip()
+        assert state == "false"
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+    # Once the other listener is gone, the same container starts.
+    d.docker("start", "clash", timeout=30)
+    assert_pages(d, "127.0.0.1", [port], page_token)
+
+
+def test_port_range_every_port_answers(docker, page_token):
+    d = docker
+    first, count = 20100, 20
+    last = first + count - 1
+    ports = list(range(first, last + 1))
+    script = (f"for p in $(seq {first} {last}); do httpd -p $p -h /www || exit 1; done;"
+              " echo started; exec sleep 3600")
+    t0 = time.monotonic()
+    d.docker("run", "-d", "--name", "range", "-p", f"{first}-{last}:{first}-{last}",
+             "local/spe2e-busybox:test", "/bin/sh", "-c", script, timeout=90)
+    took = time.monotonic() - t0
+    d.wait_log("range", "started")
+    ip = d.container_ip("range")
+
+    procs = d.proxies()
+    assert len(procs) == 2 * count, (
+        f"{len(procs)} proxies for {count} ports (want one per port and family)\n"
+        + "\n".join(map(str, procs)))
+    for port in ports:
+        for host_ip in ("0.0.0.0", "::"):
+            tail = argv_tail("tcp", host_ip, port, ip, port)
+            assert any(p.args.endswith(tail) for p in procs), tail
+    assert_pages(d, "127.0.0.1", ports, page_token)
+    assert_pages(d, "::1", ports, page_token)
+    print(f"docker run with {count} published ports took {took:.2f}s")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_daemon_stop_leaves_no_proxy(scratch_dockerd, page_token, how):
+    """SIGTERM: dockerd shuts down and releases the ports itself. SIGKILL:
+    dockerd gets no say, only the parent-death signal (SIGTERM) reaches the
+    proxies, and they must still go, with any process they started."""
+    d = scratch_dockerd
+    # PID 1 of these containers ignores SIGTERM; a short stop timeout keeps
+    # dockerd's shutdown (and restore after SIGKILL) quick.
+    d.docker("run", "-d", "--stop-timeout", "1", "--name", "web", "-p", "18120:80",
+             "-p", "18121:5353/udp", "local/spe2e-busybox:test", *HTTPD)
+    d.docker("run", "-d", "--stop-timeout", "1", "--name", "echo", "-p", "18122:5353/udp",
+             "local/spe2e-busybox:test", "/bin/udp_echo", "5353")
+    assert_pages(d, "127.0.0.1", [18120], page_token)
+    proxies = d.proxies()
+    assert len(proxies) >= 6, d.diagnostics()
+    # Everything that runs in the namespace besides the daemons themselves:
+    # the proxies and whatever they may have forked.
+    others = {d.pid, d.containerd.pid}
+    watched = [p for p in d.netns.ps()
+               if p.pid not in others and p.comm not in ("containerd-shim", "containerd")]
+    assert {p.pid for p in proxies} <= {p.pid for p in watched}
+
+    d.dockerd.send_signal(getattr(signal, how))
+    try:
+        d.dockerd.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"dockerd did not exit within 30s of {how}\n{d.diagnostics()}")
+    pids = {p.pid for p in watched}
+    survivors = _settled(lambda: [p for p in d.netns.ps() if p.pid in pids], timeout=5.0)
+    assert not survivors, (
+        f"processes outlived dockerd ({how}):\n" + "\n".join(map(str, survivors))
+        + "\n" + d.diagnostics())
+    for port in (18120,):
+        assert_port_free(d, "tcp", port)
+    for port in (18121, 18122):
+        assert_port_free(d, "udp", port)
+
+    if how == "SIGKILL":
+        # The containers outlived their daemon; a restarted dockerd reaps them
+        # (no live-restore), so teardown finds the usual state.
+        d.start_dockerd()
+
+
+def _settled(probe, timeout: float = 3.0):
+    """Poll probe() until it returns something empty or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)

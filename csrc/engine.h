@@ -187,4 +187,10 @@ int sp_open_listener(int type, const struct sockaddr *addr, socklen_t len,
 /* Raise the soft RLIMIT_NOFILE to the hard limit.  Returns the new limit. */
 int64_t sp_raise_nofile(void);
 
+/* Become uid/gid for good: no supplementary groups, no capabilities in any
+ * set (bounding and ambient included), no_new_privs, and the parent-death
+ * signal re-armed (changing credentials clears it).  Call once every socket
+ * is set up.  On failure *step names the call that failed. */
+int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step);
+
 #endif

@@ -1,18 +1,23 @@
 /* SPDX-License-Identifier: MIT
  *
- * sockets.c - opening listeners the way docker-proxy does, and the
- * descriptor limit.
+ * sockets.c - process set-up around the loop: opening listeners the way
+ * docker-proxy does, the descriptor limit, and dropping privileges.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <grp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
+#include <linux/capability.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 
 #include "internal.h"
 
@@ -88,4 +93,76 @@ int64_t sp_raise_nofile(void)
 			return -errno;
 	}
 	return rl.rlim_cur == RLIM_INFINITY ? INT64_MAX : (int64_t)rl.rlim_cur;
+}
+
+/* Highest capability number this kernel knows. */
+static int cap_last_cap(void)
+{
+	FILE *f = fopen("/proc/sys/kernel/cap_last_cap", "re");
+	int v = 63;
+
+	if (f) {
+		if (fscanf(f, "%d", &v) != 1 || v < 0 || v > 63)
+			v = 63;
+		fclose(f);
+	}
+	return v;
+}
+
+int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
+{
+	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3 };
+	struct __user_cap_data_struct data[2];
+	int pdeath = 0, last, cap;
+	pid_t parent = getppid();
+
+	*step = "prctl(PR_GET_PDEATHSIG)";
+	if (prctl(PR_GET_PDEATHSIG, &pdeath, 0, 0, 0) == -1)
+		return -errno;
+	*step = "prctl(PR_SET_NO_NEW_PRIVS)";
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1)
+		return -errno;
+	if (geteuid() == 0) {
+		*step = "prctl(PR_CAPBSET_DROP)";
+		last = cap_last_cap();
+		for (cap = 0; cap <= last; cap++)
+			if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == -1 && errno != EINVAL)
+				return -errno;
+		*step = "prctl(PR_CAP_AMBIENT_CLEAR_ALL)";
+		if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == -1 &&
+		    errno != EINVAL)
+			return -errno;
+		*step = "setgroups";
+		if (setgroups(0, NULL) == -1)
+			return -errno;
+	}
+	*step = "setresgid";
+	if (setresgid(gid, gid, gid) == -1)
+		return -errno;
+	*step = "setresuid";
+	if (setresuid(uid, uid, uid) == -1)
+		return -errno;
+	if (uid != 0) {
+		/* Check the drop is for good: no capability left, no way back. */
+		*step = "capget";
+		if (syscall(SYS_capget, &hdr, data) == -1)
+			return -errno;
+		if (data[0].permitted || data[1].permitted || data[0].effective ||
+		    data[1].effective)
+			return -EPERM;
+		*step = "setuid(0) check";
+		if (setuid(0) == 0)
+			return -EPERM;
+	}
+	/* A credential change clears the parent-death signal dockerd set:
+	 * re-arm it, and act on it if the parent already went away. */
+	if (pdeath) {
+		*step = "prctl(PR_SET_PDEATHSIG)";
+		if (prctl(PR_SET_PDEATHSIG, pdeath, 0, 0, 0) == -1)
+			return -errno;
+		if (getppid() != parent)
+			raise(pdeath);
+	}
+	*step = NULL;
+	return 0;
 }

@@ -134,6 +134,14 @@ def raise_nofile():
     return rc
 
 
+def drop_privileges(uid, gid):
+    """Become uid/gid with no capabilities and no way back (see engine.h)."""
+    cdef const char *step = NULL
+    cdef int rc = sp_drop_privileges(uid, gid, &step)
+    if rc < 0:
+        raise _oserror(-rc, step.decode() if step != NULL else None)
+
+
 cdef class Engine:
     """One epoll loop holding any number of TCP/UDP listeners."""
 

@@ -105,6 +105,33 @@ def _env_duration_ms(name: str, default_ms: int) -> int:
     return int(round(seconds * 1000))
 
 
+def privilege_target() -> tuple[int, int] | None:
+    """The (uid, gid) to become once the sockets are set up, or None to stay.
+
+    Root drops to SPLICEPROXY_USER (a name or a numeric uid, default
+    "nobody"); SPLICEPROXY_KEEP_PRIVILEGES=1 turns the drop off.  A process
+    that is not root keeps its ids and only loses the ability to gain more.
+    """
+    if os.environ.get(ENV_PREFIX + "KEEP_PRIVILEGES", "") not in ("", "0"):
+        return None
+    if os.geteuid() != 0:
+        return os.getuid(), os.getgid()
+    import pwd
+
+    name = os.environ.get(ENV_PREFIX + "USER", "") or "nobody"
+    if name.isdigit() and int(name) >= 0xFFFFFFFF:
+        raise StartupError("invalid %sUSER=%r: uid out of range" % (ENV_PREFIX, name))
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, OverflowError):
+        if name.isdigit():
+            return int(name), int(name)
+        if name == "nobody":
+            return 65534, 65534  # the conventional nobody/nogroup ids
+        raise StartupError("invalid %sUSER=%r: no such user" % (ENV_PREFIX, name)) from None
+    return entry.pw_uid, entry.pw_gid
+
+
 def configure_engine(engine: _engine.Engine) -> None:
     """Apply the SPLICEPROXY_* tunables; StartupError on a bad value."""
     mode = os.environ.get(ENV_PREFIX + "COPY_MODE", "splice") or "splice"
@@ -356,6 +383,14 @@ def main(argv: list[str]) -> None:
         _signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         proxy.start(os.environ.get(ENV_PREFIX + "STATS_FILE") or None)
         proxy.engine.watch(rfd)
+        target = privilege_target()
+        if target is not None:
+            try:
+                _engine.drop_privileges(*target)
+            except OSError as e:
+                raise StartupError("cannot drop privileges to uid %d gid %d: %s: %s"
+                                   % (target[0], target[1], e.filename,
+                                      go_strerror(e.errno))) from None
     except StartupError as e:
         _report(have_status, b"1\n" + str(e).encode("utf-8", "replace"))
         log.log(str(e))

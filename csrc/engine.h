@@ -93,7 +93,7 @@ struct sp_stats_header {
 /* Tunables, set before or between runs with sp_engine_set_option(). */
 enum sp_option {
 	SP_OPT_PIPE_SIZE,          /* bytes per relay pipe (F_SETPIPE_SZ), default 1 MiB */
-	SP_OPT_PIPE_POOL_MAX,      /* idle pipes kept for reuse, default 64 */
+	SP_OPT_PIPE_POOL_MAX,      /* idle pipes kept for reuse, default 16 */
 	SP_OPT_COPY_MODE,          /* SP_COPY_SPLICE (default) or SP_COPY_READWRITE */
 	SP_OPT_COPY_BUF,           /* buffer bytes in read/write mode, default 64 KiB */
 	SP_OPT_IDLE_TIMEOUT_MS,    /* reclaim half-closed pairs idle this long; 0 = never */
@@ -167,6 +167,11 @@ int sp_engine_run(struct sp_engine *e, int timeout_ms);
 
 /* Ask a running loop to return SP_RUN_STOPPED.  Async-signal-safe. */
 int sp_engine_stop(struct sp_engine *e);
+
+/* Create n relay pipes in the pool now (e.g. before dropping privileges,
+ * so that they count against root's pipe-user-pages limits, not those of
+ * the unprivileged user every proxy shares).  Returns how many exist. */
+int sp_engine_reserve_pipes(struct sp_engine *e, int n);
 
 /* Pop the oldest queued event; 1 if one was copied, 0 if none. */
 int sp_engine_next_event(struct sp_engine *e, struct sp_event *ev);

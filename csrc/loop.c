@@ -145,7 +145,7 @@ void sp_close(struct sp_engine *e, int fd)
 
 static const int64_t option_defaults[SP_OPT_COUNT] = {
 	[SP_OPT_PIPE_SIZE] = 1 << 20,
-	[SP_OPT_PIPE_POOL_MAX] = 64,
+	[SP_OPT_PIPE_POOL_MAX] = 16,
 	[SP_OPT_COPY_MODE] = SP_COPY_SPLICE,
 	[SP_OPT_COPY_BUF] = 64 << 10,
 	[SP_OPT_IDLE_TIMEOUT_MS] = 0,

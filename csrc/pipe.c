@@ -154,3 +154,27 @@ void sp_pipe_drop(struct sp_engine *e, struct sp_pipe *pp)
 	sp_gauge_sub(e, SP_STAT_PIPES_IN_USE, 1);
 	pipe_close(e, pp);
 }
+
+int sp_engine_reserve_pipes(struct sp_engine *e, int n)
+{
+	struct sp_pipe_pool *p = e->pipes;
+	struct sp_pipe tmp[64];
+	int i, got = 0, rc = 0;
+
+	if (n > 64)
+		n = 64;
+	if (n > e->opt[SP_OPT_PIPE_POOL_MAX])
+		n = (int)e->opt[SP_OPT_PIPE_POOL_MAX];
+	/* Take n pipes (creating what the pool lacks), then give them all back. */
+	for (i = 0; i < n; i++) {
+		rc = sp_pipe_get(e, &tmp[i]);
+		if (rc < 0)
+			break;
+		got++;
+	}
+	for (i = 0; i < got; i++)
+		sp_pipe_put(e, &tmp[i]);
+	if (rc < 0 && !got)
+		return rc;
+	return p->n_idle;
+}

@@ -40,6 +40,7 @@ cdef extern from "engine.h" nogil:
     int sp_engine_run(sp_engine *e, int timeout_ms)
     int sp_engine_stop(sp_engine *e)
     int sp_engine_next_event(sp_engine *e, sp_event *ev)
+    int sp_engine_reserve_pipes(sp_engine *e, int n)
     const uint64_t *sp_engine_stats(const sp_engine *e)
     const char *sp_stat_name(int i)
     int sp_open_listener(int type, const sockaddr *addr, socklen_t len, const char **step)

@@ -230,6 +230,14 @@ cdef class Engine:
             raise _oserror(-rc)
         return rc
 
+    def reserve_pipes(self, int n):
+        """Create n pooled relay pipes now; returns how many are pooled."""
+        self._check()
+        cdef int rc = sp_engine_reserve_pipes(self.e, n)
+        if rc < 0:
+            raise _oserror(-rc)
+        return rc
+
     def watch(self, int fd):
         """Return from run() with RUN_WATCH when fd is readable (-1 clears)."""
         self._check()

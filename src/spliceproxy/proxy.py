@@ -385,6 +385,15 @@ def main(argv: list[str]) -> None:
         proxy.engine.watch(rfd)
         target = privilege_target()
         if target is not None:
+            if os.geteuid() == 0 and target[0] != 0 and proxy.config.proto == "tcp":
+                # Pipes made now count against root's pipe-user-pages limits;
+                # made later they would share the unprivileged user's small
+                # budget with every other proxy.  Enough for two busy
+                # connections; more are made on demand.
+                try:
+                    proxy.engine.reserve_pipes(4)
+                except OSError:
+                    pass
             try:
                 _engine.drop_privileges(*target)
             except OSError as e:

@@ -291,6 +291,9 @@ class Proxy:
         if kind == _engine.EV_ACCEPT_PAUSED:
             return ("Accepting on %s paused: accept4: %s; new connections wait in the "
                     "backlog until descriptors are free" % (self.front, reason))
+        if kind == _engine.EV_ACCEPT_ERROR:
+            return "Error on %s, still serving (%s: %s)%s" % (
+                self.front, "accept4" if self.config.proto == "tcp" else "recvmmsg", reason, times)
         if kind == _engine.EV_ACCEPT_RESUMED:
             return "Accepting on %s again" % self.front
         if kind == _engine.EV_LISTENER_FAILED:

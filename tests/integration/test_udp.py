@@ -1,0 +1,591 @@
+"""UDP relaying through the installed proxy, started exactly as dockerd starts it.
+
+Every test runs the real `spliceproxy` program with the docker-proxy argv, the
+status pipe on fd 3 and (where stated) a dockerd-style socket on fd 4, and
+talks to it over loopback sockets.  Echo servers playing the container run in
+threads of this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+from spliceproxy.stats import read_stats_file
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+MAX_V4 = 65507
+MAX_V6 = 65527
+RECV_TIMEOUT = 5.0
+HYPOTHESIS_EXAMPLES = int(os.environ.get("SPLICEPROXY_HYPOTHESIS_EXAMPLES", "15"))
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _have_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback (::1) on this host")
+
+
+def _have_127_0_0_2() -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _proxy_command() -> list[str]:
+    exe = shutil.which("spliceproxy")
+    return [exe] if exe else [sys.executable, "-m", "spliceproxy"]
+
+
+def _argv(host_ip: str, host_port: int, container_ip: str, container_port: int,
+          use_listen_fd: bool = False) -> list[str]:
+    cmd = _proxy_command()
+    argv = proxy_argv(cmd[0], "udp", host_ip, host_port, container_ip, container_port,
+                      use_listen_fd=use_listen_fd)
+    return cmd + argv[1:]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _settled_fd_count(pid: int) -> int:
+    """The proxy's fd count once startup is over (fd 3 is closed just after the
+    status is written, so a count taken right away may still include it)."""
+    last = _fd_count(pid)
+    for _ in range(50):
+        time.sleep(0.1)
+        now = _fd_count(pid)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def _wait_for(pred, timeout: float = 5.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class UdpBackend:
+    """The "container": a UDP server recording (source, payload) and echoing."""
+
+    def __init__(self, host: str, port: int = 0, echo: bool = True):
+        self.sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.echo = echo
+        self.received: list[tuple[tuple, bytes]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                continue
+            with self._lock:
+                self.received.append((addr, data))
+            if self.echo:
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(data, addr)
+
+    def snapshot(self) -> list[tuple[tuple, bytes]]:
+        with self._lock:
+            return list(self.received)
+
+    def source_ports(self) -> list[int]:
+        return [addr[1] for addr, _ in self.snapshot()]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self.sock.close()
+
+    def __enter__(self) -> UdpBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RunningProxy:
+    def __init__(self, launched, host_ip: str, port: int, log_file: str, stats_file: str,
+                 stderr_file: str):
+        self.launched = launched
+        self.host_ip = host_ip
+        self.port = port
+        self.log_file = log_file
+        self.stats_file = stats_file
+        self.stderr_file = stderr_file
+
+    @property
+    def pid(self) -> int:
+        return self.launched.pid
+
+    def alive(self) -> bool:
+        return self.launched.proc.poll() is None
+
+    def stats(self) -> dict[str, int]:
+        return read_stats_file(self.stats_file)
+
+    def log(self) -> str:
+        parts = []
+        for path in (self.log_file, self.stderr_file):
+            with contextlib.suppress(OSError), open(path, errors="replace") as f:
+                parts.append(f.read())
+        return "\n".join(parts)
+
+    def client(self, host: str | None = None) -> socket.socket:
+        """A client socket connected to the proxy (so it only takes replies from it)."""
+        host = host or self.host_ip
+        s = socket.socket(_family(host), socket.SOCK_DGRAM)
+        s.settimeout(RECV_TIMEOUT)
+        s.connect((host, self.port))
+        return s
+
+
+@contextlib.contextmanager
+def udp_proxy(tmp_path, host_ip: str, container_ip: str, container_port: int, *,
+              env: dict | None = None, listen_sock: socket.socket | None = None,
+              preexec_fn=None):
+    """Run one UDP proxy for the duration of the block; asserts a clean exit 0."""
+    tag = "{}-{}".format(host_ip.replace(":", "_"), container_port)
+    log_file = str(tmp_path / f"proxy-{tag}.log")
+    stats_file = str(tmp_path / f"proxy-{tag}.stats")
+    stderr_file = str(tmp_path / f"proxy-{tag}.stderr")
+    full_env = dict(os.environ)
+    full_env.update({"SPLICEPROXY_LOG_FILE": log_file, "SPLICEPROXY_STATS_FILE": stats_file})
+    full_env.update(env or {})
+    launched = None
+    for attempt in range(5):
+        if listen_sock is not None:
+            port = listen_sock.getsockname()[1]
+        else:
+            port = _free_port(host_ip)
+        argv = _argv(host_ip, port, container_ip, container_port,
+                     use_listen_fd=listen_sock is not None)
+        with open(stderr_file, "ab") as err:
+            try:
+                launched = spawn(argv, listen_sock=listen_sock, env=full_env, stderr=err,
+                                 timeout=20.0, preexec_fn=preexec_fn)
+                break
+            except ProxyStartError as exc:
+                # Another process may have taken the port we picked.
+                if listen_sock is None and "in use" in str(exc) and attempt < 4:
+                    continue
+                raise
+    assert launched is not None
+    proxy = RunningProxy(launched, host_ip, port, log_file, stats_file, stderr_file)
+    try:
+        yield proxy
+    except BaseException:
+        launched.__exit__(None, None, None)
+        raise
+    alive = proxy.alive()
+    rc = launched.stop()
+    assert alive, f"proxy died during the test (rc={rc}):\n{proxy.log()}"
+    assert rc == 0, f"proxy exited {rc} on SIGINT:\n{proxy.log()}"
+
+
+def _echo(client: socket.socket, payload: bytes) -> bytes:
+    client.send(payload)
+    return client.recv(65535)
+
+
+# --- basic relaying ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("host_ip,container_ip", [
+    pytest.param("127.0.0.1", "127.0.0.1", id="ipv4"),
+    pytest.param("::1", "::1", id="ipv6", marks=needs_ipv6),
+    pytest.param("::1", "127.0.0.1", id="6to4", marks=needs_ipv6),
+])
+def test_echo(tmp_path, host_ip, container_ip):
+    with UdpBackend(container_ip) as backend, \
+            udp_proxy(tmp_path, host_ip, container_ip, backend.port) as proxy:
+        with proxy.client() as c:
+            for i in range(5):
+                payload = b"Buffalo%d buffalo buffalo" % i
+                assert _echo(c, payload) == payload
+        srcs = backend.snapshot()
+        assert [d for _, d in srcs] == [b"Buffalo%d buffalo buffalo" % i for i in range(5)]
+        # The backend sees the proxy, in the backend's family, never the client.
+        assert all(addr[0] == container_ip for addr, _ in srcs)
+        assert len({addr[1] for addr, _ in srcs}) == 1
+        assert _wait_for(lambda: proxy.stats()["udp_dgrams_b2c"] >= 5)
+        st_ = proxy.stats()
+        assert st_["udp_flows_created"] == 1
+        assert st_["udp_dgrams_c2b"] == 5
+        assert st_["udp_bytes_c2b"] == sum(len(d) for _, d in srcs)
+
+
+def test_distinct_source_ports_and_no_crossed_replies(tmp_path):
+    with UdpBackend("127.0.0.1") as backend, \
+            udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port) as proxy:
+        clients = [proxy.client() for _ in range(6)]
+        try:
+            for rnd in range(4):
+                for i, c in enumerate(clients):
+                    c.send(b"client-%d-round-%d" % (i, rnd))
+            for i, c in enumerate(clients):
+                got = [c.recv(65535) for _ in range(4)]
+                assert got == [b"client-%d-round-%d" % (i, rnd) for rnd in range(4)]
+        finally:
+            for c in clients:
+                c.close()
+        by_client: dict[int, set[int]] = {}
+        for addr, data in backend.snapshot():
+            idx = int(data.split(b"-")[1])
+            by_client.setdefault(idx, set()).add(addr[1])
+        # One stable backend source port per client, all different.
+        assert sorted(by_client) == list(range(6))
+        assert all(len(ports) == 1 for ports in by_client.values())
+        assert len(set().union(*by_client.values())) == 6
+
+
+@pytest.mark.skipif(not _have_127_0_0_2(), reason="127.0.0.2 not usable on this host")
+def test_reply_source_on_wildcard_listener(tmp_path):
+    # A connected client only accepts datagrams from the address it talks to,
+    # so the echo arrives only if the reply is sourced from 127.0.0.2.
+    with UdpBackend("127.0.0.1") as backend, \
+            udp_proxy(tmp_path, "0.0.0.0", "127.0.0.1", backend.port) as proxy:
+        with proxy.client("127.0.0.2") as c:
+            assert _echo(c, b"via 127.0.0.2") == b"via 127.0.0.2"
+        with proxy.client("127.0.0.1") as c:
+            assert _echo(c, b"via 127.0.0.1") == b"via 127.0.0.1"
+
+
+def _dockerd_udp_socket(host: str, pktinfo: bool = True) -> socket.socket:
+    """Bind a UDP socket the way dockerd 28+ does before passing it as fd 4."""
+    fam = _family(host)
+    s = socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if pktinfo:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    elif pktinfo:
+        s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    s.bind((host, 0))
+    return s
+
+
+@pytest.mark.parametrize("host_ip,container_ip,pktinfo", [
+    pytest.param("0.0.0.0", "127.0.0.1", True, id="ipv4-wildcard"),
+    # A socket from a daemon that did not enable PKTINFO: the proxy enables it.
+    pytest.param("0.0.0.0", "127.0.0.1", False, id="ipv4-wildcard-no-pktinfo"),
+    pytest.param("::1", "::1", True, id="ipv6", marks=needs_ipv6),
+])
+def test_listen_fd(tmp_path, host_ip, container_ip, pktinfo):
+    with UdpBackend(container_ip) as backend, _dockerd_udp_socket(host_ip, pktinfo) as ls:
+        with udp_proxy(tmp_path, host_ip, container_ip, backend.port, listen_sock=ls) as proxy:
+            # dockerd closes its copy once the proxy reported ready.
+            ls.close()
+            client_host = "127.0.0.2" if host_ip == "0.0.0.0" and _have_127_0_0_2() else (
+                "127.0.0.1" if host_ip == "0.0.0.0" else host_ip)
+            with proxy.client(client_host) as c:
+                for i in range(3):
+                    assert _echo(c, b"fd4 %d" % i) == b"fd4 %d" % i
+
+
+# --- backend availability, expiry --------------------------------------------------------
+
+def test_backend_down_then_up(tmp_path):
+    backend_port = _free_port("127.0.0.1")
+    with udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend_port) as proxy:
+        with proxy.client() as c:
+            c.settimeout(0.3)
+            # Two clients alternating, read by the proxy as one batch (it is
+            # stopped while we send): on loopback the port-unreachable for one
+            # client's datagram is still pending on its backend socket when
+            # that client's next datagram is sent.
+            with proxy.client() as other:
+                os.kill(proxy.pid, signal.SIGSTOP)
+                try:
+                    for i in range(5):
+                        c.send(b"lost %d" % i)
+                        other.send(b"lost too %d" % i)
+                finally:
+                    os.kill(proxy.pid, signal.SIGCONT)
+            # ICMP port unreachable comes back to the proxy, never to us.
+            with pytest.raises(socket.timeout):
+                c.recv(65535)
+            assert proxy.alive()
+            # A refused send is retried once, so none was dropped for an earlier
+            # datagram's error.
+            st_ = proxy.stats()
+            assert (st_["udp_dgrams_c2b"], st_["udp_drops"]) == (10, 0), st_
+            with UdpBackend("127.0.0.1", port=backend_port) as backend:
+                c.settimeout(RECV_TIMEOUT)
+                assert _echo(c, b"back again") == b"back again"
+                assert [d for _, d in backend.snapshot()] == [b"back again"]
+        st_ = proxy.stats()
+        # The entries survived the refusals: one per client for the whole exchange.
+        assert st_["udp_flows_created"] == 2
+        assert st_["udp_flows_active"] == 2
+
+
+TIMEOUT_ENV = {"SPLICEPROXY_UDP_TIMEOUT": "300ms"}
+
+
+def test_expiry_kept_alive_by_client(tmp_path):
+    # docker-proxy's TestUDPOneSided with a 300 ms timeout.
+    with UdpBackend("127.0.0.1", echo=False) as backend, \
+            udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port, env=TIMEOUT_ENV) as proxy:
+        with proxy.client() as c:
+            for _ in range(15):
+                c.send(b"hello")
+                time.sleep(0.1)
+            assert _wait_for(lambda: len(backend.snapshot()) == 15)
+            ports = backend.source_ports()
+            assert len(set(ports)) == 1, ports
+            time.sleep(0.6 + 0.2)
+            c.send(b"hello again")
+            assert _wait_for(lambda: len(backend.snapshot()) == 16)
+            assert backend.source_ports()[-1] != ports[0]
+        assert proxy.stats()["udp_flows_expired"] >= 1
+
+
+def test_expiry_kept_alive_by_backend(tmp_path):
+    # Only the backend talks after the first datagram: the entry must live on.
+    with UdpBackend("127.0.0.1", echo=False) as backend, \
+            udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port, env=TIMEOUT_ENV) as proxy:
+        with proxy.client() as c:
+            c.send(b"subscribe")
+            assert _wait_for(lambda: backend.snapshot())
+            src = backend.snapshot()[0][0]
+            for i in range(15):
+                backend.sock.sendto(b"push %d" % i, src)
+                time.sleep(0.1)
+            got = [c.recv(65535) for _ in range(15)]
+            assert got == [b"push %d" % i for i in range(15)]
+            c.send(b"still there")
+            assert _wait_for(lambda: len(backend.snapshot()) == 2)
+            assert backend.source_ports() == [src[1], src[1]]
+            time.sleep(0.8)
+            c.send(b"after silence")
+            assert _wait_for(lambda: len(backend.snapshot()) == 3)
+            assert backend.source_ports()[-1] != src[1]
+        assert proxy.stats()["udp_flows_expired"] >= 1
+
+
+def test_no_fd_leak_after_expiry(tmp_path):
+    with UdpBackend("127.0.0.1") as backend, \
+            udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port, env=TIMEOUT_ENV) as proxy:
+        baseline = _settled_fd_count(proxy.pid)
+        clients = [proxy.client() for _ in range(40)]
+        try:
+            for i, c in enumerate(clients):
+                c.send(b"%d" % i)
+            for i, c in enumerate(clients):
+                assert c.recv(100) == b"%d" % i
+            peak = _fd_count(proxy.pid)
+        finally:
+            for c in clients:
+                c.close()
+        # Some entries may already have expired while we read, not most.
+        assert peak >= baseline + 20, (baseline, peak)
+        assert _wait_for(lambda: _fd_count(proxy.pid) == baseline, timeout=5.0), (
+            baseline, _fd_count(proxy.pid))
+        st_ = proxy.stats()
+        assert st_["udp_flows_active"] == 0
+        assert st_["udp_flows_expired"] == 40
+
+
+# --- datagram sizes ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("host_ip,size", [
+    pytest.param("127.0.0.1", MAX_V4, id="ipv4-65507"),
+    pytest.param("::1", MAX_V6, id="ipv6-65527", marks=needs_ipv6),
+])
+def test_maximum_size_datagram(tmp_path, host_ip, size):
+    payload = os.urandom(size)
+    with UdpBackend(host_ip) as backend, \
+            udp_proxy(tmp_path, host_ip, host_ip, backend.port) as proxy:
+        with proxy.client() as c:
+            assert _echo(c, payload) == payload
+            assert _echo(c, payload[::-1]) == payload[::-1]
+        assert [len(d) for _, d in backend.snapshot()] == [size, size]
+
+
+def test_zero_length_datagram(tmp_path):
+    with UdpBackend("127.0.0.1") as backend, \
+            udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port) as proxy:
+        with proxy.client() as c:
+            assert _echo(c, b"") == b""
+            assert _echo(c, b"after") == b"after"
+            assert _echo(c, b"") == b""
+        assert [d for _, d in backend.snapshot()] == [b"", b"after", b""]
+
+
+# --- table bound -------------------------------------------------------------------------
+
+def _handled(stats: dict[str, int]) -> int:
+    return stats["udp_dgrams_c2b"] + stats["udp_drops"]
+
+
+def test_table_bound_under_flood(tmp_path):
+    max_flows = 64
+    batches, per_batch = 25, 100
+    env = {"SPLICEPROXY_UDP_MAX_FLOWS": str(max_flows)}
+    with UdpBackend("127.0.0.1") as backend, \
+            udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port, env=env) as proxy:
+        baseline = _settled_fd_count(proxy.pid)
+        peak = baseline
+        sent = 0
+        for b in range(batches):
+            socks = []
+            try:
+                for i in range(per_batch):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    socks.append(s)
+                    s.sendto(b"flood %d %d" % (b, i), ("127.0.0.1", proxy.port))
+                sent += per_batch
+                # Count datagrams, not entries: the kernel may hand a new socket
+                # the ephemeral port of an earlier client still in the table.
+                _wait_for(lambda n=sent: _handled(proxy.stats()) >= n, timeout=3.0)
+                peak = max(peak, _fd_count(proxy.pid))
+            finally:
+                for s in socks:
+                    s.close()
+        assert proxy.alive()
+        st_ = proxy.stats()
+        # Nearly every source port became an entry, and the table stayed bounded.
+        assert st_["udp_flows_created"] >= sent * 0.9, st_
+        assert st_["udp_flows_active"] <= max_flows, st_
+        assert st_["udp_flows_evicted"] == st_["udp_flows_created"] - st_["udp_flows_active"]
+        assert peak <= baseline + max_flows + 4, (baseline, peak)
+        assert _fd_count(proxy.pid) <= baseline + max_flows + 4
+        assert _wait_for(lambda: "evict" in proxy.log().lower()), proxy.log()
+        # Still serving after the flood.
+        with proxy.client() as c:
+            assert _echo(c, b"after the flood") == b"after the flood"
+
+
+def test_descriptor_exhaustion_evicts_and_keeps_serving(tmp_path):
+    # With a tiny descriptor limit, creating a backend socket fails with EMFILE
+    # long before the table bound: the oldest entry gives up its descriptor.
+    import resource
+
+    limit = 28
+
+    def low_nofile():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    with UdpBackend("127.0.0.1") as backend, \
+            udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port,
+                      preexec_fn=low_nofile) as proxy:
+        clients = [proxy.client() for _ in range(3 * limit)]
+        try:
+            for i, c in enumerate(clients):
+                assert _echo(c, b"client %d" % i) == b"client %d" % i
+        finally:
+            for c in clients:
+                c.close()
+        st_ = proxy.stats()
+        assert st_["err_emfile"] >= 1, st_
+        assert st_["udp_flows_evicted"] >= 1, st_
+        assert _fd_count(proxy.pid) <= limit
+        with proxy.client() as c:
+            assert _echo(c, b"still serving") == b"still serving"
+
+
+# --- property: sizes and interleavings across clients -----------------------------------
+
+_ops = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=3),
+        st.one_of(st.integers(0, 64), st.integers(0, 1500), st.integers(0, MAX_V4)),
+    ),
+    min_size=1, max_size=24,
+)
+
+
+@pytest.fixture(scope="module")
+def shared_proxy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("udp-prop")
+    with UdpBackend("127.0.0.1") as backend, \
+            udp_proxy(tmp, "127.0.0.1", "127.0.0.1", backend.port) as proxy:
+        yield proxy
+
+
+@settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(ops=_ops)
+def test_interleaved_clients_property(shared_proxy, ops):
+    """Datagrams of any size from several clients, interleaved, come back intact, in
+    order, each to its own client.  At most ~64 KiB is in flight at a time so no
+    socket buffer on loopback can overflow and drop one legitimately."""
+    clients = [shared_proxy.client() for _ in range(4)]
+    try:
+        pending: list[tuple[int, bytes]] = []
+        in_flight = 0
+
+        def drain_one():
+            nonlocal in_flight
+            idx, expect = pending.pop(0)
+            assert clients[idx].recv(65535) == expect
+            in_flight -= len(expect) + 512
+
+        for n, (idx, size) in enumerate(ops):
+            payload = (b"%d:%d:" % (idx, n) + os.urandom(size))[:size] if size else b""
+            cost = size + 512
+            while pending and (in_flight + cost > 66000 or len(pending) >= 16):
+                drain_one()
+            clients[idx].send(payload)
+            pending.append((idx, payload))
+            in_flight += cost
+        # Replies per client arrive in order; across clients any order is fine,
+        # so read per client in send order.
+        for idx in range(4):
+            for owner, expect in pending:
+                if owner == idx:
+                    assert clients[idx].recv(65535) == expect
+    finally:
+        for c in clients:
+            c.close()
+    assert shared_proxy.alive()

@@ -100,6 +100,7 @@ enum sp_option {
 	SP_OPT_UDP_TIMEOUT_MS,     /* UDP entry expiry, default 90000 */
 	SP_OPT_UDP_MAX_FLOWS,      /* UDP entries per listener, default 16384 */
 	SP_OPT_ACCEPT_BACKOFF_MS,  /* pause after EMFILE/ENFILE, default 100 */
+	SP_OPT_FD_LIMIT,           /* RLIMIT_NOFILE: accepting pauses near it; 0 = unknown */
 	SP_OPT_COUNT
 };
 

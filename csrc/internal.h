@@ -44,6 +44,7 @@ struct sp_listener {
 	struct sockaddr_storage backend;
 	socklen_t backend_len;
 	bool paused;                  /* TCP: accept paused after EMFILE */
+	bool pause_reported;          /* TCP: "paused" logged, "resumed" not yet */
 	int64_t resume_at_ms;
 	struct sp_udp_listener *udp;  /* UDP state, owned by udp.c */
 };

@@ -152,6 +152,7 @@ static const int64_t option_defaults[SP_OPT_COUNT] = {
 	[SP_OPT_UDP_TIMEOUT_MS] = 90000,
 	[SP_OPT_UDP_MAX_FLOWS] = 16384,
 	[SP_OPT_ACCEPT_BACKOFF_MS] = 100,
+	[SP_OPT_FD_LIMIT] = 0,
 };
 
 int sp_engine_new(struct sp_engine **out, uint64_t *stats)

@@ -28,6 +28,9 @@
 #define ACCEPT_BATCH 64          /* accepts per listener wakeup (fairness) */
 #define KEEPALIVE_S 15           /* Go's default keepalive idle and interval */
 #define KEEPALIVE_CNT 9
+/* Descriptors kept free for the front end and for a new connection's
+ * backend socket and pipes: accepting pauses when fewer remain. */
+#define FD_HEADROOM 16
 #define SOCK_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 
 enum conn_state { CONN_FREE = 0, CONN_CONNECTING, CONN_OPEN };
@@ -51,6 +54,8 @@ struct sp_conn {
 	uint8_t state;
 	bool c_rd, c_wr, b_rd, b_wr;  /* readiness hints from edge-triggered events */
 	bool in_halfclosed;
+	bool want_pipe;        /* a pump found no pipe to be had */
+	bool starved;          /* queued on the starved list for a retry */
 	int64_t last_ms;       /* last progress, for the idle reclaim */
 	struct sp_dir c2b, b2c;
 };
@@ -64,6 +69,9 @@ struct sp_conn_table {
 	uint32_t half_head;     /* half-closed connections, for the idle reclaim */
 	int64_t next_idle_scan;
 	int paused_listeners;
+	uint32_t *starved;      /* connections waiting for a pipe */
+	uint32_t n_starved, cap_starved;
+	int64_t starved_retry_ms;
 };
 
 static struct sp_conn *conn_at(struct sp_conn_table *t, uint32_t idx)
@@ -176,21 +184,35 @@ static void set_abortive(struct sp_engine *e, int fd)
 	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 }
 
+/* Whether there are descriptors to spare for one more connection. */
+static bool fd_room(struct sp_engine *e)
+{
+	return e->opt[SP_OPT_FD_LIMIT] <= 0 ||
+	       (int64_t)e->stats[SP_STAT_FDS_OPEN] + FD_HEADROOM < e->opt[SP_OPT_FD_LIMIT];
+}
+
+/* Listen on l again.  "Resumed" is logged only once the backlog has
+ * drained, so a limit that is still being hit logs one line, not pairs. */
+static void resume_listener(struct sp_engine *e, struct sp_listener *l)
+{
+	if (sp_epoll_mod(e, l->fd, EPOLLIN, sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) == 0) {
+		l->paused = false;
+		e->tcp->paused_listeners--;
+	}
+}
+
 /* Resume listeners paused for lack of descriptors: some were just freed. */
 static void resume_listeners(struct sp_engine *e)
 {
 	int i;
 
+	if (!fd_room(e))
+		return;
 	for (i = 0; i < e->n_listeners; i++) {
 		struct sp_listener *l = &e->listeners[i];
 
-		if (l->type != SOCK_STREAM || !l->paused || l->fd < 0)
-			continue;
-		if (sp_epoll_mod(e, l->fd, EPOLLIN, sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) == 0) {
-			l->paused = false;
-			e->tcp->paused_listeners--;
-			sp_emit(e, SP_EV_ACCEPT_RESUMED, 0, l->id, 1);
-		}
+		if (l->type == SOCK_STREAM && l->paused && l->fd >= 0)
+			resume_listener(e, l);
 	}
 }
 
@@ -211,6 +233,7 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 	dir_release(e, &c->c2b);
 	dir_release(e, &c->b2c);
 	halfclosed_unlink(t, c);
+	c->starved = c->want_pipe = false;
 	c->state = CONN_FREE;
 	c->gen++;
 	c->next = t->free_head;
@@ -219,6 +242,8 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 	sp_count(e, SP_STAT_TCP_CLOSED, 1);
 	if (t->paused_listeners)
 		resume_listeners(e);
+	if (t->n_starved)
+		t->starved_retry_ms = e->now_ms;  /* descriptors were freed: retry now */
 }
 
 static void set_sockopts(struct sp_engine *e, int fd)
@@ -250,6 +275,15 @@ void sp_tcp_listener_setup(struct sp_engine *e, int fd)
 		sp_sys(e, SP_STAT_SYS_FCNTL);
 		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 	}
+}
+
+/* Give an emptied pipe back to the pool; a connection starved of pipes
+ * can have it. */
+static void pipe_release(struct sp_engine *e, struct sp_dir *d)
+{
+	sp_pipe_put(e, &d->pipe);
+	if (e->tcp->n_starved)
+		e->tcp->starved_retry_ms = e->now_ms;
 }
 
 /* The read half of a pump step: move bytes from src into the direction's
@@ -319,7 +353,7 @@ static ssize_t dir_write(struct sp_engine *e, struct sp_dir *d, int dst)
 		return -errno;
 	d->queued -= (size_t)n;
 	if (!d->queued)
-		sp_pipe_put(e, &d->pipe);
+		pipe_release(e, d);
 	return n;
 }
 
@@ -365,10 +399,17 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 						 : sp_pipe_capacity(e))) {
 			ssize_t n = dir_read(e, d, src);
 
-			if (n == -EAGAIN) {
+			if (n == -EMFILE || n == -ENFILE || n == -ENOMEM) {
+				/* No pipe to be had: leave the bytes in the socket,
+				 * where TCP holds the sender back, and retry once
+				 * descriptors are freed. */
+				c->want_pipe = true;
+				sp_count_error(e, (int)-n);
+				break;
+			} else if (n == -EAGAIN) {
 				*src_rd = false;
 				if (!d->queued && d->pipe.rd >= 0)
-					sp_pipe_put(e, &d->pipe);
+					pipe_release(e, d);
 				if (!d->queued && d->buf) {
 					free(d->buf);
 					d->buf = NULL;
@@ -380,7 +421,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 				d->eof = true;
 				*src_rd = false;
 				if (!d->queued && d->pipe.rd >= 0)
-					sp_pipe_put(e, &d->pipe);
+					pipe_release(e, d);
 				if (!d->queued && d->buf) {
 					free(d->buf);
 					d->buf = NULL;
@@ -397,6 +438,51 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 		}
 	}
 	return 0;
+}
+
+/* Queue a connection that could not get a pipe for a later retry. */
+static void starve(struct sp_engine *e, uint32_t idx)
+{
+	struct sp_conn_table *t = e->tcp;
+
+	if (t->n_starved == t->cap_starved) {
+		uint32_t cap = t->cap_starved ? t->cap_starved * 2 : 64;
+		uint32_t *n = realloc(t->starved, sizeof(*n) * cap);
+
+		if (!n) {
+			/* Retried on the connection's next event instead. */
+			conn_at(t, idx)->starved = false;
+			return;
+		}
+		t->starved = n;
+		t->cap_starved = cap;
+	}
+	t->starved[t->n_starved++] = idx;
+	if (t->n_starved == 1)
+		t->starved_retry_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
+}
+
+static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c);
+
+/* Retry connections that were starved of pipes (descriptors were freed, or
+ * the backoff elapsed).  Entries whose slot was recycled are skipped. */
+static void feed_starved(struct sp_engine *e)
+{
+	struct sp_conn_table *t = e->tcp;
+	uint32_t n = t->n_starved, i;
+	uint32_t *list = t->starved;
+
+	t->starved = NULL;
+	t->n_starved = t->cap_starved = 0;
+	for (i = 0; i < n; i++) {
+		struct sp_conn *c = conn_at(t, list[i]);
+
+		if (c->state != CONN_OPEN || !c->starved)
+			continue;
+		c->starved = false;
+		conn_pump(e, list[i], c);
+	}
+	free(list);
 }
 
 /* Run both pumps; close the connection when done or broken. */
@@ -426,6 +512,13 @@ static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 		conn_close(e, idx, c, false, false);
 		return;
 	}
+	if (c->want_pipe) {
+		c->want_pipe = false;
+		if (!c->starved) {
+			c->starved = true;
+			starve(e, idx);
+		}
+	}
 	if ((c->c2b.eof || c->b2c.eof) && e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0)
 		halfclosed_link(e->tcp, c, idx);
 }
@@ -441,7 +534,10 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 	l->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 	e->tcp->paused_listeners++;
 	sp_count(e, SP_STAT_ACCEPT_PAUSES, 1);
-	sp_emit(e, SP_EV_ACCEPT_PAUSED, err, l->id, 1);
+	if (!l->pause_reported) {
+		l->pause_reported = true;
+		sp_emit(e, SP_EV_ACCEPT_PAUSED, err, l->id, 1);
+	}
 }
 
 /* Start relaying an accepted client: open and connect the backend socket. */
@@ -482,7 +578,7 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	c->listener = l->id;
 	c->state = CONN_CONNECTING;
 	c->c_rd = c->c_wr = c->b_rd = c->b_wr = false;
-	c->in_halfclosed = false;
+	c->in_halfclosed = c->starved = c->want_pipe = false;
 	c->last_ms = e->now_ms;
 	dir_init(&c->c2b);
 	dir_init(&c->b2c);
@@ -521,6 +617,13 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 	for (i = 0; i < ACCEPT_BATCH && !l->paused; i++) {
 		int cfd;
 
+		if (!fd_room(e)) {
+			/* Accepting now would take a client we may not be able to
+			 * serve; it waits in the backlog instead. */
+			pause_listener(e, l, EMFILE);
+			return;
+		}
+
 		sp_sys(e, SP_STAT_SYS_ACCEPT);
 		cfd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (cfd == -1) {
@@ -528,6 +631,11 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 
 			switch (err) {
 			case EAGAIN:
+				if (l->pause_reported) {
+					/* The backlog drained: the shortage is over. */
+					l->pause_reported = false;
+					sp_emit(e, SP_EV_ACCEPT_RESUMED, 0, l->id, 1);
+				}
 				return;
 			case EINTR:
 			case ECONNABORTED:
@@ -679,14 +787,25 @@ int64_t sp_tcp_timer(struct sp_engine *e)
 				continue;
 			left = l->resume_at_ms - e->now_ms;
 			if (left <= 0) {
-				if (sp_epoll_mod(e, l->fd, EPOLLIN,
-						 sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) == 0) {
-					l->paused = false;
-					t->paused_listeners--;
-					sp_emit(e, SP_EV_ACCEPT_RESUMED, 0, l->id, 1);
+				if (fd_room(e)) {
+					resume_listener(e, l);
+					continue;
 				}
-				continue;
+				l->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
+				left = e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 			}
+			if (next < 0 || left < next)
+				next = left;
+		}
+	}
+	if (t->n_starved) {
+		if (e->now_ms >= t->starved_retry_ms)
+			feed_starved(e);
+		if (t->n_starved) {
+			int64_t left = t->starved_retry_ms - e->now_ms;
+
+			if (left < 0)
+				left = 0;
 			if (next < 0 || left < next)
 				next = left;
 		}
@@ -731,6 +850,7 @@ void sp_tcp_free(struct sp_engine *e)
 		}
 		free(t->chunks[i]);
 	}
+	free(t->starved);
 	free(t->chunks);
 	free(t);
 	e->tcp = NULL;

@@ -247,9 +247,10 @@ class Proxy:
         self.engine = engine
         configure_engine(engine)
         try:
-            _engine.raise_nofile()
+            limit = _engine.raise_nofile()
         except OSError:
-            pass  # keep the limit we have
+            limit = 0  # keep the limit we have; the engine then reacts to EMFILE only
+        engine.set_option(_engine.OPT_FD_LIMIT, min(limit, 1 << 40))
         fd = self.open_listener()
         c = self.config
         try:

@@ -1,0 +1,81 @@
+"""One test per metric x path; figures come from the session's interleaved run."""
+
+from __future__ import annotations
+
+import pytest
+
+from spliceproxy.bench.gate import gate_entries
+from spliceproxy.bench.harness import BARE, METRICS, REFS
+
+TIMING = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat")
+USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
+PER_METRIC = {
+    "bulk_1": TIMING, "bulk_n": TIMING, "cpu_per_gb": USERLAND,
+    "syscalls_per_gib": ("spliceproxy",),
+    "rr_p50": TIMING, "rr_p99": TIMING, "rr_added_p50": TIMING[1:], "rr_added_p99": TIMING[1:],
+    "crr_rate": TIMING, "syscalls_per_conn": ("spliceproxy",),
+    "udp_rr_p50": ("native", "iptables", "spliceproxy", "docker-proxy", "socat"),
+    "udp_rr_p99": ("native", "iptables", "spliceproxy", "docker-proxy", "socat"),
+    "udp_added_p50": ("iptables", "spliceproxy", "docker-proxy", "socat"),
+    "udp_pps": ("native", "iptables", "spliceproxy", "docker-proxy", "socat"),
+    "udp_loss_pct": ("native", "iptables", "spliceproxy", "docker-proxy", "socat"),
+    "scale_served_pct": ("spliceproxy", "docker-proxy", "haproxy"),
+    "rss_per_conn_kib": ("spliceproxy", "docker-proxy", "haproxy"),
+    "fds_per_conn": ("spliceproxy", "docker-proxy", "haproxy"),
+    "threads": ("spliceproxy", "docker-proxy", "haproxy"),
+    "strace_syscalls_per_gib": ("spliceproxy", "docker-proxy", "haproxy"),
+    "strace_syscalls_per_conn": ("spliceproxy", "docker-proxy", "haproxy"),
+}
+PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
+           "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE)}
+GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "syscalls_per_gib": "bulk",
+         "strace_syscalls_per_gib": "bulk", "crr_rate": "crr", "syscalls_per_conn": "crr",
+         "strace_syscalls_per_conn": "crr"}
+for _m in METRICS:
+    if _m.startswith("udp"):
+        GROUP[_m] = "udp"
+
+CASES = [("external", m, p) for m, ps in PER_METRIC.items() for p in ps]
+CASES += [("loopback", m, p) for m in ("bulk_1", "cpu_per_gb", "syscalls_per_gib", "rr_p50",
+                                       "rr_p99", "rr_added_p50", "rr_added_p99")
+          for p in PER_METRIC[m] if p != "iptables"]
+CASES += [("process", m, p) for m, ps in PROCESS.items() for p in ps]
+
+
+def _probe(bench, variant, metric, path):
+    """A short real operation on the path, for pytest-benchmark's own timing stats."""
+    rt = bench.paths.runtimes.get(path)
+    if rt is None or variant == "process":
+        return lambda: None
+    group = GROUP.get(metric, "rr")
+    if group == "bulk":
+        return lambda: bench.bulk_once(rt, variant, 1, 8 << 20)
+    if group == "crr":
+        return lambda: bench.crr_once(rt, variant, 20)
+    if group == "udp" and rt.external and rt.external.udp:
+        return lambda: bench.udp_once(rt, variant)
+    return lambda: bench.rr_once(rt, variant, 200)
+
+
+@pytest.mark.parametrize("variant,metric,path", CASES,
+                         ids=["%s-%s-%s" % c for c in CASES])
+def test_metric(benchmark, bench, variant, metric, path):
+    res = bench.res
+    if path != BARE and path not in bench.paths.runtimes:
+        pytest.skip("%s not measured: %s" % (path, bench.paths.skipped.get(path, "unavailable")))
+    if variant not in res.variants:
+        pytest.skip("%s variant not measured (%s)" % (variant, "; ".join(res.notes)))
+    vals = res.variants[variant].get(metric, {}).get(path)
+    benchmark.group = "%s:%s" % (variant, metric)
+    benchmark.pedantic(_probe(bench, variant, metric, path), rounds=3, iterations=1)
+    assert vals, "no %s figure for %s (%s): %s" % (metric, path, variant, res.notes)
+    ratios = {ref: res.ratio(variant, metric, path, ref) for ref in REFS + (BARE,)}
+    benchmark.extra_info.update(
+        metric=metric, variant=variant, path=path, unit=METRICS[metric][0],
+        better=METRICS[metric][1], median=res.median(variant, metric, path), rounds=vals,
+        ratios={k: v for k, v in ratios.items() if v is not None},
+        gate=gate_entries(res, variant, metric, path))
+    if metric == "scale_served_pct":
+        assert min(vals) == 100.0, "%s served only %.1f%% of the connections" % (path, min(vals))
+    if metric == "udp_loss_pct" and path in ("native", "iptables"):
+        assert max(vals) < 1.0

@@ -1,0 +1,137 @@
+"""`spliceproxy bench`: compare the paths on this machine; `spliceproxy bench gate`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spliceproxy bench",
+        description="Measure native, iptables DNAT, spliceproxy, docker-proxy and optional "
+                    "peers (haproxy, socat) on this machine.  "
+                    "`spliceproxy bench gate BASELINE CURRENT` gates a result against a "
+                    "baseline.")
+    p.add_argument("--quick", action="store_true", help="short profile (about two minutes)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per metric")
+    p.add_argument("--json", default="spliceproxy-bench.json", metavar="FILE",
+                   help="write results here (pytest-benchmark-shaped JSON; default %(default)s)")
+    p.add_argument("--png", default="spliceproxy-bench.png", metavar="FILE",
+                   help="write the chart here (default %(default)s; '' for none)")
+    p.add_argument("--spliceproxy", metavar="PATH", help="spliceproxy executable")
+    p.add_argument("--docker-proxy", metavar="PATH", help="reference docker-proxy executable")
+    p.add_argument("--no-peers", action="store_true", help="skip haproxy and socat")
+    p.add_argument("--paths", metavar="LIST",
+                   help="comma-separated subset of native,iptables,spliceproxy,docker-proxy,"
+                        "haproxy,socat")
+    p.add_argument("--variants", default="external,loopback", metavar="LIST",
+                   help="external and/or loopback (default %(default)s)")
+    p.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the proxies (repeatable)")
+    return p
+
+
+def _progress(stream=sys.stderr):
+    tty = stream.isatty()
+    t0 = time.monotonic()
+
+    def show(msg: str) -> None:
+        line = "[%5.1fs] %s" % (time.monotonic() - t0, msg)
+        if tty:
+            stream.write("\r\033[K" + line[:120])
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+
+    def done() -> None:
+        if tty:
+            stream.write("\r\033[K")
+            stream.flush()
+
+    return show, done
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["gate"]:
+        return gate_main(argv[1:])
+    args = _parser().parse_args(argv)
+    from spliceproxy.bench import harness, report
+    from spliceproxy.bench.paths import ALL_PATHS
+
+    only = None
+    if args.paths:
+        only = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+        bad = [p for p in only if p not in ALL_PATHS]
+        if bad:
+            print("spliceproxy bench: unknown path(s): %s (choose from %s)"
+                  % (", ".join(bad), ", ".join(ALL_PATHS)), file=sys.stderr)
+            return 2
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or any(v not in ("external", "loopback") for v in variants):
+        print("spliceproxy bench: --variants takes external and/or loopback", file=sys.stderr)
+        return 2
+    env = {}
+    for item in args.proxy_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print("spliceproxy bench: --proxy-env wants NAME=VALUE, got %r" % item,
+                  file=sys.stderr)
+            return 2
+        env[name] = value
+    if args.rounds is not None and args.rounds < 1:
+        print("spliceproxy bench: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    show, done = _progress()
+    h = harness.Harness("quick" if args.quick else "full", spliceproxy=args.spliceproxy,
+                        docker_proxy=args.docker_proxy, peers=not args.no_peers,
+                        proxy_env=env, only=only, variants=variants, progress=show)
+    if args.rounds:
+        h.p.rounds = args.rounds
+    if os.geteuid() != 0:
+        print("not root: cannot build network namespaces or iptables DNAT rules, so the "
+              "external-client and iptables paths are not measured; running the loopback "
+              "paths", file=sys.stderr)
+    try:
+        with h:
+            res = h.run_all()
+    except KeyboardInterrupt:
+        done()
+        print("interrupted; namespaces and proxies torn down", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as exc:
+        done()
+        print("spliceproxy bench: %s" % exc, file=sys.stderr)
+        return 1
+    done()
+    print(report.table(res))
+    for name, why in res.skipped.items():
+        print("skipped %s: %s" % (name, why))
+    for note in res.notes:
+        print("note: %s" % note)
+    if args.json:
+        report.write_json(res, args.json)
+        print("wrote %s" % args.json)
+    if args.png and report.write_png(res, args.png):
+        print("wrote %s" % args.png)
+    print("took %.0f s" % res.elapsed)
+    return 0
+
+
+def gate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="spliceproxy bench gate",
+        description="Compare the gated ratio and count metrics of two pytest-benchmark JSON "
+                    "files; exit 1 on a regression.")
+    p.add_argument("baseline")
+    p.add_argument("current")
+    args = p.parse_args(argv)
+    from spliceproxy.bench import gate
+
+    return gate.main(args.baseline, args.current)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,322 @@
+"""The paths a client can take to the container's servers, and their proxies.
+
+Each proxy is started exactly as dockerd 20.10 starts it (argv, fd 3 status
+pipe, /dev/null stdio, SIGTERM as parent-death signal), one process per
+published port, in the host namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from spliceproxy.bench import topology as topo_mod
+from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
+
+# Backend ports in the container, published ports on the host per path.
+ECHO, SINK, UDP = 7001, 7002, 7003
+PORT_BASE = {"iptables": 8100, "spliceproxy": 8200, "docker-proxy": 8300,
+             "haproxy": 8400, "socat": 8500}
+USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
+ALL_PATHS = ("native", "iptables") + USERLAND
+
+
+@dataclass
+class Endpoint:
+    echo: tuple | None
+    sink: tuple | None
+    udp: tuple | None
+
+
+@dataclass
+class PathRuntime:
+    name: str
+    procs: dict = field(default_factory=dict)  # role -> LaunchedProxy or Popen
+    stats_files: dict = field(default_factory=dict)  # role -> counters file (spliceproxy)
+    external: Endpoint | None = None
+    loopback: Endpoint | None = None
+    note: str = ""
+
+    def pid(self, role: str) -> int | None:
+        p = self.procs.get(role) or self.procs.get("all")
+        return p.pid if p is not None else None
+
+    @property
+    def tree(self) -> bool:
+        return self.name == "socat"
+
+
+def find_docker_proxy(given: str | None = None) -> str | None:
+    for cand in (given, shutil.which("docker-proxy"), "/usr/sbin/docker-proxy"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def find_spliceproxy(given: str | None = None) -> str | None:
+    import sysconfig
+
+    # The console script itself: a version manager's shim would add its own
+    # start-up time to spawn-to-ready.
+    scripts = os.path.join(sysconfig.get_path("scripts"), "spliceproxy")
+    for cand in (given, scripts, shutil.which("spliceproxy")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def wait_listening(ip: str, port: int, netns: str | None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with topo_mod.in_netns(netns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.settimeout(0.5)
+            s.connect((ip, port))
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("nothing listening on %s:%d" % (ip, port)) from None
+            time.sleep(0.02)
+        finally:
+            s.close()
+
+
+class Paths:
+    """Starts and stops every available path; knows each one's endpoints."""
+
+    def __init__(self, topo, *, spliceproxy: str | None, docker_proxy: str | None,
+                 peers: bool = True, proxy_env: dict | None = None, only=None):
+        self.topo = topo  # None: no namespaces (loopback only, current netns)
+        self.sp_exe = spliceproxy
+        self.dp_exe = docker_proxy
+        self.peers = peers
+        self.proxy_env = dict(os.environ)
+        # dockerd's environment, not the harness's: no source-tree import path.
+        self.proxy_env.pop("PYTHONPATH", None)
+        self.proxy_env.update(proxy_env or {})
+        self.only = only
+        self.runtimes: dict[str, PathRuntime] = {}
+        self.skipped: dict[str, str] = {}
+        self.tmp = tempfile.mkdtemp(prefix="spb-")
+        self.server_proc = None
+
+    # -- addresses -----------------------------------------------------------
+    @property
+    def backend_ip(self) -> str:
+        return topo_mod.CONTAINER_IP if self.topo else "127.0.0.1"
+
+    @property
+    def host_ns(self):
+        return self.topo.host if self.topo else None
+
+    @property
+    def client_ns(self):
+        return self.topo.client if self.topo else None
+
+    def _port(self, name: str, role: int) -> int:
+        if self.topo:
+            return PORT_BASE[name] + role
+        with socket.socket() as s:  # no private namespace: take free ports
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self, progress=lambda msg: None) -> None:
+        self._start_servers()
+        wanted = self.only or ALL_PATHS
+        for name in wanted:
+            try:
+                progress("starting %s" % name)
+                rt = getattr(self, "_start_" + name.replace("-", "_"))()
+            except Exception as exc:  # noqa: BLE001 - reported, path skipped
+                self.skipped[name] = "failed to start: %s" % exc
+                continue
+            if rt is not None:
+                self.runtimes[name] = rt
+
+    def stop(self) -> None:
+        for rt in self.runtimes.values():
+            for p in rt.procs.values():
+                _stop(p)
+        self.runtimes.clear()
+        if self.server_proc is not None:
+            _stop(self.server_proc)
+            self.server_proc = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _start_servers(self) -> None:
+        import sys
+
+        ns = self.topo.container if self.topo else None
+        pre = topo_mod.child_preexec(ns)
+        ports = [ECHO, SINK, UDP] if self.topo else [0, 0, 0]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        try:
+            self.server_proc = subprocess.Popen(
+                [sys.executable, "-m", "spliceproxy.bench.servers", self.backend_ip]
+                + [str(p) for p in ports], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                preexec_fn=pre, env=env)
+        finally:
+            if pre.fd >= 0:
+                os.close(pre.fd)
+        line = self.server_proc.stdout.readline().split()
+        if len(line) != 3:
+            raise RuntimeError("backend servers failed to start")
+        self.echo_port, self.sink_port, self.udp_port = (int(p) for p in line)
+
+    def _argv(self, exe: str, port: int, proto: str = "tcp") -> list[str]:
+        return proxy_argv(exe, proto, "0.0.0.0", port, self.backend_ip, self.echo_port)
+
+    def _spawn(self, exe: str, proto: str, port: int, backend_port: int, env=None,
+               check: bool = True) -> LaunchedProxy:
+        pre = topo_mod.child_preexec(self.host_ns)
+        try:
+            return spawn(proxy_argv(exe, proto, "0.0.0.0", port, self.backend_ip, backend_port),
+                         env=env if env is not None else self.proxy_env, preexec_fn=pre,
+                         check=check)
+        finally:
+            if pre.fd >= 0:
+                os.close(pre.fd)
+
+    def _endpoints(self, ports) -> tuple[Endpoint, Endpoint]:
+        e, s, u = ports
+        ext = Endpoint((topo_mod.HOST_EXT_IP, e), (topo_mod.HOST_EXT_IP, s),
+                       (topo_mod.HOST_EXT_IP, u) if u else None) if self.topo else None
+        lo = Endpoint(("127.0.0.1", e), ("127.0.0.1", s), ("127.0.0.1", u) if u else None)
+        return ext, lo
+
+    def _start_native(self) -> PathRuntime:
+        b = self.backend_ip
+        ep = Endpoint((b, self.echo_port), (b, self.sink_port), (b, self.udp_port))
+        return PathRuntime("native", external=ep if self.topo else None, loopback=ep)
+
+    def _start_iptables(self):
+        if not self.topo:
+            self.skipped["iptables"] = "needs root and network namespaces"
+            return None
+        base = PORT_BASE["iptables"]
+        for proto, off, to in (("tcp", 0, ECHO), ("tcp", 1, SINK), ("udp", 2, UDP)):
+            self.topo.add_dnat(proto, base + off, topo_mod.CONTAINER_IP, to)
+        ep = Endpoint((topo_mod.HOST_EXT_IP, base), (topo_mod.HOST_EXT_IP, base + 1),
+                      (topo_mod.HOST_EXT_IP, base + 2))
+        return PathRuntime("iptables", external=ep, loopback=None,
+                           note="DNAT does not apply to localhost")
+
+    def _start_dockerish(self, name: str, exe: str, env_for) -> PathRuntime:
+        rt = PathRuntime(name)
+        ports = []
+        for role, proto, backend in ((0, "tcp", self.echo_port), (1, "tcp", self.sink_port),
+                                     (2, "udp", self.udp_port)):
+            port = self._port(name, role)
+            rt.procs[("echo", "sink", "udp")[role]] = self._spawn(
+                exe, proto, port, backend, env=env_for(rt, role))
+            ports.append(port)
+        rt.external, rt.loopback = self._endpoints(ports)
+        return rt
+
+    def _start_spliceproxy(self):
+        if not self.sp_exe:
+            self.skipped["spliceproxy"] = "spliceproxy is not installed (no console script)"
+            return None
+
+        def env_for(rt, role):
+            env = dict(self.proxy_env)
+            path = os.path.join(self.tmp, "stats-%d" % role)
+            env["SPLICEPROXY_STATS_FILE"] = path
+            rt.stats_files[("echo", "sink", "udp")[role]] = path
+            return env
+
+        return self._start_dockerish("spliceproxy", self.sp_exe, env_for)
+
+    def _start_docker_proxy(self):
+        if not self.dp_exe:
+            self.skipped["docker-proxy"] = "docker-proxy not found on PATH or /usr/sbin"
+            return None
+        return self._start_dockerish("docker-proxy", self.dp_exe, lambda rt, role: None)
+
+    def _start_haproxy(self):
+        exe = shutil.which("haproxy") if self.peers else None
+        if not exe:
+            if self.peers:
+                self.skipped["haproxy"] = "haproxy not installed"
+            return None
+        ports = [self._port("haproxy", r) for r in (0, 1)]
+        import resource
+
+        # haproxy reserves about 2.5 fds per maxconn and refuses to start above
+        # the hard limit.
+        self.haproxy_maxconn = int((resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 600) / 2.5)
+        cfg = os.path.join(self.tmp, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write("global\n  maxconn %d\n  nbthread 1\n" % self.haproxy_maxconn
+                    +
+                    "defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n"
+                    "  timeout client 1h\n  timeout server 1h\n")
+            for name, port, backend in (("echo", ports[0], self.echo_port),
+                                        ("sink", ports[1], self.sink_port)):
+                f.write("listen %s\n  bind 0.0.0.0:%d\n  server s %s:%d\n"
+                        % (name, port, self.backend_ip, backend))
+        pre = topo_mod.child_preexec(self.host_ns)
+        try:
+            p = subprocess.Popen([exe, "-db", "-f", cfg], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 preexec_fn=pre)
+        finally:
+            if pre.fd >= 0:
+                os.close(pre.fd)
+        rt = PathRuntime("haproxy", procs={"all": p}, note="one process, option splice-auto")
+        for port in ports:
+            wait_listening("127.0.0.1", port, self.host_ns)
+        rt.external, rt.loopback = self._endpoints(ports + [None])
+        return rt
+
+    def _start_socat(self):
+        exe = shutil.which("socat") if self.peers else None
+        if not exe:
+            if self.peers:
+                self.skipped["socat"] = "socat not installed"
+            return None
+        rt = PathRuntime("socat", note="fork per connection")
+        ports = []
+        for role, proto, backend in ((0, "TCP", self.echo_port), (1, "TCP", self.sink_port),
+                                     (2, "UDP", self.udp_port)):
+            port = self._port("socat", role)
+            listen = "%s-LISTEN:%d,fork,reuseaddr" % (proto, port)
+            if proto == "TCP":
+                listen += ",nodelay"
+            pre = topo_mod.child_preexec(self.host_ns)
+            try:
+                p = subprocess.Popen([exe, listen, "%s:%s:%d" % (proto, self.backend_ip, backend)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=pre)
+            finally:
+                if pre.fd >= 0:
+                    os.close(pre.fd)
+            rt.procs[("echo", "sink", "udp")[role]] = p
+            ports.append(port)
+        for port in ports[:2]:
+            wait_listening("127.0.0.1", port, self.host_ns)
+        time.sleep(0.05)
+        rt.external, rt.loopback = self._endpoints(ports)
+        return rt
+
+
+def _stop(p) -> None:
+    proc = p.proc if isinstance(p, LaunchedProxy) else p
+    if proc.poll() is None:
+        try:
+            proc.terminate() if not isinstance(p, LaunchedProxy) else proc.send_signal(2)
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for s in (getattr(proc, "stdin", None), getattr(proc, "stdout", None)):
+        if s is not None:
+            s.close()

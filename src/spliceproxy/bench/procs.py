@@ -1,0 +1,119 @@
+"""What /proc and strace say about a proxy process (tree)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open("/proc/%d/stat" % pid) as f:
+        data = f.read()
+    return data[data.rindex(")") + 2:].split()
+
+
+def children(pid: int) -> list[int]:
+    """All descendants of pid."""
+    parent: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(_stat_fields(int(d))[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parent.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in parent.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cpu_seconds(pid: int, tree: bool = False) -> float:
+    """utime+stime of pid (plus reaped children), and of live descendants if tree."""
+    total = 0.0
+    for i, p in enumerate([pid] + (children(pid) if tree else [])):
+        try:
+            f = _stat_fields(p)
+        except OSError:
+            continue
+        ticks = int(f[11]) + int(f[12])
+        if i == 0:
+            ticks += int(f[13]) + int(f[14])
+        total += ticks / CLK_TCK
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    with open("/proc/%d/statm" % pid) as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def thread_count(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+class StraceCount:
+    """`strace -c -f -p PID` around a block: total system calls of the process."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.total = None
+        self.by_name: dict[str, int] = {}
+
+    def __enter__(self) -> StraceCount:
+        self.out = tempfile.NamedTemporaryFile(prefix="spb-strace-", suffix=".txt", delete=False)
+        self.out.close()
+        self.proc = subprocess.Popen(["strace", "-c", "-f", "-p", str(self.pid), "-o",
+                                      self.out.name], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        # strace prints "attached" once per thread; wait for the first one.
+        deadline = time.monotonic() + 5
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        buf = b""
+        while b"attached" not in buf and time.monotonic() < deadline:
+            chunk = self.proc.stderr.read() or b""
+            buf += chunk
+            if self.proc.poll() is not None:
+                raise RuntimeError("strace failed: %s" % buf.decode(errors="replace"))
+            time.sleep(0.02)
+        time.sleep(0.2)  # let it attach to every thread
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            with open(self.out.name) as f:
+                text = f.read()
+        finally:
+            os.unlink(self.out.name)
+        for line in text.splitlines():
+            m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", line)
+            if m:
+                if m.group(2) == "total":
+                    self.total = int(m.group(1))
+                else:
+                    self.by_name[m.group(2)] = int(m.group(1))
+        if self.total is None and self.by_name:
+            self.total = sum(self.by_name.values())

@@ -1,0 +1,253 @@
+"""The client / host / container network namespaces a published port crosses.
+
+client (198.18.1.1) --veth-- host (198.18.1.2 | 198.18.2.1) --veth-- container (198.18.2.2)
+
+Namespaces are named spb-<pid>-{cli,host,ctr}; stale ones whose owner pid is
+gone are removed at start, and every exit path (finally, atexit, SIGTERM,
+SIGHUP, Ctrl-C) tears the live ones down, killing whatever still runs inside.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import threading
+
+PREFIX = "spb-"
+CLIENT_IP = "198.18.1.1"
+HOST_EXT_IP = "198.18.1.2"
+HOST_INT_IP = "198.18.2.1"
+CONTAINER_IP = "198.18.2.2"
+NETNS_DIR = "/var/run/netns"
+
+_live: list[Topology] = []
+_lock = threading.Lock()
+_handlers_installed = False
+
+
+def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    cp = subprocess.run(argv, capture_output=True, text=True,
+                        timeout=30)
+    if check and cp.returncode != 0:
+        raise RuntimeError("%s failed: %s" % (" ".join(argv), cp.stderr.strip()))
+    return cp
+
+
+def _ns_pids(name: str) -> list[int]:
+    cp = _run(["ip", "netns", "pids", name], check=False)
+    return [int(p) for p in cp.stdout.split() if p.isdigit()]
+
+
+def _remove_ns(name: str) -> None:
+    for pid in _ns_pids(name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _run(["ip", "netns", "delete", name], check=False)
+
+
+def _lookup(ns, ifname: str, timeout: float = 5.0) -> int:
+    """Index of ifname; a veth peer created in another namespace shows up asynchronously."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = ns.link_lookup(ifname=ifname)
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise RuntimeError("interface %s did not appear" % ifname)
+        time.sleep(0.02)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale() -> list[str]:
+    """Remove spb-<pid>-* namespaces whose creating process no longer exists."""
+    removed = []
+    if not os.path.isdir(NETNS_DIR):
+        return removed
+    for name in sorted(os.listdir(NETNS_DIR)):
+        if not name.startswith(PREFIX):
+            continue
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        if pid.isdigit() and int(pid) == os.getpid() and any(name in t.names for t in _live):
+            continue
+        _remove_ns(name)
+        removed.append(name)
+    return removed
+
+
+def _teardown_all() -> None:
+    with _lock:
+        tops = list(_live)
+    for t in tops:
+        if t.owner == os.getpid():  # not in a forked helper (pyroute2 forks some)
+            t.teardown()
+
+
+def _on_signal(signum, frame):
+    if not any(t.owner == os.getpid() for t in _live):
+        os._exit(128 + signum)
+    _teardown_all()
+    raise SystemExit(128 + signum)
+
+
+def _install_handlers() -> None:
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    atexit.register(_teardown_all)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _on_signal)
+    _handlers_installed = True
+
+
+class Topology:
+    """Three namespaces and two veth pairs; iptables DNAT rules in host."""
+
+    def __init__(self, tag: str = ""):
+        base = "%s%d%s" % (PREFIX, os.getpid(), ("-" + tag) if tag else "")
+        self.client = base + "-cli"
+        self.host = base + "-host"
+        self.container = base + "-ctr"
+        self.names = (self.client, self.host, self.container)
+        self.owner = os.getpid()
+        self.up = False
+
+    def setup(self) -> Topology:
+        from pyroute2 import NetNS, netns
+
+        _install_handlers()
+        clean_stale()
+        for name in self.names:
+            if os.path.exists(os.path.join(NETNS_DIR, name)):
+                _remove_ns(name)
+        with _lock:
+            _live.append(self)
+        self.up = True
+        for name in self.names:
+            netns.create(name)
+        with NetNS(self.client) as ns:
+            ns.link("add", ifname="cli0", kind="veth",
+                    peer={"ifname": "hc0", "net_ns_fd": self.host})
+        with NetNS(self.host) as ns:
+            ns.link("add", ifname="hk0", kind="veth",
+                    peer={"ifname": "ctr0", "net_ns_fd": self.container})
+        plan = {
+            self.client: [("cli0", CLIENT_IP)],
+            self.host: [("hc0", HOST_EXT_IP), ("hk0", HOST_INT_IP)],
+            self.container: [("ctr0", CONTAINER_IP)],
+        }
+        for name, addrs in plan.items():
+            with NetNS(name) as ns:
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                for ifname, ip in addrs:
+                    idx = _lookup(ns, ifname)
+                    ns.addr("add", index=idx, address=ip, prefixlen=24)
+                    ns.link("set", index=idx, state="up")
+                if name == self.client:
+                    ns.route("add", dst="0.0.0.0/0", gateway=HOST_EXT_IP)
+                elif name == self.container:
+                    ns.route("add", dst="0.0.0.0/0", gateway=HOST_INT_IP)
+        self.sysctl(self.host, "net.ipv4.ip_forward", "1")
+        # The measuring client must not run out of ports; the host (where the
+        # proxies connect from) keeps the kernel defaults a real host has.
+        self.sysctl(self.client, "net.ipv4.ip_local_port_range", "1024 65535")
+        self.sysctl(self.client, "net.ipv4.tcp_tw_reuse", "1")
+        for name in self.names:
+            self.sysctl(name, "net.core.somaxconn", "65535")
+        return self
+
+    def sysctl(self, ns: str, key: str, value: str) -> None:
+        _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "%s=%s" % (key, value)])
+
+    def iptables(self, *args: str) -> None:
+        _run(["ip", "netns", "exec", self.host, "iptables", "-w", *args])
+
+    def add_dnat(self, proto: str, port: int, to_ip: str, to_port: int) -> None:
+        """Docker's rule for an external client: DNAT in PREROUTING, then forward."""
+        self.iptables("-t", "nat", "-A", "PREROUTING", "-d", HOST_EXT_IP, "-p", proto,
+                      "--dport", str(port), "-j", "DNAT",
+                      "--to-destination", "%s:%d" % (to_ip, to_port))
+
+    def teardown(self) -> None:
+        if self.owner != os.getpid():
+            return
+        with _lock:
+            if self in _live:
+                _live.remove(self)
+        if not self.up:
+            return
+        self.up = False
+        for name in self.names:
+            if os.path.exists(os.path.join(NETNS_DIR, name)):
+                _remove_ns(name)
+
+    def __enter__(self) -> Topology:
+        return self.setup()
+
+    def __exit__(self, *exc) -> None:
+        self.teardown()
+
+
+def ns_fd(name: str) -> int:
+    return os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def in_netns(name: str | None):
+    """Run the block with the calling thread in netns `name` (None: stay)."""
+    if name is None:
+        yield
+        return
+    from spliceproxy.bench.loadgen import check, load
+
+    _ffi, lib = load()
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    fd = ns_fd(name)
+    try:
+        check(lib.lg_setns(fd), "setns " + name)
+        try:
+            yield
+        finally:
+            check(lib.lg_setns(back), "setns back")
+    finally:
+        os.close(fd)
+        os.close(back)
+
+
+def child_preexec(netns_name: str | None):
+    """A preexec_fn that enters netns_name and asks for SIGTERM when we die (as dockerd)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = -1
+    if netns_name:
+        # Keep it clear of fds 3 and 4, which the launcher dup2()s into place.
+        low = ns_fd(netns_name)
+        fd = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 64)
+        os.close(low)
+
+    def pre():
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if fd >= 0 and libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            os._exit(121)
+
+    pre.fd = fd
+    return pre

@@ -172,6 +172,7 @@ class Proxy:
         self.engine: _engine.Engine | None = None
         self.stopping = False
         self.listeners = 0
+        self.listen_fd_inherited = True
         proto = config.proto
         self.net = proto + ("4" if config.host_family == AF_INET else "6")
         self.front = "%s/%s" % (proto, hostport(config.host_ip or "::", config.host_port))
@@ -212,6 +213,9 @@ class Proxy:
         """Take over the socket dockerd passed on fd 4 (and close fd 4)."""
         import _socket
 
+        if not self.listen_fd_inherited:
+            # Checked at startup: anything on fd 4 now is a descriptor of ours.
+            raise StartupError("file file+net listen-sock: fcntl: bad file descriptor")
         try:
             sock = _socket.socket(fileno=LISTEN_FD)
         except OSError as e:
@@ -330,11 +334,12 @@ def _somaxconn() -> int:
 # --------------------------------------------------------------------------
 # The status pipe.
 
-def _claim_status_fd() -> bool:
+def _claim_inherited_fds() -> tuple[bool, bool]:
     """Make fds 3 and 4 close-on-exec; reserve fd 3 if it is absent.
 
-    Returns whether fd 3 is a status pipe.  When it is absent (started by
-    hand), /dev/null is put there so that no socket of ours gets fd 3.
+    Returns whether fd 3 (the status pipe) and fd 4 (a listening socket)
+    were inherited.  When fd 3 is absent (started by hand), /dev/null is put
+    there so that no socket of ours gets fd 3.
     """
     have_status = True
     try:
@@ -345,11 +350,12 @@ def _claim_status_fd() -> bool:
         if null != STATUS_FD:
             os.dup2(null, STATUS_FD, inheritable=False)
             os.close(null)
+    have_listen_fd = True
     try:
         os.set_inheritable(LISTEN_FD, False)
     except OSError:
-        pass
-    return have_status
+        have_listen_fd = False
+    return have_status, have_listen_fd
 
 
 def _report(have_status: bool, payload: bytes) -> None:
@@ -369,10 +375,11 @@ def _report(have_status: bool, payload: bytes) -> None:
 
 def main(argv: list[str]) -> None:
     """Run the proxy; never returns (exits with docker-proxy's codes)."""
-    have_status = _claim_status_fd()
+    have_status, have_listen_fd = _claim_inherited_fds()
     config = cli.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
     log = Logger()
     proxy = Proxy(config, log)
+    proxy.listen_fd_inherited = have_listen_fd
 
     def on_signal(signum, frame):
         proxy.stopping = True

@@ -1,0 +1,449 @@
+"""Backends and utilities for the TCP integration tests.
+
+The "container" side of every test runs in this process: an echo server and a
+source/sink server driven by one selector thread each (so a thousand
+connections cost no threads), and an accepting backend that hands each
+accepted socket to the test, which then plays the container by hand
+(half-close, reset, checksums).  The proxy itself is always the installed
+program, started exactly as dockerd starts it (spliceproxy.bench.launch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import resource
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
+from spliceproxy.stats import read_stats_file
+
+IO_TIMEOUT = 10.0  # every blocking socket call in these tests
+
+
+def family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def have_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port nothing is bound to right now (bind port 0, read it, release it)."""
+    with socket.socket(family(host), kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile(want: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE to at least ``want`` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def wait_for(pred, timeout: float = 5.0, interval: float = 0.02):
+    """Poll ``pred`` until it returns something true or ``timeout`` passes; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def connect(host: str, port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("EOF after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_to_eof(sock: socket.socket) -> tuple[int, str]:
+    """Read until EOF; return (length, sha256 hex)."""
+    h = hashlib.sha256()
+    total = 0
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return total, h.hexdigest()
+        h.update(chunk)
+        total += len(chunk)
+
+
+def abortive_close(sock: socket.socket) -> None:
+    """close() that sends RST (SO_LINGER on, zero timeout)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def echo_roundtrip(host: str, port: int, payload: bytes = b"ping", timeout: float = 5.0) -> None:
+    """One connection through an echo path: send, read it back, close cleanly."""
+    with connect(host, port, timeout) as s:
+        s.sendall(payload)
+        got = recv_exact(s, len(payload))
+        assert got == payload, (got[:64], payload[:64])
+
+
+# --------------------------------------------------------------------------
+# Backends.
+
+
+class _SelectorServer:
+    """A listening socket served by one selector thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 4096):
+        self.host = host
+        self.sock = socket.socket(family(host), socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family(host) == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(backlog)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.open_conns = 0
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.sock, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._stop = False
+        self._conns: dict[socket.socket, dict] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    # subclasses: on_accept(conn, state), on_readable(conn, state), on_writable(conn, state)
+
+    def _run(self) -> None:
+        while not self._stop:
+            for key, mask in self._sel.select(0.5):
+                if key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(64)
+                    continue
+                if key.data is None:
+                    self._accept()
+                    continue
+                conn, state = key.fileobj, key.data
+                try:
+                    if mask & selectors.EVENT_READ:
+                        self.on_readable(conn, state)
+                    if mask & selectors.EVENT_WRITE and conn in self._conns:
+                        self.on_writable(conn, state)
+                except OSError:
+                    self.drop(conn)
+        for conn in list(self._conns):
+            self.drop(conn)
+
+    def _accept(self) -> None:
+        for _ in range(256):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            conn.setblocking(False)
+            state = {"out": bytearray(), "eof": False}
+            self._conns[conn] = state
+            self.accepted += 1
+            self.open_conns += 1
+            self._sel.register(conn, self.initial_events(), state)
+            self.on_accept(conn, state)
+
+    def initial_events(self) -> int:
+        return selectors.EVENT_READ
+
+    def on_accept(self, conn, state) -> None:
+        pass
+
+    def set_events(self, conn, state, events: int) -> None:
+        if state.get("events") != events:
+            self._sel.modify(conn, events, state)
+            state["events"] = events
+
+    def drop(self, conn) -> None:
+        if conn in self._conns:
+            del self._conns[conn]
+            self.open_conns -= 1
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(conn)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(5.0)
+        self._sel.close()
+        self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class EchoServer(_SelectorServer):
+    """Echoes every byte; on EOF flushes what is pending, shuts down its write side, closes."""
+
+    def on_readable(self, conn, state) -> None:
+        while len(state["out"]) < (4 << 20):
+            try:
+                data = conn.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                state["eof"] = True
+                break
+            state["out"] += data
+        self._flush(conn, state)
+
+    def on_writable(self, conn, state) -> None:
+        self._flush(conn, state)
+
+    def _flush(self, conn, state) -> None:
+        out = state["out"]
+        while out:
+            try:
+                n = conn.send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            del out[:n]
+        if state["eof"] and not out:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+            self.drop(conn)
+            return
+        # Stop reading while a lot is pending (backpressure), wait for room to write.
+        events = selectors.EVENT_WRITE if out else 0
+        if len(out) < (4 << 20) and not state["eof"]:
+            events |= selectors.EVENT_READ
+        self.set_events(conn, state, events or selectors.EVENT_READ)
+
+
+class SourceSinkServer(_SelectorServer):
+    """Discards what it reads and sends an endless stream while the peer has room."""
+
+    CHUNK = b"\xa5" * 65536
+
+    def initial_events(self) -> int:
+        return selectors.EVENT_READ | selectors.EVENT_WRITE
+
+    def on_readable(self, conn, state) -> None:
+        for _ in range(16):
+            try:
+                data = conn.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                self.drop(conn)
+                return
+
+    def on_writable(self, conn, state) -> None:
+        for _ in range(16):
+            try:
+                conn.send(self.CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+
+
+class AcceptingBackend:
+    """A listener whose accepted sockets the test takes with ``accept()`` and drives by hand."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 1024):
+        self.sock = socket.socket(family(host), socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family(host) == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+
+    def accept(self, timeout: float = IO_TIMEOUT) -> socket.socket:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.settimeout(timeout)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> AcceptingBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# The proxy under test.
+
+
+class Proxy:
+    """The installed proxy started like dockerd starts it, with a log and a counters file."""
+
+    def __init__(self, proxy_path: str, tmpdir: str, host_ip: str, container_ip: str,
+                 container_port: int, host_port: int | None = None, listen_sock=None,
+                 env: dict | None = None, preexec_fn=None, stderr=subprocess.DEVNULL,
+                 status_pipe: bool = True):
+        self.host_ip = host_ip
+        self.port = host_port if host_port is not None else free_port(host_ip)
+        self.log_path = os.path.join(tmpdir, "proxy-%d.log" % self.port)
+        self.stats_path = os.path.join(tmpdir, "proxy-%d.stats" % self.port)
+        full_env = dict(os.environ)
+        full_env.update({"SPLICEPROXY_LOG_FILE": self.log_path,
+                         "SPLICEPROXY_STATS_FILE": self.stats_path})
+        full_env.update(env or {})
+        argv = proxy_argv(proxy_path, "tcp", host_ip, self.port, container_ip, container_port,
+                          use_listen_fd=listen_sock is not None)
+        self.launched: LaunchedProxy = spawn(argv, listen_sock=listen_sock, env=full_env,
+                                             stderr=stderr, preexec_fn=preexec_fn,
+                                             status_pipe=status_pipe, timeout=10.0)
+
+    @property
+    def pid(self) -> int:
+        return self.launched.pid
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.launched.proc
+
+    def alive(self) -> bool:
+        return self.launched.proc.poll() is None
+
+    def stats(self) -> dict[str, int]:
+        return read_stats_file(self.stats_path)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def fd_count(self) -> int:
+        return len(os.listdir("/proc/%d/fd" % self.pid))
+
+    def fd_target(self, fd: int) -> str | None:
+        try:
+            return os.readlink("/proc/%d/fd/%d" % (self.pid, fd))
+        except FileNotFoundError:
+            return None
+
+    def connect(self, timeout: float = IO_TIMEOUT) -> socket.socket:
+        host = "::1" if self.host_ip == "::" else (
+            "127.0.0.1" if self.host_ip == "0.0.0.0" else self.host_ip)
+        if host.startswith("::ffff:"):
+            host = host[len("::ffff:"):]
+        return connect(host, self.port, timeout)
+
+    def wait_idle(self, timeout: float = 10.0) -> dict[str, int]:
+        """Wait until no connection is open in the engine; return the counters then."""
+        st = wait_for(lambda: (lambda s: s if s["tcp_active"] == 0 else None)(self.stats()),
+                      timeout)
+        assert st, "connections still open: %r" % self.stats()
+        return st
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        return self.launched.stop(sig, timeout=5.0)
+
+    def close(self) -> None:
+        if self.alive():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.launched.stop(signal.SIGKILL, timeout=5.0)
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Looking at another process's sockets.
+
+_SYS_PIDFD_GETFD = 438  # x86_64, arm64 and the generic table alike
+
+
+def grab_fd(pid: int, fd: int) -> int:
+    """Duplicate descriptor ``fd`` of process ``pid`` into this process (pidfd_getfd)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if got == -1:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return got
+    finally:
+        os.close(pidfd)
+
+
+def process_tcp_sockets(pid: int) -> list[socket.socket]:
+    """Every connected TCP socket of ``pid``, duplicated into this process (caller closes)."""
+    out = []
+    for name in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
+        except OSError:
+            continue
+        if not target.startswith("socket:"):
+            continue
+        try:
+            fd = grab_fd(pid, int(name))
+        except OSError as e:
+            if e.errno in (errno.EBADF, errno.ESRCH):
+                continue
+            raise
+        s = socket.socket(fileno=fd)
+        if s.type != socket.SOCK_STREAM:
+            s.close()
+            continue
+        try:
+            s.getpeername()
+        except OSError:
+            s.close()
+            continue
+        out.append(s)
+    return out

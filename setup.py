@@ -6,7 +6,9 @@ SPLICEPROXY_WERROR=1 to make C warnings errors.
 """
 
 import os
+import shlex
 import sys
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -52,12 +54,32 @@ def extensions():
     return exts
 
 
+def launcher():
+    """The `spliceproxy` command: a /bin/sh-and-Python file that starts the
+    interpreter this package is built for with -I -S (see scripts/spliceproxy.in).
+
+    It is generated at build time because it names that interpreter and its
+    site directory; a plain console-script wrapper cannot pass interpreter
+    flags, and site processing would double the proxy's start-up time."""
+    with open("scripts/spliceproxy.in") as f:
+        text = f.read()
+    text = text.replace("@PYTHON@", shlex.quote(sys.executable))
+    text = text.replace("@PLATLIB@", repr(sysconfig.get_path("platlib")))
+    out = os.path.join("build", "launcher", "spliceproxy")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    os.chmod(out, 0o755)
+    return [out]
+
+
 def cffi_modules():
     path = "src/spliceproxy/bench/_loadgen_build.py:ffibuilder"
     return [path] if os.path.exists(path.split(":")[0]) else []
 
 
 setup(
+    scripts=launcher(),
     ext_modules=extensions(),
     cffi_modules=cffi_modules(),
     cmdclass={"build_ext": LoudBuildExt},

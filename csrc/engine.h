@@ -193,6 +193,10 @@ int sp_open_listener(int type, const struct sockaddr *addr, socklen_t len,
 /* Raise the soft RLIMIT_NOFILE to the hard limit.  Returns the new limit. */
 int64_t sp_raise_nofile(void);
 
+/* Set the process name ps and top show (PR_SET_NAME, 15 bytes at most):
+ * the launcher execs the interpreter, which would otherwise be shown. */
+int sp_set_process_name(const char *name);
+
 /* Become uid/gid for good: no supplementary groups, no capabilities in any
  * set (bounding and ambient included), no_new_privs, and the parent-death
  * signal re-armed (changing credentials clears it).  Call once every socket

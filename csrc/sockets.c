@@ -95,6 +95,13 @@ int64_t sp_raise_nofile(void)
 	return rl.rlim_cur == RLIM_INFINITY ? INT64_MAX : (int64_t)rl.rlim_cur;
 }
 
+int sp_set_process_name(const char *name)
+{
+	if (prctl(PR_SET_NAME, name, 0, 0, 0) == -1)
+		return -errno;
+	return 0;
+}
+
 /* Highest capability number this kernel knows. */
 static int cap_last_cap(void)
 {

@@ -45,4 +45,5 @@ cdef extern from "engine.h" nogil:
     const char *sp_stat_name(int i)
     int sp_open_listener(int type, const sockaddr *addr, socklen_t len, const char **step)
     int64_t sp_raise_nofile()
+    int sp_set_process_name(const char *name)
     int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)

@@ -135,6 +135,14 @@ def raise_nofile():
     return rc
 
 
+def set_process_name(str name):
+    """Name the process for ps/top (truncated to 15 bytes by the kernel)."""
+    cdef bytes b = name.encode("utf-8", "surrogateescape")[:15]
+    cdef int rc = sp_set_process_name(b)
+    if rc < 0:
+        raise _oserror(-rc)
+
+
 def drop_privileges(uid, gid):
     """Become uid/gid with no capabilities and no way back (see engine.h)."""
     cdef const char *step = NULL

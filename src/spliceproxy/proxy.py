@@ -376,6 +376,11 @@ def _report(have_status: bool, payload: bytes) -> None:
 def main(argv: list[str]) -> None:
     """Run the proxy; never returns (exits with docker-proxy's codes)."""
     have_status, have_listen_fd = _claim_inherited_fds()
+    try:
+        # The launcher execs the interpreter; show the command's name instead.
+        _engine.set_process_name(os.path.basename(argv[0]) if argv and argv[0] else "spliceproxy")
+    except OSError:
+        pass
     config = cli.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
     log = Logger()
     proxy = Proxy(config, log)

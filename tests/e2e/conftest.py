@@ -507,10 +507,11 @@ class Daemon:
     def proxies(self) -> list[PsEntry]:
         """Processes of the proxy under test in the daemon's namespace, as ps shows them.
 
-        The program path is argv[0], or argv[1] when it is a script run by its
-        interpreter (a console script shows as `/usr/bin/python3 /path/spliceproxy`).
+        The program path is argv[0], or comes after the interpreter and its
+        flags when a script is run by it (spliceproxy's launcher shows as
+        `/usr/bin/python3 -I -S /path/spliceproxy ...`).
         """
-        return [e for e in self.netns.ps() if self.proxy.path in e.args.split()[:2]]
+        return [e for e in self.netns.ps() if self.proxy.path in e.args.split()[:4]]
 
     def container_ip(self, name: str) -> str:
         r = self.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)

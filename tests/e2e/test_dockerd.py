@@ -57,7 +57,7 @@ def test_http_through_ipv4_and_ipv6(docker, proxy_under_test, page_token):
     for host_ip in ("0.0.0.0", "::"):
         tail = argv_tail("tcp", host_ip, port, ip, 80)
         started = [p for p in procs
-                   if p.args.endswith(tail) and proxy_under_test.path in p.args.split()[:2]
+                   if p.args.endswith(tail) and proxy_under_test.path in p.args.split()[:4]
                    and p.ppid == d.pid]
         assert started, f"no proxy child of dockerd with `{tail}`:\n{listing}"
         assert any(p.comm == proxy_under_test.name for p in started), (

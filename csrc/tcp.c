@@ -55,12 +55,38 @@ struct sp_conn {
 	bool c_rd, c_wr, b_rd, b_wr;  /* readiness hints from edge-triggered events */
 	bool in_halfclosed;
 	bool want_pipe;        /* a pump found no pipe to be had */
+	bool fin_first;        /* we sent the backend FIN before it sent one:
+				* our backend socket ends in TIME_WAIT */
 	bool starved;          /* queued on the starved list for a retry */
 	int64_t last_ms;       /* last progress, for the idle reclaim */
 	struct sp_dir c2b, b2c;
 };
 
 #define NIL UINT32_MAX
+
+/*
+ * Backend ports left in TIME_WAIT.  When the client closes first, the proxy
+ * is the side that sends the backend its FIN first, so every such backend
+ * connection leaves a TIME_WAIT socket holding an ephemeral port towards the
+ * one container address.  After ~28k connections in a minute the range is
+ * exhausted: connect() scans in vain and the rate collapses to a few hundred
+ * per second (moby #47537).  Linux lets a socket explicitly bound (with
+ * SO_REUSEADDR) to such a port take over the TIME_WAIT 4-tuple when TCP
+ * timestamps make it safe (PAWS), so those ports are kept on a stack and
+ * reused, most recent first; the TIME_WAIT sockets are then recycled instead
+ * of piling up.  If reuse fails repeatedly (e.g. a backend without
+ * timestamps), it is switched off for a while.
+ */
+#define PORT_POOL_MAX 65536
+#define PORT_REUSE_FAILS 8
+#define PORT_REUSE_BACKOFF_MS 10000
+
+struct sp_port_pool {
+	uint16_t *ports;
+	uint32_t n, cap;
+	uint32_t fails;
+	int64_t disabled_until;
+};
 
 struct sp_conn_table {
 	struct sp_conn **chunks;
@@ -69,6 +95,8 @@ struct sp_conn_table {
 	uint32_t half_head;     /* half-closed connections, for the idle reclaim */
 	int64_t next_idle_scan;
 	int paused_listeners;
+	struct sp_port_pool *ports;  /* per listener id: backend ports in TIME_WAIT */
+	int n_ports;
 	uint32_t *starved;      /* connections waiting for a pipe */
 	uint32_t n_starved, cap_starved;
 	int64_t starved_retry_ms;
@@ -216,6 +244,52 @@ static void resume_listeners(struct sp_engine *e)
 	}
 }
 
+/* The port pool of listener id, created on first use; NULL without memory. */
+static struct sp_port_pool *port_pool(struct sp_engine *e, int id)
+{
+	struct sp_conn_table *t = e->tcp;
+
+	if (id >= t->n_ports) {
+		struct sp_port_pool *n = realloc(t->ports, sizeof(*n) * (id + 1));
+
+		if (!n)
+			return NULL;
+		memset(n + t->n_ports, 0, sizeof(*n) * (id + 1 - t->n_ports));
+		t->ports = n;
+		t->n_ports = id + 1;
+	}
+	return &t->ports[id];
+}
+
+/* Remember the local port of a backend socket about to enter TIME_WAIT. */
+static void port_release(struct sp_engine *e, struct sp_conn *c)
+{
+	struct sp_port_pool *pp = port_pool(e, c->listener);
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+	uint16_t port;
+
+	if (!pp || e->now_ms < pp->disabled_until || pp->n >= PORT_POOL_MAX)
+		return;
+	sp_sys(e, SP_STAT_SYS_OTHER);
+	if (getsockname(c->bfd, (struct sockaddr *)&ss, &len) == -1)
+		return;
+	port = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+					: ((struct sockaddr_in *)&ss)->sin_port;
+	if (!port)
+		return;
+	if (pp->n == pp->cap) {
+		uint32_t cap = pp->cap ? pp->cap * 2 : 256;
+		uint16_t *n = realloc(pp->ports, sizeof(*n) * cap);
+
+		if (!n)
+			return;
+		pp->ports = n;
+		pp->cap = cap;
+	}
+	pp->ports[pp->n++] = port;
+}
+
 /* Close a connection.  reset_client / reset_backend choose RST over FIN. */
 static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 		       bool reset_client, bool reset_backend)
@@ -226,6 +300,8 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 		set_abortive(e, c->cfd);
 	if (reset_backend && c->bfd >= 0)
 		set_abortive(e, c->bfd);
+	else if (c->fin_first && c->bfd >= 0)
+		port_release(e, c);
 	/* close() removes the descriptors from the epoll set. */
 	sp_close(e, c->cfd);
 	sp_close(e, c->bfd);
@@ -233,7 +309,7 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 	dir_release(e, &c->c2b);
 	dir_release(e, &c->b2c);
 	halfclosed_unlink(t, c);
-	c->starved = c->want_pipe = false;
+	c->starved = c->want_pipe = c->fin_first = false;
 	c->state = CONN_FREE;
 	c->gen++;
 	c->next = t->free_head;
@@ -392,6 +468,8 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 					return -errno;
 				}
 				d->shut = true;
+				if (d == &c->c2b && !c->b2c.eof)
+					c->fin_first = true;
 			}
 			break;
 		}
@@ -540,13 +618,80 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 	}
 }
 
+/* A nonblocking backend socket, connect() started.  Returns the socket
+ * (connect in progress or done) or -errno; *connect_err is the connect()
+ * errno when the socket was made but connect() failed at once. */
+static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *connect_err)
+{
+	struct sp_port_pool *pp = NULL;
+	int fd, rc, one = 1;
+	uint16_t port = 0;
+
+	if (e->tcp->n_ports > l->id)
+		pp = &e->tcp->ports[l->id];
+	if (pp && pp->n && e->now_ms >= pp->disabled_until)
+		port = pp->ports[--pp->n];
+again:
+	*connect_err = 0;
+	sp_sys(e, SP_STAT_SYS_SOCKET);
+	fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd == -1)
+		return -errno;
+	sp_fd_opened(e);
+	set_sockopts(e, fd);
+	/* Every backend socket carries SO_REUSEADDR, so that its TIME_WAIT
+	 * remnant does not block a later explicit bind to its port. */
+	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (port) {
+		struct sockaddr_storage local;
+		socklen_t len;
+
+		memset(&local, 0, sizeof(local));
+		local.ss_family = l->backend.ss_family;
+		if (local.ss_family == AF_INET6) {
+			((struct sockaddr_in6 *)&local)->sin6_port = port;
+			len = sizeof(struct sockaddr_in6);
+		} else {
+			((struct sockaddr_in *)&local)->sin_port = port;
+			len = sizeof(struct sockaddr_in);
+		}
+		sp_sys(e, SP_STAT_SYS_BIND);
+		if (bind(fd, (struct sockaddr *)&local, len) == -1)
+			goto reuse_failed;
+	}
+	do {
+		sp_sys(e, SP_STAT_SYS_CONNECT);
+		rc = connect(fd, (struct sockaddr *)&l->backend, l->backend_len);
+	} while (rc == -1 && errno == EINTR);
+	if (rc == -1 && errno != EINPROGRESS) {
+		if (port && (errno == EADDRNOTAVAIL || errno == EADDRINUSE))
+			goto reuse_failed;
+		*connect_err = errno;
+	} else if (port) {
+		pp->fails = 0;
+	}
+	return fd;
+
+reuse_failed:
+	/* That 4-tuple is not free to take over: use a port of the kernel's. */
+	sp_close(e, fd);
+	if (++pp->fails >= PORT_REUSE_FAILS) {
+		pp->disabled_until = e->now_ms + PORT_REUSE_BACKOFF_MS;
+		pp->n = 0;
+		pp->fails = 0;
+	}
+	port = 0;
+	goto again;
+}
+
 /* Start relaying an accepted client: open and connect the backend socket. */
 static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 {
 	struct sp_conn_table *t = e->tcp;
 	struct sp_conn *c;
 	uint32_t idx;
-	int bfd, rc;
+	int bfd, connect_err;
 
 	if (t->free_head == NIL && table_grow(t) < 0) {
 		sp_count_error(e, ENOMEM);
@@ -554,10 +699,9 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		sp_count(e, SP_STAT_TCP_FAILED, 1);
 		return;
 	}
-	sp_sys(e, SP_STAT_SYS_SOCKET);
-	bfd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (bfd == -1) {
-		int err = errno;
+	bfd = backend_socket(e, l, &connect_err);
+	if (bfd < 0) {
+		int err = -bfd;
 
 		sp_count_error(e, err);
 		sp_count(e, SP_STAT_TCP_FAILED, 1);
@@ -567,8 +711,6 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 			pause_listener(e, l, err);
 		return;
 	}
-	sp_fd_opened(e);
-	set_sockopts(e, bfd);
 
 	idx = t->free_head;
 	c = conn_at(t, idx);
@@ -578,21 +720,15 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	c->listener = l->id;
 	c->state = CONN_CONNECTING;
 	c->c_rd = c->c_wr = c->b_rd = c->b_wr = false;
-	c->in_halfclosed = c->starved = c->want_pipe = false;
+	c->in_halfclosed = c->starved = c->want_pipe = c->fin_first = false;
 	c->last_ms = e->now_ms;
 	dir_init(&c->c2b);
 	dir_init(&c->b2c);
 	sp_count(e, SP_STAT_TCP_ACTIVE, 1);
 
-	do {
-		sp_sys(e, SP_STAT_SYS_CONNECT);
-		rc = connect(bfd, (struct sockaddr *)&l->backend, l->backend_len);
-	} while (rc == -1 && errno == EINTR);
-	if (rc == -1 && errno != EINPROGRESS) {
-		int err = errno;
-
+	if (connect_err) {
 		sp_count(e, SP_STAT_TCP_FAILED, 1);
-		sp_emit(e, SP_EV_CONNECT_FAILED, err, l->id, 1);
+		sp_emit(e, SP_EV_CONNECT_FAILED, connect_err, l->id, 1);
 		/* Like docker-proxy: a plain close, so the client sees FIN, or RST
 		 * if it had already sent data. */
 		conn_close(e, idx, c, false, false);
@@ -850,6 +986,9 @@ void sp_tcp_free(struct sp_engine *e)
 		}
 		free(t->chunks[i]);
 	}
+	for (i = 0; i < (uint32_t)t->n_ports; i++)
+		free(t->ports[i].ports);
+	free(t->ports);
 	free(t->starved);
 	free(t->chunks);
 	free(t);

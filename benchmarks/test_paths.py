@@ -25,12 +25,17 @@ PER_METRIC = {
     "threads": ("spliceproxy", "docker-proxy", "haproxy"),
     "strace_syscalls_per_gib": ("spliceproxy", "docker-proxy", "haproxy"),
     "strace_syscalls_per_conn": ("spliceproxy", "docker-proxy", "haproxy"),
+    "churn_rate": ("native", "iptables", "spliceproxy", "docker-proxy"),
+    "churn_hold": ("native", "iptables", "spliceproxy", "docker-proxy"),
+    "churn_done_pct": ("native", "iptables", "spliceproxy", "docker-proxy"),
+    "churn_time_wait": ("spliceproxy", "docker-proxy"),
 }
 PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
            "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE)}
 GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "syscalls_per_gib": "bulk",
          "strace_syscalls_per_gib": "bulk", "crr_rate": "crr", "syscalls_per_conn": "crr",
-         "strace_syscalls_per_conn": "crr"}
+         "strace_syscalls_per_conn": "crr", "churn_rate": "crr", "churn_hold": "crr",
+         "churn_done_pct": "crr", "churn_time_wait": "crr"}
 for _m in METRICS:
     if _m.startswith("udp"):
         GROUP[_m] = "udp"
@@ -75,6 +80,8 @@ def test_metric(benchmark, bench, variant, metric, path):
         better=METRICS[metric][1], median=res.median(variant, metric, path), rounds=vals,
         ratios={k: v for k, v in ratios.items() if v is not None},
         gate=gate_entries(res, variant, metric, path))
+    if metric == "churn_done_pct" and path == "spliceproxy":
+        assert min(vals) == 100.0, "spliceproxy completed only %.1f%% of the churn" % min(vals)
     if metric == "scale_served_pct":
         assert min(vals) == 100.0, "%s served only %.1f%% of the connections" % (path, min(vals))
     if metric == "udp_loss_pct" and path in ("native", "iptables"):

@@ -37,6 +37,7 @@ class Profile:
     udp_iters: int
     burst_count: int
     scale_conns: int
+    churn_count: int
     spawns: int
     strace_bytes: int
     strace_conns: int
@@ -46,11 +47,11 @@ class Profile:
 PROFILES = {
     "quick": Profile("quick", rounds=5, bulk_bytes=256 << 20, streams=4, stream_bytes=64 << 20,
                      rr_iters=2000, crr_count=300, udp_iters=1000, burst_count=10000,
-                     scale_conns=1000, spawns=8, strace_bytes=64 << 20, strace_conns=100,
+                     scale_conns=1000, churn_count=30000, spawns=8, strace_bytes=64 << 20, strace_conns=100,
                      loopback_groups=("bulk", "rr")),
     "full": Profile("full", rounds=7, bulk_bytes=1 << 30, streams=4, stream_bytes=256 << 20,
                     rr_iters=10000, crr_count=2000, udp_iters=5000, burst_count=50000,
-                    scale_conns=10000, spawns=20, strace_bytes=256 << 20, strace_conns=500,
+                    scale_conns=10000, churn_count=100000, spawns=20, strace_bytes=256 << 20, strace_conns=500,
                     loopback_groups=("bulk", "rr", "crr", "udp")),
 }
 
@@ -75,6 +76,10 @@ METRICS = {
     "rss_per_conn_kib": ("KiB", "lower", "proxy RSS per idle connection"),
     "fds_per_conn": ("fds", "lower", "proxy fds per connection"),
     "threads": ("threads", "lower", "proxy threads with connections open"),
+    "churn_rate": ("conn/s", "higher", "connect-exchange-close rate over the whole churn run"),
+    "churn_hold": ("ratio", "higher", "churn rate of the last tenth over the first tenth"),
+    "churn_done_pct": ("%", "higher", "churn connections completed"),
+    "churn_time_wait": ("sockets", "lower", "TIME_WAIT sockets in the host namespace after churn"),
     "spawn_ms": ("ms", "lower", "spawn to ready (status pipe)"),
     "idle_rss_mib": ("MiB", "lower", "idle RSS of one process"),
     "strace_syscalls_per_gib": ("calls", "lower", "system calls per GiB (strace -c)"),
@@ -463,21 +468,73 @@ class Harness:
             except (OSError, RuntimeError) as exc:
                 self.res.notes.append("strace via %s failed: %s" % (name, exc))
 
+    def run_churn(self, variant: str) -> None:
+        """Sequential short connections in one long run (moby #47537).
+
+        Run once per path, last of all and kernel paths first: a proxy that
+        leaves its backend sockets in TIME_WAIT exhausts the host namespace's
+        ports towards the container, which would then slow every later
+        measurement.  churn_hold compares the rate of the last tenth of the
+        run with the first; churn_time_wait counts what is left behind.
+        """
+        if variant != "external" or self.topo is None:
+            return
+        n = self.p.churn_count
+        wanted = ("native", "iptables", "spliceproxy", "docker-proxy")
+        if self.p.name == "quick" and "docker-proxy" in self.paths.runtimes:
+            # Past ~28k connections docker-proxy falls to a few hundred per
+            # second: that alone would take longer than the quick profile.
+            wanted = wanted[:3]
+            self.res.notes.append("quick profile: docker-proxy's churn is measured in the "
+                                  "full profile only (it collapses after ~28k connections)")
+        for name, rt in self._paths_for(variant, "echo"):
+            if name not in wanted:
+                continue
+            ep, ns = self._where(rt, variant)
+            self.progress("%s churn: %s, %d connections" % (variant, name, n))
+            lat = self.ffi.new("double[]", n)
+            t0 = time.perf_counter()
+            with topo_mod.in_netns(ns):
+                done = self.lib.lg_connect_rate(socket.AF_INET, ep.echo[0].encode(),
+                                                ep.echo[1], n, lat)
+            elapsed = time.perf_counter() - t0
+            if done <= 0:
+                self.res.notes.append("churn via %s failed at once: %s"
+                                      % (name, os.strerror(-done)))
+                self.res.add(variant, "churn_done_pct", name, 0.0)
+                continue
+            tenth = max(1, done // 10)
+            first = sum(lat[i] for i in range(tenth)) / 1e9
+            last = sum(lat[i] for i in range(done - tenth, done)) / 1e9
+            self.res.add(variant, "churn_rate", name, done / elapsed)
+            self.res.add(variant, "churn_hold", name, first / last if last else 0.0)
+            self.res.add(variant, "churn_done_pct", name, 100.0 * done / n)
+            if done < n:
+                self.res.notes.append("churn via %s stopped after %d of %d connections"
+                                      % (name, done, n))
+            self.res.add(variant, "churn_time_wait", name,
+                         procs.time_wait_count(self.paths.host_ns))
+
     def run_all(self, groups=None) -> Results:
         self.res.started = time.time()
         t0 = time.perf_counter()
-        groups = groups or ("bulk", "bulkn", "rr", "crr", "udp", "strace", "scale", "spawn")
+        groups = groups or ("bulk", "bulkn", "rr", "crr", "udp", "strace", "scale", "spawn",
+                            "churn")
         for variant in self.wanted_variants:
             for g in groups:
                 if variant == "loopback" and g not in self.p.loopback_groups:
                     continue
                 if g == "scale":
                     self.run_scale(variant)
+                elif g == "churn":
+                    continue  # after everything else, see run_churn
                 elif g == "strace":
                     self.run_strace(variant)
                 elif g != "spawn":
                     self.run_group(g, variant)
         if "spawn" in groups:
             self.run_spawn()
+        if "churn" in groups and "external" in self.wanted_variants:
+            self.run_churn("external")
         self.res.elapsed = time.perf_counter() - t0
         return self.res

@@ -117,3 +117,19 @@ class StraceCount:
                     self.by_name[m.group(2)] = int(m.group(1))
         if self.total is None and self.by_name:
             self.total = sum(self.by_name.values())
+
+
+def time_wait_count(netns: str | None) -> int:
+    """TIME_WAIT TCP sockets (IPv4 and IPv6) in a network namespace."""
+    from spliceproxy.bench import topology as topo_mod
+
+    count = 0
+    with topo_mod.in_netns(netns):
+        for table in ("/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"):
+            try:
+                with open(table) as f:
+                    next(f, None)
+                    count += sum(1 for line in f if line.split(None, 4)[3] == "06")
+            except OSError:
+                pass
+    return count

@@ -47,11 +47,13 @@ class Profile:
 PROFILES = {
     "quick": Profile("quick", rounds=5, bulk_bytes=256 << 20, streams=4, stream_bytes=64 << 20,
                      rr_iters=2000, crr_count=300, udp_iters=1000, burst_count=10000,
-                     scale_conns=1000, churn_count=30000, spawns=8, strace_bytes=64 << 20, strace_conns=100,
+                     scale_conns=1000, churn_count=30000, spawns=8, strace_bytes=64 << 20,
+                     strace_conns=100,
                      loopback_groups=("bulk", "rr")),
     "full": Profile("full", rounds=7, bulk_bytes=1 << 30, streams=4, stream_bytes=256 << 20,
                     rr_iters=10000, crr_count=2000, udp_iters=5000, burst_count=50000,
-                    scale_conns=10000, churn_count=100000, spawns=20, strace_bytes=256 << 20, strace_conns=500,
+                    scale_conns=10000, churn_count=100000, spawns=20, strace_bytes=256 << 20,
+                    strace_conns=500,
                     loopback_groups=("bulk", "rr", "crr", "udp")),
 }
 

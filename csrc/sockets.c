@@ -119,7 +119,7 @@ static int cap_last_cap(void)
 int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 {
 	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3 };
-	struct __user_cap_data_struct data[2];
+	struct __user_cap_data_struct data[2] = { { 0 }, { 0 } };
 	int pdeath = 0, last, cap;
 	pid_t parent = getppid();
 

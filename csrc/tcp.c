@@ -26,8 +26,9 @@
 
 #define CONN_CHUNK 1024          /* connections per allocation chunk */
 #define ACCEPT_BATCH 64          /* accepts per listener wakeup (fairness) */
-#define KEEPALIVE_S 15           /* Go's default keepalive idle and interval */
-#define KEEPALIVE_CNT 9
+#define KEEPALIVE_S 15           /* Go's default keepalive idle and interval; the
+				  * probe count is left at the kernel's default (9,
+				  * which is also Go's) */
 /* Descriptors kept free for the front end and for a new connection's
  * backend socket and pipes: accepting pauses when fewer remain. */
 #define FD_HEADROOM 16
@@ -57,6 +58,7 @@ struct sp_conn {
 	bool want_pipe;        /* a pump found no pipe to be had */
 	bool fin_first;        /* we sent the backend FIN before it sent one:
 				* our backend socket ends in TIME_WAIT */
+	uint16_t bport;        /* backend local port (network order) if we chose it */
 	bool starved;          /* queued on the starved list for a retry */
 	int64_t last_ms;       /* last progress, for the idle reclaim */
 	struct sp_dir c2b, b2c;
@@ -271,11 +273,14 @@ static void port_release(struct sp_engine *e, struct sp_conn *c)
 
 	if (!pp || e->now_ms < pp->disabled_until || pp->n >= PORT_POOL_MAX)
 		return;
-	sp_sys(e, SP_STAT_SYS_OTHER);
-	if (getsockname(c->bfd, (struct sockaddr *)&ss, &len) == -1)
-		return;
-	port = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-					: ((struct sockaddr_in *)&ss)->sin_port;
+	port = c->bport;
+	if (!port) {
+		sp_sys(e, SP_STAT_SYS_OTHER);
+		if (getsockname(c->bfd, (struct sockaddr *)&ss, &len) == -1)
+			return;
+		port = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+						: ((struct sockaddr_in *)&ss)->sin_port;
+	}
 	if (!port)
 		return;
 	if (pp->n == pp->cap) {
@@ -324,7 +329,7 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 
 static void set_sockopts(struct sp_engine *e, int fd)
 {
-	int one = 1, idle = KEEPALIVE_S, cnt = KEEPALIVE_CNT;
+	int one = 1, idle = KEEPALIVE_S;
 
 	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -334,8 +339,6 @@ static void set_sockopts(struct sp_engine *e, int fd)
 	setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
 	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
 	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &idle, sizeof(idle));
-	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
 }
 
 /* Options set on a listener are inherited by every accepted socket, which
@@ -621,7 +624,8 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 /* A nonblocking backend socket, connect() started.  Returns the socket
  * (connect in progress or done) or -errno; *connect_err is the connect()
  * errno when the socket was made but connect() failed at once. */
-static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *connect_err)
+static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *connect_err,
+			  uint16_t *bound_port)
 {
 	struct sp_port_pool *pp = NULL;
 	int fd, rc, one = 1;
@@ -633,6 +637,7 @@ static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *conne
 		port = pp->ports[--pp->n];
 again:
 	*connect_err = 0;
+	*bound_port = port;
 	sp_sys(e, SP_STAT_SYS_SOCKET);
 	fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd == -1)
@@ -692,6 +697,7 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	struct sp_conn *c;
 	uint32_t idx;
 	int bfd, connect_err;
+	uint16_t bport;
 
 	if (t->free_head == NIL && table_grow(t) < 0) {
 		sp_count_error(e, ENOMEM);
@@ -699,7 +705,7 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		sp_count(e, SP_STAT_TCP_FAILED, 1);
 		return;
 	}
-	bfd = backend_socket(e, l, &connect_err);
+	bfd = backend_socket(e, l, &connect_err, &bport);
 	if (bfd < 0) {
 		int err = -bfd;
 
@@ -721,6 +727,7 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	c->state = CONN_CONNECTING;
 	c->c_rd = c->c_wr = c->b_rd = c->b_wr = false;
 	c->in_halfclosed = c->starved = c->want_pipe = c->fin_first = false;
+	c->bport = bport;
 	c->last_ms = e->now_ms;
 	dir_init(&c->c2b);
 	dir_init(&c->b2c);

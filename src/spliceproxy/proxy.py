@@ -429,5 +429,9 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         log.log("Stopping proxy on %s for %s (engine: %s)" % (proxy.front, proxy.back,
                                                              go_strerror(e.errno or 5)))
-    # docker-proxy exits 0 on a stop signal and when its listener fails.
+    # Close every socket and free the engine (a few milliseconds even with
+    # thousands of connections; it also lets leak checkers see a clean exit),
+    # then skip interpreter teardown.  docker-proxy exits 0 on a stop signal
+    # and when its listener fails.
+    proxy.engine.close()
     os._exit(0)

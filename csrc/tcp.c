@@ -365,6 +365,17 @@ static void pipe_release(struct sp_engine *e, struct sp_dir *d)
 		e->tcp->starved_retry_ms = e->now_ms;
 }
 
+/* An empty direction holds nothing: give back its pipe or buffer. */
+static void dir_idle(struct sp_engine *e, struct sp_dir *d)
+{
+	if (d->queued)
+		return;
+	if (d->pipe.rd >= 0)
+		pipe_release(e, d);
+	free(d->buf);
+	d->buf = NULL;
+}
+
 /* The read half of a pump step: move bytes from src into the direction's
  * pipe (or buffer).  Returns >0 bytes, 0 on EOF, -EAGAIN, or -errno. */
 static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
@@ -488,25 +499,23 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 				sp_count_error(e, (int)-n);
 				break;
 			} else if (n == -EAGAIN) {
-				*src_rd = false;
-				if (!d->queued && d->pipe.rd >= 0)
-					pipe_release(e, d);
-				if (!d->queued && d->buf) {
-					free(d->buf);
-					d->buf = NULL;
+				if (d->queued && !d->buf) {
+					/* A drained socket or a pipe out of slots: only
+					 * an empty pipe tells them apart, so read again
+					 * once the write half has made room.  Taking it
+					 * for drained could leave bytes in a socket whose
+					 * sender waits for window: no edge would come. */
+					break;
 				}
+				*src_rd = false;
+				dir_idle(e, d);
 			} else if (n < 0) {
 				*err_on_dst = false;
 				return (int)n;
 			} else if (n == 0) {
 				d->eof = true;
 				*src_rd = false;
-				if (!d->queued && d->pipe.rd >= 0)
-					pipe_release(e, d);
-				if (!d->queued && d->buf) {
-					free(d->buf);
-					d->buf = NULL;
-				}
+				dir_idle(e, d);
 				progress = true;   /* pass the EOF on */
 			} else {
 				d->queued += (size_t)n;

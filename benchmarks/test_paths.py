@@ -71,6 +71,10 @@ def test_metric(benchmark, bench, variant, metric, path):
     if variant not in res.variants:
         pytest.skip("%s variant not measured (%s)" % (variant, "; ".join(res.notes)))
     vals = res.variants[variant].get(metric, {}).get(path)
+    if not vals and metric.startswith("churn_") and path == "docker-proxy" \
+            and bench.p.name == "quick":
+        pytest.skip("docker-proxy's churn runs in the full profile only: past ~28k "
+                    "connections it drops to a few hundred per second")
     benchmark.group = "%s:%s" % (variant, metric)
     benchmark.pedantic(_probe(bench, variant, metric, path), rounds=3, iterations=1)
     assert vals, "no %s figure for %s (%s): %s" % (metric, path, variant, res.notes)

@@ -23,9 +23,12 @@ SUBJECT = "spliceproxy"
 # 2.62 between a quiet and a loaded moment); bulk vs
 # iptables 123 % (one run of four fell to 0.32 while the others were 0.61-0.71),
 # bulk n streams vs iptables 22 %; CPU/GB vs docker-proxy 48 %; connection
-# rate vs docker-proxy 29 %; added RR latency vs docker-proxy 30 %; added UDP
-# latency is bimodal per round here (15 or 55 us native, 35 or 115 us proxied),
-# so its ratio moved 0.75-1.9 and gets the loosest bound.
+# rate vs docker-proxy 29 %; added RR latency vs docker-proxy 30 %; UDP
+# packets/s vs docker-proxy 10 %.  Added UDP latency is not gated: it is
+# bimodal per round here (15 or 55 us native, 35 or 115 us proxied) and its
+# ratio to docker-proxy moved between 0.75 and 3.1 across unchanged runs.
+# churn_hold (last tenth of 30,000 connections over the first) stayed within
+# 0.79-0.98 unchanged; a TIME_WAIT collapse takes it below 0.1.
 # The read/write copy mode with 4 KiB buffers costs ~2 system calls per 4 KiB
 # (~500k/GiB), far outside any of these.
 TOLERANCES = {
@@ -40,8 +43,7 @@ TOLERANCES = {
     "cpu_per_gb/docker-proxy": ("cpu_per_gb", "docker-proxy", "timing", "lower", 0.9, 0.0),
     "rr_added_p50/docker-proxy": ("rr_added_p50", "docker-proxy", "timing", "lower", 1.0, 0.0),
     "crr_rate/docker-proxy": ("crr_rate", "docker-proxy", "timing", "higher", 0.45, 0.0),
-    "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 2.0,
-                                   0.0),
+    "udp_pps/docker-proxy": ("udp_pps", "docker-proxy", "timing", "higher", 0.5, 0.0),
     "spawn/python-bare": ("spawn_ms", "python-bare", "timing", "lower", 1.0, 0.0),
     "churn_hold": ("churn_hold", None, "timing", "higher", 0.5, 0.0),
     "churn_done_pct": ("churn_done_pct", None, "count", "higher", 0.0, 0.0),

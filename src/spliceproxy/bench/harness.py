@@ -81,7 +81,7 @@ METRICS = {
     "churn_rate": ("conn/s", "higher", "connect-exchange-close rate over the whole churn run"),
     "churn_hold": ("ratio", "higher", "churn rate of the last tenth over the first tenth"),
     "churn_done_pct": ("%", "higher", "churn connections completed"),
-    "churn_time_wait": ("sockets", "lower", "TIME_WAIT sockets the churn left in the host namespace"),
+    "churn_time_wait": ("sockets", "lower", "TIME_WAIT sockets the churn left behind"),
     "spawn_ms": ("ms", "lower", "spawn to ready (status pipe)"),
     "idle_rss_mib": ("MiB", "lower", "idle RSS of one process"),
     "strace_syscalls_per_gib": ("calls", "lower", "system calls per GiB (strace -c)"),

@@ -744,6 +744,7 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 
 	if (connect_err) {
 		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		sp_count_error(e, connect_err);
 		sp_emit(e, SP_EV_CONNECT_FAILED, connect_err, l->id, 1);
 		/* Like docker-proxy: a plain close, so the client sees FIN, or RST
 		 * if it had already sent data. */
@@ -941,7 +942,9 @@ int64_t sp_tcp_timer(struct sp_engine *e)
 			if (left <= 0) {
 				if (fd_room(e)) {
 					resume_listener(e, l);
-					continue;
+					if (!l->paused)
+						continue;
+					/* epoll_ctl failed: try again after the backoff. */
 				}
 				l->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 				left = e->opt[SP_OPT_ACCEPT_BACKOFF_MS];

@@ -93,6 +93,11 @@ def spawn(argv: list[str], *, listen_sock=None, env: dict | None = None,
     listen_fd = listen_sock.fileno() if listen_sock is not None else None
 
     def child_setup():
+        # dockerd's children start with every signal at its default action
+        # (Go resets handled signals on exec): undo what the caller may
+        # ignore, e.g. SIGHUP under nohup or SIGINT in a background job.
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
         # Put the status pipe on 3 and the socket on 4, inheritable, as Go's
         # ExtraFiles does; everything else stays close-on-exec.
         if listen_fd is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import importlib.util
 import os
 import random
 import selectors
@@ -35,23 +34,10 @@ import time
 from pathlib import Path
 
 import pytest
+import servers as srv
 
 from spliceproxy.bench.launch import proxy_argv, spawn
 from spliceproxy.stats import read_stats_file
-
-
-def _load_servers():
-    name = "spliceproxy_integration_servers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-srv = _load_servers()
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -7,35 +7,19 @@ fd 4, stdio on /dev/null).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import resource
 import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import servers as srv
 
 from spliceproxy.bench.launch import proxy_argv, spawn
-
-
-def _load_servers():
-    name = "spliceproxy_integration_servers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-srv = _load_servers()
 
 needs_ipv6 = pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (::1) on this host")
 

@@ -12,7 +12,6 @@ Measured figures are printed (run with -s to see them).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import resource
 import signal
@@ -21,27 +20,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import servers as srv
 
 pytestmark = pytest.mark.slow
 
 loadgen = pytest.importorskip("spliceproxy.bench.loadgen")
 
 
-def _load_servers():
-    name = "spliceproxy_integration_servers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-srv = _load_servers()
 
 CONCURRENT = 10_000
 CHURN_TOTAL = 100_000

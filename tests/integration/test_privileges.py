@@ -11,32 +11,16 @@ status-pipe error.  Every check reads /proc/PID/status of the running proxy.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pwd
 import signal
 import socket
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+import servers as srv
 
 from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
-
-
-def _load_servers():
-    name = "spliceproxy_integration_servers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-srv = _load_servers()
 
 pytestmark = [
     pytest.mark.root,

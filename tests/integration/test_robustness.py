@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 import json
 import os
 import random
@@ -31,27 +30,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import servers as srv
 from hypothesis import given
 from hypothesis import strategies as st
 
 from spliceproxy.bench.launch import proxy_argv
-
-
-def _load_servers():
-    name = "spliceproxy_integration_servers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-srv = _load_servers()
 
 MIB = 1 << 20
 IO_TIMEOUT = 10.0

@@ -12,33 +12,17 @@ HYPOTHESIS_PROFILE=long runs many more examples.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import random
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import servers as srv
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-
-def _load_servers():
-    name = "spliceproxy_integration_servers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-srv = _load_servers()
 
 MIB = 1 << 20
 MAX_PAYLOAD = 4 * MIB

@@ -447,3 +447,28 @@ def process_tcp_sockets(pid: int) -> list[socket.socket]:
             continue
         out.append(s)
     return out
+
+
+def run_threads(*fns, timeout: float = 60.0) -> list:
+    """Run callables in threads; return their results, re-raising the first error."""
+    results: list = [None] * len(fns)
+    errors: list = []
+
+    def wrap(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as e:  # noqa: B036 - handed back to the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i, fn), daemon=True)
+               for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        raise AssertionError("threads did not finish within %.0f s" % timeout)
+    if errors:
+        raise errors[0]
+    return results

@@ -107,29 +107,6 @@ def lg():
     return loadgen.load()
 
 
-def run_threads(*fns, timeout: float = 60.0) -> list:
-    """Run callables in threads; return their results, re-raising the first error."""
-    results: list = [None] * len(fns)
-    errors: list = []
-
-    def wrap(i, fn):
-        try:
-            results[i] = fn()
-        except BaseException as e:  # noqa: B036 - handed back to the test thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(i, fn), daemon=True)
-               for i, fn in enumerate(fns)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in threads):
-        raise AssertionError("threads did not finish within %.0f s" % timeout)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def rss_kib(pid: int) -> int:
@@ -171,7 +148,7 @@ def bulk_echo(port: int, total: int) -> float:
             return got
 
         t0 = time.perf_counter()
-        run_threads(writer, reader, timeout=60.0)
+        srv.run_threads(writer, reader, timeout=60.0)
         return total / (time.perf_counter() - t0) / 1e6
 
 
@@ -374,7 +351,7 @@ def test_resets_and_abrupt_closes_never_wedge_the_loop(proxy_path, tmp_path):
                 except OSError:
                     s.close()
 
-        run_threads(*[(lambda sd=sd: abuse(sd)) for sd in seeds], timeout=90.0)
+        srv.run_threads(*[(lambda sd=sd: abuse(sd)) for sd in seeds], timeout=90.0)
         assert p.alive()
         srv.echo_roundtrip("127.0.0.1", p.port, b"after the storm" * 1000)
         st_ = settled(p, 15.0)
@@ -841,7 +818,7 @@ def test_random_peer_behaviour_across_connections(fuzz_proxy, scripts):
         for _ in scripts:  # one pending connection at a time: accept pairs them up
             c = p.connect()
             pairs.append((c, backend.accept()))
-        run_threads(*[(lambda c=c, b=b, s=s: _play(c, b, s[0], s[1]))
+        srv.run_threads(*[(lambda c=c, b=b, s=s: _play(c, b, s[0], s[1]))
                       for (c, b), s in zip(pairs, scripts)], timeout=60.0)
     finally:
         for c, b in pairs:

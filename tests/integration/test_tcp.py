@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -30,29 +29,6 @@ def echo_v4():
         yield e
 
 
-def _run_threads(*targets, timeout: float = 60.0) -> list:
-    """Run callables in threads; return their results, re-raising the first error."""
-    results: list = [None] * len(targets)
-    errors: list = []
-
-    def wrap(i, fn):
-        try:
-            results[i] = fn()
-        except BaseException as e:  # noqa: B036 - handed back to the test thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(i, fn), daemon=True)
-               for i, fn in enumerate(targets)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in threads):
-        raise AssertionError("transfer did not finish within %.0f s" % timeout)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def _send_all_then_shut(sock: socket.socket, data: bytes, chunk: int = 256 * 1024) -> None:
@@ -123,7 +99,7 @@ def _duplex_backend_handler(conn: socket.socket, payload: bytes):
     def receive():
         return srv.recv_to_eof(conn)
 
-    return _run_threads(send, receive)[1]
+    return srv.run_threads(send, receive)[1]
 
 
 @pytest.mark.parametrize("host_ip,container_ip", [
@@ -141,8 +117,8 @@ def test_full_duplex_32mib_checksums(proxy_path, tmp_path, host_ip, container_ip
         conn.settimeout(30.0)
         t0 = time.monotonic()
         try:
-            client_got, backend_got = _run_threads(
-                lambda: _run_threads(lambda: _send_all_then_shut(client, up),
+            client_got, backend_got = srv.run_threads(
+                lambda: srv.run_threads(lambda: _send_all_then_shut(client, up),
                                      lambda: srv.recv_to_eof(client))[1],
                 lambda: _duplex_backend_handler(conn, down),
                 timeout=90.0)
@@ -185,7 +161,7 @@ def test_half_close_client_first(proxy_path, tmp_path):
             return srv.recv_to_eof(client)
 
         try:
-            (n, digest), got = _run_threads(backend_side, client_side)
+            (n, digest), got = srv.run_threads(backend_side, client_side)
         finally:
             client.close()
             conn.close()
@@ -209,7 +185,7 @@ def test_half_close_backend_first(proxy_path, tmp_path):
             # The client sees the whole greeting, then EOF, while its own side stays open.
             assert srv.recv_to_eof(client) == (len(greeting), srv.sha(greeting))
             time.sleep(0.1)
-            got = _run_threads(lambda: _send_all_then_shut(client, upload),
+            got = srv.run_threads(lambda: _send_all_then_shut(client, upload),
                                lambda: srv.recv_to_eof(conn))[1]
             assert got == (len(upload), srv.sha(upload))
             # Both directions are finished: the proxy closes the client.
@@ -370,10 +346,10 @@ def test_byte_counters_match_traffic(proxy_path, tmp_path):
             client = srv.connect("127.0.0.1", p.port)
             conn = backend.accept()
             try:
-                got_b, got_c = _run_threads(
-                    lambda c=conn, d=down: _run_threads(lambda: _send_all_then_shut(c, d),
+                got_b, got_c = srv.run_threads(
+                    lambda c=conn, d=down: srv.run_threads(lambda: _send_all_then_shut(c, d),
                                                         lambda: srv.recv_to_eof(c))[1],
-                    lambda c=client, u=up: _run_threads(lambda: _send_all_then_shut(c, u),
+                    lambda c=client, u=up: srv.run_threads(lambda: _send_all_then_shut(c, u),
                                                         lambda: srv.recv_to_eof(c))[1])
             finally:
                 client.close()

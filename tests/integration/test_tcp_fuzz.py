@@ -155,28 +155,6 @@ def _side(sock, data, chunks, pauses, read_first: bool):
     return got
 
 
-def _both(fn_a, fn_b, timeout: float = EXAMPLE_TIMEOUT * 2):
-    results: list = [None, None]
-    errors: list = []
-
-    def run(i, fn):
-        try:
-            results[i] = fn()
-        except BaseException as e:  # noqa: B036 - handed back to the test thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, fn), daemon=True)
-               for i, fn in enumerate((fn_a, fn_b))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in threads):
-        raise AssertionError("the transfer hung (over %.0f s)" % timeout)
-    if errors:
-        raise errors[0]
-    return results
 
 
 # --------------------------------------------------------------------------
@@ -196,10 +174,11 @@ def test_transfer_integrity(relay, up_size, down_size, seed, up_chunks, down_chu
     before = relay.proxy.stats()
     client, conn = relay.pair()
     try:
-        client_got, backend_got = _both(
+        client_got, backend_got = srv.run_threads(
             lambda: _side(client, up, up_chunks, up_pauses, read_first=ordering == "backend_first"),
             lambda: _side(conn, down, down_chunks, down_pauses,
                           read_first=ordering == "client_first"),
+            timeout=EXAMPLE_TIMEOUT * 2,
         )
     finally:
         client.close()

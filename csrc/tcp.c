@@ -448,9 +448,9 @@ static ssize_t dir_write(struct sp_engine *e, struct sp_dir *d, int dst)
 }
 
 /* Move as much as possible in one direction.  Returns 0, or -errno when the
- * connection is broken; *err_on_dst tells which side the error came from. */
+ * connection is broken (on either side: both are reset then). */
 static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, int src, int dst,
-		    bool *src_rd, bool *dst_wr, enum sp_stat bytes_stat, bool *err_on_dst)
+		    bool *src_rd, bool *dst_wr, enum sp_stat bytes_stat)
 {
 	bool progress = true;
 
@@ -463,7 +463,6 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 			if (n == -EAGAIN) {
 				*dst_wr = false;
 			} else if (n < 0) {
-				*err_on_dst = true;
 				return (int)n;
 			} else {
 				sp_count(e, bytes_stat, (uint64_t)n);
@@ -477,10 +476,8 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 		if (d->eof) {
 			if (!d->queued && !d->shut) {
 				sp_sys(e, SP_STAT_SYS_SHUTDOWN);
-				if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN) {
-					*err_on_dst = true;
+				if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN)
 					return -errno;
-				}
 				d->shut = true;
 				if (d == &c->c2b && !c->b2c.eof)
 					c->fin_first = true;
@@ -510,7 +507,6 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 				*src_rd = false;
 				dir_idle(e, d);
 			} else if (n < 0) {
-				*err_on_dst = false;
 				return (int)n;
 			} else if (n == 0) {
 				d->eof = true;
@@ -528,6 +524,14 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 		}
 	}
 	return 0;
+}
+
+/* A side is broken (err): reset both, as the NAT path would pass the reset on. */
+static void conn_abort(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
+{
+	sp_count_error(e, err);
+	sp_count(e, SP_STAT_TCP_RESETS, 1);
+	conn_close(e, idx, c, true, true);
 }
 
 /* Queue a connection that could not get a pipe for a later retry. */
@@ -578,24 +582,14 @@ static void feed_starved(struct sp_engine *e)
 /* Run both pumps; close the connection when done or broken. */
 static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
-	bool err_on_dst = false;
 	int rc;
 
-	rc = dir_pump(e, c, &c->c2b, c->cfd, c->bfd, &c->c_rd, &c->b_wr, SP_STAT_BYTES_C2B,
-		      &err_on_dst);
+	rc = dir_pump(e, c, &c->c2b, c->cfd, c->bfd, &c->c_rd, &c->b_wr, SP_STAT_BYTES_C2B);
+	if (rc == 0)
+		rc = dir_pump(e, c, &c->b2c, c->bfd, c->cfd, &c->b_rd, &c->c_wr,
+			      SP_STAT_BYTES_B2C);
 	if (rc < 0) {
-		/* A broken side is reset; so is the other, as the NAT path would. */
-		sp_count_error(e, -rc);
-		sp_count(e, SP_STAT_TCP_RESETS, 1);
-		conn_close(e, idx, c, true, true);
-		return;
-	}
-	rc = dir_pump(e, c, &c->b2c, c->bfd, c->cfd, &c->b_rd, &c->c_wr, SP_STAT_BYTES_B2C,
-		      &err_on_dst);
-	if (rc < 0) {
-		sp_count_error(e, -rc);
-		sp_count(e, SP_STAT_TCP_RESETS, 1);
-		conn_close(e, idx, c, true, true);
+		conn_abort(e, idx, c, -rc);
 		return;
 	}
 	if (c->c2b.shut && c->b2c.shut) {
@@ -882,9 +876,7 @@ static void conn_event(struct sp_engine *e, unsigned type, uint32_t idx, struct 
 		int err = sock_error(e, type == SP_TAG_TCP_CLIENT ? c->cfd : c->bfd);
 
 		if (err) {
-			sp_count_error(e, err);
-			sp_count(e, SP_STAT_TCP_RESETS, 1);
-			conn_close(e, idx, c, true, true);
+			conn_abort(e, idx, c, err);
 			return;
 		}
 	}

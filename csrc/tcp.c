@@ -631,16 +631,21 @@ static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *conne
 			  uint16_t *bound_port)
 {
 	struct sp_port_pool *pp = NULL;
-	int fd, rc, one = 1;
-	uint16_t port = 0;
+	struct sockaddr_storage local;
+	socklen_t len;
+	int fd, rc, one = 1, tries;
+	uint16_t port;
 
-	if (e->tcp->n_ports > l->id)
+	*bound_port = 0;
+	if (e->tcp->n_ports > l->id && e->now_ms >= e->tcp->ports[l->id].disabled_until)
 		pp = &e->tcp->ports[l->id];
-	if (pp && pp->n && e->now_ms >= pp->disabled_until)
-		port = pp->ports[--pp->n];
+	memset(&local, 0, sizeof(local));
+	local.ss_family = l->backend.ss_family;
+	len = local.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+					  : sizeof(struct sockaddr_in);
 again:
 	*connect_err = 0;
-	*bound_port = port;
+	port = 0;
 	sp_sys(e, SP_STAT_SYS_SOCKET);
 	fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd == -1)
@@ -651,46 +656,46 @@ again:
 	 * remnant does not block a later explicit bind to its port. */
 	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (port) {
-		struct sockaddr_storage local;
-		socklen_t len;
+	/* A port also held by another program's socket (no SO_REUSEADDR) cannot
+	 * be bound: try the next one on the same socket, then let the kernel
+	 * choose.  Only a failed takeover of our own TIME_WAIT counts against
+	 * the pool. */
+	for (tries = 0; pp && pp->n && tries < 4; tries++) {
+		uint16_t p = pp->ports[--pp->n];
 
-		memset(&local, 0, sizeof(local));
-		local.ss_family = l->backend.ss_family;
-		if (local.ss_family == AF_INET6) {
-			((struct sockaddr_in6 *)&local)->sin6_port = port;
-			len = sizeof(struct sockaddr_in6);
-		} else {
-			((struct sockaddr_in *)&local)->sin_port = port;
-			len = sizeof(struct sockaddr_in);
-		}
+		if (local.ss_family == AF_INET6)
+			((struct sockaddr_in6 *)&local)->sin6_port = p;
+		else
+			((struct sockaddr_in *)&local)->sin_port = p;
 		sp_sys(e, SP_STAT_SYS_BIND);
-		if (bind(fd, (struct sockaddr *)&local, len) == -1)
-			goto reuse_failed;
+		if (bind(fd, (struct sockaddr *)&local, len) == 0) {
+			port = p;
+			break;
+		}
 	}
+	*bound_port = port;
 	do {
 		sp_sys(e, SP_STAT_SYS_CONNECT);
 		rc = connect(fd, (struct sockaddr *)&l->backend, l->backend_len);
 	} while (rc == -1 && errno == EINTR);
 	if (rc == -1 && errno != EINPROGRESS) {
-		if (port && (errno == EADDRNOTAVAIL || errno == EADDRINUSE))
-			goto reuse_failed;
+		if (port && (errno == EADDRNOTAVAIL || errno == EADDRINUSE)) {
+			/* That 4-tuple is not free to take over (e.g. a backend
+			 * without timestamps): use a port of the kernel's. */
+			sp_close(e, fd);
+			if (++pp->fails >= PORT_REUSE_FAILS) {
+				pp->disabled_until = e->now_ms + PORT_REUSE_BACKOFF_MS;
+				pp->n = 0;
+				pp->fails = 0;
+			}
+			pp = NULL;
+			goto again;
+		}
 		*connect_err = errno;
 	} else if (port) {
 		pp->fails = 0;
 	}
 	return fd;
-
-reuse_failed:
-	/* That 4-tuple is not free to take over: use a port of the kernel's. */
-	sp_close(e, fd);
-	if (++pp->fails >= PORT_REUSE_FAILS) {
-		pp->disabled_until = e->now_ms + PORT_REUSE_BACKOFF_MS;
-		pp->n = 0;
-		pp->fails = 0;
-	}
-	port = 0;
-	goto again;
 }
 
 /* Start relaying an accepted client: open and connect the backend socket. */

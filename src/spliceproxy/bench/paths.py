@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from spliceproxy.bench import topology as topo_mod
 from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
 
-# Backend ports in the container, published ports on the host per path.
+# Backend ports in the container (each path gets its own set, ECHO + 10 * i
+# and so on: connections of one path then never compete with another's
+# TIME_WAIT sockets for 4-tuples), published ports on the host per path.
 ECHO, SINK, UDP = 7001, 7002, 7003
 PORT_BASE = {"iptables": 8100, "spliceproxy": 8200, "docker-proxy": 8300,
              "haproxy": 8400, "socat": 8500}
@@ -104,7 +106,7 @@ class Paths:
         self.runtimes: dict[str, PathRuntime] = {}
         self.skipped: dict[str, str] = {}
         self.tmp = tempfile.mkdtemp(prefix="spb-")
-        self.server_proc = None
+        self.server_procs: list = []
 
     # -- addresses -----------------------------------------------------------
     @property
@@ -128,11 +130,11 @@ class Paths:
 
     # -- lifecycle -----------------------------------------------------------
     def start(self, progress=lambda msg: None) -> None:
-        self._start_servers()
         wanted = self.only or ALL_PATHS
-        for name in wanted:
+        for i, name in enumerate(wanted):
             try:
                 progress("starting %s" % name)
+                self._start_servers(i)
                 rt = getattr(self, "_start_" + name.replace("-", "_"))()
             except Exception as exc:  # noqa: BLE001 - reported, path skipped
                 self.skipped[name] = "failed to start: %s" % exc
@@ -145,28 +147,30 @@ class Paths:
             for p in rt.procs.values():
                 _stop(p)
         self.runtimes.clear()
-        if self.server_proc is not None:
-            _stop(self.server_proc)
-            self.server_proc = None
+        for proc in self.server_procs:
+            _stop(proc)
+        self.server_procs.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _start_servers(self) -> None:
+    def _start_servers(self, index: int) -> None:
+        """The backend servers of one path; sets echo_port, sink_port, udp_port."""
         import sys
 
         ns = self.topo.container if self.topo else None
         pre = topo_mod.child_preexec(ns)
-        ports = [ECHO, SINK, UDP] if self.topo else [0, 0, 0]
+        ports = [p + 10 * index for p in (ECHO, SINK, UDP)] if self.topo else [0, 0, 0]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         try:
-            self.server_proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "spliceproxy.bench.servers", self.backend_ip]
                 + [str(p) for p in ports], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 preexec_fn=pre, env=env)
         finally:
             if pre.fd >= 0:
                 os.close(pre.fd)
-        line = self.server_proc.stdout.readline().split()
+        self.server_procs.append(proc)
+        line = proc.stdout.readline().split()
         if len(line) != 3:
             raise RuntimeError("backend servers failed to start")
         self.echo_port, self.sink_port, self.udp_port = (int(p) for p in line)
@@ -202,7 +206,8 @@ class Paths:
             self.skipped["iptables"] = "needs root and network namespaces"
             return None
         base = PORT_BASE["iptables"]
-        for proto, off, to in (("tcp", 0, ECHO), ("tcp", 1, SINK), ("udp", 2, UDP)):
+        for proto, off, to in (("tcp", 0, self.echo_port), ("tcp", 1, self.sink_port),
+                               ("udp", 2, self.udp_port)):
             self.topo.add_dnat(proto, base + off, topo_mod.CONTAINER_IP, to)
         ep = Endpoint((topo_mod.HOST_EXT_IP, base), (topo_mod.HOST_EXT_IP, base + 1),
                       (topo_mod.HOST_EXT_IP, base + 2))

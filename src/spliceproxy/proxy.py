@@ -175,11 +175,12 @@ class Proxy:
         self.listen_fd_inherited = True
         proto = config.proto
         self.net = proto + ("4" if config.host_family == AF_INET else "6")
-        self.front = "%s/%s" % (proto, hostport(config.host_ip or "::", config.host_port))
-        self.back = "%s/%s" % (proto, hostport(config.container_ip or "0.0.0.0",
-                                                config.container_port))
+        # An empty -host-ip is a nil IP to Go: it listens on [::], IPv6-only.
+        self.listen_hostport = hostport(config.host_ip or "::", config.host_port)
+        self.front = "%s/%s" % (proto, self.listen_hostport)
         self.backend_hostport = hostport(config.container_ip or "0.0.0.0",
                                          config.container_port)
+        self.back = "%s/%s" % (proto, self.backend_hostport)
 
     # -- startup ---------------------------------------------------------
 
@@ -195,7 +196,7 @@ class Proxy:
                                % c.container_port)
         if not c.use_listen_fd and not 0 <= c.host_port <= 65535:
             raise StartupError("failed to listen on %s: listen %s: address %d: invalid port"
-                               % (hostport(c.host_ip or "::", c.host_port), self.net, c.host_port))
+                               % (self.listen_hostport, self.net, c.host_port))
 
     def open_listener(self) -> int:
         c = self.config
@@ -204,7 +205,7 @@ class Proxy:
             return self._adopt_listen_fd(sock_type)
         fd, step = _engine.open_listener(sock_type, c.host_family, c.host_addr, c.host_port)
         if fd < 0:
-            where = hostport(c.host_ip or "::", c.host_port)
+            where = self.listen_hostport
             raise StartupError("failed to listen on %s: listen %s %s: %s: %s"
                                % (where, self.net, where, step, go_strerror(-fd)))
         return fd

@@ -16,11 +16,13 @@ import errno
 import hashlib
 import os
 import resource
+import select
 import selectors
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -472,3 +474,58 @@ def run_threads(*fns, timeout: float = 60.0) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+# The load generator's C echo server in a child process, on a given port (0:
+# any); it prints the port and stops when stdin closes.
+C_ECHO = r"""
+import resource, socket, sys
+from spliceproxy.bench import loadgen
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+ffi, lib = loadgen.load()
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", int(sys.argv[1])))
+ls.listen(4096)
+ls.setblocking(False)
+sys.stdout.write("%d\n" % ls.getsockname()[1])
+sys.stdout.flush()
+rc = lib.lg_serve(ffi.new("int[]", [ls.fileno()]), ffi.new("int[]", [0]), 1, 0)
+sys.exit(0 if rc == 0 else 1)
+"""
+
+
+class CEcho:
+    """The C echo backend as a child process (no GIL shared with the test)."""
+
+    def __init__(self, port: int = 0):
+        self.proc = subprocess.Popen([sys.executable, "-c", C_ECHO, str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20.0)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            self.close()
+            raise AssertionError("C echo backend did not start")
+        self.port = int(line)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> CEcho:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -16,8 +16,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -33,24 +31,6 @@ loadgen = pytest.importorskip("spliceproxy.bench.loadgen")
 CONCURRENT = 10_000
 CHURN_TOTAL = 100_000
 CHURN_CHUNK = 10_000
-
-# The echo backend: the load generator's epoll server; it stops when stdin closes.
-BACKEND = r"""
-import resource, socket, sys
-from spliceproxy.bench import loadgen
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-ffi, lib = loadgen.load()
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", 0))
-ls.listen(4096)
-ls.setblocking(False)
-sys.stdout.write("%d\n" % ls.getsockname()[1])
-sys.stdout.flush()
-rc = lib.lg_serve(ffi.new("int[]", [ls.fileno()]), ffi.new("int[]", [0]), 1, 0)
-sys.exit(0 if rc == 0 else 1)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +49,8 @@ def nofile():
 
 @pytest.fixture
 def c_echo(nofile):
-    proc = subprocess.Popen([sys.executable, "-c", BACKEND], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
-    try:
-        line = proc.stdout.readline()
-        assert line, "echo backend did not start"
-        yield int(line)
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+    with srv.CEcho() as echo:
+        yield echo.port
 
 
 @pytest.fixture

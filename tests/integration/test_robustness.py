@@ -46,59 +46,6 @@ RESET_ERRORS = (ConnectionResetError, BrokenPipeError)
 # --------------------------------------------------------------------------
 # Helpers.
 
-# The load generator's C echo server in a child process, on a given port (0:
-# any); it prints the port and stops when stdin closes.
-C_ECHO = r"""
-import resource, socket, sys
-from spliceproxy.bench import loadgen
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-ffi, lib = loadgen.load()
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", int(sys.argv[1])))
-ls.listen(4096)
-ls.setblocking(False)
-sys.stdout.write("%d\n" % ls.getsockname()[1])
-sys.stdout.flush()
-rc = lib.lg_serve(ffi.new("int[]", [ls.fileno()]), ffi.new("int[]", [0]), 1, 0)
-sys.exit(0 if rc == 0 else 1)
-"""
-
-
-class CEcho:
-    """The C echo backend as a child process (no GIL shared with the test)."""
-
-    def __init__(self, port: int = 0):
-        self.proc = subprocess.Popen([sys.executable, "-c", C_ECHO, str(port)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 20.0)
-        line = self.proc.stdout.readline() if ready else b""
-        if not line:
-            self.close()
-            raise AssertionError("C echo backend did not start")
-        self.port = int(line)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-
-    def __enter__(self) -> CEcho:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @pytest.fixture
@@ -186,7 +133,7 @@ def test_idle_and_trickling_connections_do_not_starve_active_ones(proxy_path, tm
     ffi, lib = lg
     n_idle, n_trickle = 1800, 200
     srv.raise_nofile(2 * (n_idle + n_trickle) + 512)
-    with CEcho() as echo, srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1",
+    with srv.CEcho() as echo, srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1",
                                     echo.port) as p:
         base_mbps = bulk_echo(p.port, 64 * MIB)
         base_lat = echo_latencies(lg, p.port, 500)
@@ -504,7 +451,7 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 def test_backend_restarting_under_load(proxy_path, tmp_path):
     port = srv.free_port()
-    echo = CEcho(port)
+    echo = srv.CEcho(port)
     with srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", port) as p:
         results: list[tuple[float, bool]] = []
         stop = threading.Event()
@@ -531,7 +478,7 @@ def test_backend_restarting_under_load(proxy_path, tmp_path):
             echo.kill()
             time.sleep(1.0)
             t_down_end = time.monotonic()
-            echo = CEcho(port)
+            echo = srv.CEcho(port)
             t_up = time.monotonic()
             time.sleep(1.5)
         finally:

@@ -13,7 +13,7 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/sockets.c"]
+CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/sockets.c", "csrc/fastpath.c"]
 
 
 class LoudBuildExt(build_ext):
@@ -50,7 +50,17 @@ def extensions():
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )
-    exts = cythonize([engine], language_level=3, compiler_directives={"binding": False})
+    # The kernel fast path (csrc/fastpath.c) has its own small binding, so
+    # it can be loaded and tested apart from the relay.
+    fastpath = Extension(
+        "spliceproxy._fastpath",
+        sources=["src/spliceproxy/_fastpath.pyx", "csrc/fastpath.c"],
+        include_dirs=["csrc"],
+        define_macros=[("_GNU_SOURCE", "1")],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+    exts = cythonize([engine, fastpath], language_level=3, compiler_directives={"binding": False})
     return exts
 
 

@@ -137,7 +137,7 @@ static void prog_end(struct prog *p)
 static void emit_out_if_v6_loopback(struct prog *p, int base, short off)
 {
 	emit(p, LDX(BPF_W, R3, base, off + 12));	/* last word ...   */
-	emit(p, JNE_IMM(R3, (int32_t)htonl(1), 5));	/* ... not 1: fine */
+	emit(p, JNE_IMM(R3, (int32_t)htonl(1), 6));	/* ... not 1: fine */
 	emit(p, LDX(BPF_W, R3, base, off));
 	emit(p, LDX(BPF_W, R4, base, off + 4));
 	emit(p, OR_REG(R3, R4));

@@ -167,6 +167,13 @@ def _local_v6() -> list[str]:
     return out
 
 
+def _unmapped(ip: str) -> str:
+    """::ffff:a.b.c.d is IPv4, as docker-proxy (Go's To4) reads it."""
+    if ip.lower().startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
+
+
 def _family(ip: str) -> int:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
@@ -247,6 +254,7 @@ class FastPath:
         when the fast path cannot serve it (6->4 and 4->6 stay on the relay)."""
         if proto not in _PROTOS:
             raise ValueError("protocol must be tcp or udp, not %r" % proto)
+        host_ip, container_ip = _unmapped(host_ip), _unmapped(container_ip)
         for port in (host_port, container_port):
             if not 1 <= int(port) <= 65535:
                 raise ValueError("port out of range: %r" % port)

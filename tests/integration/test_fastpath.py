@@ -417,6 +417,13 @@ def test_wildcard_mapping_serves_every_local_address_and_no_wildcard(
         fp.add_address(m.id, "0.0.0.0")
 
 
+def test_v4_mapped_host_address_is_ipv4(container, fp, cgroup, relays):
+    relay = relays("127.0.0.1")
+    m = fp.add_mapping("tcp", "::ffff:127.0.0.1", relay.port, CONT4, CPORT, relay.sock)
+    assert (m.host_ip, m.addresses) == ("127.0.0.1", ["127.0.0.1"])
+    assert client(cgroup, "tcp", "127.0.0.1", relay.port, size=64)["echo"]
+
+
 # ---------------------------------------------------------------------------
 # Never misroute
 

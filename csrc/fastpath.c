@@ -15,6 +15,13 @@
  *
  * Socket storage maps need BTF for their key and value; a four-type blob is
  * built by hand below.
+ *
+ * Why the listener check is a socket lookup plus a storage tag rather than a
+ * SOCKMAP holding the listener: a socket put in a sockmap gets a psock and
+ * BPF protocol ops, which would put every relayed byte of that listener's
+ * connections through extra code; socket storage changes nothing on the
+ * socket, dies with it, and the lookup also proves the tagged socket is the
+ * one a plain connect would reach.
  */
 #include "fastpath.h"
 
@@ -509,6 +516,40 @@ static int load_prog(struct fp_report *rep, int hook, const struct prog *p)
 		return fail(rep, FP_FAIL_KERNEL, err, "%s: this kernel lacks a helper the program needs",
 			    hooks[hook].name);
 	return fail(rep, FP_FAIL_VERIFIER, err, "%s: rejected by the verifier", hooks[hook].name);
+}
+
+/**
+ * fp_try_load() - load a caller's program for one hook, then drop it
+ * @hook:	enum fp_hook
+ * @insns:	struct bpf_insn array
+ * @n:		how many
+ * @rep:	as for fp_open()
+ *
+ * Lets the failure classification be checked with programs that must fail.
+ */
+int fp_try_load(int hook, const void *insns, unsigned int n, struct fp_report *rep)
+{
+	struct prog *p;
+	int fd;
+
+	if (hook < 0 || hook >= FP_HOOKS || n > FP_MAX_INSNS)
+		return -EINVAL;
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	memcpy(p->insn, insns, n * sizeof(struct bpf_insn));
+	p->n = (int)n;
+	if (rep) {
+		rep->kind = FP_FAIL_NONE;
+		rep->err = 0;
+		rep->what[0] = '\0';
+	}
+	fd = load_prog(rep, hook, p);
+	free(p);
+	if (fd < 0)
+		return fd;
+	close(fd);
+	return 0;
 }
 
 /* The netns cookie of the calling thread's namespace. */

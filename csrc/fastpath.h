@@ -113,6 +113,7 @@ int fp_tag(struct fp *fp, int sock_fd, uint32_t id);
 int fp_untag(struct fp *fp, int sock_fd);
 int fp_tag_get(struct fp *fp, int sock_fd, uint32_t *id);
 
+int fp_try_load(int hook, const void *insns, unsigned int n, struct fp_report *rep);
 int fp_attached(const char *cgroup_path, unsigned int counts[FP_HOOKS]);
 int fp_programs_loaded(void);
 

@@ -49,6 +49,7 @@ cdef extern from "fastpath.h" nogil:
     int fp_tag(fp *f, int sock_fd, uint32_t id)
     int fp_untag(fp *f, int sock_fd)
     int fp_tag_get(fp *f, int sock_fd, uint32_t *id)
+    int fp_try_load(int hook, const void *insns, unsigned int n, fp_report *rep)
     int fp_attached(const char *cgroup_path, unsigned int *counts)
     int fp_programs_loaded()
 
@@ -198,6 +199,30 @@ cdef class Programs:
         cdef uint32_t v = 0
         check(fp_tag_get(self.live(), sock_fd, &v))
         return v
+
+
+def try_load(hook, bytes insns):
+    """Load raw instructions (8 bytes each) for one hook and drop them;
+    raises LoadError classified as fp_open() would."""
+    cdef fp_report rep
+    cdef int rc
+    cdef int h = HOOKS.index(hook)
+    memset(&rep, 0, sizeof(rep))
+    rep.log = <char *>malloc(_LOG_SIZE)
+    if rep.log == NULL:
+        raise MemoryError()
+    rep.log_size = _LOG_SIZE
+    rep.log[0] = 0
+    try:
+        rc = fp_try_load(h, <const char *>insns, len(insns) // 8, &rep)
+        if rc == -22 and rep.kind == 0:
+            raise ValueError("bad hook or program size")
+        if rc < 0:
+            kind = FAIL_KINDS[rep.kind] if 0 <= rep.kind < len(FAIL_KINDS) else "other"
+            raise LoadError(kind, rep.err, rep.what.decode(errors="replace"),
+                            rep.log.decode(errors="replace"))
+    finally:
+        free(rep.log)
 
 
 def attached(cgroup_path):

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -417,6 +418,15 @@ def test_wildcard_mapping_serves_every_local_address_and_no_wildcard(
         fp.add_address(m.id, "0.0.0.0")
 
 
+def test_ipv6_wildcard_mapping_serves_local_ipv6_addresses(container, fp, cgroup, relays):
+    relay = relays("::")
+    m = fp.add_mapping("tcp", "::", relay.port, CONT6, CPORT, relay.sock)
+    assert "::1" in m.addresses and HOST6 in m.addresses and "::" not in m.addresses
+    assert not any(a.startswith("fe80") for a in m.addresses)
+    got = client(cgroup, "tcp", HOST6, relay.port, size=4096)
+    assert got.get("echo") and got["peer"] == [HOST6, relay.port], got
+
+
 def test_v4_mapped_host_address_is_ipv4(container, fp, cgroup, relays):
     relay = relays("127.0.0.1")
     m = fp.add_mapping("tcp", "::ffff:127.0.0.1", relay.port, CONT4, CPORT, relay.sock)
@@ -578,3 +588,27 @@ def test_load_without_privilege_says_permission(cgroup):
     assert r.returncode == 0, r.stderr.decode()
     kind, text = r.stdout.decode().strip().split("|", 1)
     assert kind == "permission", text
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+MOV64_IMM, MOV64_REG, CALL, EXIT = 0xb7, 0xbf, 0x85, 0x95
+
+
+def test_verifier_rejection_is_reported_with_its_log():
+    from spliceproxy import _fastpath
+    _fastpath.try_load("connect4", _insn(MOV64_IMM, 0, imm=1) + _insn(EXIT))  # loads
+    with pytest.raises(_fastpath.LoadError) as e:
+        _fastpath.try_load("connect4", _insn(MOV64_REG, 0, 5) + _insn(EXIT))  # R5 unset
+    assert e.value.kind == "verifier" and "R5 !read_ok" in e.value.log, e.value.log
+    assert "connect4" in e.value.what
+
+
+def test_missing_helper_is_reported_as_the_kernel():
+    from spliceproxy import _fastpath
+    with pytest.raises(_fastpath.LoadError) as e:
+        _fastpath.try_load("recvmsg6", _insn(CALL, imm=100000) + _insn(MOV64_IMM, 0, imm=1)
+                           + _insn(EXIT))
+    assert e.value.kind == "kernel", (e.value.what, e.value.log)

@@ -352,18 +352,21 @@ struct fp {
 	uint64_t cookie;
 };
 
+/* name: for messages; short: the program's name (15 characters at most),
+ * distinct per hook so that a listing of the host's programs tells them apart. */
 static const struct {
 	const char *name;
+	const char *short_name;
 	enum bpf_attach_type type;
 } hooks[FP_HOOKS] = {
-	[FP_CONNECT4]     = { "connect4", BPF_CGROUP_INET4_CONNECT },
-	[FP_CONNECT6]     = { "connect6", BPF_CGROUP_INET6_CONNECT },
-	[FP_SENDMSG4]     = { "sendmsg4", BPF_CGROUP_UDP4_SENDMSG },
-	[FP_SENDMSG6]     = { "sendmsg6", BPF_CGROUP_UDP6_SENDMSG },
-	[FP_RECVMSG4]     = { "recvmsg4", BPF_CGROUP_UDP4_RECVMSG },
-	[FP_RECVMSG6]     = { "recvmsg6", BPF_CGROUP_UDP6_RECVMSG },
-	[FP_GETPEERNAME4] = { "getpeername4", BPF_CGROUP_INET4_GETPEERNAME },
-	[FP_GETPEERNAME6] = { "getpeername6", BPF_CGROUP_INET6_GETPEERNAME },
+	[FP_CONNECT4]     = { "connect4", "conn4", BPF_CGROUP_INET4_CONNECT },
+	[FP_CONNECT6]     = { "connect6", "conn6", BPF_CGROUP_INET6_CONNECT },
+	[FP_SENDMSG4]     = { "sendmsg4", "send4", BPF_CGROUP_UDP4_SENDMSG },
+	[FP_SENDMSG6]     = { "sendmsg6", "send6", BPF_CGROUP_UDP6_SENDMSG },
+	[FP_RECVMSG4]     = { "recvmsg4", "recv4", BPF_CGROUP_UDP4_RECVMSG },
+	[FP_RECVMSG6]     = { "recvmsg6", "recv6", BPF_CGROUP_UDP6_RECVMSG },
+	[FP_GETPEERNAME4] = { "getpeername4", "peer4", BPF_CGROUP_INET4_GETPEERNAME },
+	[FP_GETPEERNAME6] = { "getpeername6", "peer6", BPF_CGROUP_INET6_GETPEERNAME },
 };
 
 /* bpf(2) returning the result or -errno. */
@@ -492,7 +495,8 @@ static int load_prog(struct fp_report *rep, int hook, const struct prog *p)
 	attr.insns = (uintptr_t)p->insn;
 	attr.insn_cnt = (unsigned int)p->n;
 	attr.license = (uintptr_t)"Dual MIT/GPL";
-	snprintf(attr.prog_name, sizeof(attr.prog_name), FP_NAME_PREFIX "%s", hooks[hook].name);
+	snprintf(attr.prog_name, sizeof(attr.prog_name), FP_NAME_PREFIX "%s",
+		 hooks[hook].short_name);
 	fd = sys_bpf(BPF_PROG_LOAD, &attr);
 	if (fd >= 0)
 		return fd;

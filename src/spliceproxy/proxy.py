@@ -170,6 +170,7 @@ class Proxy:
         self.config = config
         self.log = log
         self.engine: _engine.Engine | None = None
+        self.stats_fd = -1
         self.stopping = False
         self.listeners = 0
         self.listen_fd_inherited = True
@@ -245,11 +246,21 @@ class Proxy:
         """Everything up to a ready listener; StartupError on failure."""
         self.validate()
         try:
-            engine = _engine.Engine(stats_path)
+            engine = _engine.Engine()
         except OSError as e:
-            raise StartupError("cannot create the relay engine: %s%s" % (
-                go_strerror(e.errno), " (%s)" % stats_path if stats_path else "")) from None
+            raise StartupError("cannot create the relay engine: %s"
+                               % go_strerror(e.errno)) from None
         self.engine = engine
+        if stats_path:
+            try:
+                # Kept open for the life of the process; the engine writes
+                # copies of its counters to it and never reads it back.
+                self.stats_fd = os.open(stats_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                        0o600)
+                engine.set_stats_fd(self.stats_fd)
+            except OSError as e:
+                raise StartupError("cannot create the relay engine: %s (%s)" % (
+                    go_strerror(e.errno), stats_path)) from None
         configure_engine(engine)
         try:
             limit = _engine.raise_nofile()

@@ -105,17 +105,24 @@ struct sp_stats_header {
 	uint32_t names_len;
 };
 
-/* Tunables, set before or between runs with sp_engine_set_option(). */
+/* Tunables, set with sp_engine_set_option().  Those marked "sizing" size
+ * buffers and tables that live connections use, so they are refused with
+ * -EBUSY once a listener was added; the others apply at any time. */
 enum sp_option {
-	SP_OPT_PIPE_SIZE,          /* bytes per relay pipe (F_SETPIPE_SZ), default 1 MiB */
-	SP_OPT_PIPE_POOL_MAX,      /* idle pipes kept for reuse, default 16 */
-	SP_OPT_COPY_MODE,          /* SP_COPY_SPLICE (default) or SP_COPY_READWRITE */
-	SP_OPT_COPY_BUF,           /* buffer bytes in read/write mode, default 64 KiB */
-	SP_OPT_IDLE_TIMEOUT_MS,    /* reclaim half-closed pairs idle this long; 0 = never */
+	SP_OPT_PIPE_SIZE,          /* sizing: bytes per relay pipe (F_SETPIPE_SZ), default 1 MiB */
+	SP_OPT_PIPE_POOL_MAX,      /* sizing: idle pipes kept for reuse, default 16 */
+	SP_OPT_COPY_MODE,          /* sizing: SP_COPY_SPLICE (default) or SP_COPY_READWRITE */
+	SP_OPT_COPY_BUF,           /* sizing: buffer bytes in read/write mode, default 64 KiB */
+	SP_OPT_IDLE_TIMEOUT_MS,    /* reclaim half-closed pairs idle this long, default
+				    * 120000 (as conntrack's CLOSE_WAIT); 0 = never */
 	SP_OPT_UDP_TIMEOUT_MS,     /* UDP entry expiry, default 90000 */
-	SP_OPT_UDP_MAX_FLOWS,      /* UDP entries per listener, default 16384 */
+	SP_OPT_UDP_MAX_FLOWS,      /* sizing: UDP entries per listener, default 16384 */
 	SP_OPT_ACCEPT_BACKOFF_MS,  /* pause after EMFILE/ENFILE, default 100 */
 	SP_OPT_FD_LIMIT,           /* RLIMIT_NOFILE: accepting pauses near it; 0 = unknown */
+	SP_OPT_CONNECT_TIMEOUT_MS, /* give up a backend connect after this long, default
+				    * 30000; 0 = the kernel's own (about two minutes) */
+	SP_OPT_UDP_MAX_FLOWS_PER_ADDR, /* sizing: UDP entries per client address; 0 (default)
+					* = a sixteenth of SP_OPT_UDP_MAX_FLOWS */
 	SP_OPT_COUNT
 };
 

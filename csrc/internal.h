@@ -74,7 +74,6 @@ struct sp_engine {
 	struct sp_conn_table *tcp;    /* tcp.c */
 	struct sp_udp_engine *udp;    /* udp.c: flow table shared by UDP listeners */
 	struct sp_pipe_pool *pipes;   /* pipe.c */
-	char *copy_buf;               /* read/write copy mode buffer */
 
 	int64_t now_ms;               /* monotonic, refreshed once per wakeup */
 

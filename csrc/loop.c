@@ -255,6 +255,8 @@ static const int64_t option_defaults[SP_OPT_COUNT] = {
 	[SP_OPT_UDP_MAX_FLOWS] = 16384,
 	[SP_OPT_ACCEPT_BACKOFF_MS] = 100,
 	[SP_OPT_FD_LIMIT] = 0,
+	[SP_OPT_CONNECT_TIMEOUT_MS] = 30000,
+	[SP_OPT_UDP_MAX_FLOWS_PER_ADDR] = 0,
 };
 
 int sp_engine_new(struct sp_engine **out)
@@ -320,7 +322,6 @@ void sp_engine_free(struct sp_engine *e)
 	sp_udp_free(e);
 	sp_pipes_free(e);
 	free(e->listeners);
-	free(e->copy_buf);
 	sp_close(e, e->ctlfd);
 	sp_close(e, e->epfd);
 	/* The last image: every gauge back at zero, the final totals. */
@@ -329,10 +330,31 @@ void sp_engine_free(struct sp_engine *e)
 	free(e);
 }
 
+/* Whether an option sizes something live connections hold: a copy buffer
+ * allocated at the old size and read into at the new one overruns it. */
+static bool option_sizes(int option)
+{
+	switch (option) {
+	case SP_OPT_PIPE_SIZE:
+	case SP_OPT_PIPE_POOL_MAX:
+	case SP_OPT_COPY_MODE:
+	case SP_OPT_COPY_BUF:
+	case SP_OPT_UDP_MAX_FLOWS:
+	case SP_OPT_UDP_MAX_FLOWS_PER_ADDR:
+		return true;
+	default:
+		return false;
+	}
+}
+
 int sp_engine_set_option(struct sp_engine *e, int option, int64_t value)
 {
 	if (option < 0 || option >= SP_OPT_COUNT || value < 0)
 		return -EINVAL;
+	/* Sizing options are fixed once anything can be relayed, rather than
+	 * every buffer and table learning to be resized under live traffic. */
+	if (option_sizes(option) && e->n_listeners > 0)
+		return -EBUSY;
 	switch (option) {
 	case SP_OPT_COPY_MODE:
 		if (value != SP_COPY_SPLICE && value != SP_COPY_READWRITE)
@@ -341,8 +363,6 @@ int sp_engine_set_option(struct sp_engine *e, int option, int64_t value)
 	case SP_OPT_COPY_BUF:
 		if (value < 1 || value > (64 << 20))
 			return -EINVAL;
-		free(e->copy_buf);
-		e->copy_buf = NULL;
 		break;
 	case SP_OPT_PIPE_SIZE:
 		if (value < 4096 || value > (1 << 30))

@@ -48,6 +48,7 @@ struct sp_engine;
 	X(UDP_DROPS)           /* datagrams that could not be delivered */  \
 	X(PIPES_OPEN)          /* kernel pipes open now, pooled or in use (gauge) */ \
 	X(PIPES_IN_USE)        /* pipes holding data in flight (gauge) */   \
+	X(PIPE_RESIZE_DENIED)  /* F_SETPIPE_SZ refused (user pipe budget) */ \
 	X(FDS_OPEN)            /* descriptors the engine holds (gauge) */   \
 	X(ERR_EMFILE)          /* EMFILE/ENFILE seen */                     \
 	X(ERR_ENOBUFS)         /* ENOBUFS/ENOMEM seen */                    \

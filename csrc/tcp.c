@@ -377,6 +377,17 @@ static void dir_idle(struct sp_engine *e, struct sp_dir *d)
 	d->buf = NULL;
 }
 
+/* Whether a direction can take more bytes from its source: an empty one
+ * holds no pipe or buffer yet and takes one on the next read. */
+static bool dir_room(const struct sp_dir *d)
+{
+	if (d->buf)
+		return d->queued < d->buf_cap;
+	if (d->pipe.rd >= 0)
+		return d->queued < d->pipe.cap;
+	return true;
+}
+
 /* The read half of a pump step: move bytes from src into the direction's
  * pipe (or buffer).  Returns >0 bytes, 0 on EOF, -EAGAIN, or -errno. */
 static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
@@ -405,7 +416,7 @@ static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
 	}
 	do {
 		sp_sys(e, SP_STAT_SYS_SPLICE);
-		n = splice(src, NULL, d->pipe.wr, NULL, sp_pipe_capacity(e) - d->queued,
+		n = splice(src, NULL, d->pipe.wr, NULL, d->pipe.cap - d->queued,
 			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
 	} while (n == -1 && errno == EINTR);
 	if (n == -1)
@@ -484,7 +495,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 			}
 			break;
 		}
-		if (*src_rd && d->queued < (d->buf ? d->buf_cap : sp_pipe_capacity(e))) {
+		if (*src_rd && dir_room(d)) {
 			ssize_t n = dir_read(e, d, src);
 
 			if (n == -EMFILE || n == -ENFILE || n == -ENOMEM) {

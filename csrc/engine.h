@@ -37,6 +37,7 @@ struct sp_engine;
 	X(BYTES_B2C)           /* bytes relayed backend -> client */        \
 	X(ACCEPT_PAUSES)       /* accept paused for lack of descriptors */  \
 	X(IDLE_RECLAIMED)      /* half-closed pairs reclaimed by timeout */ \
+	X(HEADROOM_RECLAIMED)  /* half-closed pairs reset to make room for new clients */ \
 	X(UDP_FLOWS_ACTIVE)    /* UDP client entries now (gauge) */         \
 	X(UDP_FLOWS_CREATED)   /* UDP client entries created */             \
 	X(UDP_FLOWS_EXPIRED)   /* UDP entries expired after the timeout */  \
@@ -150,6 +151,7 @@ enum sp_event_kind {
 	SP_EV_UDP_FLOW_FAILED,    /* creating a backend socket failed (err) */
 	SP_EV_LISTENER_FAILED,    /* the listener failed and was removed (err) */
 	SP_EV_IDLE_RECLAIMED,     /* half-closed pairs reclaimed; count */
+	SP_EV_HEADROOM_RECLAIMED, /* half-closed pairs reset for lack of descriptors; count */
 };
 
 struct sp_event {

@@ -146,7 +146,13 @@ def configure_engine(engine: _engine.Engine) -> None:
         raise StartupError("invalid %sUDP_TIMEOUT: must be positive" % ENV_PREFIX)
     engine.set_option(_engine.OPT_UDP_TIMEOUT_MS, udp_timeout)
     engine.set_option(_engine.OPT_UDP_MAX_FLOWS, _env_int("UDP_MAX_FLOWS", 16384, 1, 1 << 24))
-    engine.set_option(_engine.OPT_IDLE_TIMEOUT_MS, _env_duration_ms("IDLE_TIMEOUT", 0))
+    engine.set_option(_engine.OPT_UDP_MAX_FLOWS_PER_ADDR,
+                      _env_int("UDP_MAX_FLOWS_PER_ADDR", 0, 0, 1 << 24))
+    # Half-closed pairs are reclaimed after two minutes by default, as
+    # conntrack forgets a CLOSE_WAIT entry; 0 = never.
+    engine.set_option(_engine.OPT_IDLE_TIMEOUT_MS, _env_duration_ms("IDLE_TIMEOUT", 120_000))
+    engine.set_option(_engine.OPT_CONNECT_TIMEOUT_MS,
+                      _env_duration_ms("CONNECT_TIMEOUT", 30_000))
 
 
 # --------------------------------------------------------------------------
@@ -332,6 +338,10 @@ class Proxy:
         if kind == _engine.EV_IDLE_RECLAIMED:
             return "Reclaimed %d idle half-closed connection%s on %s (SPLICEPROXY_IDLE_TIMEOUT)" % (
                 count, "" if count == 1 else "s", self.front)
+        if kind == _engine.EV_HEADROOM_RECLAIMED:
+            return ("Out of descriptors on %s: reset %d half-closed connection%s that made "
+                    "no progress for longest, to serve new clients" % (
+                        self.front, count, "" if count == 1 else "s"))
         return "engine event %d on %s: %s%s" % (kind, self.front, reason, times)
 
 

@@ -42,6 +42,7 @@ struct sp_engine;
 	X(UDP_FLOWS_CREATED)   /* UDP client entries created */             \
 	X(UDP_FLOWS_EXPIRED)   /* UDP entries expired after the timeout */  \
 	X(UDP_FLOWS_EVICTED)   /* UDP entries evicted by the table bound */ \
+	X(UDP_ADDR_EVICTED)    /* UDP entries evicted by the per-address bound */ \
 	X(UDP_DGRAMS_C2B)      /* datagrams client -> backend */            \
 	X(UDP_DGRAMS_B2C)      /* datagrams backend -> client */            \
 	X(UDP_BYTES_C2B)                                                    \
@@ -152,6 +153,7 @@ enum sp_event_kind {
 	SP_EV_LISTENER_FAILED,    /* the listener failed and was removed (err) */
 	SP_EV_IDLE_RECLAIMED,     /* half-closed pairs reclaimed; count */
 	SP_EV_HEADROOM_RECLAIMED, /* half-closed pairs reset for lack of descriptors; count */
+	SP_EV_UDP_ADDR_EVICTED,   /* entries evicted by the per-address bound; count */
 };
 
 struct sp_event {

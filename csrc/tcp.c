@@ -731,8 +731,9 @@ static void conn_drain(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 	c->draining = true;   /* the timer looks again */
 }
 
-/* Note a connection to finish draining (or to reset at its deadline). */
-static void dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
+/* Note a connection to finish draining (or to reset at its deadline);
+ * false without memory. */
+static bool dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 {
 	struct sp_conn_table *t = e->tcp;
 
@@ -741,11 +742,12 @@ static void dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 		struct conn_ref *n = realloc(t->dying, sizeof(*n) * cap);
 
 		if (!n)
-			return;  /* no deadline: it ends with its sockets' own timeouts */
+			return false;
 		t->dying = n;
 		t->cap_dying = cap;
 	}
 	t->dying[t->n_dying++] = (struct conn_ref){ .idx = idx, .gen = gen };
+	return true;
 }
 
 /*
@@ -767,7 +769,8 @@ static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, bool
 		conn_drain(e, idx, c);  /* the same side again: still delivering */
 		return;
 	}
-	if (c->broken || c->state != CONN_OPEN || d->shut) {
+	/* Without a deadline a draining pair could wait for good. */
+	if (c->broken || c->state != CONN_OPEN || d->shut || !dying_push(e, idx, c->gen)) {
 		conn_abort(e, idx, c, err);
 		return;
 	}
@@ -781,7 +784,6 @@ static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, bool
 		c->b_wr = true;
 	else
 		c->c_wr = true;
-	dying_push(e, idx, c->gen);
 	conn_drain(e, idx, c);
 }
 

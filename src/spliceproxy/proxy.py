@@ -146,7 +146,13 @@ def configure_engine(engine: _engine.Engine) -> None:
         raise StartupError("invalid %sUDP_TIMEOUT: must be positive" % ENV_PREFIX)
     engine.set_option(_engine.OPT_UDP_TIMEOUT_MS, udp_timeout)
     engine.set_option(_engine.OPT_UDP_MAX_FLOWS, _env_int("UDP_MAX_FLOWS", 16384, 1, 1 << 24))
-    engine.set_option(_engine.OPT_IDLE_TIMEOUT_MS, _env_duration_ms("IDLE_TIMEOUT", 0))
+    engine.set_option(_engine.OPT_UDP_MAX_FLOWS_PER_ADDR,
+                      _env_int("UDP_MAX_FLOWS_PER_ADDR", 0, 0, 1 << 24))
+    # Half-closed pairs are reclaimed after two minutes by default, as
+    # conntrack forgets a CLOSE_WAIT entry; 0 = never.
+    engine.set_option(_engine.OPT_IDLE_TIMEOUT_MS, _env_duration_ms("IDLE_TIMEOUT", 120_000))
+    engine.set_option(_engine.OPT_CONNECT_TIMEOUT_MS,
+                      _env_duration_ms("CONNECT_TIMEOUT", 30_000))
 
 
 # --------------------------------------------------------------------------
@@ -170,6 +176,7 @@ class Proxy:
         self.config = config
         self.log = log
         self.engine: _engine.Engine | None = None
+        self.stats_fd = -1
         self.stopping = False
         self.listeners = 0
         self.listen_fd_inherited = True
@@ -245,11 +252,21 @@ class Proxy:
         """Everything up to a ready listener; StartupError on failure."""
         self.validate()
         try:
-            engine = _engine.Engine(stats_path)
+            engine = _engine.Engine()
         except OSError as e:
-            raise StartupError("cannot create the relay engine: %s%s" % (
-                go_strerror(e.errno), " (%s)" % stats_path if stats_path else "")) from None
+            raise StartupError("cannot create the relay engine: %s"
+                               % go_strerror(e.errno)) from None
         self.engine = engine
+        if stats_path:
+            try:
+                # Kept open for the life of the process; the engine writes
+                # copies of its counters to it and never reads it back.
+                self.stats_fd = os.open(stats_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                        0o600)
+                engine.set_stats_fd(self.stats_fd)
+            except OSError as e:
+                raise StartupError("cannot create the relay engine: %s (%s)" % (
+                    go_strerror(e.errno), stats_path)) from None
         configure_engine(engine)
         try:
             limit = _engine.raise_nofile()
@@ -321,6 +338,14 @@ class Proxy:
         if kind == _engine.EV_IDLE_RECLAIMED:
             return "Reclaimed %d idle half-closed connection%s on %s (SPLICEPROXY_IDLE_TIMEOUT)" % (
                 count, "" if count == 1 else "s", self.front)
+        if kind == _engine.EV_UDP_ADDR_EVICTED:
+            return ("UDP entries of one client address on %s at their bound: evicted %d of "
+                    "its least recently used (SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR)"
+                    % (self.front, count))
+        if kind == _engine.EV_HEADROOM_RECLAIMED:
+            return ("Out of descriptors on %s: reset %d half-closed connection%s that made "
+                    "no progress for longest, to serve new clients" % (
+                        self.front, count, "" if count == 1 else "s"))
         return "engine event %d on %s: %s%s" % (kind, self.front, reason, times)
 
 

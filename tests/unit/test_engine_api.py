@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from spliceproxy import _engine, stats
-from spliceproxy.proxy import parse_duration
+from spliceproxy.settings import parse_duration
 
 
 def test_counter_names_match_the_engine():

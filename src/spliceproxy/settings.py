@@ -155,7 +155,7 @@ def user(text: str) -> str | int:
         if uid > _UID_MAX:
             raise ValueError("uid out of range")
         return uid
-    if text[:1] in _DIGITS or text[:1] == "-" or any(
+    if text[:1] in _DIGITS or text[:1] in "-+" or any(
             c in ":/," or c.isspace() or not c.isprintable() or (not c.isascii() and c.isdigit())
             for c in text):
         raise ValueError("neither a user name nor a uid (ASCII digits)")

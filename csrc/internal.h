@@ -60,8 +60,10 @@ struct sp_engine {
 	int watchfd;                  /* not owned */
 	volatile int stop_requested;
 
-	uint64_t *stats;              /* SP_STAT_COUNT words */
-	uint64_t own_stats[SP_STAT_COUNT];
+	uint64_t stats[SP_STAT_COUNT];  /* private: decisions read them */
+	int stats_fd;                 /* counters file, not owned; -1: none */
+	uint64_t stats_sent[SP_STAT_COUNT]; /* values at the last write attempt */
+	int64_t stats_next_ms;        /* earliest time of the next write */
 
 	int64_t opt[SP_OPT_COUNT];
 
@@ -72,7 +74,6 @@ struct sp_engine {
 	struct sp_conn_table *tcp;    /* tcp.c */
 	struct sp_udp_engine *udp;    /* udp.c: flow table shared by UDP listeners */
 	struct sp_pipe_pool *pipes;   /* pipe.c */
-	char *copy_buf;               /* read/write copy mode buffer */
 
 	int64_t now_ms;               /* monotonic, refreshed once per wakeup */
 
@@ -114,6 +115,10 @@ void sp_close(struct sp_engine *e, int fd);
 static inline void sp_fd_opened(struct sp_engine *e) { sp_count(e, SP_STAT_FDS_OPEN, 1); }
 
 int64_t sp_now_ms(void);
+
+/* Write the counters file if it is due and counters changed; returns ms
+ * until a write is due, or -1 when none is pending (loop.c). */
+int64_t sp_stats_flush(struct sp_engine *e, bool force);
 
 /* tcp.c */
 int sp_tcp_init(struct sp_engine *e);

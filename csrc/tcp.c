@@ -40,6 +40,7 @@ enum conn_state { CONN_FREE = 0, CONN_CONNECTING, CONN_OPEN };
 struct sp_dir {
 	struct sp_pipe pipe;   /* rd/wr == -1 when none is held */
 	char *buf;             /* read/write copy mode: buffer held while in flight */
+	size_t buf_cap;        /* read/write mode: bytes buf was allocated with */
 	size_t buf_off;        /* read/write mode: bytes of buf already written */
 	size_t queued;         /* bytes read from src, not yet written to dst */
 	bool eof;              /* src gave EOF */
@@ -383,17 +384,16 @@ static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
 	ssize_t n;
 
 	if (e->opt[SP_OPT_COPY_MODE] == SP_COPY_READWRITE) {
-		size_t cap = (size_t)e->opt[SP_OPT_COPY_BUF];
-
 		if (!d->buf) {
-			d->buf = malloc(cap);
+			d->buf_cap = (size_t)e->opt[SP_OPT_COPY_BUF];
+			d->buf = malloc(d->buf_cap);
 			if (!d->buf)
 				return -ENOMEM;
 			d->buf_off = 0;
 		}
 		do {
 			sp_sys(e, SP_STAT_SYS_READ);
-			n = read(src, d->buf + d->queued, cap - d->queued);
+			n = read(src, d->buf + d->queued, d->buf_cap - d->queued);
 		} while (n == -1 && errno == EINTR);
 		return n == -1 ? -errno : n;
 	}
@@ -484,8 +484,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 			}
 			break;
 		}
-		if (*src_rd && d->queued < (d->buf ? (size_t)e->opt[SP_OPT_COPY_BUF]
-						 : sp_pipe_capacity(e))) {
+		if (*src_rd && d->queued < (d->buf ? d->buf_cap : sp_pipe_capacity(e))) {
 			ssize_t n = dir_read(e, d, src);
 
 			if (n == -EMFILE || n == -ENFILE || n == -ENOMEM) {
@@ -994,6 +993,13 @@ void sp_tcp_free(struct sp_engine *e)
 
 			if (c->state == CONN_FREE)
 				continue;
+			/* The proxy is stopping with this connection open: a FIN
+			 * would tell both peers the transfer was complete (a cut
+			 * download would look whole), so they get a reset. */
+			if (c->cfd >= 0)
+				set_abortive(e, c->cfd);
+			if (c->bfd >= 0)
+				set_abortive(e, c->bfd);
 			sp_close(e, c->cfd);
 			sp_close(e, c->bfd);
 			dir_release(e, &c->c2b);

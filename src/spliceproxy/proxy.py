@@ -146,13 +146,20 @@ class Proxy:
 
         stats_fd: the counters file, already opened safely (not owned)."""
         self.validate()
-        stats_path = "/proc/self/fd/%d" % stats_fd if stats_fd is not None else None
         try:
-            engine = _engine.Engine(stats_path)
+            engine = _engine.Engine()
         except OSError as e:
             raise StartupError("cannot create the relay engine: %s" % go_strerror(e.errno)) \
                 from None
         self.engine = engine
+        if stats_fd is not None:
+            # The engine writes images of its counters to it and never reads
+            # it back; the descriptor stays the caller's.
+            try:
+                engine.set_stats_fd(stats_fd)
+            except OSError as e:
+                raise StartupError("cannot use the counters file: %s"
+                                   % go_strerror(e.errno)) from None
         configure_engine(engine, self.settings)
         try:
             limit = _engine.raise_nofile()

@@ -37,7 +37,6 @@ import pytest
 import servers as srv
 
 from spliceproxy.bench.launch import proxy_argv, spawn
-from spliceproxy.stats import read_stats_file
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -597,7 +596,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
             return ""
 
         assert faults.read()["armed"] == 1, "the fault library did not arm itself"
-        st0 = read_stats_file(stats_path)
+        st0 = srv.settled_stats(stats_path)
         base_fds = _settled(lambda: _proc_fds(launched.pid))
         clients = UdpClients(port, 16, seed=11)
         stack.callback(clients.close)
@@ -613,7 +612,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         deadline = time.monotonic() + 5.0
         while True:
             clients.collect(quiet=0.1)
-            st = read_stats_file(stats_path)
+            st = srv.settled_stats(stats_path)
             drops = st["udp_drops"] - st0["udp_drops"]
             if clients.received + drops >= clients.sent or time.monotonic() > deadline:
                 break
@@ -637,7 +636,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         # Recovery: faults off; old and new clients, one datagram at a time,
         # every one comes back.
         faults.stop()
-        drops_before = read_stats_file(stats_path)["udp_drops"]
+        drops_before = srv.settled_stats(stats_path)["udp_drops"]
         first_seq = clients.seq + 1
         for _ in range(4):
             clients.add()
@@ -648,11 +647,11 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         assert not clients.errors, clients.errors[:20]
         missing = sorted(seq for e in clients.expected for seq in e if seq >= first_seq)
         assert not missing, "lost after the faults stopped: %r" % missing
-        assert read_stats_file(stats_path)["udp_drops"] == drops_before
+        assert srv.settled_stats(stats_path)["udp_drops"] == drops_before
         assert faults.read()["faults"] == injected, "a fault fired after the off switch"
 
         # No descriptor leaked in any failure path: one socket per live entry.
-        st = _settled(lambda: read_stats_file(stats_path))
+        st = _settled(lambda: srv.settled_stats(stats_path))
         assert _settled(lambda: _proc_fds(launched.pid)) == base_fds + st["udp_flows_active"], st
         assert st["fds_open"] - st0["fds_open"] == st["udp_flows_active"], st
         assert launched.proc.poll() is None

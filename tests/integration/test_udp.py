@@ -18,11 +18,11 @@ import threading
 import time
 
 import pytest
+import servers as srv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
-from spliceproxy.stats import read_stats_file
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 MAX_V4 = 65507
@@ -170,7 +170,7 @@ class RunningProxy:
         return self.launched.proc.poll() is None
 
     def stats(self) -> dict[str, int]:
-        return read_stats_file(self.stats_file)
+        return srv.settled_stats(self.stats_file)
 
     def log(self) -> str:
         parts = []

@@ -13,7 +13,8 @@ The rules are strict on purpose: a setting that is misread fails open (a
   "²" and "٠", which is why neither is used on raw text here);
 * values are read as bytes and must be UTF-8; a path must be UTF-8 too.
 
-Adding a variable is one line in ``VARIABLES``.  A variable with an engine
+Adding a variable is one line in ``VARIABLES`` (a default of None leaves
+the engine's own default in force).  A variable with an engine
 option is applied to the engine by the mapping (``Settings.engine_options``).
 
 This module is on the startup path: it imports nothing but ``os``.
@@ -191,7 +192,7 @@ VARIABLES = (
         "UDP client entry expiry"),
     Var("UDP_MAX_FLOWS", integer(1, 1 << 24), 16384, "OPT_UDP_MAX_FLOWS",
         "UDP client entries per port"),
-    Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), 0, "OPT_IDLE_TIMEOUT_MS",
+    Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), None, "OPT_IDLE_TIMEOUT_MS",
         "reclaim idle half-closed TCP pairs after this long; 0 = never"),
     Var("PIPE_SIZE", integer(4096, 1 << 30), 1 << 20, "OPT_PIPE_SIZE", "bytes per relay pipe"),
     Var("COPY_MODE", choice(splice="COPY_SPLICE", readwrite="COPY_READWRITE"), "COPY_SPLICE",
@@ -219,8 +220,10 @@ class Settings:
 
     def engine_options(self) -> list[tuple[str, object]]:
         """(option name, value) for every variable the engine takes; a str
-        value names an _engine constant (e.g. "COPY_SPLICE")."""
-        return [(v.option, getattr(self, v.attr)) for v in VARIABLES if v.option]
+        value names an _engine constant (e.g. "COPY_SPLICE").  A default of
+        None leaves the engine's own default."""
+        return [(v.option, getattr(self, v.attr)) for v in VARIABLES
+                if v.option and getattr(self, v.attr) is not None]
 
     def __repr__(self) -> str:
         return "Settings(%s)" % ", ".join("%s=%r" % (v.attr, getattr(self, v.attr))

@@ -76,6 +76,30 @@ def _lock(fd: int, shown: str) -> None:
         raise files.FileRefused("%s: flock: %s" % (shown, e.strerror)) from None
 
 
+def _open_locked(dir_fd: int, name: str, shown: str, flags: int) -> int:
+    """Create-or-open name, lock it, and make sure the name still leads to it.
+
+    Another proxy's sweep may take the lock of a file that was just created
+    and not yet locked, and remove it: then the name no longer leads to the
+    file, and a new one is made."""
+    for _ in range(8):
+        fd = files.open_in(dir_fd, name, shown, flags)
+        try:
+            _lock(fd, shown)
+            st = os.fstat(fd)
+            try:
+                there = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                there = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if there is not None and (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino):
+            return fd
+        os.close(fd)
+    raise files.FileRefused("%s keeps disappearing" % shown)
+
+
 def _sweep(dir_fd: int) -> None:
     """Remove per-process files of proxies that are gone (nobody holds the lock)."""
     try:
@@ -159,8 +183,7 @@ def open_for(spec: str) -> StatsFile:
         path = spec.rstrip("/") + "/" + name
         try:
             _sweep(dfd)
-            fd = files.open_in(dfd, name, path, flags)
-            _lock(fd, path)
+            fd = _open_locked(dfd, name, path, flags)
         except BaseException:
             os.close(dfd)
             raise

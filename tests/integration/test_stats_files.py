@@ -143,3 +143,21 @@ def test_stats_directory_with_a_link_is_refused(proxy_path, tmp_path):
               stderr=subprocess.DEVNULL, timeout=10.0)
     assert "symbolic link" in str(info.value), str(info.value)
     assert os.listdir(real) == []
+
+
+def test_proxies_starting_together_in_one_directory_each_keep_a_file(proxy_path, tmp_path):
+    # dockerd starts the proxies of a container at once; every start sweeps
+    # the directory, and no sweep may remove a file a starting proxy just made.
+    extra = {"SPLICEPROXY_STATS_FILE": str(tmp_path)}
+    with srv.EchoServer("127.0.0.1") as echo:
+        started = srv.run_threads(*[lambda: _start(proxy_path, echo.port, extra)
+                                    for _ in range(8)], timeout=60)
+        try:
+            for lp, port in started:
+                srv.echo_roundtrip("127.0.0.1", port)
+                path = str(tmp_path / ("spliceproxy-%d.stats" % lp.pid))
+                assert _accepted(path, 1), path
+                assert stats.stats_file_pid(path) == lp.pid
+        finally:
+            for lp, _ in started:
+                assert lp.stop() == 0

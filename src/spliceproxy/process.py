@@ -22,7 +22,7 @@ from __future__ import annotations
 import _signal
 import os
 
-from spliceproxy import _engine, cli, settings
+from spliceproxy import _engine, goflags, settings
 from spliceproxy.log import Logger
 from spliceproxy.proxy import Proxy, StartupError, go_strerror
 from spliceproxy.status import StatusPipe
@@ -63,7 +63,7 @@ def _start(argv: list[str], status: StatusPipe):
     """Everything up to a ready, unprivileged proxy; StartupError on failure."""
     from spliceproxy import files, identity
 
-    config = cli.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
+    config = goflags.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
     try:
         conf = settings.load()
     except settings.SettingError as e:

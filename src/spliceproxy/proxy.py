@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from spliceproxy import _engine, cli
+from spliceproxy import _engine, goflags
 from spliceproxy.log import Logger
 from spliceproxy.settings import Settings
 from spliceproxy.status import LISTEN_FD
@@ -55,7 +55,7 @@ def configure_engine(engine: _engine.Engine, settings: Settings) -> None:
 class Proxy:
     """One docker-proxy mapping served by the engine."""
 
-    def __init__(self, config: cli.ProxyConfig, settings: Settings, log: Logger,
+    def __init__(self, config: goflags.ProxyConfig, settings: Settings, log: Logger,
                  listen_fd_inherited: bool = True):
         self.config = config
         self.settings = settings

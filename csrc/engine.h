@@ -37,10 +37,12 @@ struct sp_engine;
 	X(BYTES_B2C)           /* bytes relayed backend -> client */        \
 	X(ACCEPT_PAUSES)       /* accept paused for lack of descriptors */  \
 	X(IDLE_RECLAIMED)      /* half-closed pairs reclaimed by timeout */ \
+	X(HEADROOM_RECLAIMED)  /* half-closed pairs reset to make room for new clients */ \
 	X(UDP_FLOWS_ACTIVE)    /* UDP client entries now (gauge) */         \
 	X(UDP_FLOWS_CREATED)   /* UDP client entries created */             \
 	X(UDP_FLOWS_EXPIRED)   /* UDP entries expired after the timeout */  \
 	X(UDP_FLOWS_EVICTED)   /* UDP entries evicted by the table bound */ \
+	X(UDP_ADDR_EVICTED)    /* UDP entries evicted by the per-address bound */ \
 	X(UDP_DGRAMS_C2B)      /* datagrams client -> backend */            \
 	X(UDP_DGRAMS_B2C)      /* datagrams backend -> client */            \
 	X(UDP_BYTES_C2B)                                                    \
@@ -48,6 +50,7 @@ struct sp_engine;
 	X(UDP_DROPS)           /* datagrams that could not be delivered */  \
 	X(PIPES_OPEN)          /* kernel pipes open now, pooled or in use (gauge) */ \
 	X(PIPES_IN_USE)        /* pipes holding data in flight (gauge) */   \
+	X(PIPE_RESIZE_DENIED)  /* F_SETPIPE_SZ refused (user pipe budget) */ \
 	X(FDS_OPEN)            /* descriptors the engine holds (gauge) */   \
 	X(ERR_EMFILE)          /* EMFILE/ENFILE seen */                     \
 	X(ERR_ENOBUFS)         /* ENOBUFS/ENOMEM seen */                    \
@@ -149,6 +152,8 @@ enum sp_event_kind {
 	SP_EV_UDP_FLOW_FAILED,    /* creating a backend socket failed (err) */
 	SP_EV_LISTENER_FAILED,    /* the listener failed and was removed (err) */
 	SP_EV_IDLE_RECLAIMED,     /* half-closed pairs reclaimed; count */
+	SP_EV_HEADROOM_RECLAIMED, /* half-closed pairs reset for lack of descriptors; count */
+	SP_EV_UDP_ADDR_EVICTED,   /* entries evicted by the per-address bound; count */
 };
 
 struct sp_event {

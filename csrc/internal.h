@@ -132,17 +132,20 @@ void sp_tcp_listener_setup(struct sp_engine *e, int fd);
 int64_t sp_tcp_timer(struct sp_engine *e);
 
 /* pipe.c: pool of kernel pipes used for splice relaying. */
-struct sp_pipe { int rd, wr; };
+struct sp_pipe {
+	int rd, wr;
+	size_t cap;  /* bytes it holds (its F_SETPIPE_SZ size) */
+};
 int sp_pipes_init(struct sp_engine *e);
 void sp_pipes_free(struct sp_engine *e);
 /* Take a pipe from the pool (or create one); 0 or -errno. */
 int sp_pipe_get(struct sp_engine *e, struct sp_pipe *p);
 /* Return an empty pipe to the pool (or close it if the pool is full). */
 void sp_pipe_put(struct sp_engine *e, struct sp_pipe *p);
+/* SP_OPT_PIPE_SIZE changed (before serving): size pipes anew. */
+void sp_pipes_resize(struct sp_engine *e);
 /* Close a pipe that may still hold data. */
 void sp_pipe_drop(struct sp_engine *e, struct sp_pipe *p);
-/* Effective capacity of pooled pipes in bytes. */
-size_t sp_pipe_capacity(struct sp_engine *e);
 
 /* udp.c (udp_init/free run once per engine, whether or not UDP is used) */
 int sp_udp_init(struct sp_engine *e);

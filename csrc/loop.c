@@ -250,7 +250,7 @@ static const int64_t option_defaults[SP_OPT_COUNT] = {
 	[SP_OPT_PIPE_POOL_MAX] = 16,
 	[SP_OPT_COPY_MODE] = SP_COPY_SPLICE,
 	[SP_OPT_COPY_BUF] = 64 << 10,
-	[SP_OPT_IDLE_TIMEOUT_MS] = 0,
+	[SP_OPT_IDLE_TIMEOUT_MS] = 120000,
 	[SP_OPT_UDP_TIMEOUT_MS] = 90000,
 	[SP_OPT_UDP_MAX_FLOWS] = 16384,
 	[SP_OPT_ACCEPT_BACKOFF_MS] = 100,
@@ -367,6 +367,7 @@ int sp_engine_set_option(struct sp_engine *e, int option, int64_t value)
 	case SP_OPT_PIPE_SIZE:
 		if (value < 4096 || value > (1 << 30))
 			return -EINVAL;
+		sp_pipes_resize(e);
 		break;
 	case SP_OPT_UDP_MAX_FLOWS:
 		if (value < 1)

@@ -91,12 +91,21 @@ struct sp_port_pool {
 	int64_t disabled_until;
 };
 
+/* A slot and the generation it had: stale once the slot is recycled. */
+struct conn_ref {
+	uint32_t idx, gen;
+};
+
 struct sp_conn_table {
 	struct sp_conn **chunks;
 	uint32_t n_chunks;
 	uint32_t free_head;
-	uint32_t half_head;     /* half-closed connections, for the idle reclaim */
+	uint32_t half_head;     /* half-closed connections, for the idle reclaim
+				 * and to make room for new clients */
+	uint32_t n_half;
 	int64_t next_idle_scan;
+	struct conn_ref *connecting;  /* FIFO of backend connects, oldest first */
+	uint32_t conn_head, conn_len, conn_cap;
 	int paused_listeners;
 	struct sp_port_pool *ports;  /* per listener id: backend ports in TIME_WAIT */
 	int n_ports;
@@ -192,6 +201,7 @@ static void halfclosed_unlink(struct sp_conn_table *t, struct sp_conn *c)
 		n->prev = c->prev;
 	}
 	c->in_halfclosed = false;
+	t->n_half--;
 }
 
 static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t idx)
@@ -204,6 +214,7 @@ static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t
 		conn_at(t, t->half_head)->prev = idx;
 	t->half_head = idx;
 	c->in_halfclosed = true;
+	t->n_half++;
 }
 
 /* Make close() send a reset instead of a FIN. */
@@ -328,6 +339,55 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 		t->starved_retry_ms = e->now_ms;  /* descriptors were freed: retry now */
 }
 
+#define RECLAIM_BATCH 8
+
+/*
+ * Make room for a new client by resetting the half-closed pairs that went
+ * longest without progress.  A peer that half-closes and never finishes
+ * costs two descriptors for as long as the other side keeps its half open;
+ * without this, 1,500 such pairs at RLIMIT_NOFILE 1024 kept every new
+ * client waiting in the backlog until the idle timeout.  A pair a peer
+ * abandoned is worth less than a client that has not been served at all
+ * (conntrack drops its oldest entries under pressure in the same spirit).
+ * Fully open pairs are never taken.  force reclaims one pair even when the
+ * descriptor count looks fine (EMFILE from a limit we do not know).
+ * Returns how many pairs were reset.
+ */
+static uint64_t reclaim_for_room(struct sp_engine *e, bool force)
+{
+	struct sp_conn_table *t = e->tcp;
+	uint64_t n = 0;
+
+	while ((force || !fd_room(e)) && t->half_head != NIL) {
+		uint32_t best[RECLAIM_BATCH], idx, i, k = 0;
+
+		/* One pass collects the (up to) RECLAIM_BATCH oldest, oldest
+		 * first; ties go to the pair linked earlier (further down). */
+		for (idx = t->half_head; idx != NIL; idx = conn_at(t, idx)->next) {
+			int64_t last = conn_at(t, idx)->last_ms;
+
+			for (i = k; i > 0 && conn_at(t, best[i - 1])->last_ms >= last; i--)
+				if (i < RECLAIM_BATCH)
+					best[i] = best[i - 1];
+			if (i < RECLAIM_BATCH) {
+				best[i] = idx;
+				if (k < RECLAIM_BATCH)
+					k++;
+			}
+		}
+		for (i = 0; i < k && (force || !fd_room(e)); i++) {
+			conn_close(e, best[i], conn_at(t, best[i]), true, true);
+			force = false;
+			n++;
+		}
+	}
+	if (n) {
+		sp_count(e, SP_STAT_HEADROOM_RECLAIMED, n);
+		sp_emit(e, SP_EV_HEADROOM_RECLAIMED, 0, -1, n);
+	}
+	return n;
+}
+
 static void set_sockopts(struct sp_engine *e, int fd)
 {
 	int one = 1, idle = KEEPALIVE_S;
@@ -377,6 +437,17 @@ static void dir_idle(struct sp_engine *e, struct sp_dir *d)
 	d->buf = NULL;
 }
 
+/* Whether a direction can take more bytes from its source: an empty one
+ * holds no pipe or buffer yet and takes one on the next read. */
+static bool dir_room(const struct sp_dir *d)
+{
+	if (d->buf)
+		return d->queued < d->buf_cap;
+	if (d->pipe.rd >= 0)
+		return d->queued < d->pipe.cap;
+	return true;
+}
+
 /* The read half of a pump step: move bytes from src into the direction's
  * pipe (or buffer).  Returns >0 bytes, 0 on EOF, -EAGAIN, or -errno. */
 static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
@@ -405,7 +476,7 @@ static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
 	}
 	do {
 		sp_sys(e, SP_STAT_SYS_SPLICE);
-		n = splice(src, NULL, d->pipe.wr, NULL, sp_pipe_capacity(e) - d->queued,
+		n = splice(src, NULL, d->pipe.wr, NULL, d->pipe.cap - d->queued,
 			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
 	} while (n == -1 && errno == EINTR);
 	if (n == -1)
@@ -484,7 +555,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 			}
 			break;
 		}
-		if (*src_rd && d->queued < (d->buf ? d->buf_cap : sp_pipe_capacity(e))) {
+		if (*src_rd && dir_room(d)) {
 			ssize_t n = dir_read(e, d, src);
 
 			if (n == -EMFILE || n == -ENFILE || n == -ENOMEM) {
@@ -602,7 +673,9 @@ static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 			starve(e, idx);
 		}
 	}
-	if ((c->c2b.eof || c->b2c.eof) && e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0)
+	/* Tracked even without an idle timeout: they are also what is
+	 * reclaimed first when descriptors run short. */
+	if (c->c2b.eof || c->b2c.eof)
 		halfclosed_link(e->tcp, c, idx);
 }
 
@@ -697,6 +770,56 @@ again:
 	return fd;
 }
 
+/* Queue a connect for its timeout.  Connects start in time order and share
+ * one timeout, so a FIFO holds them in deadline order. */
+static void connecting_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
+{
+	struct sp_conn_table *t = e->tcp;
+
+	if (t->conn_len == t->conn_cap) {
+		uint32_t cap = t->conn_cap ? t->conn_cap * 2 : 256, i;
+		struct conn_ref *n = malloc(sizeof(*n) * cap);
+
+		if (!n)
+			return;   /* this connect falls back to the kernel's timeout */
+		for (i = 0; i < t->conn_len; i++)
+			n[i] = t->connecting[(t->conn_head + i) % t->conn_cap];
+		free(t->connecting);
+		t->connecting = n;
+		t->conn_cap = cap;
+		t->conn_head = 0;
+	}
+	t->connecting[(t->conn_head + t->conn_len++) % t->conn_cap] =
+		(struct conn_ref){ .idx = idx, .gen = gen };
+}
+
+static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err);
+
+/* Give up connects older than the connect timeout; ms until the next
+ * deadline, or -1 when none is pending. */
+static int64_t connect_timeouts(struct sp_engine *e)
+{
+	struct sp_conn_table *t = e->tcp;
+	int64_t timeout = e->opt[SP_OPT_CONNECT_TIMEOUT_MS];
+
+	while (t->conn_len) {
+		struct conn_ref r = t->connecting[t->conn_head];
+		struct sp_conn *c = conn_at(t, r.idx);
+
+		if (c->gen == r.gen && c->state == CONN_CONNECTING && timeout > 0) {
+			int64_t left = c->last_ms + timeout - e->now_ms;
+
+			if (left > 0)
+				return left;
+		}
+		t->conn_head = (t->conn_head + 1) % t->conn_cap;
+		t->conn_len--;
+		if (c->gen == r.gen && c->state == CONN_CONNECTING && timeout > 0)
+			conn_connect_failed(e, r.idx, c, ETIMEDOUT);
+	}
+	return -1;
+}
+
 /* Start relaying an accepted client: open and connect the backend socket. */
 static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 {
@@ -758,6 +881,8 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	}
 	/* An immediate success (possible on loopback) is completed like the
 	 * asynchronous case: the edge-triggered registration reports EPOLLOUT. */
+	if (e->opt[SP_OPT_CONNECT_TIMEOUT_MS] > 0)
+		connecting_push(e, idx, c->gen);
 }
 
 void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
@@ -768,9 +893,10 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 	for (i = 0; i < ACCEPT_BATCH && !l->paused; i++) {
 		int cfd;
 
-		if (!fd_room(e)) {
+		if (!fd_room(e) && (!reclaim_for_room(e, false) || !fd_room(e))) {
 			/* Accepting now would take a client we may not be able to
-			 * serve; it waits in the backlog instead. */
+			 * serve, and no abandoned pair is left to make room: it
+			 * waits in the backlog instead. */
 			pause_listener(e, l, EMFILE);
 			return;
 		}
@@ -799,6 +925,11 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 				continue;
 			case EMFILE:
 			case ENFILE:
+				sp_count_error(e, err);
+				if (reclaim_for_room(e, true))
+					continue;
+				pause_listener(e, l, err);
+				return;
 			case ENOBUFS:
 			case ENOMEM:
 				sp_count_error(e, err);
@@ -823,15 +954,22 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 /* The backend connect finished (or failed). */
 static int sock_error(struct sp_engine *e, int fd);
 
+/* The backend could not be reached: like docker-proxy, a plain close, so
+ * the client sees FIN, or RST if it had already sent data. */
+static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
+{
+	sp_count(e, SP_STAT_TCP_FAILED, 1);
+	sp_count_error(e, err);
+	sp_emit(e, SP_EV_CONNECT_FAILED, err, c->listener, 1);
+	conn_close(e, idx, c, false, false);
+}
+
 static void conn_connected(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	int err = sock_error(e, c->bfd);
 
 	if (err) {
-		sp_count(e, SP_STAT_TCP_FAILED, 1);
-		sp_count_error(e, err);
-		sp_emit(e, SP_EV_CONNECT_FAILED, err, c->listener, 1);
-		conn_close(e, idx, c, false, false);
+		conn_connect_failed(e, idx, c, err);
 		return;
 	}
 	c->state = CONN_OPEN;
@@ -961,6 +1099,12 @@ int64_t sp_tcp_timer(struct sp_engine *e)
 				next = left;
 		}
 	}
+	if (t->conn_len) {
+		int64_t left = connect_timeouts(e);
+
+		if (left >= 0 && (next < 0 || left < next))
+			next = left;
+	}
 	if (e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0 && t->half_head != NIL) {
 		int64_t step = e->opt[SP_OPT_IDLE_TIMEOUT_MS] / 4;
 		int64_t left;
@@ -1012,6 +1156,7 @@ void sp_tcp_free(struct sp_engine *e)
 		free(t->ports[i].ports);
 	free(t->ports);
 	free(t->starved);
+	free(t->connecting);
 	free(t->chunks);
 	free(t);
 	e->tcp = NULL;

@@ -254,6 +254,14 @@ class Proxy:
         if kind == _engine.EV_IDLE_RECLAIMED:
             return "Reclaimed %d idle half-closed connection%s on %s (SPLICEPROXY_IDLE_TIMEOUT)" % (
                 count, "" if count == 1 else "s", self.front)
+        if kind == _engine.EV_UDP_ADDR_EVICTED:
+            return ("UDP entries of one client address on %s at their bound: evicted %d of "
+                    "its least recently used (SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR)"
+                    % (self.front, count))
+        if kind == _engine.EV_HEADROOM_RECLAIMED:
+            return ("Out of descriptors on %s: reset %d half-closed connection%s that made "
+                    "no progress for longest, to serve new clients" % (
+                        self.front, count, "" if count == 1 else "s"))
         return "engine event %d on %s: %s%s" % (kind, self.front, reason, times)
 
 

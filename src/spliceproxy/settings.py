@@ -192,8 +192,14 @@ VARIABLES = (
         "UDP client entry expiry"),
     Var("UDP_MAX_FLOWS", integer(1, 1 << 24), 16384, "OPT_UDP_MAX_FLOWS",
         "UDP client entries per port"),
-    Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), None, "OPT_IDLE_TIMEOUT_MS",
+    Var("UDP_MAX_FLOWS_PER_ADDR", integer(0, 1 << 24), 0, "OPT_UDP_MAX_FLOWS_PER_ADDR",
+        "UDP entries per client address; 0 = a 16th of UDP_MAX_FLOWS"),
+    # Half-closed pairs are reclaimed after two minutes by default, as
+    # conntrack forgets a CLOSE_WAIT entry; 0 = never.
+    Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), 120_000, "OPT_IDLE_TIMEOUT_MS",
         "reclaim idle half-closed TCP pairs after this long; 0 = never"),
+    Var("CONNECT_TIMEOUT", duration_ms(0, _YEAR_MS), 30_000, "OPT_CONNECT_TIMEOUT_MS",
+        "give up a backend connect after this long; 0 = the kernel's own"),
     Var("PIPE_SIZE", integer(4096, 1 << 30), 1 << 20, "OPT_PIPE_SIZE", "bytes per relay pipe"),
     Var("COPY_MODE", choice(splice="COPY_SPLICE", readwrite="COPY_READWRITE"), "COPY_SPLICE",
         "OPT_COPY_MODE", "splice, or readwrite through user space"),

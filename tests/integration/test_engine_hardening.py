@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import socket
 import threading
@@ -162,3 +163,155 @@ def test_a_stop_mid_download_resets_both_sides(proxy_path, tmp_path, sig):
     assert outcome == "reset", (outcome, got)
     assert got < size
     assert result["backend"] in (errno.ECONNRESET, errno.EPIPE), result
+
+
+# --------------------------------------------------------------------------
+# Half-open pile-up (item 7): abandoned half-closed pairs, backend connects
+# that never finish, and room for a legitimate client.
+
+class HoldingBackend:
+    """Accepts everything and never closes: answers b"pong" to b"ping" and
+    keeps the connection open after the peer's EOF (a half-closed pair)."""
+
+    def __init__(self):
+        import selectors
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.done = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import selectors
+
+        while not self.done:
+            for key, _ in self.sel.select(0.1):
+                if key.fileobj is self.sock:
+                    while True:
+                        try:
+                            conn, _ = self.sock.accept()
+                        except BlockingIOError:
+                            break
+                        conn.setblocking(False)
+                        self.held.append(conn)
+                        self.sel.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = key.fileobj
+                try:
+                    data = conn.recv(65536)
+                except (BlockingIOError, ConnectionError):
+                    data = b""
+                if b"ping" in data:
+                    conn.send(b"pong")
+                if not data:
+                    self.sel.unregister(conn)  # EOF: hold our half open
+
+    def close(self) -> None:
+        self.done = True
+        self.thread.join(5)
+        for c in self.held:
+            c.close()
+        self.sel.close()
+        self.sock.close()
+
+    def __enter__(self) -> HoldingBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def test_a_half_open_pile_up_never_keeps_a_legitimate_client_out(proxy_path, tmp_path):
+    limit, n_pairs = 1024, 1500
+    srv.raise_nofile(4 * n_pairs + 512)
+
+    def low_nofile():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    attackers: list[socket.socket] = []
+    with HoldingBackend() as backend, \
+            srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", backend.port,
+                      preexec_fn=low_nofile) as p:
+        try:
+            for _ in range(n_pairs):
+                s = socket.socket()
+                s.settimeout(10)
+                s.connect(("127.0.0.1", p.port))
+                s.sendall(b"a")
+                s.shutdown(socket.SHUT_WR)   # and never a FIN from the backend
+                attackers.append(s)
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            with srv.connect("127.0.0.1", p.port, timeout=10) as c:
+                c.sendall(b"ping")
+                assert srv.recv_exact(c, 4) == b"pong"
+            took = time.monotonic() - t0
+            st = p.stats()
+            print("\nRLIMIT_NOFILE=%d, %d half-closed pairs: a new client served in %.2f s; "
+                  "%d pairs reset to make room, accept pauses %d"
+                  % (limit, n_pairs, took, st["headroom_reclaimed"], st["accept_pauses"]))
+            assert took < 5.0, took
+            assert st["headroom_reclaimed"] > 0, st
+            assert p.alive()
+            assert srv.wait_for(lambda: "half-closed" in p.log(), 3.0), p.log()
+        finally:
+            for s in attackers:
+                s.close()
+
+
+def _unanswering_backend() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: the kernel drops further SYNs,
+    so a connect to it neither succeeds nor fails for minutes."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    fillers = []
+    for _ in range(2):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(ls.getsockname())
+        fillers.append(f)
+    time.sleep(0.2)
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(ls.getsockname())
+        pytest.skip("this kernel answers SYNs to a full accept queue")
+    except TimeoutError:
+        pass
+    finally:
+        probe.close()
+    return ls, fillers
+
+
+def test_backend_connects_time_out(proxy_path, tmp_path):
+    ls, fillers = _unanswering_backend()
+    try:
+        with srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1",
+                       ls.getsockname()[1], env={"SPLICEPROXY_CONNECT_TIMEOUT": "500ms"}) as p:
+            c = p.connect(timeout=10)
+            t0 = time.monotonic()
+            try:
+                got = c.recv(1)
+            except ConnectionResetError:
+                got = b""
+            took = time.monotonic() - t0
+            c.close()
+            assert got == b"" and 0.3 < took < 3.0, took
+            st = srv.wait_for(lambda: (lambda s: s if s["tcp_failed"] == 1 else None)(
+                p.stats()), 3.0)
+            assert st and st["tcp_active"] == 0, p.stats()
+            assert srv.wait_for(lambda: "connection timed out" in p.log(), 3.0), p.log()
+            assert p.alive()
+    finally:
+        for f in fillers:
+            f.close()
+        ls.close()
+

@@ -29,7 +29,8 @@ def test_defaults():
     assert s.user is None
     assert s.log_file is None and s.stats_file is None
     assert s.udp_timeout == 90_000 and s.udp_max_flows == 16384
-    assert s.idle_timeout is None and s.pipe_size == 1 << 20  # None: the engine's default
+    assert s.idle_timeout == 120_000 and s.pipe_size == 1 << 20
+    assert s.connect_timeout == 30_000 and s.udp_max_flows_per_addr == 0
     assert s.copy_mode == "COPY_SPLICE" and s.copy_buf == 65536
 
 
@@ -155,11 +156,11 @@ def test_settings_are_immutable():
 def test_engine_options_name_real_engine_options():
     from spliceproxy import _engine
 
-    opts = load(env(IDLE_TIMEOUT="0")).engine_options()
+    opts = Settings().engine_options()
     assert {name for name, _ in opts} == {
-        "OPT_UDP_TIMEOUT_MS", "OPT_UDP_MAX_FLOWS", "OPT_IDLE_TIMEOUT_MS", "OPT_PIPE_SIZE",
-        "OPT_COPY_MODE", "OPT_COPY_BUF"}
-    assert "OPT_IDLE_TIMEOUT_MS" not in dict(Settings().engine_options())
+        "OPT_UDP_TIMEOUT_MS", "OPT_UDP_MAX_FLOWS", "OPT_UDP_MAX_FLOWS_PER_ADDR",
+        "OPT_IDLE_TIMEOUT_MS", "OPT_CONNECT_TIMEOUT_MS", "OPT_PIPE_SIZE", "OPT_COPY_MODE",
+        "OPT_COPY_BUF"}
     for name, value in opts:
         assert isinstance(getattr(_engine, name), int)
         if isinstance(value, str):

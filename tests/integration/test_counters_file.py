@@ -56,7 +56,8 @@ def test_a_second_proxy_on_one_counters_file_changes_nothing(proxy_path, tmp_pat
         # closed, and fds_open near 2^64 paused its accepting for good.  The
         # file is now locked by its proxy, so the second one is refused.
         with pytest.raises(ProxyStartError, match="in use by another proxy"):
-            srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", echo.port, env=env)
+            srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", echo.port,
+                      env=env).close()  # started: a failure, never left running
         for s in held:
             s.close()
         time.sleep(0.3)

@@ -10,6 +10,7 @@ is ``1\\n<reason>`` on fd 3 and exit 1.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import time
 
@@ -32,7 +33,8 @@ def _refused(proxy_path: str, extra: dict, timeout: float = 10.0) -> str:
     argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", 9)
     t0 = time.monotonic()
     with pytest.raises(ProxyStartError) as info:
-        spawn(argv, env=_env(extra), timeout=timeout)
+        spawn(argv, env=_env(extra), timeout=timeout).stop(
+            signal.SIGKILL)  # started: a failure of the test, and never left running
     assert time.monotonic() - t0 < timeout
     msg = str(info.value)
     assert info.value.returncode == 1, msg

@@ -206,7 +206,7 @@ def test_unknown_user_is_a_startup_error(proxy_path):
     env.pop("SPLICEPROXY_KEEP_PRIVILEGES", None)
     argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", 9)
     with pytest.raises(ProxyStartError) as info:
-        spawn(argv, env=env, timeout=10.0)
+        spawn(argv, env=env, timeout=10.0).stop(signal.SIGKILL)  # never left running
     assert info.value.returncode == 1
     msg = str(info.value)
     assert "SPLICEPROXY_USER" in msg and "no-such-user-spliceproxy" in msg, msg
@@ -311,7 +311,7 @@ def test_uid_lock_directory_must_be_roots_alone(proxy_path, tmp_path):
         env = {k: v for k, v in os.environ.items()
                if k not in ("SPLICEPROXY_USER", "SPLICEPROXY_KEEP_PRIVILEGES")}
         with pytest.raises(ProxyStartError) as info:
-            spawn(argv, env=env, timeout=10.0)
+            spawn(argv, env=env, timeout=10.0).stop(signal.SIGKILL)  # never left running
         assert info.value.returncode == 1
         assert "mode 0700" in str(info.value) and identity.LOCK_DIR in str(info.value)
     finally:

@@ -10,6 +10,7 @@ before any socket is opened.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 
@@ -53,7 +54,8 @@ def _env(extra: dict) -> dict:
 def _start_failure(proxy_path: str, port: int, extra: dict) -> ProxyStartError:
     argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1", 9)
     with pytest.raises(ProxyStartError) as info:
-        spawn(argv, env=_env(extra), stderr=subprocess.PIPE, timeout=10.0)
+        spawn(argv, env=_env(extra), stderr=subprocess.DEVNULL, timeout=10.0).stop(
+            signal.SIGKILL)  # started: a failure of the test, and never left running
     return info.value
 
 
@@ -98,7 +100,7 @@ def test_bad_setting_with_a_passed_listener_leaves_nothing_open(proxy_path):
     with pytest.raises(ProxyStartError) as info:
         lp = spawn(argv, listen_sock=ls, env=_env({"SPLICEPROXY_KEEP_PRIVILEGES": "off"}),
                    timeout=10.0)
-        lp.stop()
+        lp.stop(signal.SIGKILL)
     ls.close()
     assert info.value.returncode == 1
     assert "SPLICEPROXY_KEEP_PRIVILEGES" in str(info.value)
@@ -109,10 +111,10 @@ def test_bad_setting_with_a_passed_listener_leaves_nothing_open(proxy_path):
 def test_flag_errors_still_come_first(proxy_path):
     # docker-proxy parses its flags before anything else: exit 2, nothing on fd 3.
     argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", 9)
-    lp = spawn(argv + ["-bogus"], env=_env({"SPLICEPROXY_KEEP_PRIVILEGES": "no"}),
-               check=False, timeout=10.0)
-    assert lp.status == b""
-    assert lp.proc.wait(10) == 2
+    with spawn(argv + ["-bogus"], env=_env({"SPLICEPROXY_KEEP_PRIVILEGES": "no"}),
+               check=False, timeout=10.0) as lp:
+        assert lp.status == b""
+        assert lp.proc.wait(10) == 2
 
 
 @pytest.mark.parametrize("value", ["0", "false", "F", "FALSE"])

@@ -10,6 +10,7 @@ fails to start, saying how to give each its own.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -81,7 +82,8 @@ def test_a_second_proxy_on_a_plain_file_is_refused_with_the_hint(proxy_path, tmp
         first, port = _start(proxy_path, echo.port, {"SPLICEPROXY_STATS_FILE": shared})
         with first:
             with pytest.raises(ProxyStartError) as info:
-                _start(proxy_path, echo.port, {"SPLICEPROXY_STATS_FILE": shared})
+                _start(proxy_path, echo.port, {"SPLICEPROXY_STATS_FILE": shared})[0].stop(
+                    signal.SIGKILL)  # started: a failure of the test, never left running
             msg = str(info.value)
             assert info.value.returncode == 1
             assert msg.startswith("cannot open counters file (SPLICEPROXY_STATS_FILE): ")
@@ -140,7 +142,7 @@ def test_stats_directory_with_a_link_is_refused(proxy_path, tmp_path):
     argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", 9)
     with pytest.raises(ProxyStartError) as info:
         spawn(argv, env=_env({"SPLICEPROXY_STATS_FILE": str(tmp_path / "link")}),
-              stderr=subprocess.DEVNULL, timeout=10.0)
+              stderr=subprocess.DEVNULL, timeout=10.0).stop(signal.SIGKILL)
     assert "symbolic link" in str(info.value), str(info.value)
     assert os.listdir(real) == []
 
@@ -150,14 +152,20 @@ def test_proxies_starting_together_in_one_directory_each_keep_a_file(proxy_path,
     # the directory, and no sweep may remove a file a starting proxy just made.
     extra = {"SPLICEPROXY_STATS_FILE": str(tmp_path)}
     with srv.EchoServer("127.0.0.1") as echo:
-        started = srv.run_threads(*[lambda: _start(proxy_path, echo.port, extra)
-                                    for _ in range(8)], timeout=60)
+        started: list = []
+
+        def start():
+            started.append(_start(proxy_path, echo.port, extra))
+
         try:
+            srv.run_threads(*[start for _ in range(8)], timeout=60)
             for lp, port in started:
                 srv.echo_roundtrip("127.0.0.1", port)
                 path = str(tmp_path / ("spliceproxy-%d.stats" % lp.pid))
-                assert _accepted(path, 1), path
+                assert _accepted(path, 1), (path, sorted(os.listdir(tmp_path)))
                 assert stats.stats_file_pid(path) == lp.pid
+            assert [lp.stop() for lp, _ in started] == [0] * 8
         finally:
             for lp, _ in started:
-                assert lp.stop() == 0
+                if lp.proc.poll() is None:
+                    lp.stop(signal.SIGKILL)

@@ -63,7 +63,10 @@ def split(path: str) -> tuple[list[str], str]:
 def _walk(path: str, components: list[str]) -> int:
     """A descriptor of the directory reached through components, no link followed."""
     start = "/" if path.startswith("/") else "."
-    fd = os.open(start, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(start, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise FileRefused("%s: %s" % (start, e.strerror)) from None
     walked = ""
     try:
         for name in components:

@@ -124,6 +124,11 @@ def main(argv: list[str]) -> None:
     except StartupError as e:
         status.failed(str(e))
         os._exit(1)
+    except (OSError, ValueError) as e:
+        # Not foreseen, but still a startup failure dockerd should be told
+        # about in words, not an empty status pipe and a traceback.
+        status.failed("cannot start: %s" % e)
+        os._exit(1)
     status.ready()
 
     try:

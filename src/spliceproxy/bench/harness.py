@@ -238,6 +238,10 @@ class Harness:
             return None
         from spliceproxy.stats import read_stats_file
 
+        # The engine writes its counters at most every 100 ms and within that
+        # interval after the last change: wait one interval (with a margin)
+        # so the reading includes everything done before this call.
+        time.sleep(0.15)
         try:
             return read_stats_file(path)
         except (OSError, ValueError):

@@ -11,7 +11,7 @@ def main(argv=None):
         from spliceproxy.bench.cli import main as bench_main
 
         return bench_main(argv[2:])
-    from spliceproxy.proxy import main as proxy_main
+    from spliceproxy.process import main as proxy_main
 
     proxy_main(argv)
     return 0

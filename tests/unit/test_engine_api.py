@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from spliceproxy import _engine, stats
-from spliceproxy.proxy import parse_duration
+from spliceproxy.settings import parse_duration
 
 
 def test_counters_file_carries_the_engines_names(tmp_path):

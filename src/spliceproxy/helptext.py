@@ -22,7 +22,7 @@ class Variable(NamedTuple):
     name: str
     default: str
     meaning: str
-    group: str = "proxy"  # proxy (read at start-up), build, or tests
+    group: str = "proxy"  # proxy (read at start-up), build (and install), or tests
     note: str = ""
 
 
@@ -68,6 +68,10 @@ ENVIRONMENT = (
     Variable("SPLICEPROXY_USER", "nobody",
              "user (name or uid) a proxy started as root becomes once its sockets are set up"),
     Variable("SPLICEPROXY_KEEP_PRIVILEGES", "off", "1 keeps root: no privilege drop"),
+    Variable("SPLICEPROXY_VENV", "/opt/spliceproxy",
+             "the virtualenv scripts/install-venv installs into", group="build"),
+    Variable("SPLICEPROXY_PYTHON", "/usr/bin/python3",
+             "the interpreter scripts/install-venv makes that virtualenv with", group="build"),
     Variable("SPLICEPROXY_CFLAGS", "none",
              "extra C compiler flags for the engine (e.g. sanitizers)", group="build"),
     Variable("SPLICEPROXY_WERROR", "off", "1 makes C warnings errors", group="build"),
@@ -83,7 +87,7 @@ ENVIRONMENT = (
 _GROUPS = (
     ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
               "value is a start-up failure reported on fd 3):"),
-    ("build", "Building (pip install):"),
+    ("build", "Installing and building (scripts/install-venv, pip install):"),
     ("tests", "Test suite:"),
 )
 

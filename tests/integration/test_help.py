@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,20 @@ def test_install_path_notes_a_shim_on_path(proxy_path, tmp_path):
     r = _run(str(shim), "install-path", env={"PATH": "%s:/usr/bin:/bin" % tmp_path})
     assert (r.returncode, r.stdout) == (0, os.path.realpath(proxy_path) + "\n")
     assert "%s, a wrapper (shim)" % shim in r.stderr
+
+
+def test_pytest_header_says_the_e2e_tests_start_daemons(proxy_path):
+    # Collecting only: no daemon is started by this.
+    env = dict(os.environ, SPLICEPROXY_E2E_PROXY=proxy_path)
+    env.pop("SPLICEPROXY_E2E_REQUIRE", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                        "-p", "no:cacheprovider", "tests/e2e"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("e2e: ")]
+    assert len(lines) == 1, r.stdout
+    if os.geteuid() == 0 and shutil.which("dockerd") and os.path.exists("/bin/busybox"):
+        assert lines[0].startswith("e2e: starts private dockerd and containerd daemons"), lines
+        assert proxy_path in lines[0]
+    else:
+        assert lines[0].startswith("e2e: skipped, starts no daemon: "), lines

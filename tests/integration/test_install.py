@@ -231,3 +231,22 @@ def test_interpreter_gone_is_reported_on_fd3_and_stderr(workdir, dists):
     # Started by hand (no fd 3), stderr alone tells.
     status, rc, err = _start_broken(command, status_pipe=False)
     assert rc == 1 and "no Python interpreter" in err, err
+
+
+def test_cibuildwheel_settings_and_the_wheels_abi(workdir, dists):
+    # The manylinux containers cannot be fetched here: check what can be
+    # checked without them, that cibuildwheel accepts the settings and that
+    # the engine needs nothing but glibc (a manylinux tag is possible).
+    tools = _venv(workdir / "tools")
+    _pip(tools, "cibuildwheel", "auditwheel")
+    r = _run([str(tools / "bin" / "cibuildwheel"), "--print-build-identifiers",
+              "--platform", "linux"], cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    ids = r.stdout.split()
+    assert "cp311-manylinux_x86_64" in ids and "cp39-manylinux_x86_64" in ids, ids
+    assert not any("musllinux" in i or "i686" in i for i in ids), ids
+    r = _run([str(tools / "bin" / "auditwheel"), "show", str(dists[1])])
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert re.search(r'consistent with the following platform tag: "manylinux_2_\d+_', text), text
+    assert re.search(r"libraries: libc\.so\.6 with versions", text), text

@@ -131,16 +131,16 @@ def test_wheel_runs_in_a_fresh_venv_after_the_build_venv_is_gone(dists, installe
     build_venv = dists[2]
     assert not build_venv.exists()
     command = str(installed / "bin" / "spliceproxy")
-    # The launcher names the build's interpreter (pip's isolated build
-    # environment, gone as well) as its fallback only.
-    fallback = re.search(r'^for py in "\$dir/python3" (\S+); do$', Path(command).read_text(), re.M)
-    assert fallback and not os.path.exists(fallback.group(1)), fallback
     r = _run([command, "-v"], env=DOCKERD_ENV)
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout.startswith("spliceproxy (docker-proxy compatible) version ")
     argv, engines = _serve_echo(command)
     assert argv[:3] == [str(installed / "bin" / "python3").encode(), b"-I", b"-S"]
     assert len(engines) == 1 and next(iter(engines)).startswith(str(_site(installed))), engines
+    # The launcher names the build's interpreter (pip's isolated build
+    # environment, gone as well) as its fallback only.
+    fallback = re.search(r'^for py in "\$dir/python3" (\S+); do$', Path(command).read_text(), re.M)
+    assert fallback and not os.path.exists(fallback.group(1)), fallback
 
 
 def test_symlinked_command_uses_its_target_environment(workdir, installed):

@@ -27,7 +27,8 @@ def _broken(what: str) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    if argv[:1] != ["gate"]:  # the gate reads JSON only and needs no extra
+    # The gate reads JSON only and needs no extra; nor does reading the help.
+    if argv[:1] != ["gate"] and not {"-h", "--help"} & set(argv):
         import importlib.util
 
         missing = [pkg for mod, pkg in _BENCH_MODULES if importlib.util.find_spec(mod) is None]

@@ -175,6 +175,11 @@ def test_bench_without_the_extra_names_the_extra(installed):
     assert "pip install 'spliceproxy[bench]'" in r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
+    # What needs no extra still works: the gate and the help.
+    for args in (["bench", "--help"], ["bench", "gate", "--help"]):
+        r = _run([str(installed / "bin" / "spliceproxy"), *args], env=DOCKERD_ENV)
+        assert (r.returncode, r.stderr) == (0, ""), args
+        assert r.stdout.startswith("usage: spliceproxy bench"), r.stdout
 
 
 def _start_broken(command: str, status_pipe: bool = True):

@@ -26,7 +26,7 @@ def _broken(what: str) -> int:
     return 1
 
 
-def _bench(argv: list[str]) -> int:
+def _bench(argv0: str, argv: list[str]) -> int:
     # The gate reads JSON only and needs no extra; nor does reading the help.
     if argv[:1] != ["gate"] and not {"-h", "--help"} & set(argv):
         import importlib.util
@@ -39,6 +39,14 @@ def _bench(argv: list[str]) -> int:
                 "'spliceproxy[bench]'\n(from a source tree: pip install '.[bench]').\n"
                 % (", ".join(missing), sys.executable))
             return 1
+        # Measure this very command.  The harness would look for it in the
+        # interpreter's scripts directory, which under the launcher's -S is
+        # the base interpreter's (/usr/bin), then on PATH, where a venv's
+        # command is not and a pyenv shim may be.
+        given = any(a == "--spliceproxy" or a.startswith("--spliceproxy=") for a in argv)
+        path = None if given else install_path(argv0)
+        if path is not None:
+            argv = ["--spliceproxy", path, *argv]
     from spliceproxy.bench.cli import main as bench_main
 
     return bench_main(argv)
@@ -94,7 +102,7 @@ def main(argv=None):
     argv = sys.argv if argv is None else argv
     cmd = argv[1] if len(argv) > 1 else None
     if cmd == "bench":
-        return _bench(argv[2:])
+        return _bench(argv[0], argv[2:])
     if cmd == "help":
         from spliceproxy.helptext import help_text
 

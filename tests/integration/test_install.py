@@ -182,6 +182,24 @@ def test_bench_without_the_extra_names_the_extra(installed):
         assert r.stdout.startswith("usage: spliceproxy bench"), r.stdout
 
 
+def test_bench_measures_this_command_though_it_is_not_on_path(workdir, dists):
+    # As in the Quick start: the venv's bin is not on PATH, and under the
+    # launcher's -S the interpreter's scripts directory is the base
+    # interpreter's.  One short loopback round shows whether it was run.
+    venv = _broken_copy(workdir, dists[1], "with-bench")
+    _pip(venv, "cffi>=1.15", "pyroute2>=0.7")
+    out = workdir / "bench-out"
+    out.mkdir(exist_ok=True)
+    r = _run([str(venv / "bin" / "spliceproxy"), "bench", "--quick", "--paths",
+              "native,spliceproxy", "--variants", "loopback", "--rounds", "1",
+              "--json", str(out / "b.json"), "--png", ""],
+             env=dict(DOCKERD_ENV, HOME=str(out)), cwd=out, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "skipped spliceproxy" not in r.stdout + r.stderr
+    header = next(line for line in r.stdout.splitlines() if line.startswith("loopback metric"))
+    assert header.split()[3:5] == ["native", "spliceproxy"], header
+
+
 def _start_broken(command: str, status_pipe: bool = True):
     p = spawn(proxy_argv(command, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", 9),
               env=DOCKERD_ENV, stderr=subprocess.PIPE, status_pipe=status_pipe, check=False)

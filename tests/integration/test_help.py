@@ -114,4 +114,3 @@ def test_pytest_header_says_the_e2e_tests_start_daemons(proxy_path):
         assert proxy_path in lines[0]
     else:
         assert lines[0].startswith("e2e: skipped, starts no daemon: "), lines
-

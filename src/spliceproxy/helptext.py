@@ -42,7 +42,8 @@ SUBCOMMANDS = (
     Subcommand("spliceproxy -v", "print the version"),
 )
 
-_PENDING = "read by releases that have it; earlier ones ignore it"
+# Variables being added alongside this table; the note goes once they are read.
+_PENDING = "new: read by releases that have it, ignored by earlier ones"
 
 ENVIRONMENT = (
     Variable("SPLICEPROXY_LOG_FILE", "stderr",
@@ -54,10 +55,13 @@ ENVIRONMENT = (
              "UDP client entry expiry (Go duration or seconds)"),
     Variable("SPLICEPROXY_UDP_MAX_FLOWS", "16384",
              "UDP client entries per port; the least recently used is evicted beyond it"),
-    Variable("SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR", "see README",
-             "UDP client entries one client address may hold", note=_PENDING),
-    Variable("SPLICEPROXY_CONNECT_TIMEOUT", "see README",
-             "how long a TCP connect to the container may take", note=_PENDING),
+    Variable("SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR", "a 16th of SPLICEPROXY_UDP_MAX_FLOWS",
+             "UDP client entries one client address (any port) may hold; beyond it the "
+             "address's own least recently used entry is replaced; 0 = the default",
+             note=_PENDING),
+    Variable("SPLICEPROXY_CONNECT_TIMEOUT", "30s",
+             "give up a backend connect not completed after this long; 0 = the kernel's own "
+             "limit (about two minutes)", note=_PENDING),
     Variable("SPLICEPROXY_IDLE_TIMEOUT", "off",
              "reset half-closed TCP pairs that saw no traffic for this long"),
     Variable("SPLICEPROXY_PIPE_SIZE", "1048576",
@@ -80,6 +84,12 @@ ENVIRONMENT = (
     Variable("SPLICEPROXY_E2E_REQUIRE", "off",
              "1 fails instead of skipping when dockerd, root or busybox-static is missing",
              group="tests"),
+    Variable("SPLICEPROXY_E2E_SUBNET", "198.18.77.0/24 and 198.18.78.0/24",
+             "the range whose halves become the two private daemons' bridges", group="tests",
+             note=_PENDING),
+    Variable("SPLICEPROXY_E2E_NETNS_PREFIX", "spe2e-",
+             "name prefix of the dockerd scenarios' network namespaces", group="tests",
+             note=_PENDING),
     Variable("SPLICEPROXY_HYPOTHESIS_EXAMPLES", "15",
              "examples per UDP property test", group="tests"),
 )

@@ -111,9 +111,11 @@ def main(argv=None):
     if cmd == "install-path":
         return _install_path(argv[0])
     try:
-        from spliceproxy import cli
+        from spliceproxy import cli  # the Go-flag parser: -h gets one more line
         from spliceproxy.proxy import main as proxy_main
     except ImportError as e:
+        if not (e.name or "").startswith("spliceproxy"):
+            raise  # not a part of this package: a bug, not a broken install
         return _broken(
             "the spliceproxy package at %s is incomplete (%s). Reinstall it: %s -m pip "
             "install --force-reinstall spliceproxy (a C compiler and the Python headers are "

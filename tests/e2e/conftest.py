@@ -657,3 +657,23 @@ def pytest_runtest_makereport(item, call):
             except Exception as e:  # diagnostics must never hide the real failure
                 text = f"<diagnostics unavailable: {e!r}>"
             rep.sections.append((f"dockerd {d.netns.name}", text))
+
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    """Say in the header, before anything runs, that these tests start daemons.
+
+    (pytest_report_header would not do: a conftest below the test root is
+    loaded only during collection, after the header is printed.)
+    """
+    if not any(HERE in Path(str(item.path)).parents for item in items):
+        return []
+    why = _missing_prerequisite()
+    if why is None:
+        path, _ = _proxy_path()
+        return [f"e2e: starts private dockerd and containerd daemons (own data-root, socket and "
+                f"network namespace spe2e-*, all removed afterwards; the host's dockerd is not "
+                f"used), userland proxy {path}"]
+    if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
+        return [f"e2e: will fail, prerequisites missing (SPLICEPROXY_E2E_REQUIRE=1): {why}"]
+    return [f"e2e: skipped, starts no daemon: {why}"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+
+from spliceproxy.bench import topology
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="external and/or loopback (default %(default)s)")
     p.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the proxies (repeatable)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="seed of the per-round path order (default: random, recorded in the "
+                        "JSON and printed)")
+    p.add_argument("--subnet", default=topology.SUBNET, metavar="CIDR",
+                   help="IPv4 range for the two veth links, split in halves (default "
+                        "%(default)s); refused when an address or route of the host is in it")
+    p.add_argument("--netns-prefix", default=topology.PREFIX, metavar="PREFIX",
+                   help="name prefix of the network namespaces (default %(default)s); refused "
+                        "when a namespace with it already exists")
     return p
 
 
@@ -57,6 +69,8 @@ def _progress(stream=sys.stderr):
 def main(argv: list[str]) -> int:
     if argv[:1] == ["gate"]:
         return gate_main(argv[1:])
+    if argv[:1] == ["agree"]:
+        return agree_main(argv[1:])
     args = _parser().parse_args(argv)
     from spliceproxy.bench import harness, report
     from spliceproxy.bench.paths import ALL_PATHS
@@ -84,10 +98,20 @@ def main(argv: list[str]) -> int:
     if args.rounds is not None and args.rounds < 1:
         print("spliceproxy bench: --rounds must be at least 1", file=sys.stderr)
         return 2
+    try:
+        topology.plan(args.subnet)
+        topology.check_prefix(args.netns_prefix)
+        if os.geteuid() == 0 and "external" in variants:
+            topology.clean_stale(args.netns_prefix)
+            topology.check_free(args.subnet, args.netns_prefix)
+    except topology.ConfigError as exc:
+        print("spliceproxy bench: %s" % exc, file=sys.stderr)
+        return 2
     show, done = _progress()
     h = harness.Harness("quick" if args.quick else "full", spliceproxy=args.spliceproxy,
                         docker_proxy=args.docker_proxy, peers=not args.no_peers,
-                        proxy_env=env, only=only, variants=variants, progress=show)
+                        proxy_env=env, only=only, variants=variants, progress=show,
+                        seed=args.seed, subnet=args.subnet, netns_prefix=args.netns_prefix)
     if args.rounds:
         h.p.rounds = args.rounds
     if os.geteuid() != 0:
@@ -101,6 +125,10 @@ def main(argv: list[str]) -> int:
         done()
         print("interrupted; namespaces and proxies torn down", file=sys.stderr)
         return 130
+    except topology.ConfigError as exc:
+        done()
+        print("spliceproxy bench: %s" % exc, file=sys.stderr)
+        return 2
     except (OSError, RuntimeError) as exc:
         done()
         print("spliceproxy bench: %s" % exc, file=sys.stderr)
@@ -131,6 +159,35 @@ def gate_main(argv: list[str]) -> int:
     from spliceproxy.bench import gate
 
     return gate.main(args.baseline, args.current)
+
+
+def agree_main(argv: list[str]) -> int:
+    """`spliceproxy bench agree RUN.json RUN.json ...`: do repeated runs agree?"""
+    p = argparse.ArgumentParser(
+        prog="spliceproxy bench agree",
+        description="Count the ratios each run calls conclusive and the pairs of runs that "
+                    "call one in opposite directions; exit 1 on any disagreement.")
+    p.add_argument("runs", nargs="+", metavar="RUN.json")
+    args = p.parse_args(argv)
+    from spliceproxy.bench import report
+
+    runs = []
+    for path in args.runs:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as exc:
+            print("spliceproxy bench agree: cannot read %s: %s" % (path, exc), file=sys.stderr)
+            return 2
+    a = report.agreement(runs)
+    for path, c, n in zip(args.runs, a["conclusive_per_run"], a["ratios_per_run"]):
+        print("%s: %d of %d ratios conclusive" % (path, c, n))
+    for i, j, variant, metric, ref in a["flips"]:
+        print("disagree: %s %s vs %s between %s and %s"
+              % (variant, metric, ref, args.runs[i], args.runs[j]))
+    print("%d pairs of conclusive calls across %d runs, %d in opposite directions"
+          % (a["conclusive_pairs"], a["runs"], a["disagreements"]))
+    return 1 if a["disagreements"] else 0
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class Paths:
     # -- addresses -----------------------------------------------------------
     @property
     def backend_ip(self) -> str:
-        return topo_mod.CONTAINER_IP if self.topo else "127.0.0.1"
+        return self.topo.addr.container if self.topo else "127.0.0.1"
 
     @property
     def host_ns(self):
@@ -191,8 +191,8 @@ class Paths:
 
     def _endpoints(self, ports) -> tuple[Endpoint, Endpoint]:
         e, s, u = ports
-        ext = Endpoint((topo_mod.HOST_EXT_IP, e), (topo_mod.HOST_EXT_IP, s),
-                       (topo_mod.HOST_EXT_IP, u) if u else None) if self.topo else None
+        h = self.topo.addr.host_ext if self.topo else None
+        ext = Endpoint((h, e), (h, s), (h, u) if u else None) if self.topo else None
         lo = Endpoint(("127.0.0.1", e), ("127.0.0.1", s), ("127.0.0.1", u) if u else None)
         return ext, lo
 
@@ -208,9 +208,9 @@ class Paths:
         base = PORT_BASE["iptables"]
         for proto, off, to in (("tcp", 0, self.echo_port), ("tcp", 1, self.sink_port),
                                ("udp", 2, self.udp_port)):
-            self.topo.add_dnat(proto, base + off, topo_mod.CONTAINER_IP, to)
-        ep = Endpoint((topo_mod.HOST_EXT_IP, base), (topo_mod.HOST_EXT_IP, base + 1),
-                      (topo_mod.HOST_EXT_IP, base + 2))
+            self.topo.add_dnat(proto, base + off, self.topo.addr.container, to)
+        h = self.topo.addr.host_ext
+        ep = Endpoint((h, base), (h, base + 1), (h, base + 2))
         return PathRuntime("iptables", external=ep, loopback=None,
                            note="DNAT does not apply to localhost")
 

@@ -51,18 +51,20 @@ class Profile:
 # crr_count x lat_rounds stays well below the ~28k ephemeral ports: docker-proxy,
 # haproxy and socat each leave a TIME_WAIT socket per connection in the host
 # namespace towards the one container port, and a larger count made the later
-# paths fail to connect at all.  Latency gets more, shorter rounds than bulk:
-# its per-round ratios swing with the VM's two wake-up modes, a transfer's
-# only by 5-10 %.
+# paths fail to connect at all.  Many short rounds rather than a few long
+# ones: each per-round ratio pairs measurements close in time, so a
+# neighbour's burst of load hits both sides of it; 7 rounds of 256 MiB left
+# 4-stream throughput (near 1x docker-proxy) conclusive in opposite
+# directions in two runs.
 PROFILES = {
-    "quick": Profile("quick", rounds=7, lat_rounds=11, bulk_bytes=256 << 20, streams=4,
-                     stream_bytes=64 << 20,
+    "quick": Profile("quick", rounds=13, lat_rounds=11, bulk_bytes=128 << 20, streams=4,
+                     stream_bytes=32 << 20,
                      rr_iters=1000, crr_count=200, udp_iters=1000, burst_count=10000,
                      scale_conns=1000, churn_count=30000, spawns=8, strace_bytes=64 << 20,
                      strace_conns=100,
                      loopback_groups=("bulk", "rr")),
-    "full": Profile("full", rounds=9, lat_rounds=15, bulk_bytes=1 << 30, streams=4,
-                    stream_bytes=256 << 20,
+    "full": Profile("full", rounds=15, lat_rounds=15, bulk_bytes=512 << 20, streams=4,
+                    stream_bytes=128 << 20,
                     rr_iters=5000, crr_count=400, udp_iters=3000, burst_count=50000,
                     scale_conns=10000, churn_count=100000, spawns=20, strace_bytes=256 << 20,
                     strace_conns=500,
@@ -101,6 +103,12 @@ METRICS = {
     "strace_syscalls_per_conn": ("calls", "lower", "system calls per connection (strace -c)"),
 }
 REFS = ("native", "iptables", "docker-proxy")
+# Figures that do not drift with timing: counted, not timed.
+COUNTS = frozenset(("syscalls_per_gib", "syscalls_per_conn", "udp_loss_pct",
+                    "scale_served_pct", "rss_per_conn_kib", "fds_per_conn", "threads",
+                    "churn_done_pct", "churn_time_wait", "idle_rss_mib",
+                    "strace_syscalls_per_gib", "strace_syscalls_per_conn"))
+MIN_TIMING_ROUNDS = 3
 # Groups measured exchange by exchange over all paths at once, pinned to one CPU.
 INTERLEAVED = ("rr", "crr", "udp")
 BARE = "python-bare"
@@ -133,9 +141,12 @@ class Ratio:
     q3: float
     of_medians: float | None
     n: int
+    count: bool = False  # a deterministic count: one round is a measurement, not a sample
 
     @property
     def conclusive(self) -> bool:
+        if self.n < MIN_TIMING_ROUNDS and not self.count:
+            return False  # a timing figure measured once has no known spread
         if self.q1 <= 1.0 <= self.q3:
             return False
         if self.of_medians is not None and (self.of_medians - 1.0) * (self.value - 1.0) <= 0:
@@ -201,7 +212,7 @@ class Results:
                 return None
             pairs = [of_medians]
         q1, q2, q3 = quartiles(pairs)
-        return Ratio(q2, q1, q3, of_medians, len(pairs))
+        return Ratio(q2, q1, q3, of_medians, len(pairs), metric in COUNTS)
 
     def ratio(self, variant: str, metric: str, path: str, ref: str):
         """Median of per-round ratios path/ref."""
@@ -228,6 +239,41 @@ class Results:
                         "ratios": {k: v.value for k, v in stats.items()},
                         "ratio_spread": {k: v.as_dict() for k, v in stats.items()}}
         return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row of the group table: how a group of metrics is measured.
+
+    run(harness, group, variant) measures it; phase orders the groups (0 the
+    throughput and latency groups, then groups that can hurt later ones: scale
+    can end a proxy that runs out of descriptors, churn fills TIME_WAIT);
+    variants are those it applies to; quick_loopback_only: on loopback only
+    when the profile lists it in loopback_groups.  A new group (e.g. the host
+    engine's per-port cost) is one entry here and one run function.
+    """
+
+    run: object
+    phase: int = 0
+    variants: tuple = ("external", "loopback")
+    quick_loopback_only: bool = True
+
+
+def _rounds(h, group, variant):
+    h.run_group(group, variant)
+
+
+GROUPS = {
+    "bulk": Group(_rounds),
+    "bulkn": Group(_rounds),
+    "rr": Group(_rounds),
+    "crr": Group(_rounds),
+    "udp": Group(_rounds),
+    "strace": Group(lambda h, g, v: h.run_strace(v)),
+    "scale": Group(lambda h, g, v: h.run_scale(v), phase=1, quick_loopback_only=False),
+    "spawn": Group(lambda h, g, v: h.run_spawn(), phase=2, variants=("process",)),
+    "churn": Group(lambda h, g, v: h.run_churn(v), phase=3, variants=("external",)),
+}
 
 
 def raise_nofile() -> int:
@@ -772,26 +818,20 @@ class Harness:
                      "of medians points the other way",
             "subnet": self.subnet, "netns_prefix": self.netns_prefix}
         t0 = time.perf_counter()
-        groups = groups or ("bulk", "bulkn", "rr", "crr", "udp", "strace", "scale", "spawn",
-                            "churn")
-        for variant in self.wanted_variants:
-            for g in groups:
-                if variant == "loopback" and g not in self.p.loopback_groups:
-                    continue
-                if g in ("scale", "churn", "spawn"):
-                    continue  # after the others: see below
-                if g == "strace":
-                    self.run_strace(variant)
-                else:
-                    self.run_group(g, variant)
-        # Scale can end a proxy that runs out of descriptors (docker-proxy
-        # does): measured after every throughput and latency figure.
-        if "scale" in groups:
-            for variant in self.wanted_variants:
-                self.run_scale(variant)
-        if "spawn" in groups:
-            self.run_spawn()
-        if "churn" in groups and "external" in self.wanted_variants:
-            self.run_churn("external")
+        groups = tuple(groups or GROUPS)
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown:
+            raise ValueError("unknown group(s) %s (choose from %s)"
+                             % (", ".join(unknown), ", ".join(GROUPS)))
+        # Phase by phase; within a phase variant by variant, groups in table order.
+        for phase in sorted({GROUPS[g].phase for g in groups}):
+            for variant in self.wanted_variants + ("process",):
+                for g, spec in GROUPS.items():
+                    if g not in groups or spec.phase != phase or variant not in spec.variants:
+                        continue
+                    if variant == "loopback" and spec.quick_loopback_only \
+                            and g not in self.p.loopback_groups:
+                        continue
+                    spec.run(self, g, variant)
         self.res.elapsed = time.perf_counter() - t0
         return self.res

@@ -25,7 +25,19 @@ ECHO, SINK, UDP = 7001, 7002, 7003
 PORT_BASE = {"iptables": 8100, "spliceproxy": 8200, "docker-proxy": 8300,
              "haproxy": 8400, "socat": 8500}
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
-ALL_PATHS = ("native", "iptables") + USERLAND
+# The path table: name -> the Paths method that starts it and returns its
+# PathRuntime (or None, with the reason in Paths.skipped).  A new path (e.g.
+# spliceproxy's fast path) is one entry here, one starter method and, for a
+# proxy, a PORT_BASE entry.
+PATHS = {
+    "native": "_start_native",
+    "iptables": "_start_iptables",
+    "spliceproxy": "_start_spliceproxy",
+    "docker-proxy": "_start_docker_proxy",
+    "haproxy": "_start_haproxy",
+    "socat": "_start_socat",
+}
+ALL_PATHS = tuple(PATHS)
 
 
 @dataclass
@@ -135,7 +147,7 @@ class Paths:
             try:
                 progress("starting %s" % name)
                 self._start_servers(i)
-                rt = getattr(self, "_start_" + name.replace("-", "_"))()
+                rt = getattr(self, PATHS[name])()
             except Exception as exc:  # noqa: BLE001 - reported, path skipped
                 self.skipped[name] = "failed to start: %s" % exc
                 continue

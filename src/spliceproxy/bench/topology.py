@@ -180,17 +180,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(prefix: str = PREFIX) -> list[str]:
-    """Remove <prefix><pid>-* namespaces whose creating process no longer exists."""
+    """Remove <prefix><pid>-* namespaces whose creating process no longer exists.
+
+    Only names of exactly that shape: a namespace that merely starts with
+    the prefix belongs to someone else and is left alone (check_free then
+    refuses the prefix).
+    """
     removed = []
     if not os.path.isdir(NETNS_DIR):
         return removed
+    shape = re.compile(re.escape(prefix) + r"(\d+)-(cli|host|ctr)$|" + re.escape(prefix)
+                       + r"(\d+)-.+-(cli|host|ctr)$")
     for name in sorted(os.listdir(NETNS_DIR)):
-        if not name.startswith(prefix):
+        m = shape.match(name)
+        if not m:
             continue
-        pid = name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        pid = int(m.group(1) or m.group(3))
+        if pid != os.getpid() and _pid_alive(pid):
             continue
-        if pid.isdigit() and int(pid) == os.getpid() and any(name in t.names for t in _live):
+        if pid == os.getpid() and any(name in t.names for t in _live):
             continue
         _remove_ns(name)
         removed.append(name)

@@ -100,7 +100,8 @@ def test_address_or_route_in_range_is_a_conflict(scratch_ns):
     cp = _in_ns(scratch_ns, code)
     assert cp.stdout.splitlines() == ["[]", "[]", "[]"], cp.stderr
     ipns = ["ip", "-n", scratch_ns]
-    subprocess.run(ipns + ["link", "add", "btd0", "type", "dummy"], check=True)
+    subprocess.run(ipns + ["link", "add", "btd0", "type", "veth", "peer", "name", "btd1"],
+                   check=True)
     subprocess.run(ipns + ["link", "set", "btd0", "up"], check=True)
     subprocess.run(ipns + ["addr", "add", "198.19.250.7/24", "dev", "btd0"], check=True)
     subprocess.run(ipns + ["route", "add", "198.19.251.128/25", "dev", "btd0"], check=True)

@@ -78,7 +78,7 @@ def run_gate(*args: str, env=None) -> subprocess.CompletedProcess:
 def test_lower_and_higher_limits():
     base = gate.load_data(result(**_kw(BASE)))
     rows = {r["key"]: r for r in gate.compare(base, base)}
-    assert rows["syscalls_per_gib"]["limit"] == pytest.approx(5000 * 2.5 + 2000)
+    assert rows["syscalls_per_gib"]["limit"] == pytest.approx(5000 * 4.0 + 2000)
     assert rows["bulk_1/iptables"]["limit"] == pytest.approx(0.6 * (1 - 0.65))
     assert rows["threads"]["limit"] == pytest.approx(2.0)
     assert all(r["verdict"] == "ok" for r in rows.values())
@@ -95,6 +95,15 @@ def test_regression_each_direction():
     assert rows["bulk_1/iptables"]["verdict"] == "REGRESSION"
     assert rows["threads"]["verdict"] == "ok"
     assert rows["fds_per_conn"]["verdict"] == "ok"
+
+
+def test_capped_baseline():
+    base = gate.load_data(result(churn_hold=7.5))
+    ok = gate.load_data(result(churn_hold=0.8))
+    bad = gate.load_data(result(churn_hold=0.05))
+    assert gate.compare(base, ok)[0]["limit"] == pytest.approx(0.5)
+    assert gate.compare(base, ok)[0]["verdict"] == "ok"
+    assert gate.compare(base, bad)[0]["verdict"] == "REGRESSION"
 
 
 def test_missing_fails_unless_ignored_and_kind_filter():

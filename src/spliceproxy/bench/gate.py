@@ -28,25 +28,27 @@ SUBJECT = "spliceproxy"
 # A lower-is-better figure regresses above baseline * (1 + rel) + abs, a
 # higher-is-better one below baseline * (1 - rel) - abs.
 #
-# Spread (max/min - 1) of each figure over repeated unchanged quick runs on
-# the shared 2-core machine, with rounds shuffled and latency alternated
-# exchange by exchange on one CPU (see README, "How the figures are made"):
-# syscalls/GiB (engine counter) 3.6k-8.0k external, 77 % loopback (how much
-# each splice moves depends on scheduling); syscalls/conn 3 %; fds/conn,
-# threads, RSS/conn 0; idle RSS vs a bare interpreter 1 %; spawn vs bare 4 %
-# (1.87 to 2.62 between a quiet and a loaded moment); bulk vs iptables up to
-# 123 % (one run of four fell to 0.32 while the others were 0.61-0.71), n
-# streams 22 %; CPU/GB vs docker-proxy 48 %; connection rate vs docker-proxy
-# 29 %.  Pinned and alternated, added RR and UDP latency vs docker-proxy
-# spread ~10 % between runs (it moved 0.75-3.1 when measured path after path,
-# which is why UDP latency was not gated before); UDP packets/s 10 %.
-# churn_hold stayed within 0.79-0.98 (3.0 once the rate rises after warm-up);
-# a TIME_WAIT collapse takes it below 0.1.  The read/write copy mode with
-# 4 KiB buffers costs ~2 system calls per 4 KiB (~500k/GiB), far outside.
+# Spread (max/min - 1) of each figure over two series of five unchanged
+# `spliceproxy bench --quick` runs on the shared 2-core machine, rounds
+# shuffled and latency alternated exchange by exchange on one CPU (see
+# README): syscalls/GiB from the engine's counter 4.4k-13.9k external (how
+# much each splice moves depends on scheduling), 3.9k-5.4k loopback; strace's
+# count per GiB 2.7k-19.7k (strace slows the proxy, so each splice moves
+# less); syscalls/conn 0.5 %, strace's 0.3 %; fds/conn, threads, RSS/conn 0;
+# idle RSS vs a bare interpreter 0.2 %; spawn vs bare 0.59-0.83; bulk vs
+# iptables 14-17 %, 4 streams 7-51 %; CPU/GB vs docker-proxy 29-40 %;
+# connection rate vs docker-proxy 15-18 %; UDP packets/s 19-28 %; added RR
+# latency vs docker-proxy 5.7 % external, 1.4 % loopback, added UDP latency
+# 2.1 % (measured path after path they moved 0.75-3.1x, which is why they
+# were loosely or not gated before); churn_hold 0.74-7.6 (a slow first tenth
+# makes it large), so its baseline counts as at most 1 (CAPS); a TIME_WAIT
+# collapse takes it below 0.1.  The read/write copy mode with 4 KiB buffers
+# costs ~2 system calls per 4 KiB (~525k/GiB), far outside any of these.
 TOLERANCES = {
-    "syscalls_per_gib": ("syscalls_per_gib", None, "count", "lower", 1.5, 2000.0),
+    "syscalls_per_gib": ("syscalls_per_gib", None, "count", "lower", 3.0, 2000.0),
     "syscalls_per_conn": ("syscalls_per_conn", None, "count", "lower", 0.15, 2.0),
-    "strace_syscalls_per_gib": ("strace_syscalls_per_gib", None, "count", "lower", 1.5, 2000.0),
+    "strace_syscalls_per_gib": ("strace_syscalls_per_gib", None, "count", "lower", 9.0,
+                                2000.0),
     "strace_syscalls_per_conn": ("strace_syscalls_per_conn", None, "count", "lower", 0.15, 2.0),
     "fds_per_conn": ("fds_per_conn", None, "count", "lower", 0.10, 0.25),
     "threads": ("threads", None, "count", "lower", 0.0, 1.0),
@@ -55,8 +57,8 @@ TOLERANCES = {
     "bulk_1/iptables": ("bulk_1", "iptables", "timing", "higher", 0.65, 0.0),
     "bulk_n/iptables": ("bulk_n", "iptables", "timing", "higher", 0.5, 0.0),
     "cpu_per_gb/docker-proxy": ("cpu_per_gb", "docker-proxy", "timing", "lower", 0.9, 0.0),
-    "rr_added_p50/docker-proxy": ("rr_added_p50", "docker-proxy", "timing", "lower", 0.5, 0.0),
-    "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 0.5,
+    "rr_added_p50/docker-proxy": ("rr_added_p50", "docker-proxy", "timing", "lower", 0.3, 0.0),
+    "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 0.3,
                                    0.0),
     "crr_rate/docker-proxy": ("crr_rate", "docker-proxy", "timing", "higher", 0.45, 0.0),
     "udp_pps/docker-proxy": ("udp_pps", "docker-proxy", "timing", "higher", 0.5, 0.0),
@@ -64,6 +66,11 @@ TOLERANCES = {
     "churn_hold": ("churn_hold", None, "timing", "higher", 0.5, 0.0),
     "churn_done_pct": ("churn_done_pct", None, "count", "higher", 0.0, 0.0),
 }
+
+
+# A baseline beyond the cap gates as the cap (figures whose lucky runs say
+# nothing about the next one).
+CAPS = {"churn_hold": 1.0}
 
 
 def gate_entries(res, variant: str, metric: str, path: str) -> dict:
@@ -278,6 +285,8 @@ def compare(baseline: dict, current: dict, tol: dict | None = None,
             continue
         cur = current.get((variant, key))
         b = base["value"]
+        if key in CAPS:
+            b = min(b, CAPS[key]) if better == "higher" else max(b, CAPS[key])
         if better == "lower":
             limit = b * (1 + rel) + absol
         else:

@@ -335,9 +335,13 @@ def render(rows: list[dict]) -> str:
 
 def summary_line(rows: list[dict]) -> str:
     bad = failed(rows)
+    skipped = sum(1 for r in rows if r["verdict"] == "skipped")
+    gated = len(rows) - skipped
+    tail = " (%d not in the current run, skipped)" % skipped if skipped else ""
     if bad:
-        return "FAIL: %d of %d gated figures regressed or are missing" % (len(bad), len(rows))
-    return "PASS: %d gated figures within tolerance" % len(rows)
+        return "FAIL: %d of %d gated figures regressed or are missing%s" % (len(bad), gated,
+                                                                             tail)
+    return "PASS: %d gated figures within tolerance%s" % (gated, tail)
 
 
 def markdown(rows: list[dict], baseline_path: str = "", current_path: str = "") -> str:

@@ -101,7 +101,7 @@ def test_capped_baseline():
     base = gate.load_data(result(churn_hold=7.5))
     ok = gate.load_data(result(churn_hold=0.8))
     bad = gate.load_data(result(churn_hold=0.05))
-    assert gate.compare(base, ok)[0]["limit"] == pytest.approx(0.5)
+    assert gate.compare(base, ok)[0]["limit"] == pytest.approx(0.2)
     assert gate.compare(base, ok)[0]["verdict"] == "ok"
     assert gate.compare(base, bad)[0]["verdict"] == "REGRESSION"
 

@@ -31,24 +31,28 @@ SUBJECT = "spliceproxy"
 # Spread (max/min - 1) of each figure over two series of five unchanged
 # `spliceproxy bench --quick` runs on the shared 2-core machine, rounds
 # shuffled and latency alternated exchange by exchange on one CPU (see
-# README): syscalls/GiB from the engine's counter 4.4k-13.9k external (how
-# much each splice moves depends on scheduling), 3.9k-5.4k loopback; strace's
-# count per GiB 2.7k-19.7k (strace slows the proxy, so each splice moves
-# less); syscalls/conn 0.5 %, strace's 0.3 %; fds/conn, threads, RSS/conn 0;
+# README): syscalls/GiB from the engine's counter 4.2k-13.9k external (how
+# much each splice moves depends on scheduling), 3.9k-7.1k loopback; strace's
+# count per GiB 2.7k-40k in one transfer per run (strace slows the proxy, so
+# each splice moves less; now the median of three), so it only catches a
+# gross regression (baseline x 2 + 60k; docker-proxy's is ~53k, the slow copy
+# mode's ~525k); syscalls/conn 0.5 %, strace's 0.3 %; fds/conn, threads,
+# RSS/conn 0;
 # idle RSS vs a bare interpreter 0.2 %; spawn vs bare 0.59-0.83; bulk vs
 # iptables 14-17 %, 4 streams 7-51 %; CPU/GB vs docker-proxy 29-40 %;
 # connection rate vs docker-proxy 15-18 %; UDP packets/s 19-28 %; added RR
 # latency vs docker-proxy 5.7 % external, 1.4 % loopback, added UDP latency
 # 2.1 % (measured path after path they moved 0.75-3.1x, which is why they
-# were loosely or not gated before); churn_hold 0.74-7.6 (a slow first tenth
-# makes it large), so its baseline counts as at most 1 (CAPS); a TIME_WAIT
-# collapse takes it below 0.1.  The read/write copy mode with 4 KiB buffers
-# costs ~2 system calls per 4 KiB (~525k/GiB), far outside any of these.
+# were loosely or not gated before); churn_hold 0.37-7.6 over 15 runs (a slow
+# first tenth makes it large), so its baseline counts as at most 1 (CAPS) and
+# it fails below 0.2; a TIME_WAIT collapse takes it below 0.1.  The
+# read/write copy mode with 4 KiB buffers costs ~2 system calls per 4 KiB
+# (~525k/GiB), far outside any of these.
 TOLERANCES = {
     "syscalls_per_gib": ("syscalls_per_gib", None, "count", "lower", 3.0, 2000.0),
     "syscalls_per_conn": ("syscalls_per_conn", None, "count", "lower", 0.15, 2.0),
-    "strace_syscalls_per_gib": ("strace_syscalls_per_gib", None, "count", "lower", 9.0,
-                                2000.0),
+    "strace_syscalls_per_gib": ("strace_syscalls_per_gib", None, "count", "lower", 1.0,
+                                60000.0),
     "strace_syscalls_per_conn": ("strace_syscalls_per_conn", None, "count", "lower", 0.15, 2.0),
     "fds_per_conn": ("fds_per_conn", None, "count", "lower", 0.10, 0.25),
     "threads": ("threads", None, "count", "lower", 0.0, 1.0),
@@ -63,7 +67,7 @@ TOLERANCES = {
     "crr_rate/docker-proxy": ("crr_rate", "docker-proxy", "timing", "higher", 0.45, 0.0),
     "udp_pps/docker-proxy": ("udp_pps", "docker-proxy", "timing", "higher", 0.5, 0.0),
     "spawn/python-bare": ("spawn_ms", "python-bare", "timing", "lower", 1.0, 0.0),
-    "churn_hold": ("churn_hold", None, "timing", "higher", 0.5, 0.0),
+    "churn_hold": ("churn_hold", None, "timing", "higher", 0.8, 0.0),
     "churn_done_pct": ("churn_done_pct", None, "count", "higher", 0.0, 0.0),
 }
 

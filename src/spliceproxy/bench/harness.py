@@ -45,6 +45,7 @@ class Profile:
     spawns: int
     strace_bytes: int
     strace_conns: int
+    strace_rounds: int
     loopback_groups: tuple
 
 
@@ -61,13 +62,13 @@ PROFILES = {
                      stream_bytes=32 << 20,
                      rr_iters=1000, crr_count=200, udp_iters=1000, burst_count=10000,
                      scale_conns=1000, churn_count=30000, spawns=8, strace_bytes=64 << 20,
-                     strace_conns=100,
+                     strace_conns=100, strace_rounds=3,
                      loopback_groups=("bulk", "rr")),
     "full": Profile("full", rounds=15, lat_rounds=15, bulk_bytes=512 << 20, streams=4,
                     stream_bytes=128 << 20,
                     rr_iters=5000, crr_count=400, udp_iters=3000, burst_count=50000,
                     scale_conns=10000, churn_count=100000, spawns=20, strace_bytes=256 << 20,
-                    strace_conns=500,
+                    strace_conns=500, strace_rounds=3,
                     loopback_groups=("bulk", "rr", "crr", "udp")),
 }
 
@@ -103,11 +104,12 @@ METRICS = {
     "strace_syscalls_per_conn": ("calls", "lower", "system calls per connection (strace -c)"),
 }
 REFS = ("native", "iptables", "docker-proxy")
-# Figures that do not drift with timing: counted, not timed.
-COUNTS = frozenset(("syscalls_per_gib", "syscalls_per_conn", "udp_loss_pct",
-                    "scale_served_pct", "rss_per_conn_kib", "fds_per_conn", "threads",
-                    "churn_done_pct", "churn_time_wait", "idle_rss_mib",
-                    "strace_syscalls_per_gib", "strace_syscalls_per_conn"))
+# Figures that do not drift with timing: counted, not timed, so one round is
+# a measurement.  System calls per GiB are not among them: how much each
+# splice moves depends on scheduling.
+COUNTS = frozenset(("syscalls_per_conn", "udp_loss_pct", "scale_served_pct",
+                    "rss_per_conn_kib", "fds_per_conn", "threads", "churn_done_pct",
+                    "churn_time_wait", "idle_rss_mib", "strace_syscalls_per_conn"))
 MIN_TIMING_ROUNDS = 3
 # Groups measured exchange by exchange over all paths at once, pinned to one CPU.
 INTERLEAVED = ("rr", "crr", "udp")
@@ -730,31 +732,37 @@ class Harness:
                 os.close(pre.fd)
 
     def run_strace(self, variant: str) -> None:
-        """External syscall counts (strace -c -f -p), once per userland path."""
+        """External syscall counts (strace -c -f -p) per userland path, in shuffled rounds.
+
+        Per connection the count is fixed (28.03 for spliceproxy in every
+        run); per GiB it depends on how much each call moves, which strace's
+        own slowdown changes: one transfer per run ranged 2.7k-40k for
+        spliceproxy, so it is a sample, measured in rounds like a timing.
+        """
         import shutil
 
         if not shutil.which("strace"):
             self.res.notes.append("strace not installed: no external syscall counts")
             return
-        for name, rt in self._paths_for(variant, "sink"):
-            pid = rt.pid("sink")
-            if pid is None or rt.tree:
-                continue
-            self.progress("%s strace: %s" % (variant, name))
-            try:
-                with procs.StraceCount(pid) as sc:
-                    self.bulk_once(rt, variant, 1, self.p.strace_bytes)
-                if sc.total is not None:
-                    self.res.add(variant, "strace_syscalls_per_gib", name,
-                                 sc.total / (self.p.strace_bytes / GIB))
-                epid = rt.pid("echo")
-                with procs.StraceCount(epid) as sc:
-                    o = self.crr_once(rt, variant, self.p.strace_conns)
-                if sc.total is not None and o["rate"]:
-                    self.res.add(variant, "strace_syscalls_per_conn", name,
-                                 sc.total / self.p.strace_conns)
-            except (OSError, RuntimeError) as exc:
-                self.res.notes.append("strace via %s failed: %s" % (name, exc))
+        paths = [(name, rt) for name, rt in self._paths_for(variant, "sink")
+                 if rt.pid("sink") is not None and not rt.tree]
+        for r in range(self.p.strace_rounds):
+            for name, rt in self._order(variant, "strace", paths):
+                self.progress("%s strace round %d/%d: %s" % (variant, r + 1,
+                                                             self.p.strace_rounds, name))
+                try:
+                    with procs.StraceCount(rt.pid("sink")) as sc:
+                        self.bulk_once(rt, variant, 1, self.p.strace_bytes)
+                    if sc.total is not None:
+                        self.res.add(variant, "strace_syscalls_per_gib", name,
+                                     sc.total / (self.p.strace_bytes / GIB), r)
+                    with procs.StraceCount(rt.pid("echo")) as sc:
+                        o = self.crr_once(rt, variant, self.p.strace_conns)
+                    if sc.total is not None and o["rate"]:
+                        self.res.add(variant, "strace_syscalls_per_conn", name,
+                                     sc.total / self.p.strace_conns, r)
+                except (OSError, RuntimeError) as exc:
+                    self.res.notes.append("strace via %s failed: %s" % (name, exc))
 
     def run_churn(self, variant: str) -> None:
         """Sequential short connections in one long run (moby #47537).

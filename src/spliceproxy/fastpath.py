@@ -13,8 +13,9 @@ a listener that is gone) reaches the relay's listener exactly as before.
     fp.remove_mapping(m.id)
     fp.close()                      # or let the process die: nothing stays attached
 
-Off by default: SPLICEPROXY_FASTPATH takes Go booleans only (parse_setting);
-the settings module will take this parsing over once it exists.
+Off by default: SPLICEPROXY_FASTPATH takes Go booleans only, parsed by
+spliceproxy.settings like every other setting (parse_setting here for
+callers holding a plain environment).
 """
 
 from __future__ import annotations
@@ -27,29 +28,23 @@ SETTING = "SPLICEPROXY_FASTPATH"
 # pure v2 host's /sys/fs/cgroup.
 CGROUP_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
-_TRUE = ("1", "t", "T", "TRUE", "true", "True")
-_FALSE = ("0", "f", "F", "FALSE", "false", "False")
 _PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 
-class SettingError(ValueError):
-    """SPLICEPROXY_FASTPATH holds something other than a Go boolean."""
-
-
 def parse_setting(value: str | None) -> bool:
-    """The fast-path switch, read as Go's strconv.ParseBool reads it.
+    """The fast-path switch, read as spliceproxy.settings reads every
+    boolean: Go's strconv.ParseBool spellings only, unset or empty is off.
 
-    Unset means off; every value other than a Go boolean (the empty string
-    included) is an error, so a typo never silently changes routing."""
-    if value is None:
+    Raises settings.SettingError naming the variable for anything else, so
+    a typo never silently changes routing."""
+    from spliceproxy import settings
+
+    if value is None or value == "":
         return False
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise SettingError(
-        "invalid value %r for %s: use one of 1, t, T, TRUE, true, True, "
-        "0, f, F, FALSE, false, False" % (value, SETTING))
+    try:
+        return settings.boolean(value)
+    except ValueError as e:
+        raise settings.SettingError("invalid %s=%r: %s" % (SETTING, value, e)) from None
 
 
 def enabled(environ=None) -> bool:

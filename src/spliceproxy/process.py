@@ -86,6 +86,11 @@ def _start(argv: list[str], status: StatusPipe):
             log.close()
             raise StartupError("cannot open counters file (SPLICEPROXY_STATS_FILE): %s"
                                % e) from None
+    if conf.fastpath:
+        # The programs are one set for the whole host, owned by the host
+        # engine; a proxy serving its port alone relays every client.
+        log.log("fast path not active: SPLICEPROXY_FASTPATH needs the host engine; "
+                "this proxy serves standalone through the relay")
     proxy = Proxy(config, conf, log, listen_fd_inherited=status.have_listen_fd)
     try:
         proxy.start(stats.fd if stats is not None else None)

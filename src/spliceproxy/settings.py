@@ -206,6 +206,8 @@ VARIABLES = (
     Var("COPY_BUF", integer(1, 64 << 20), 65536, "OPT_COPY_BUF", "bytes per direction (readwrite)"),
     Var("USER", user, None, help="user (name or uid) to become; default: a uid of its own"),
     Var("KEEP_PRIVILEGES", boolean, False, help="true keeps root: no privilege drop"),
+    Var("FASTPATH", boolean, False,
+        help="kernel fast path for host-local clients (served by the host engine)"),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spliceproxy import fastpath
+from spliceproxy import fastpath, settings
 
 GO_TRUE = ["1", "t", "T", "TRUE", "true", "True"]
 GO_FALSE = ["0", "f", "F", "FALSE", "false", "False"]
@@ -21,16 +21,27 @@ def test_go_false_values_turn_it_off(value):
     assert fastpath.parse_setting(value) is False
 
 
-def test_unset_is_off():
+def test_unset_or_empty_is_off():
+    # As for every setting: dockerd's environment may carry "VAR=" for unset.
     assert fastpath.parse_setting(None) is False
+    assert fastpath.parse_setting("") is False
     assert fastpath.enabled({}) is False
+    assert settings.load({}).fastpath is False
 
 
-@pytest.mark.parametrize("value", ["", "yes", "on", "tRUE", " 1", "1 ", "2", "y"])
+@pytest.mark.parametrize("value", ["yes", "on", "tRUE", " 1", "1 ", "2", "y", "\u0661"])
 def test_anything_else_is_an_error_naming_the_setting(value):
-    with pytest.raises(fastpath.SettingError) as e:
+    with pytest.raises(settings.SettingError) as e:
         fastpath.parse_setting(value)
     assert "SPLICEPROXY_FASTPATH" in str(e.value) and repr(value) in str(e.value)
+    with pytest.raises(settings.SettingError) as e:
+        settings.load({b"SPLICEPROXY_FASTPATH": value.encode()})
+    assert str(e.value).startswith("invalid SPLICEPROXY_FASTPATH=")
+
+
+@pytest.mark.parametrize("value", GO_TRUE)
+def test_settings_read_it_too(value):
+    assert settings.load({b"SPLICEPROXY_FASTPATH": value.encode()}).fastpath is True
 
 
 def test_unavailable_is_falsy_and_says_why():

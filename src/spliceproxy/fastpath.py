@@ -122,13 +122,20 @@ def local_addresses(family: int) -> list[str]:
     return _local_v6()
 
 
+def _proc_net(name: str) -> str:
+    # /proc/net shows the main thread's namespace; thread-self the caller's
+    # (a thread that entered the host namespace reads the host's addresses).
+    own = os.path.join("/proc/thread-self/net", name)
+    return own if os.path.exists(own) else os.path.join("/proc/net", name)
+
+
 def _local_v4() -> list[str]:
     # The "Local:" table of the FIB lists every address this host owns as
     # "/32 host LOCAL" under its "|-- a.b.c.d" line.
     out: list[str] = []
     table = None
     last = None
-    with open("/proc/net/fib_trie") as f:
+    with open(_proc_net("fib_trie")) as f:
         for line in f:
             if line and not line[0].isspace():
                 table = line.strip().rstrip(":")
@@ -145,7 +152,7 @@ def _local_v4() -> list[str]:
 def _local_v6() -> list[str]:
     out: list[str] = []
     try:
-        f = open("/proc/net/if_inet6")
+        f = open(_proc_net("if_inet6"))
     except FileNotFoundError:  # IPv6 disabled
         return out
     with f:

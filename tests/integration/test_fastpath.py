@@ -561,6 +561,42 @@ def test_killed_holder_leaves_nothing_attached(cgroup):
 
 
 # ---------------------------------------------------------------------------
+# The benchmark's fastpath path
+
+
+def test_bench_fastpath_path_runs_and_cleans_up():
+    from spliceproxy.bench import harness, report
+
+    with open("/proc/self/cgroup") as f:
+        home = f.read()
+    h = harness.Harness("quick", only=("native", "fastpath"), peers=False,
+                        variants=("loopback",), seed=3, netns_prefix="fp-b%d-" % os.getpid(),
+                        subnet="198.18.210.0/24")
+    h.p.rounds = h.p.lat_rounds = 2
+    # (the rr warm-up is 200 exchanges: fewer iterations would overrun its buffer)
+    h.p.rr_iters, h.p.crr_count, h.p.udp_iters, h.p.bulk_bytes = 200, 20, 100, 4 << 20
+    h.p.loopback_groups = ("bulk", "rr", "crr", "udp")
+    with h:
+        if "fastpath" not in h.paths.runtimes:
+            pytest.skip(h.paths.skipped.get("fastpath", "fastpath path not started"))
+        cg = os.path.join(CGROOT, "spb-fastpath-%d" % os.getpid())
+        with open("/proc/self/cgroup") as f:
+            assert "spb-fastpath-%d" % os.getpid() in f.read()
+        res = h.run_all(("bulk", "rr", "crr", "udp"))
+        fp = h.paths.runtimes["fastpath"].fastpath
+        conns = sum(st["connections"] for st in fp.stats().values())
+    m = res.variants["loopback"]
+    for metric in ("bulk_1", "rr_p50", "crr_rate", "udp_rr_p50"):
+        assert len(m[metric]["fastpath"]) == 2, (metric, res.notes)
+    # Every crr connect, the rr and bulk connections, and the UDP socket took it.
+    assert conns >= 2 * 20 + 2 + 2 + 2, conns
+    assert "fastpath/native" in report.table(res)
+    assert not os.path.exists(cg)
+    with open("/proc/self/cgroup") as f:
+        assert f.read() == home
+
+
+# ---------------------------------------------------------------------------
 # Loading fails with a reason, never a traceback
 
 

@@ -9,7 +9,10 @@ import time
 from spliceproxy.bench.harness import BARE, METRICS, REFS, Results
 
 SUBJECT = "spliceproxy"
-ORDER = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat", BARE)
+ORDER = ("native", "iptables", "spliceproxy", "fastpath", "docker-proxy", "haproxy", "socat",
+         BARE)
+# Paths whose ratios get columns of their own beside the subject's.
+ALSO = ("fastpath",)
 
 
 def _fmt(v) -> str:
@@ -48,10 +51,12 @@ def table(res: Results, subject: str = SUBJECT) -> str:
     for variant, metrics in d.items():
         paths = [p for p in ORDER if any(p in m for m in metrics.values())]
         paths += sorted({p for m in metrics.values() for p in m} - set(paths))
-        refs = [r for r in REFS + (BARE,) if r != subject and any(
-            r in m and subject in m for m in metrics.values())]
-        head = ["%s metric" % variant, "unit"] + paths + ["%s/%s" % (subject[:6], r[:8])
-                                                          for r in refs]
+        cols = []  # (path, reference) ratio columns
+        for who in (subject,) + tuple(a for a in ALSO if a != subject):
+            cols += [(who, r) for r in REFS + (BARE,) if r != who and any(
+                r in m and who in m for m in metrics.values())]
+        head = ["%s metric" % variant, "unit"] + paths + [
+            "%s/%s" % (w[:6] if w == subject else w, r[:8]) for w, r in cols]
         rows = [head]
         for metric in METRICS:
             if metric not in metrics:
@@ -59,8 +64,8 @@ def table(res: Results, subject: str = SUBJECT) -> str:
             per = metrics[metric]
             row = [metric, METRICS[metric][0]] + [_fmt(per[p]["median"]) if p in per else "-"
                                                   for p in paths]
-            for r in refs:
-                row.append(fmt_ratio(per.get(subject, {}).get("ratio_spread", {}).get(r)))
+            for w, r in cols:
+                row.append(fmt_ratio(per.get(w, {}).get("ratio_spread", {}).get(r)))
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         for i, row in enumerate(rows):

@@ -560,6 +560,48 @@ def test_killed_holder_leaves_nothing_attached(cgroup):
     assert set(fastpath.attached(cgroup).values()) == {0}
 
 
+ENGINE = r"""
+import socket, sys
+from spliceproxy import fastpath
+cg, fd, port, cont, cport = sys.argv[1:6]
+fd, port, cport = int(fd), int(port), int(cport)
+f = fastpath.load(cg)
+if not f:
+    print("fail %s" % f, flush=True)
+    sys.exit(0)
+m = f.add_mapping("tcp", "127.0.0.1", port, cont, cport, fd)
+print("ok" if m.addresses else "fail %s" % m.reason, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_killed_engine_sends_the_next_connect_to_the_relay(container, cgroup, relays):
+    # The holder of the programs gets a duplicate of the relay's listener, as
+    # the engine holds the one its stub keeps; the stub side (here) outlives it.
+    relay = relays("127.0.0.1")
+    p = subprocess.Popen([sys.executable, "-c", ENGINE, cgroup, str(relay.fileno()),
+                          str(relay.port), CONT4, str(CPORT)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         pass_fds=(relay.fileno(),))
+    try:
+        line = p.stdout.readline().decode().strip()
+        if line != "ok":
+            pytest.skip(line)
+        assert client(cgroup, "tcp", "127.0.0.1", relay.port, size=4096)["echo"]
+        before = container.accepted
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(TIMEOUT)
+        p.stdin.close()
+        p.stdout.close()
+    deadline = time.monotonic() + TIMEOUT
+    while sum(fastpath.attached(cgroup).values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    got = client(cgroup, "tcp", "127.0.0.1", relay.port)
+    assert got["reply"] == "RELAY", got
+    assert container.accepted == before
+
+
 # ---------------------------------------------------------------------------
 # The benchmark's fastpath path
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import sys
+import sysconfig
 import threading
 import time
 
@@ -57,6 +58,11 @@ def _have_127_0_0_2() -> bool:
 
 
 def _proxy_command() -> list[str]:
+    # The command installed beside the interpreter running the tests: PATH
+    # may hold another install's command or a pyenv shim.
+    exe = os.path.join(sysconfig.get_path("scripts"), "spliceproxy")
+    if os.access(exe, os.X_OK):
+        return [exe]
     exe = shutil.which("spliceproxy")
     return [exe] if exe else [sys.executable, "-m", "spliceproxy"]
 

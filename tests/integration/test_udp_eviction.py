@@ -120,11 +120,16 @@ def test_a_flood_of_source_ports_does_not_evict_another_address(
         client.connect(("127.0.0.1", port))
         _ask(client, b"client before")
         t0 = time.monotonic()
-        _flood(port, sources, per_source)
-        took = time.monotonic() - t0
         # Datagrams the listener's receive buffer could not hold are lost
-        # before the proxy sees them: wait until it has handled the rest.
-        st = _settled(stats_path)
+        # before the proxy sees them (a loaded machine loses many): flood
+        # again, in the same way, until the proxy has seen well past the
+        # table's 1024 entries.
+        for _ in range(10):
+            _flood(port, sources, per_source)
+            st = _settled(stats_path)
+            if st["udp_flows_created"] > 1500:
+                break
+        took = time.monotonic() - t0
         assert st["udp_flows_created"] > 1500, st  # well past the table's 1024
         _ask(client, b"client after")
         st = srv.settled_stats(stats_path)

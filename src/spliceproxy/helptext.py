@@ -72,6 +72,9 @@ ENVIRONMENT = (
     Variable("SPLICEPROXY_USER", "nobody",
              "user (name or uid) a proxy started as root becomes once its sockets are set up"),
     Variable("SPLICEPROXY_KEEP_PRIVILEGES", "off", "1 keeps root: no privilege drop"),
+    Variable("SPLICEPROXY_FASTPATH", "off",
+             "1 lets host-local clients skip the relay through the kernel; served by the host "
+             "engine only (a standalone proxy logs that it is not active)", note=_PENDING),
     Variable("SPLICEPROXY_VENV", "/opt/spliceproxy",
              "the virtualenv scripts/install-venv installs into", group="build"),
     Variable("SPLICEPROXY_PYTHON", "/usr/bin/python3",

@@ -41,13 +41,14 @@ SUBJECT = "spliceproxy"
 # idle RSS vs a bare interpreter 0.2 %; spawn vs bare 0.59-0.83; bulk vs
 # iptables 14-17 %, 4 streams 7-51 %; CPU/GB vs docker-proxy 29-40 %;
 # connection rate vs docker-proxy 15-18 %; UDP packets/s 19-28 %; added RR
-# latency vs docker-proxy 5.7 % external, 1.4 % loopback, added UDP latency
-# 2.1 % (measured path after path they moved 0.75-3.1x, which is why they
-# were loosely or not gated before); churn_hold 0.37-7.6 over 15 runs (a slow
-# first tenth makes it large), so its baseline counts as at most 1 (CAPS) and
-# it fails below 0.2; a TIME_WAIT collapse takes it below 0.1.  The
-# read/write copy mode with 4 KiB buffers costs ~2 system calls per 4 KiB
-# (~525k/GiB), far outside any of these.
+# latency vs docker-proxy 0.67-0.80 external over 15 runs (one at 0.44),
+# 1.4 % loopback, added UDP latency 2.1 % (measured path after path they
+# moved 0.75-3.1x, which is why they were loosely or not gated before);
+# churn_hold 0.37-7.6 over 15 runs (a slow first tenth makes it large), so
+# its baseline counts as at most 1 (CAPS) and it fails below 0.2; a
+# TIME_WAIT collapse takes it below 0.1.  The read/write copy mode with 4 KiB
+# buffers costs ~2 system calls per 4 KiB (~525k/GiB), far outside any of
+# these.
 TOLERANCES = {
     "syscalls_per_gib": ("syscalls_per_gib", None, "count", "lower", 3.0, 2000.0),
     "syscalls_per_conn": ("syscalls_per_conn", None, "count", "lower", 0.15, 2.0),
@@ -61,7 +62,7 @@ TOLERANCES = {
     "bulk_1/iptables": ("bulk_1", "iptables", "timing", "higher", 0.65, 0.0),
     "bulk_n/iptables": ("bulk_n", "iptables", "timing", "higher", 0.5, 0.0),
     "cpu_per_gb/docker-proxy": ("cpu_per_gb", "docker-proxy", "timing", "lower", 0.9, 0.0),
-    "rr_added_p50/docker-proxy": ("rr_added_p50", "docker-proxy", "timing", "lower", 0.3, 0.0),
+    "rr_added_p50/docker-proxy": ("rr_added_p50", "docker-proxy", "timing", "lower", 0.5, 0.0),
     "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 0.3,
                                    0.0),
     "crr_rate/docker-proxy": ("crr_rate", "docker-proxy", "timing", "higher", 0.45, 0.0),

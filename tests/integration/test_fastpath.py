@@ -233,7 +233,10 @@ def nothing_left_behind():
     while fastpath.programs_loaded() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert fastpath.programs_loaded() == 0, "fast-path programs left loaded"
-    assert not any(n.startswith("fp-test-%d-" % os.getpid()) for n in os.listdir(CGROOT))
+    assert not any(n.startswith("fp-test-%d-" % os.getpid()) or n.startswith("spb-fastpath-")
+                   for n in os.listdir(CGROOT))
+    left = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    assert not [n for n in left if n.endswith("-%d" % os.getpid()) and n.startswith("fp-")]
 
 
 class Relay:

@@ -521,6 +521,25 @@ def test_processes_outside_the_cgroup_are_untouched(container, fp, relays):
         assert s.recv(16) == RELAY
 
 
+def test_bad_input_is_a_clear_error_and_changes_nothing(fp, relays, tmp_path):
+    relay = relays("127.0.0.1")
+    cases = [
+        (("sctp", "127.0.0.1", relay.port, CONT4, CPORT, relay.sock), ValueError),
+        (("tcp", "127.0.0.1", 0, CONT4, CPORT, relay.sock), ValueError),
+        (("tcp", "127.0.0.1", relay.port, CONT4, 70000, relay.sock), ValueError),
+        (("tcp", "localhost", relay.port, CONT4, CPORT, relay.sock), ValueError),
+        (("tcp", "127.0.0.1", relay.port, "0.0.0.0", CPORT, relay.sock), ValueError),
+    ]
+    with open(tmp_path / "f", "w") as notsock:
+        cases.append((("tcp", "127.0.0.1", relay.port, CONT4, CPORT, notsock.fileno()), OSError))
+        for args, exc in cases:
+            with pytest.raises(exc):
+                fp.add_mapping(*args)
+    assert fp.mappings() == [] and fp.programs.entries() == []
+    with pytest.raises(ValueError):
+        fp.add_mapping("tcp", "::1", relay.port, "::", CPORT, relay.sock)
+
+
 # ---------------------------------------------------------------------------
 # Lifetime: nothing stays attached
 

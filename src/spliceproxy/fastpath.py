@@ -338,6 +338,26 @@ class FastPath:
             pass  # the listener is closed already: its tag went with it
         del self._mappings[mapping_id]
 
+    def apply(self, events) -> None:
+        """Apply AddressWatch.read() events to every wildcard mapping; None
+        (events lost) re-reads the local addresses instead."""
+        if events is None:
+            self.resync()
+        else:
+            _apply(self, events)
+
+    def resync(self) -> None:
+        """Make every wildcard mapping's entries the local addresses now."""
+        for m in self.mappings():
+            if not m.wildcard or m.reason.startswith("IPv"):
+                continue
+            now = local_addresses(_family(m.host_ip))
+            for addr in list(m.addresses):
+                if addr not in now:
+                    self.remove_address(m.id, addr)
+            for addr in now:
+                self.add_address(m.id, addr)
+
     def stats(self) -> dict[int, dict]:
         """Per mapping: connections and datagrams that took the fast path."""
         out = {}
@@ -358,6 +378,88 @@ class FastPath:
         """Detach the programs; connects go to the relay from now on."""
         self._p.close()
         self._mappings.clear()
+
+
+# ---------------------------------------------------------------------------
+# Keeping wildcard mappings current: rtnetlink address events.
+
+_RTMGRP_IPV4_IFADDR, _RTMGRP_IPV6_IFADDR = 0x10, 0x100
+_RTM_NEWADDR, _RTM_DELADDR = 20, 21
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_RT_SCOPE_LINK = 253
+
+
+class AddressWatch:
+    """Address changes of this namespace, for FastPath.apply().
+
+    A non-blocking rtnetlink socket: put fileno() in the event loop and call
+    read() when it is readable.  Made in the thread's namespace, like load()."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self.sock.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> list[tuple[bool, str]] | None:
+        """[(added, address)] since the last read; None when events were lost
+        (the kernel's buffer overran): then FastPath.resync()."""
+        events: list[tuple[bool, str]] = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return events
+            except OSError as e:
+                if e.errno == 105:  # ENOBUFS: events were dropped
+                    return None
+                raise
+            events += _parse_addr_messages(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _parse_addr_messages(data: bytes) -> list[tuple[bool, str]]:
+    import struct
+
+    out = []
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if length < 16 or off + length > len(data):
+            break
+        if kind in (_RTM_NEWADDR, _RTM_DELADDR) and length >= 24:
+            family, _plen, _flags, scope, _index = struct.unpack_from("=BBBBI", data, off + 16)
+            attrs = {}
+            a = off + 24
+            while a + 4 <= off + length:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                attrs[atype] = data[a + 4:a + alen]
+                a += (alen + 3) & ~3
+            # IFA_LOCAL is the address itself (IFA_ADDRESS is the peer on a
+            # point-to-point link); IPv6 has IFA_ADDRESS only.
+            raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+            fam = {2: socket.AF_INET, 10: socket.AF_INET6}.get(family)
+            if raw and fam and scope != _RT_SCOPE_LINK and len(raw) in (4, 16):
+                out.append((kind == _RTM_NEWADDR, socket.inet_ntop(fam, raw)))
+        off += (length + 3) & ~3
+    return out
+
+
+def _apply(fp: FastPath, events) -> None:
+    for added, addr in events:
+        for m in fp.mappings():
+            if not m.wildcard or _family(addr) != _family(m.host_ip):
+                continue
+            if added:
+                fp.add_address(m.id, addr)
+            else:
+                fp.remove_address(m.id, addr)
 
 
 def attached(cgroup_path: str) -> dict[str, int]:

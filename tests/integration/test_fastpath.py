@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -428,6 +429,63 @@ def test_ipv6_wildcard_mapping_serves_local_ipv6_addresses(container, fp, cgroup
     assert not any(a.startswith("fe80") for a in m.addresses)
     got = client(cgroup, "tcp", HOST6, relay.port, size=4096)
     assert got.get("echo") and got["peer"] == [HOST6, relay.port], got
+
+
+def test_wildcard_entries_follow_addresses_as_they_come_and_go(cgroup):
+    # In a namespace of its own, so adding addresses touches nothing else.
+    ns, dummy = "fp-a-%d" % os.getpid(), "fp-d%d" % os.getpid()
+    ip("netns", "add", ns)
+    try:
+        ip("-n", ns, "link", "set", "lo", "up")
+        # (a veth pair: this kernel may have no dummy links)
+        ip("-n", ns, "link", "add", dummy, "type", "veth", "peer", "name", dummy + "p")
+        ip("-n", ns, "link", "set", dummy, "up")
+        ip("-n", ns, "link", "set", dummy + "p", "up")
+
+        def setup():
+            f = fastpath.load(cgroup)
+            if not f:
+                return f, None, None, None
+            w = fastpath.AddressWatch()
+            ls4 = socket.create_server(("0.0.0.0", 0))
+            ls6 = socket.create_server(("::", 0), family=socket.AF_INET6)
+            m4 = f.add_mapping("tcp", "0.0.0.0", ls4.getsockname()[1], CONT4, CPORT, ls4)
+            m6 = f.add_mapping("tcp", "::", ls6.getsockname()[1], CONT6, CPORT, ls6)
+            return f, w, (ls4, ls6), (m4, m6)
+
+        f, w, socks, (m4, m6) = in_netns(ns, setup)
+        if not f:
+            pytest.skip(str(f))
+        try:
+            assert m4.addresses == ["127.0.0.1"] and m6.addresses == ["::1"]
+
+            def events_until(pred):
+                deadline = time.monotonic() + TIMEOUT
+                while not pred() and time.monotonic() < deadline:
+                    select.select([w], [], [], 0.2)
+                    f.apply(w.read())
+                assert pred()
+
+            ip("-n", ns, "addr", "add", "198.18.208.9/32", "dev", dummy)
+            ip("-n", ns, "addr", "add", "2001:2:0:d0::9/128", "dev", dummy, "nodad")
+            events_until(lambda: "198.18.208.9" in m4.addresses
+                         and "2001:2:0:d0::9" in m6.addresses)
+            assert "198.18.208.9" not in m6.addresses and "2001:2:0:d0::9" not in m4.addresses
+            ip("-n", ns, "addr", "del", "198.18.208.9/32", "dev", dummy)
+            events_until(lambda: "198.18.208.9" not in m4.addresses)
+            keys = [k for k, _ in f.programs.entries()]
+            assert socket.inet_pton(socket.AF_INET, "198.18.208.9") not in [k[1] for k in keys]
+            # Lost events: a resync reads the addresses again.
+            ip("-n", ns, "addr", "add", "198.18.208.10/32", "dev", dummy)
+            in_netns(ns, f.resync)
+            assert "198.18.208.10" in m4.addresses
+        finally:
+            f.close()
+            w.close()
+            for s in socks:
+                s.close()
+    finally:
+        ip("netns", "del", ns, check=False)
 
 
 def test_v4_mapped_host_address_is_ipv4(container, fp, cgroup, relays):

@@ -687,6 +687,10 @@ def test_killed_engine_sends_the_next_connect_to_the_relay(container, cgroup, re
 
 
 def test_bench_fastpath_path_runs_and_cleans_up():
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+        # The topology's checks run iproute2's ip, which a preloaded ASan
+        # aborts (strncpy-param-overlap in print_route).
+        pytest.skip("iproute2's ip aborts under a preloaded ASan")
     from spliceproxy.bench import harness, report
 
     with open("/proc/self/cgroup") as f:

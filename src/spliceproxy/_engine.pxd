@@ -1,4 +1,4 @@
-# Declarations of csrc/engine.h, nothing else.
+# Declarations of csrc/engine.h and csrc/process.h, nothing else.
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
 
@@ -46,6 +46,9 @@ cdef extern from "engine.h" nogil:
     int sp_engine_reserve_pipes(sp_engine *e, int n)
     const uint64_t *sp_engine_stats(const sp_engine *e)
     const char *sp_stat_name(int i)
+
+
+cdef extern from "process.h" nogil:
     int sp_open_listener(int type, const sockaddr *addr, socklen_t len, const char **step)
     int64_t sp_raise_nofile()
     int sp_set_process_name(const char *name)

@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Thin binding of the C relay engine (csrc/engine.h).
+"""Thin binding of the C relay engine (csrc/engine.h) and its process
+helpers (csrc/process.h).
 
 Converts types, releases the GIL for the whole run loop, and turns -errno
 results into OSError in one place.  Policy lives in the Python front end.
@@ -146,7 +147,7 @@ def set_process_name(str name):
 
 
 def drop_privileges(uid, gid):
-    """Become uid/gid with no capabilities and no way back (see engine.h)."""
+    """Become uid/gid with no capabilities and no way back (see process.h)."""
     cdef const char *step = NULL
     cdef int rc = sp_drop_privileges(uid, gid, &step)
     if rc < 0:

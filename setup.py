@@ -13,7 +13,7 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/process.c"]
+CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/process.c", "csrc/stats.c"]
 
 
 class LoudBuildExt(build_ext):

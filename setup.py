@@ -13,6 +13,18 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warning_flags():
+    """The project's C dialect and warning flags, from their one definition
+    (csrc/cflags.txt, also read by the C lint), without -D_GNU_SOURCE, which
+    the extension passes as a macro."""
+    with open(os.path.join(HERE, "csrc", "cflags.txt")) as f:
+        words = [w for line in f if not line.startswith("#") for w in line.split()]
+    return [w for w in words if w != "-D_GNU_SOURCE"]
+
+
 CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/process.c", "csrc/stats.c"]
 
 
@@ -35,7 +47,7 @@ class LoudBuildExt(build_ext):
 def extensions():
     from Cython.Build import cythonize
 
-    cflags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+    cflags = warning_flags() + ["-O2", "-fno-strict-aliasing"]
     ldflags = []
     if os.environ.get("SPLICEPROXY_WERROR") == "1":
         cflags.append("-Werror")

@@ -89,14 +89,8 @@ def launcher():
     return [out]
 
 
-def cffi_modules():
-    path = "src/spliceproxy/bench/_loadgen_build.py:ffibuilder"
-    return [path] if os.path.exists(path.split(":")[0]) else []
-
-
 setup(
     scripts=launcher(),
     ext_modules=extensions(),
-    cffi_modules=cffi_modules(),
     cmdclass={"build_ext": LoudBuildExt},
 )

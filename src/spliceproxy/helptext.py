@@ -90,8 +90,6 @@ ENVIRONMENT = (
     Variable("SPLICEPROXY_E2E_NETNS_PREFIX", "spe2e-",
              "name prefix of the dockerd scenarios' network namespaces", group="tests",
              note=_PENDING),
-    Variable("SPLICEPROXY_HYPOTHESIS_EXAMPLES", "15",
-             "examples per UDP property test", group="tests"),
 )
 
 _GROUPS = (

@@ -32,11 +32,11 @@ import threading
 import time
 
 import pytest
-import servers as srv
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spliceproxy.bench.launch import proxy_argv
+from support import servers as srv
+from support.servers import proxy_argv
 
 MIB = 1 << 20
 IO_TIMEOUT = 10.0
@@ -630,7 +630,7 @@ def test_stop_signal_under_full_load_exits_0_at_once(proxy_path, tmp_path, sig):
 # set in the child before exec (as Go's SysProcAttr.Pdeathsig), prints its pid.
 PARENT = r"""
 import ctypes, json, os, signal, sys
-from spliceproxy.bench.launch import spawn
+from support.servers import spawn
 libc = ctypes.CDLL(None, use_errno=True)
 def pdeathsig():
     if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG

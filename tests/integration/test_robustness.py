@@ -630,7 +630,7 @@ def test_stop_signal_under_full_load_exits_0_at_once(proxy_path, tmp_path, sig):
 # set in the child before exec (as Go's SysProcAttr.Pdeathsig), prints its pid.
 PARENT = r"""
 import ctypes, json, os, signal, sys
-from support.servers import spawn
+from spliceproxy.bench.launch import spawn
 libc = ctypes.CDLL(None, use_errno=True)
 def pdeathsig():
     if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG

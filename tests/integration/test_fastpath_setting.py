@@ -11,9 +11,10 @@ import os
 import subprocess
 
 import pytest
-import servers as srv
 
 from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+
+from support import servers as srv
 
 
 def _env(extra: dict) -> dict:

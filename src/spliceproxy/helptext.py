@@ -69,6 +69,10 @@ ENVIRONMENT = (
     Variable("SPLICEPROXY_COPY_MODE", "splice",
              "readwrite copies through user space instead (slower, for comparisons)"),
     Variable("SPLICEPROXY_COPY_BUF", "65536", "buffer bytes per direction in readwrite mode"),
+    Variable("SPLICEPROXY_SPIN", "0 (off)",
+             "after a wake-up that relayed bytes, keep polling without sleeping for this "
+             "long (Go duration, e.g. 50us; at most 10ms): lower request/response latency "
+             "for more CPU; 0 = off", note=_PENDING),
     Variable("SPLICEPROXY_USER", "nobody",
              "user (name or uid) a proxy started as root becomes once its sockets are set up"),
     Variable("SPLICEPROXY_KEEP_PRIVILEGES", "off", "1 keeps root: no privilege drop"),

@@ -126,6 +126,20 @@ def duration_ms(lo_ms: int, hi_ms: int):
     return parse
 
 
+def duration_us(lo_us: int, hi_us: int):
+    """A duration (see parse_duration) in whole microseconds between lo_us and hi_us."""
+
+    def parse(text: str) -> int:
+        us = int(round(parse_duration(text) * 1e6))
+        if us < lo_us:
+            raise ValueError("must be at least %dus" % lo_us)
+        if us > hi_us:
+            raise ValueError("must be at most %dus" % hi_us)
+        return us
+
+    return parse
+
+
 def choice(**values):
     """One of the given words; the value is what the word maps to."""
 
@@ -204,6 +218,10 @@ VARIABLES = (
     Var("COPY_MODE", choice(splice="COPY_SPLICE", readwrite="COPY_READWRITE"), "COPY_SPLICE",
         "OPT_COPY_MODE", "splice, or readwrite through user space"),
     Var("COPY_BUF", integer(1, 64 << 20), 65536, "OPT_COPY_BUF", "bytes per direction (readwrite)"),
+    # Off by default: measured in the benchmark (spliceproxy-spin path), see
+    # README "Busy-poll".
+    Var("SPIN", duration_us(0, 10_000), 0, "OPT_SPIN_US",
+        "busy-poll this long after traffic before sleeping; 0 = off"),
     Var("USER", user, None, help="user (name or uid) to become; default: a uid of its own"),
     Var("KEEP_PRIVILEGES", boolean, False, help="true keeps root: no privilege drop"),
 )

@@ -533,12 +533,13 @@ int sp_engine_run(struct sp_engine *e, int timeout_ms)
 {
 	struct epoll_event evs[SP_EPOLL_BATCH];
 	int64_t deadline = timeout_ms >= 0 ? sp_now_ms() + timeout_ms : -1;
-	/* Busy-poll window: on this kind of VM a blocked thread takes tens of
-	 * microseconds to wake (guest halt-polling off), which is most of the
-	 * latency a relay adds to a request/response.  After a wake-up that
-	 * moved bytes the answer is usually a round trip away, so keep polling
-	 * until spin_until (a clock bound, so an idle engine goes back to
-	 * sleep within SP_OPT_SPIN_US of the last traffic). */
+	/* Busy-poll window (SP_OPT_SPIN_US, off by default): a blocked thread
+	 * can take tens of microseconds to wake, and after a wake-up that
+	 * moved bytes the answer is usually a round trip away, so keep
+	 * polling until spin_until.  A clock bound, re-armed only by traffic,
+	 * so an idle engine sleeps again within SP_OPT_SPIN_US of its last
+	 * byte.  Measured on this project's VMs it did not pay (README,
+	 * "Busy-poll"), hence opt-in. */
 	int64_t spin_until = 0;
 	int result = -1;
 

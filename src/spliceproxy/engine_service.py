@@ -95,13 +95,14 @@ class Mapping:
 class Conn:
     """A connection on the control socket: a stub, or a status client."""
 
-    __slots__ = ("sock", "pid", "uid", "mapping")
+    __slots__ = ("sock", "pid", "uid", "mapping", "refused")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int):
         self.sock = sock
         self.pid = pid
         self.uid = uid
         self.mapping: Mapping | None = None
+        self.refused = False
 
 
 def idle_exit_seconds(env=None) -> float | None:
@@ -375,15 +376,14 @@ class Service:
             sock.setblocking(False)
             pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            conn = Conn(sock, pid, uid)
             if uid not in (self.owner_uid, 0):
+                # Every request of this peer gets the error; the connection is
+                # closed when the peer hangs up (closing first could reset it
+                # before it reads the reason).
                 self.log.log("control socket: refused pid %d uid %d (this engine is uid %d's)"
                              % (pid, uid, self.owner_uid))
-                with contextlib.suppress(OSError):
-                    control.send(sock, control.encode("error") + b"permission denied: uid %d "
-                                 b"may not use the engine of uid %d\0" % (uid, self.owner_uid))
-                sock.close()
-                continue
-            conn = Conn(sock, pid, uid)
+                conn.refused = True
             self.conns[sock.fileno()] = conn
             self.ep.register(sock.fileno(), _EPOLLIN | select.EPOLLRDHUP)
             self.idle_since = None
@@ -439,6 +439,13 @@ class Service:
         self._send(conn, b"error\0" + text.encode("utf-8", "replace") + b"\0")
 
     def _request(self, conn: Conn, data: bytes, fds: list[int], truncated: bool) -> None:
+        if conn.refused:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._reply_error(conn, "permission denied: uid %d may not use the engine of uid %d"
+                              % (conn.uid, self.owner_uid))
+            return
         if truncated:
             for fd in fds:
                 with contextlib.suppress(OSError):

@@ -785,7 +785,11 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("spliceproxy engine: no control socket: set SPLICEPROXY_ENGINE_SOCKET "
                          "or XDG_RUNTIME_DIR\n")
         return 1
+    sock_path = os.path.abspath(sock_path)
     log = Logger()
+    # Started from a stub, the working directory is dockerd's; hold no mount.
+    with contextlib.suppress(OSError):
+        os.chdir("/")
     try:
         _engine.set_process_name("spliceproxy-eng")
     except OSError:

@@ -1,34 +1,82 @@
 #!/usr/bin/env python3
 """Measure what a published port costs in engine mode, standalone, and with docker-proxy.
 
-    python3 contrib/engine-measure.py [--ports 100] [--rounds 30] [--docker-proxy PATH]
+    python3 contrib/engine-measure.py [--ports 100] [--docker-proxy PATH]
 
-Every proxy is started as dockerd starts it (spliceproxy.bench.launch.spawn:
-status pipe on fd 3, stdio on /dev/null) on 127.0.0.1, with a TCP echo
-backend; nothing is relayed.  Prints:
+Every proxy is started as dockerd starts it (status pipe on fd 3, stdio on
+/dev/null, default signal dispositions; with posix_spawn, about as light as
+Go's os/exec) on 127.0.0.1, with a TCP backend; nothing is relayed.
+"engine" is the launcher with SPLICEPROXY_ENGINE=1 (it execs the stub),
+"engine-stub" the stub run directly (userland-proxy-path pointing at
+spliceproxy-stub).  Prints:
 
-* spawn -> "0\\n": from Popen to the status read, per start; the three kinds
-  interleaved round by round (engine mode with the engine already running);
-  median, quartiles, min and max;
+* spawn -> "0\\n": from posix_spawn to the status read, per start, while the
+  mappings grow to --ports; the kinds interleaved start by start (engine
+  mode with the engine already running); median, quartiles, min and max;
 * private memory (USS: Private_Clean + Private_Dirty of smaps_rollup) with
-  --ports mappings of each kind alive at once: per stub, the engine, the
-  sum; per standalone proxy and the sum; per docker-proxy and the sum.
+  --ports mappings of each kind alive at once: per process, the engine, the
+  sum, and each sum against docker-proxy's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from spliceproxy.bench.launch import proxy_argv, spawn
+from spliceproxy.bench.launch import proxy_argv
+
+
+class Spawned:
+    """A proxy started with posix_spawn."""
+
+    def __init__(self, pid: int, ready_s: float):
+        self.pid = pid
+        self.ready_s = ready_s
+
+    def stop(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.005)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+
+def spawn_fast(argv: list[str], env: dict) -> Spawned:
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    actions = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+               (os.POSIX_SPAWN_DUP2, null, 2), (os.POSIX_SPAWN_DUP2, w, 3)]
+    t0 = time.perf_counter()
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsigmask=(),
+                         setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    os.close(w)
+    os.close(null)
+    try:
+        if not select.select([r], [], [], 16.0)[0]:
+            raise RuntimeError("no status within 16 s from %s" % argv[0])
+        status = os.read(r, 2)
+        ready = time.perf_counter() - t0
+    finally:
+        os.close(r)
+    if status != b"0\n":
+        raise RuntimeError("%s failed: %r" % (argv[0], status))
+    return Spawned(pid, ready)
 
 
 def uss_kib(pid: int) -> int:
@@ -56,13 +104,15 @@ def quartiles(xs: list[float]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ports", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--docker-proxy", default=shutil.which("docker-proxy") or
                     ("/usr/sbin/docker-proxy" if os.path.exists("/usr/sbin/docker-proxy")
                      else None))
     args = ap.parse_args()
-    launcher = shutil.which("spliceproxy") or os.path.join(os.path.dirname(sys.executable),
-                                                           "spliceproxy")
+    # The command of the environment this runs in, else the one on PATH.
+    launcher = os.path.join(os.path.dirname(sys.executable), "spliceproxy")
+    if not os.access(launcher, os.X_OK):
+        launcher = shutil.which("spliceproxy") or launcher
+    stub = os.path.join(os.path.dirname(launcher), "spliceproxy-stub")
     tmp = tempfile.mkdtemp(prefix="en-m-")
     os.chmod(tmp, 0o700)
     sock_path = os.path.join(tmp, "engine.sock")
@@ -73,67 +123,68 @@ def main() -> int:
     backend.bind(("127.0.0.1", 0))
     backend.listen(16)
     bport = backend.getsockname()[1]
-    kinds = {"engine": (launcher, env_engine), "standalone": (launcher, env_alone)}
+    kinds = {"engine": (launcher, env_engine), "engine-stub": (stub, env_engine),
+             "standalone": (launcher, env_alone)}
     if args.docker_proxy:
         kinds["docker-proxy"] = (args.docker_proxy, base)
     procs: dict[str, list] = {k: [] for k in kinds}
     engine_pid = None
     try:
-        # The engine running already: one mapping that stays.
-        procs["engine"].append(spawn(proxy_argv(launcher, "tcp", "127.0.0.1", free_port(),
-                                                "127.0.0.1", bport), env=env_engine))
+        # The engine running already: one mapping, counted in the memory.
+        procs["engine"].append(spawn_fast(proxy_argv(launcher, "tcp", "127.0.0.1",
+                                                     free_port(), "127.0.0.1", bport),
+                                          env_engine))
         with open(os.path.join(tmp, "engine.lock")) as f:
             engine_pid = int(f.read())
+        # Spawn times while the mappings grow (a container publishing a
+        # range), the kinds interleaved start by start.
         times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(args.rounds):
+        for _ in range(args.ports):
             for kind, (path, env) in kinds.items():
-                lp = spawn(proxy_argv(path, "tcp", "127.0.0.1", free_port(), "127.0.0.1",
-                                      bport), env=env)
+                if len(procs[kind]) >= args.ports:
+                    continue
+                lp = spawn_fast(proxy_argv(path, "tcp", "127.0.0.1", free_port(),
+                                           "127.0.0.1", bport), env)
                 times[kind].append(lp.ready_s * 1000)
-                lp.stop(signal.SIGINT if kind != "engine" else signal.SIGTERM)
+                procs[kind].append(lp)
         print("spawn -> 0\\n (ms):")
         for kind, xs in times.items():
             print("  %-13s %s" % (kind, quartiles(xs)))
-        for kind in times:
-            if kind != "docker-proxy" and "docker-proxy" in times:
-                print("  %s / docker-proxy (medians): %.2fx" % (
-                    kind, statistics.median(times[kind]) / statistics.median(
-                        times["docker-proxy"])))
+        if "docker-proxy" in times:
+            dp = statistics.median(times["docker-proxy"])
+            for kind in times:
+                if kind != "docker-proxy":
+                    print("  %s / docker-proxy (medians): %.2fx"
+                          % (kind, statistics.median(times[kind]) / dp))
 
-        for kind, (path, env) in kinds.items():
-            while len(procs[kind]) < args.ports:
-                procs[kind].append(spawn(proxy_argv(path, "tcp", "127.0.0.1", free_port(),
-                                                    "127.0.0.1", bport), env=env))
         time.sleep(0.5)
-        print("private memory (USS) with %d mappings of each kind alive:" % args.ports)
-        sums = {}
-        for kind in kinds:
-            each = [uss_kib(lp.pid) for lp in procs[kind]]
-            total = sum(each)
-            extra = ""
-            if kind == "engine":
-                eng = uss_kib(engine_pid)
-                total += eng
-                extra = "  + engine %d KiB" % eng
-            sums[kind] = total
-            print("  %-13s per process median %d KiB (min %d, max %d)%s  total %.2f MiB"
-                  % (kind, statistics.median(each), min(each), max(each), extra,
-                     total / 1024))
-        if "docker-proxy" in sums:
-            for kind in ("engine", "standalone"):
-                print("  %s total / docker-proxy total: %.3fx"
-                      % (kind, sums[kind] / sums["docker-proxy"]))
+        print("private memory (USS):")
+        per_kind = {k: [uss_kib(lp.pid) for lp in procs[k]] for k in kinds}
+        for kind, each in per_kind.items():
+            print("  %-13s %d processes, each median %d KiB (min %d, max %d), total %.2f MiB"
+                  % (kind, len(each), statistics.median(each), min(each), max(each),
+                     sum(each) / 1024))
+        eng = uss_kib(engine_pid)
+        stubs = per_kind["engine"] + per_kind["engine-stub"]
+        n = len(stubs)
+        total = sum(stubs) + eng
+        print("  engine mode: %d mappings = stubs %.2f MiB + engine %.2f MiB = %.2f MiB, "
+              "%.1f KiB per mapping" % (n, sum(stubs) / 1024, eng / 1024, total / 1024,
+                                        total / n))
+        if "docker-proxy" in per_kind:
+            dp = statistics.mean(per_kind["docker-proxy"])
+            print("  per mapping against docker-proxy's %.1f KiB: engine mode %.3fx, "
+                  "standalone %.3fx" % (dp, total / n / dp,
+                                        statistics.mean(per_kind["standalone"]) / dp))
+            print("  a stub against a docker-proxy (medians): %.3fx"
+                  % (statistics.median(stubs) / statistics.median(per_kind["docker-proxy"])))
     finally:
-        for kind, lps in procs.items():
+        for lps in procs.values():
             for lp in lps:
-                if lp.proc.poll() is None:
-                    lp.proc.send_signal(signal.SIGTERM if kind == "engine" else signal.SIGINT)
+                lp.stop(signal.SIGINT)
+        for lps in procs.values():
             for lp in lps:
-                try:
-                    lp.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    lp.proc.kill()
-                    lp.proc.wait()
+                lp.wait(5)
         if engine_pid:
             try:
                 os.kill(engine_pid, signal.SIGTERM)

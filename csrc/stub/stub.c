@@ -62,6 +62,7 @@ static char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 static char sock_dir[sizeof(sock_path)];
 static char msg_buf[MSG_MAX];
 static int have_status;
+static int have_listen;
 static int sig_fd = -1;
 
 static int64_t now_ms(void)
@@ -594,21 +595,49 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 	}
 }
 
-/* Standalone after all: run the Python front end in this process. */
-static void __attribute__((noreturn)) standalone(char **argv)
+/**
+ * engine_wanted() - is this a proxy command line to hand to the engine?
+ *
+ * SPLICEPROXY_ENGINE set and not "0", and the first argument a flag (dockerd
+ * never passes anything else first; subcommands such as `status` are not
+ * flags).  The launcher's shell part asks the same question before it execs
+ * this program; the stub asks again because dockerd may run it directly
+ * (userland-proxy-path pointing here saves the shell's start-up).
+ */
+static int engine_wanted(int argc, char **argv)
+{
+	const char *v = getenv(ENV_PREFIX "ENGINE");
+
+	return v && *v && strcmp(v, "0") && argc > 1 && argv[1][0] == '-';
+}
+
+/* Run the Python front end in this process, with the same argv and fds. */
+static void __attribute__((noreturn)) standalone(char **argv, int engine_off)
 {
 	char launcher[PATH_MAX];
 	char msg[PATH_MAX + 64];
 
-	if (!have_status)
-		close(STATUS_FD);
 	if (launcher_path(launcher, sizeof(launcher)) == 0) {
-		setenv(ENV_PREFIX "ENGINE", "0", 1);
-		argv[0] = launcher;
-		sigset_t none;
+		if (engine_off) {
+			/* Undo what main() set up, fds 3 and 4 as inherited; and the
+			 * launcher must not exec us again. */
+			sigset_t set;
 
-		sigemptyset(&none);
-		sigprocmask(SIG_SETMASK, &none, NULL);
+			if (have_status)
+				fcntl(STATUS_FD, F_SETFD, 0);
+			else
+				close(STATUS_FD);
+			if (have_listen)
+				fcntl(LISTEN_FD, F_SETFD, 0);
+			else
+				close(LISTEN_FD);
+			setenv(ENV_PREFIX "ENGINE", "0", 1);
+			sigemptyset(&set);
+			sigaddset(&set, SIGINT);
+			sigaddset(&set, SIGTERM);
+			sigprocmask(SIG_UNBLOCK, &set, NULL);
+		}
+		argv[0] = launcher;
 		execve(launcher, argv, environ);
 	}
 	snprintf(msg, sizeof(msg), "cannot start the standalone proxy %s: %s", launcher,
@@ -626,6 +655,12 @@ int main(int argc, char **argv)
 	sigset_t set;
 	int i;
 
+	/* Not for the engine: the front end, untouched (fds 3 and 4 are still
+	 * as inherited, no signal is blocked yet). */
+	have_status = fd_is_open(STATUS_FD);
+	if (!engine_wanted(argc, argv))
+		standalone(argv, 0);
+
 	/* The launcher execs us as <dir>/spliceproxy-stub; flag errors and usage
 	 * name the command dockerd ran, as in standalone mode. */
 	if (argc > 0) {
@@ -639,10 +674,10 @@ int main(int argc, char **argv)
 
 	/* As docker-proxy 28+: the inherited descriptors do not leak into what
 	 * we start. */
-	have_status = fd_is_open(STATUS_FD);
 	if (have_status)
 		fcntl(STATUS_FD, F_SETFD, FD_CLOEXEC);
-	if (fd_is_open(LISTEN_FD)) {
+	have_listen = fd_is_open(LISTEN_FD);
+	if (have_listen) {
 		fcntl(LISTEN_FD, F_SETFD, FD_CLOEXEC);
 		roles[nfds] = "4";
 		fds[nfds++] = LISTEN_FD;
@@ -659,7 +694,7 @@ int main(int argc, char **argv)
 		fail("signalfd failed");
 
 	if (resolve_socket() < 0)
-		standalone(argv);
+		standalone(argv, 1);
 	check_dir();
 
 	for (i = 1; i <= 2; i++) {

@@ -595,3 +595,48 @@ def test_log_lines_name_their_mapping(host):
             s.recv(1)
     want = "Can't forward traffic to backend tcp/127.0.0.1:%d" % closed
     assert srv.wait_for(lambda: want in host.log(), 5.0), host.log()
+
+
+# --------------------------------------------------------------------------
+# The stub run directly (userland-proxy-path pointing at it).
+
+
+def _stub_path(host) -> str:
+    return os.path.join(os.path.dirname(host.proxy_path), "spliceproxy-stub")
+
+
+def test_stub_run_directly_serves_through_the_engine(host):
+    with srv.EchoServer() as echo:
+        port = srv.free_port()
+        lp = spawn(proxy_argv(_stub_path(host), "tcp", "127.0.0.1", port, "127.0.0.1",
+                              echo.port), env=host.env)
+        host.stubs.append(lp)
+        host.note_engine()
+        srv.echo_roundtrip("127.0.0.1", port, b"direct")
+        assert [m["stub_pid"] for m in host.status()["mappings"]] == [lp.pid]
+
+
+def test_stub_run_directly_with_engine_off_is_the_standalone_proxy(host):
+    with srv.EchoServer() as echo:
+        for value in ("0", None):
+            env = dict(host.env)
+            if value is None:
+                del env["SPLICEPROXY_ENGINE"]
+            else:
+                env["SPLICEPROXY_ENGINE"] = value
+            port = srv.free_port()
+            lp = spawn(proxy_argv(_stub_path(host), "tcp", "127.0.0.1", port, "127.0.0.1",
+                                  echo.port), env=env)
+            try:
+                assert _stub_exe(lp.pid).startswith("python")
+                srv.echo_roundtrip("127.0.0.1", port, b"standalone")
+            finally:
+                assert lp.stop() == 0
+    assert not os.path.exists(host.sock)
+
+
+def test_stub_passes_subcommands_to_the_front_end(host):
+    out = subprocess.run([_stub_path(host), "status", "--socket", host.sock],
+                         capture_output=True, text=True, env=host.env, timeout=10)
+    assert out.returncode == 1
+    assert out.stderr == "spliceproxy status: no engine: %s does not exist\n" % host.sock

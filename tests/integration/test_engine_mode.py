@@ -410,7 +410,7 @@ def test_engine_killed_under_load_every_mapping_serves_within_a_second(host):
             while not stop.is_set():
                 try:
                     srv.echo_roundtrip("127.0.0.1", port, b"load", timeout=5.0)
-                except OSError as e:
+                except (OSError, EOFError) as e:
                     errors.append(e)  # connections open at the kill are cut
 
         threads = [threading.Thread(target=load, args=(lp.port,), daemon=True) for lp in tcp]
@@ -434,6 +434,7 @@ def test_engine_killed_under_load_every_mapping_serves_within_a_second(host):
         for t in threads:
             t.join(10)
         assert not pending
+        print("every mapping served again %.3f s after the kill" % elapsed)
         assert elapsed < 1.0, "mappings served again after %.2f s" % elapsed
         new = host.note_engine()
         assert new not in (None, old)

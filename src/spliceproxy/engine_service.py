@@ -53,6 +53,8 @@ from spliceproxy.proxy import (
 IDLE_EXIT_ENV = "SPLICEPROXY_ENGINE_IDLE_EXIT"
 DEFAULT_IDLE_EXIT_S = 5.0
 LOCK_WAIT_S = 3.0  # an engine that is exiting releases its lock within this
+ACCEPT_BACKOFF_S = 0.1  # control socket out of descriptors
+SEND_TIMEOUT_S = 1.0  # a status client that does not read its answer
 
 _EPOLLIN = select.EPOLLIN
 _HANGUP = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
@@ -199,6 +201,7 @@ class Service:
         self.idle_since: float | None = time.monotonic()
         self.stopping = False
         self.sig_r = self.sig_w = -1
+        self.accept_resume: float | None = None
 
     # -- setup -----------------------------------------------------------
 
@@ -299,14 +302,23 @@ class Service:
         assert engine is not None
         self.log.log("spliceproxy engine %d serving %s" % (os.getpid(), self.sock_path))
         while not self.stopping:
-            timeout = -1
+            now = time.monotonic()
+            deadlines = []
+            if self.accept_resume is not None:
+                if now >= self.accept_resume:
+                    self.accept_resume = None
+                    if self.listener is not None:
+                        self.ep.register(self.listener.fileno(), _EPOLLIN)
+                else:
+                    deadlines.append(self.accept_resume)
             if self.idle_since is not None and self.idle_exit is not None:
-                left = self.idle_since + self.idle_exit - time.monotonic()
-                if left <= 0:
+                at = self.idle_since + self.idle_exit
+                if now >= at:
                     if self._may_exit_idle():
                         break
-                    left = 0.05
-                timeout = max(1, int(left * 1000))
+                    at = now + 0.05
+                deadlines.append(at)
+            timeout = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else -1
             rc = engine.run(timeout)
             if rc == _engine.RUN_EVENTS:
                 self._engine_events(engine.events())
@@ -371,7 +383,13 @@ class Service:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.log.log("control socket: accept: %s" % go_strerror(e.errno))
+                    # Level-triggered: stop watching it for a while rather
+                    # than spin; the stubs wait in the backlog.
+                    self.log.log("control socket: accept: %s; pausing for %d ms"
+                                 % (go_strerror(e.errno), ACCEPT_BACKOFF_S * 1000))
+                    with contextlib.suppress(OSError, ValueError):
+                        self.ep.unregister(self.listener.fileno())
+                    self.accept_resume = time.monotonic() + ACCEPT_BACKOFF_S
                 return
             sock.setblocking(False)
             pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
@@ -615,11 +633,19 @@ class Service:
 
     def _status(self, conn: Conn) -> None:
         text = json.dumps(self.status(), separators=(",", ":")).encode()
-        # One message each, well below the socket's message size limit.
+        # One message per chunk, well below the socket's message size limit;
+        # sent blocking (briefly: the client reads as fast as it can), since
+        # a status of thousands of mappings is more than the socket buffers.
         chunk = 32768
-        for i in range(0, len(text), chunk):
-            self._send(conn, b"status\0" + text[i:i + chunk])
-        self._send(conn, b"end\0")
+        conn.sock.settimeout(SEND_TIMEOUT_S)
+        try:
+            for i in range(0, len(text), chunk):
+                control.send(conn.sock, b"status\0" + text[i:i + chunk])
+            control.send(conn.sock, b"end\0")
+        except OSError:
+            self._close_conn(conn, remove=True)
+            return
+        conn.sock.setblocking(False)
 
 
 _OPTION_NAMES = {

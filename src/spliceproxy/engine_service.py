@@ -46,6 +46,7 @@ from spliceproxy.proxy import (
     _somaxconn,
     configure_engine,
     go_strerror,
+    hostport,
     parse_duration,
     privilege_target,
 )
@@ -68,10 +69,13 @@ class Mapping:
     """One published port served by the engine, and the stub that stands for it."""
 
     __slots__ = ("id", "proxy", "conn", "stub_pid", "started", "started_wall", "log",
-                 "adopted")
+                 "adopted", "host")
 
-    def __init__(self, lid: int, proxy: Proxy, conn: Conn, log: Logger, adopted: bool):
+    def __init__(self, lid: int, proxy: Proxy, conn: Conn, log: Logger, adopted: bool,
+                 port: int):
         self.id = lid
+        # The port bound (-host-port 0 is any free one).
+        self.host = hostport(proxy.config.host_ip or "::", port)
         self.proxy = proxy
         self.conn = conn
         self.stub_pid = conn.pid
@@ -85,7 +89,7 @@ class Mapping:
         return {
             "id": self.id,
             "proto": c.proto,
-            "host": self.proxy.listen_hostport,
+            "host": self.host,
             "container": self.proxy.backend_hostport,
             "stub_pid": self.stub_pid,
             "uptime_s": round(time.monotonic() - self.started, 3),
@@ -509,14 +513,14 @@ class Service:
         log = _mapping_logger(log_fd, err_fd, req.env)
         proxy = Proxy(config, log)
         try:
-            lid, dup = self._start_mapping(proxy, req, adopt)
+            lid, dup, port = self._start_mapping(proxy, req, adopt)
         except StartupError as e:
             _write_status(status_fd, b"1\n" + str(e).encode("utf-8", "replace"))
             log.log(str(e))
             log.close()
             self._send(conn, b"exit\0" + b"1\0")
             return
-        mapping = Mapping(lid, proxy, conn, log, adopt)
+        mapping = Mapping(lid, proxy, conn, log, adopt, port)
         conn.mapping = mapping
         self.mappings[lid] = mapping
         self.idle_since = None
@@ -528,7 +532,8 @@ class Service:
                 os.close(dup)
 
     def _start_mapping(self, proxy: Proxy, req: control.Request, adopt: bool):
-        """Validate, open or adopt the listener, add it; (listener id, dup for the stub)."""
+        """Validate, open or adopt the listener, add it: (listener id, dup for the
+        stub, bound port)."""
         engine = self.engine
         assert engine is not None
         proxy.validate()
@@ -560,6 +565,7 @@ class Service:
                     raise StartupError("failed to listen on %s: listen %s %s: %s: %s"
                                        % (where, proxy.net, where, step, go_strerror(-fd)))
             dup = os.dup(fd)
+        port = _bound_port(fd, c.host_port)
         try:
             if c.proto == "tcp":
                 lid = engine.add_tcp(fd, c.container_family, c.container_addr, c.container_port)
@@ -571,7 +577,7 @@ class Service:
                 os.close(dup)
             raise StartupError("cannot serve %s: %s" % (proxy.front, go_strerror(e.errno))
                                ) from None
-        return lid, dup
+        return lid, dup, port
 
     def _remove(self, mapping: Mapping, why: str) -> None:
         if self.mappings.pop(mapping.id, None) is None:
@@ -683,6 +689,16 @@ def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str])
     log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
     log.enabled = not _is_devnull(fd)
     return log
+
+
+def _bound_port(fd: int, default: int) -> int:
+    s = socket.socket(fileno=fd)
+    try:
+        return s.getsockname()[1]
+    except (OSError, IndexError):
+        return default
+    finally:
+        s.detach()
 
 
 def _adopt_socket(fd: int, sock_type: int, what: str) -> int:

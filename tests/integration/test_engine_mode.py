@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -347,6 +348,43 @@ def test_sigkill_of_a_stub_removes_its_mapping(host):
         assert srv.wait_for(lambda: port_is_free(lp.port), 2.0)
         assert [m["stub_pid"] for m in host.status()["mappings"]] == [keep.pid]
         srv.echo_roundtrip("127.0.0.1", keep.port)
+
+
+# A stand-in for dockerd: starts proxies with the parent-death signal set
+# (as dockerd's os/exec does), prints their ports, then waits to be killed.
+FAKE_DOCKERD = r"""
+import ctypes, signal, sys
+from spliceproxy.bench.launch import proxy_argv, spawn
+libc = ctypes.CDLL(None, use_errno=True)
+def pdeathsig():
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+path, proto, backend, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lps = [spawn(proxy_argv(path, proto, "127.0.0.1", 0, "127.0.0.1", backend),
+             preexec_fn=pdeathsig, timeout=15.0) for _ in range(n)]
+print(" ".join(str(lp.pid) for lp in lps), flush=True)
+signal.pause()
+"""
+
+
+def test_dockerd_killed_no_stub_survives_and_every_port_is_free(host):
+    with srv.EchoServer() as echo:
+        fake = subprocess.Popen([sys.executable, "-c", FAKE_DOCKERD, host.proxy_path, "tcp",
+                                 str(echo.port), "3"], env=host.env, stdout=subprocess.PIPE)
+        try:
+            pids = [int(p) for p in fake.stdout.readline().split()]
+            assert len(pids) == 3
+            host.note_engine()
+            ports = [m["host"].rsplit(":", 1)[1] for m in host.status()["mappings"]]
+            assert len(ports) == 3
+            fake.kill()
+            fake.wait(5)
+            assert srv.wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
+            assert all(port_is_free(int(p)) for p in ports)
+            assert host.status()["mappings"] == []
+        finally:
+            fake.kill()
+            fake.wait()
+            fake.stdout.close()
 
 
 def test_stop_is_bounded_when_the_engine_hangs(host):

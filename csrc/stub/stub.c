@@ -247,31 +247,45 @@ static void sleep_ms(int ms)
 		;
 }
 
+/* What a spawned engine said instead of "ok" (its startup error). */
+static char engine_error[512];
+
 /**
  * spawn_engine() - start `spliceproxy engine` detached from this process.
  *
  * Double fork and setsid: the engine must outlive this stub (dockerd's
  * parent-death signal and its process group are the stub's alone) and must
- * not be its child.  Its stdio is /dev/null so it holds none of our pipes.
+ * not be its child.  Its stdio is /dev/null so it holds none of our pipes;
+ * its fd 3 is a pipe on which it says "ok" once it serves, or why it cannot
+ * (returned by engine_ready()).  Returns the pipe's read end or -errno.
  */
 static int spawn_engine(void)
 {
 	char launcher[PATH_MAX];
-	char *args[5];
+	char *args[7];
+	int ready[2];
 	pid_t pid;
 	int status, rc;
 
 	rc = launcher_path(launcher, sizeof(launcher));
 	if (rc < 0)
 		return rc;
+	if (pipe2(ready, O_CLOEXEC) == -1)
+		return -errno;
 	args[0] = launcher;
 	args[1] = "engine";
 	args[2] = "--socket";
 	args[3] = sock_path;
-	args[4] = NULL;
+	args[4] = "--ready-fd";
+	args[5] = "3";
+	args[6] = NULL;
 	pid = fork();
-	if (pid == -1)
-		return -errno;
+	if (pid == -1) {
+		rc = -errno;
+		close(ready[0]);
+		close(ready[1]);
+		return rc;
+	}
 	if (pid == 0) {
 		sigset_t none;
 
@@ -288,14 +302,39 @@ static int spawn_engine(void)
 			if (rc > 2)
 				close(rc);
 		}
-		close(STATUS_FD);
+		/* Replaces dockerd's status pipe: the engine must not hold it. */
+		dup2(ready[1], 3);
 		close(LISTEN_FD);
 		execve(launcher, args, environ);
 		_exit(127);
 	}
+	close(ready[1]);
 	while (waitpid(pid, &status, 0) == -1 && errno == EINTR)
 		;
-	return 0;
+	return ready[0];
+}
+
+/* Has the spawned engine answered on its ready pipe?  0: not yet; 1: "ok";
+ * -EIO: it failed (engine_error says why). */
+static int engine_ready(int fd, int wait_ms)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	char buf[sizeof(engine_error)];
+	ssize_t n;
+
+	if (poll(&p, 1, wait_ms) <= 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	if (n >= 2 && !memcmp(buf, "ok", 2))
+		return 1;
+	if (n < 0)
+		n = 0;
+	buf[n] = '\0';
+	if (n && buf[n - 1] == '\n')
+		buf[n - 1] = '\0';
+	snprintf(engine_error, sizeof(engine_error), "%s",
+		 n ? buf : "it exited without saying why (is the launcher beside the stub?)");
+	return -EIO;
 }
 
 /**
@@ -303,12 +342,13 @@ static int spawn_engine(void)
  *
  * Under an exclusive lock on start.lock in the socket's directory: whoever
  * holds it either finds the engine another stub started, or starts it and
- * waits until it accepts.  Returns the connected socket or -errno.
+ * waits until it accepts.  Returns the connected socket or -errno (-EIO:
+ * the engine failed to start, engine_error says why).
  */
 static int engine_connect_or_start(int64_t deadline)
 {
 	char lock_path[sizeof(sock_dir) + 16];
-	int fd, lock, spawned = 0;
+	int fd, lock, ready = -1, state = 0;
 
 	fd = connect_engine();
 	if (fd >= 0 || (fd != -ENOENT && fd != -ECONNREFUSED))
@@ -329,18 +369,29 @@ static int engine_connect_or_start(int64_t deadline)
 		fd = connect_engine();
 		if (fd >= 0 || (fd != -ENOENT && fd != -ECONNREFUSED))
 			break;
-		if (!spawned) {
-			fd = spawn_engine();
-			if (fd < 0)
+		if (ready < 0 && state == 0) {
+			ready = spawn_engine();
+			if (ready < 0) {
+				fd = ready;
 				break;
-			spawned = 1;
+			}
 		}
 		if (now_ms() >= deadline) {
 			fd = -ETIMEDOUT;
 			break;
 		}
-		sleep_ms(5);
+		if (ready >= 0 && state == 0) {
+			state = engine_ready(ready, 5);
+			if (state < 0) {
+				fd = state;
+				break;
+			}
+		} else {
+			sleep_ms(5);
+		}
 	}
+	if (ready >= 0)
+		close(ready);
 	close(lock);  /* releases the lock */
 	return fd;
 }
@@ -723,6 +774,11 @@ int main(int argc, char **argv)
 		enum reply r;
 
 		sock = engine_connect_or_start(deadline);
+		if (sock == -EIO) {
+			snprintf(msg, sizeof(msg), "cannot start the spliceproxy engine for %s: %s",
+				 sock_path, engine_error);
+			fail(msg);
+		}
 		if (sock < 0) {
 			if (now_ms() < deadline && sock != -EACCES && sock != -EPERM) {
 				sleep_ms(20);

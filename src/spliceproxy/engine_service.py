@@ -253,10 +253,16 @@ class Service:
 
         engine = _engine.Engine(None)
         try:
-            configure_engine(engine)
             self.options = _settings_options(dict(os.environ))
+            configure_engine(engine)
         except StartupError as e:
-            raise EngineError(str(e)) from None
+            # The environment of the stub that started this engine: its
+            # mapping fails on the same value with the standalone message,
+            # and the engine serves others with the defaults.
+            self.log.log("engine settings: %s; the defaults apply" % e)
+            with _mapping_environ({}):
+                self.options = _settings_options({})
+                configure_engine(engine)
         try:
             limit = _engine.raise_nofile()
         except OSError:
@@ -281,7 +287,9 @@ class Service:
         try:
             target = privilege_target()
         except StartupError as e:
-            raise EngineError(str(e)) from None
+            self.log.log("engine user: %s; dropping to nobody" % e)
+            with _mapping_environ({}):
+                target = privilege_target()
         if target is None:
             return
         if os.geteuid() == 0 and target[0] != 0:
@@ -806,8 +814,19 @@ apply to every mapping.
 """
 
 
+def _tell_ready(fd: int | None, text: str) -> None:
+    """Answer the stub that started this engine ("ok", or why not)."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, text.encode("utf-8", "replace")[:500])
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     sock_path = None
+    ready_fd = None
     args = list(argv)
     while args:
         a = args.pop(0)
@@ -818,14 +837,20 @@ def main(argv: list[str]) -> int:
             sock_path = args.pop(0)
         elif a.startswith("--socket="):
             sock_path = a.split("=", 1)[1]
+        elif a == "--ready-fd" and args and args[0].isdigit():
+            # Internal: the stub that started this engine waits on it.
+            ready_fd = int(args.pop(0))
+            with contextlib.suppress(OSError):
+                os.set_inheritable(ready_fd, False)
         else:
             sys.stderr.write("spliceproxy engine: unknown argument %r\n%s" % (a, USAGE))
             return 2
     if sock_path is None:
         sock_path = control.resolve_socket()
     if not sock_path:
-        sys.stderr.write("spliceproxy engine: no control socket: set SPLICEPROXY_ENGINE_SOCKET "
-                         "or XDG_RUNTIME_DIR\n")
+        msg = "no control socket: set SPLICEPROXY_ENGINE_SOCKET or XDG_RUNTIME_DIR"
+        _tell_ready(ready_fd, msg)
+        sys.stderr.write("spliceproxy engine: %s\n" % msg)
         return 1
     sock_path = os.path.abspath(sock_path)
     log = Logger()
@@ -840,11 +865,13 @@ def main(argv: list[str]) -> int:
         service = Service(sock_path, idle_exit_seconds(), log)
         service.setup()
     except (EngineError, OSError) as e:
+        _tell_ready(ready_fd, str(e))
         msg = "spliceproxy engine: %s" % e
         log.log(msg)
         if not log.enabled or log.fd != 2:
             sys.stderr.write(msg + "\n")
         return 1
+    _tell_ready(ready_fd, "ok\n")
     return service.run()
 
 

@@ -493,6 +493,33 @@ def test_socket_directory_must_be_private(host):
     assert "mode 0755" in str(info.value)
 
 
+def test_an_engine_that_cannot_start_is_reported_at_once(host):
+    with srv.EchoServer() as echo, pytest.raises(ProxyStartError) as info:
+        t0 = time.monotonic()
+        host.start("tcp", echo.port, env={"SPLICEPROXY_ENGINE_IDLE_EXIT": "soon"})
+    assert time.monotonic() - t0 < 5.0
+    assert info.value.returncode == 1
+    assert str(info.value).startswith(
+        "cannot start the spliceproxy engine for %s: invalid SPLICEPROXY_ENGINE_IDLE_EXIT="
+        % host.sock)
+
+
+def test_invalid_settings_fail_the_mapping_as_standalone(host):
+    bad = {"SPLICEPROXY_UDP_TIMEOUT": "forever"}
+    with srv.EchoServer() as echo:
+        texts = []
+        for engine in ("0", "1"):
+            with pytest.raises(ProxyStartError) as info:
+                host.start("tcp", echo.port, env=dict(bad, SPLICEPROXY_ENGINE=engine))
+            assert info.value.returncode == 1
+            texts.append(str(info.value))
+        assert texts[0] == texts[1]
+        assert texts[0].startswith("invalid SPLICEPROXY_UDP_TIMEOUT='forever'")
+        # The engine the bad mapping started serves the next one.
+        lp = host.start("tcp", echo.port)
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+
+
 def test_socket_and_directory_modes(host):
     with srv.EchoServer() as echo:
         host.start("tcp", echo.port)

@@ -17,7 +17,7 @@ def main(argv=None):
             from spliceproxy.engine_service import main as engine_main
 
             return engine_main(argv[2:])
-        from spliceproxy.status import main as status_main
+        from spliceproxy.engine_status import main as status_main
 
         return status_main(argv[2:])
     from spliceproxy.proxy import main as proxy_main

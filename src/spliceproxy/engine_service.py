@@ -51,6 +51,45 @@ from spliceproxy.proxy import (
     privilege_target,
 )
 
+# --------------------------------------------------------------------------
+# The standalone front end's pieces, applied to one mapping's command line
+# and environment.  (The only place that knows how the front end parses
+# flags and settings.)
+
+
+def parse_flags(argv: list[str]):
+    return cli.parse(argv)
+
+
+def load_settings(env: dict[str, str]) -> dict[int, int]:
+    """A mapping's SPLICEPROXY_* settings, validated: the engine options they
+    give.  StartupError (the standalone proxy's message) if one is invalid."""
+    rec = _OptionRecorder()
+    with _mapping_environ({k: v for k, v in env.items() if k.startswith("SPLICEPROXY_")}):
+        configure_engine(rec)  # type: ignore[arg-type]
+        privilege_target()  # validates SPLICEPROXY_USER
+    return rec.options
+
+
+def option_differences(mine: dict[int, int], theirs: dict[int, int]) -> list[str]:
+    """The settings of theirs that the engine (mine) does not apply."""
+    return sorted(_OPTION_NAMES.get(k, str(k)) for k, v in theirs.items() if mine.get(k) != v)
+
+
+def configure(engine: _engine.Engine, options: dict[int, int]) -> None:
+    for option, value in options.items():
+        engine.set_option(option, value)
+
+
+def new_proxy(config, options: dict[int, int], log: Logger) -> Proxy:
+    return Proxy(config, log)
+
+
+def engine_identity(env: dict[str, str]) -> tuple[int, int] | None:
+    """Whom the engine becomes; StartupError if SPLICEPROXY_USER is invalid."""
+    with _mapping_environ({k: v for k, v in env.items() if k.startswith("SPLICEPROXY_")}):
+        return privilege_target()
+
 IDLE_EXIT_ENV = "SPLICEPROXY_ENGINE_IDLE_EXIT"
 DEFAULT_IDLE_EXIT_S = 5.0
 LOCK_WAIT_S = 3.0  # an engine that is exiting releases its lock within this
@@ -164,7 +203,7 @@ def _parse_flags(argv: list[str], out_fd: int | None, err_fd: int | None):
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     try:
-        return cli.parse(argv), None
+        return parse_flags(argv), None
     except SystemExit as e:
         return None, e.code if isinstance(e.code, int) else 1
     finally:
@@ -251,18 +290,16 @@ class Service:
         self.listener = ls
         self.listener_ino = os.stat(self.sock_path).st_ino
 
-        engine = _engine.Engine(None)
+        engine = _engine.Engine()
         try:
-            self.options = _settings_options(dict(os.environ))
-            configure_engine(engine)
+            self.options = load_settings(dict(os.environ))
         except StartupError as e:
             # The environment of the stub that started this engine: its
             # mapping fails on the same value with the standalone message,
             # and the engine serves others with the defaults.
             self.log.log("engine settings: %s; the defaults apply" % e)
-            with _mapping_environ({}):
-                self.options = _settings_options({})
-                configure_engine(engine)
+            self.options = load_settings({})
+        configure(engine, self.options)
         try:
             limit = _engine.raise_nofile()
         except OSError:
@@ -285,11 +322,10 @@ class Service:
         engine = self.engine
         assert engine is not None
         try:
-            target = privilege_target()
+            target = engine_identity(dict(os.environ))
         except StartupError as e:
-            self.log.log("engine user: %s; dropping to nobody" % e)
-            with _mapping_environ({}):
-                target = privilege_target()
+            self.log.log("engine user: %s; the default applies" % e)
+            target = engine_identity({})
         if target is None:
             return
         if os.geteuid() == 0 and target[0] != 0:
@@ -519,9 +555,17 @@ class Service:
             return
         log_fd = req.take("log")
         log = _mapping_logger(log_fd, err_fd, req.env)
-        proxy = Proxy(config, log)
         try:
-            lid, dup, port = self._start_mapping(proxy, req, adopt)
+            options = load_settings(req.env)
+        except StartupError as e:
+            _write_status(status_fd, b"1\n" + str(e).encode("utf-8", "replace"))
+            log.log(str(e))
+            log.close()
+            self._send(conn, b"exit\0" + b"1\0")
+            return
+        proxy = new_proxy(config, options, log)
+        try:
+            lid, dup, port = self._start_mapping(proxy, req, options, adopt)
         except StartupError as e:
             _write_status(status_fd, b"1\n" + str(e).encode("utf-8", "replace"))
             log.log(str(e))
@@ -539,15 +583,13 @@ class Service:
             if dup is not None:
                 os.close(dup)
 
-    def _start_mapping(self, proxy: Proxy, req: control.Request, adopt: bool):
+    def _start_mapping(self, proxy: Proxy, req: control.Request, options, adopt: bool):
         """Validate, open or adopt the listener, add it: (listener id, dup for the
         stub, bound port)."""
         engine = self.engine
         assert engine is not None
         proxy.validate()
-        options = _settings_options(req.env)
-        differ = sorted(_OPTION_NAMES.get(k, str(k)) for k, v in options.items()
-                        if self.options.get(k) != v)
+        differ = option_differences(self.options, options)
         if differ:
             proxy.log.log("%s: the engine's settings apply (%s differ from this mapping's "
                           "environment)" % (proxy.front, ", ".join(differ)))
@@ -672,30 +714,47 @@ _OPTION_NAMES = {
 }
 
 
-def _settings_options(env: dict[str, str]) -> dict[int, int]:
-    """The engine options a SPLICEPROXY_* environment gives; StartupError if invalid."""
-    rec = _OptionRecorder()
-    with _mapping_environ({k: v for k, v in env.items() if k.startswith("SPLICEPROXY_")}):
-        configure_engine(rec)  # type: ignore[arg-type]
-        privilege_target()  # validates SPLICEPROXY_USER
-    return rec.options
+def _nonblocking_output(fd: int) -> int | None:
+    """fd made safe for the loop to write to: one write never blocks it.
+
+    A regular file is kept.  A pipe, terminal or other device is reopened
+    through /proc with O_NONBLOCK (a description of our own, so the stub's
+    is unchanged): a full pipe drops lines instead of stopping every port.
+    Anything else (a socket) is closed and None returned: no log.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    kind = st.st_mode & 0o170000
+    if kind == 0o100000:
+        return fd
+    new = None
+    if kind in (0o010000, 0o020000):
+        with contextlib.suppress(OSError):
+            new = os.open("/proc/self/fd/%d" % fd, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK
+                          | os.O_NOCTTY | os.O_CLOEXEC)
+    os.close(fd)
+    return new
 
 
 def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str]) -> Logger:
     """The mapping's log: the file its stub opened, else the stub's stderr."""
-    log = Logger("")
-    fd = log_fd if log_fd is not None else err_fd
-    if fd is None:
-        log.enabled = False
-        return log
-    if log_fd is not None and err_fd is not None:
-        os.close(err_fd)
     from spliceproxy.log import _is_devnull
 
-    log.fd = fd
-    log._own_fd = True
-    log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
-    log.enabled = not _is_devnull(fd)
+    if log_fd is not None and err_fd is not None:
+        os.close(err_fd)
+    fd = log_fd if log_fd is not None else err_fd
+    if fd is not None:
+        fd = _nonblocking_output(fd)
+    log = Logger("")  # then pointed at fd instead of the engine's stderr
+    log.enabled = False
+    if fd is not None:
+        log.fd = fd
+        log._own_fd = True
+        log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
+        log.enabled = not _is_devnull(fd)
     return log
 
 

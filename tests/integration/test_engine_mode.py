@@ -117,15 +117,42 @@ class EngineHost:
         except FileNotFoundError:
             return ""
 
+    def engine_processes(self) -> list[int]:
+        """Every live `spliceproxy engine` process of this socket (from /proc)."""
+        want = b"engine\0--socket\0" + self.sock.encode() + b"\0"
+        out = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % name, "rb") as f:
+                    if want in f.read() and _alive(int(name)):
+                        out.append(int(name))
+            except OSError:
+                continue
+        return out
+
     def close(self) -> None:
         for lp in self.stubs:
             if lp.proc.poll() is None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    lp.stop(signal.SIGKILL, timeout=5.0)
+                with contextlib.suppress(ProcessLookupError):
+                    lp.proc.kill()
+        for lp in self.stubs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                lp.proc.wait(5.0)
         self.note_engine()
-        for pid in self.engine_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # Then every engine of the socket, including one a stub had started
+        # just before it was killed (the engine outlives its stub).
+        quiet_since = time.monotonic()
+        deadline = quiet_since + 5.0
+        while time.monotonic() - quiet_since < 0.3 and time.monotonic() < deadline:
+            found = set(self.engine_processes()) | {p for p in self.engine_pids if _alive(p)}
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.engine_pids.add(pid)
+                quiet_since = time.monotonic()
+            time.sleep(0.02)
         left = srv.wait_for(lambda: not any(_alive(p) for p in self.engine_pids), 5.0)
         shutil.rmtree(self.dir, ignore_errors=True)
         assert left, "engine processes left running: %r" % self.engine_pids
@@ -706,3 +733,28 @@ def test_stub_passes_subcommands_to_the_front_end(host):
                          capture_output=True, text=True, env=host.env, timeout=10)
     assert out.returncode == 1
     assert out.stderr == "spliceproxy status: no engine: %s does not exist\n" % host.sock
+
+
+def test_a_stub_stderr_nobody_reads_never_stalls_the_engine(host):
+    """Without a log file a mapping logs to its stub's stderr: a full pipe
+    there drops lines, it does not block the loop every port shares."""
+    env = {k: v for k, v in host.env.items() if k != "SPLICEPROXY_LOG_FILE"}
+    host.env = env
+    with srv.EchoServer() as echo:
+        good = host.start("tcp", echo.port)
+        closed = srv.free_port()
+        noisy = host.start("tcp", closed, stderr=subprocess.PIPE)  # never read
+        try:
+            for _ in range(1500):  # ~150 bytes of log line each: more than a pipe holds
+                try:
+                    with srv.connect("127.0.0.1", noisy.port, timeout=1.0) as s:
+                        s.recv(1)
+                except socket.timeout:
+                    break  # the engine stopped answering: the check below fails
+                except OSError:
+                    pass
+            srv.echo_roundtrip("127.0.0.1", good.port, b"still serving", timeout=2.0)
+        finally:
+            noisy.proc.kill()
+            noisy.proc.wait()
+            noisy.proc.stderr.close()

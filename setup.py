@@ -81,11 +81,15 @@ def extensions():
 
 def launcher():
     """The `spliceproxy` command: a /bin/sh-and-Python file that starts the
-    interpreter this package is built for with -I -S (see scripts/spliceproxy.in).
+    interpreter of the environment it is installed in with -I -S (see
+    scripts/spliceproxy.in).
 
-    It is generated at build time because it names that interpreter and its
-    site directory; a plain console-script wrapper cannot pass interpreter
-    flags, and site processing would double the proxy's start-up time."""
+    A plain console-script wrapper cannot pass interpreter flags, and site
+    processing would double the proxy's start-up time.  The launcher finds its
+    interpreter and site directory from its own real path, so a wheel runs
+    wherever pip installs it; the build's interpreter and platlib are written
+    in only as the fallback for installs whose prefix has no interpreter
+    (pip --user, /usr/local beside /usr/bin/python3)."""
     with open("scripts/spliceproxy.in") as f:
         text = f.read()
     text = text.replace("@PYTHON@", shlex.quote(sys.executable))

@@ -24,20 +24,43 @@ def pytest_addoption(parser):
     g.addoption("--bench-rounds", type=int, default=None, help="interleaved rounds per metric")
     g.addoption("--bench-proxy-env", action="append", default=[], metavar="NAME=VALUE",
                 help="extra environment for the proxies (e.g. a copy-mode knob)")
+    g.addoption("--bench-seed", type=int, default=None,
+                help="seed of the per-round path order (default random; recorded in the JSON)")
+    g.addoption("--bench-subnet", default=None, metavar="CIDR",
+                help="IPv4 range for the benchmark's veth links (default 198.18.1.0/24)")
+    g.addoption("--bench-netns-prefix", default=None, metavar="PREFIX",
+                help="name prefix of the benchmark's network namespaces (default spb-)")
 
 
 @pytest.fixture(scope="session")
 def bench(request):
+    from spliceproxy.bench import topology
     from spliceproxy.bench.harness import Harness
 
     cfg = request.config
     env = dict(item.split("=", 1) for item in cfg.getoption("--bench-proxy-env"))
-    h = Harness("quick" if cfg.getoption("--quick-profile") else "full", proxy_env=env)
-    if cfg.getoption("--bench-rounds"):
-        h.p.rounds = cfg.getoption("--bench-rounds")
-    with h:
-        h.run_all()
-        yield h
+    subnet = cfg.getoption("--bench-subnet") or topology.SUBNET
+    prefix = cfg.getoption("--bench-netns-prefix") or topology.PREFIX
+    try:
+        h = Harness("quick" if cfg.getoption("--quick-profile") else "full", proxy_env=env,
+                    seed=cfg.getoption("--bench-seed"), subnet=subnet, netns_prefix=prefix)
+        if cfg.getoption("--bench-rounds"):
+            h.p.rounds = h.p.lat_rounds = cfg.getoption("--bench-rounds")
+        with h:
+            h.run_all()
+            _RUN["summary"] = {k: v for k, v in h.res.to_dict().items() if k != "metrics"}
+            yield h
+    except topology.ConfigError as exc:
+        pytest.exit("spliceproxy bench: %s" % exc, returncode=2)
+
+
+_RUN: dict = {}
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """The run's seed, path orders, method and notes beside the per-test records."""
+    if _RUN:
+        output_json["spliceproxy_bench"] = _RUN["summary"]
 
 
 def is_root() -> bool:

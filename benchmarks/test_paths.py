@@ -10,7 +10,7 @@ from spliceproxy.bench.harness import BARE, METRICS, REFS
 TIMING = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat")
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
 PER_METRIC = {
-    "bulk_1": TIMING, "bulk_n": TIMING, "cpu_per_gb": USERLAND,
+    "bulk_1": TIMING, "bulk_n": TIMING, "cpu_per_gb": USERLAND, "cpu_per_gb_n": USERLAND,
     "syscalls_per_gib": ("spliceproxy",),
     "rr_p50": TIMING, "rr_p99": TIMING, "rr_added_p50": TIMING[1:], "rr_added_p99": TIMING[1:],
     "crr_rate": TIMING, "syscalls_per_conn": ("spliceproxy",),
@@ -32,7 +32,8 @@ PER_METRIC = {
 }
 PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
            "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE)}
-GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "syscalls_per_gib": "bulk",
+GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "cpu_per_gb_n": "bulk",
+         "syscalls_per_gib": "bulk",
          "strace_syscalls_per_gib": "bulk", "crr_rate": "crr", "syscalls_per_conn": "crr",
          "strace_syscalls_per_conn": "crr", "churn_rate": "crr", "churn_hold": "crr",
          "churn_done_pct": "crr", "churn_time_wait": "crr"}
@@ -44,6 +45,8 @@ CASES = [("external", m, p) for m, ps in PER_METRIC.items() for p in ps]
 CASES += [("loopback", m, p) for m in ("bulk_1", "cpu_per_gb", "syscalls_per_gib", "rr_p50",
                                        "rr_p99", "rr_added_p50", "rr_added_p99")
           for p in PER_METRIC[m] if p != "iptables"]
+CASES += [("loopback", m, p) for m in ("scale_served_pct", "rss_per_conn_kib", "fds_per_conn",
+                                       "threads") for p in PER_METRIC[m]]
 CASES += [("process", m, p) for m, ps in PROCESS.items() for p in ps]
 
 
@@ -78,11 +81,14 @@ def test_metric(benchmark, bench, variant, metric, path):
     benchmark.group = "%s:%s" % (variant, metric)
     benchmark.pedantic(_probe(bench, variant, metric, path), rounds=3, iterations=1)
     assert vals, "no %s figure for %s (%s): %s" % (metric, path, variant, res.notes)
-    ratios = {ref: res.ratio(variant, metric, path, ref) for ref in REFS + (BARE,)}
+    stats = {ref: res.ratio_stats(variant, metric, path, ref) for ref in REFS + (BARE,)}
+    stats = {k: v for k, v in stats.items() if v is not None}
     benchmark.extra_info.update(
         metric=metric, variant=variant, path=path, unit=METRICS[metric][0],
         better=METRICS[metric][1], median=res.median(variant, metric, path), rounds=vals,
-        ratios={k: v for k, v in ratios.items() if v is not None},
+        round_index=res.round_of[variant][metric][path], seed=res.seed,
+        ratios={k: v.value for k, v in stats.items()},
+        ratio_spread={k: v.as_dict() for k, v in stats.items()},
         gate=gate_entries(res, variant, metric, path))
     if metric == "churn_done_pct" and path == "spliceproxy":
         assert min(vals) == 100.0, "spliceproxy completed only %.1f%% of the churn" % min(vals)

@@ -11,6 +11,11 @@
  * from any thread or signal handler; sp_engine_stats() may be read from any
  * thread at any time (each counter is an aligned 64-bit word written by the
  * loop thread alone).
+ *
+ * The counters live in the engine's own memory, never in memory another
+ * process can write: what the engine decides (accept pausing on fds_open)
+ * must not be steerable from outside.  Other processes see them through a
+ * file the engine writes copies to (sp_engine_set_stats_fd()).
  */
 #ifndef SPLICEPROXY_ENGINE_H
 #define SPLICEPROXY_ENGINE_H
@@ -20,8 +25,8 @@
 
 struct sp_engine;
 
-/* Counters.  The order is ABI: the stats file written by the front end is an
- * array of these in this order, after struct sp_stats_header. */
+/* Counters, in the order of the values in a counters file (whose names
+ * travel with it, so readers need no copy of this list). */
 #define SP_STATS_LIST(X)                                                    \
 	X(TCP_ACCEPTED)        /* connections accepted */                   \
 	X(TCP_ACTIVE)          /* connections open now (gauge) */           \
@@ -32,10 +37,12 @@ struct sp_engine;
 	X(BYTES_B2C)           /* bytes relayed backend -> client */        \
 	X(ACCEPT_PAUSES)       /* accept paused for lack of descriptors */  \
 	X(IDLE_RECLAIMED)      /* half-closed pairs reclaimed by timeout */ \
+	X(HEADROOM_RECLAIMED)  /* half-closed pairs reset to make room for new clients */ \
 	X(UDP_FLOWS_ACTIVE)    /* UDP client entries now (gauge) */         \
 	X(UDP_FLOWS_CREATED)   /* UDP client entries created */             \
 	X(UDP_FLOWS_EXPIRED)   /* UDP entries expired after the timeout */  \
 	X(UDP_FLOWS_EVICTED)   /* UDP entries evicted by the table bound */ \
+	X(UDP_ADDR_EVICTED)    /* UDP entries evicted by the per-address bound */ \
 	X(UDP_DGRAMS_C2B)      /* datagrams client -> backend */            \
 	X(UDP_DGRAMS_B2C)      /* datagrams backend -> client */            \
 	X(UDP_BYTES_C2B)                                                    \
@@ -43,12 +50,14 @@ struct sp_engine;
 	X(UDP_DROPS)           /* datagrams that could not be delivered */  \
 	X(PIPES_OPEN)          /* kernel pipes open now, pooled or in use (gauge) */ \
 	X(PIPES_IN_USE)        /* pipes holding data in flight (gauge) */   \
+	X(PIPE_RESIZE_DENIED)  /* F_SETPIPE_SZ refused (user pipe budget) */ \
 	X(FDS_OPEN)            /* descriptors the engine holds (gauge) */   \
 	X(ERR_EMFILE)          /* EMFILE/ENFILE seen */                     \
 	X(ERR_ENOBUFS)         /* ENOBUFS/ENOMEM seen */                    \
 	X(ERR_RESET)           /* ECONNRESET/EPIPE seen */                  \
 	X(ERR_OTHER)           /* any other per-connection error */         \
 	X(EVENTS_DROPPED)      /* log events lost because the ring was full */ \
+	X(STATS_WRITE_ERRORS)  /* failed or short writes of the counters file */ \
 	X(LOOP_WAKEUPS)        /* epoll_wait returns */                     \
 	X(SYSCALLS)            /* every system call the engine made */      \
 	X(SYS_EPOLL_WAIT)                                                   \
@@ -79,28 +88,44 @@ enum sp_stat {
 	SP_STAT_COUNT
 };
 
-/* Header of a shared counters area: magic, layout version, counter count. */
+/*
+ * A counters file (layout version 2), written whole at offset 0:
+ *   struct sp_stats_header (32 bytes, little-endian fields);
+ *   count values, little-endian uint64, in SP_STATS_LIST order;
+ *   at names_off, names_len bytes: the count lower-case counter names,
+ *   each ending in a NUL.
+ * A reader takes the names from the file, so counters can be added without
+ * breaking readers of an older list.
+ */
 #define SP_STATS_MAGIC 0x5453584c50535053ULL /* "SPSPLXST" little-endian */
-#define SP_STATS_VERSION 1
+#define SP_STATS_VERSION 2
 struct sp_stats_header {
 	uint64_t magic;
 	uint32_t version;
 	uint32_t count;
 	uint64_t pid;
-	uint64_t reserved;
+	uint32_t names_off;
+	uint32_t names_len;
 };
 
-/* Tunables, set before or between runs with sp_engine_set_option(). */
+/* Tunables, set with sp_engine_set_option().  Those marked "sizing" size
+ * buffers and tables that live connections use, so they are refused with
+ * -EBUSY once a listener was added; the others apply at any time. */
 enum sp_option {
-	SP_OPT_PIPE_SIZE,          /* bytes per relay pipe (F_SETPIPE_SZ), default 1 MiB */
-	SP_OPT_PIPE_POOL_MAX,      /* idle pipes kept for reuse, default 16 */
-	SP_OPT_COPY_MODE,          /* SP_COPY_SPLICE (default) or SP_COPY_READWRITE */
-	SP_OPT_COPY_BUF,           /* buffer bytes in read/write mode, default 64 KiB */
-	SP_OPT_IDLE_TIMEOUT_MS,    /* reclaim half-closed pairs idle this long; 0 = never */
+	SP_OPT_PIPE_SIZE,          /* sizing: bytes per relay pipe (F_SETPIPE_SZ), default 1 MiB */
+	SP_OPT_PIPE_POOL_MAX,      /* sizing: idle pipes kept for reuse, default 16 */
+	SP_OPT_COPY_MODE,          /* sizing: SP_COPY_SPLICE (default) or SP_COPY_READWRITE */
+	SP_OPT_COPY_BUF,           /* sizing: buffer bytes in read/write mode, default 64 KiB */
+	SP_OPT_IDLE_TIMEOUT_MS,    /* reclaim half-closed pairs idle this long, default
+				    * 120000 (as conntrack's CLOSE_WAIT); 0 = never */
 	SP_OPT_UDP_TIMEOUT_MS,     /* UDP entry expiry, default 90000 */
-	SP_OPT_UDP_MAX_FLOWS,      /* UDP entries per listener, default 16384 */
+	SP_OPT_UDP_MAX_FLOWS,      /* sizing: UDP entries per listener, default 16384 */
 	SP_OPT_ACCEPT_BACKOFF_MS,  /* pause after EMFILE/ENFILE, default 100 */
 	SP_OPT_FD_LIMIT,           /* RLIMIT_NOFILE: accepting pauses near it; 0 = unknown */
+	SP_OPT_CONNECT_TIMEOUT_MS, /* give up a backend connect after this long, default
+				    * 30000; 0 = the kernel's own (about two minutes) */
+	SP_OPT_UDP_MAX_FLOWS_PER_ADDR, /* sizing: UDP entries per client address; 0 (default)
+					* = a sixteenth of SP_OPT_UDP_MAX_FLOWS */
 	SP_OPT_COUNT
 };
 
@@ -127,6 +152,8 @@ enum sp_event_kind {
 	SP_EV_UDP_FLOW_FAILED,    /* creating a backend socket failed (err) */
 	SP_EV_LISTENER_FAILED,    /* the listener failed and was removed (err) */
 	SP_EV_IDLE_RECLAIMED,     /* half-closed pairs reclaimed; count */
+	SP_EV_HEADROOM_RECLAIMED, /* half-closed pairs reset for lack of descriptors; count */
+	SP_EV_UDP_ADDR_EVICTED,   /* entries evicted by the per-address bound; count */
 };
 
 struct sp_event {
@@ -137,13 +164,22 @@ struct sp_event {
 	uint64_t count;   /* how many occurrences this event stands for */
 };
 
-/* Create an engine.  stats, if not NULL, points at SP_STAT_COUNT aligned
- * 64-bit words the engine keeps its counters in (e.g. a shared mapping);
- * otherwise it keeps them privately. */
-int sp_engine_new(struct sp_engine **out, uint64_t *stats);
+/* Create an engine (its counters in its own memory). */
+int sp_engine_new(struct sp_engine **out);
 
-/* Close every descriptor and free the engine. */
+/* Close every descriptor (open connections end with a reset, see tcp.c),
+ * write the counters file a last time, and free the engine. */
 void sp_engine_free(struct sp_engine *e);
+
+/* Publish the counters to fd (not owned; -1 clears): an image as described
+ * above, written with pwrite() at offset 0 at once, then at most every
+ * SP_STATS_FLUSH_MS while counters change, and at sp_engine_free().  A
+ * failed or short write (full disk, a file truncated by someone else) is
+ * counted in STATS_WRITE_ERRORS and never stops the relay; the next write
+ * puts the whole image back.  -EBADF, -ESPIPE or -EINVAL for a descriptor
+ * pwrite() can never work on (it is not kept). */
+#define SP_STATS_FLUSH_MS 100
+int sp_engine_set_stats_fd(struct sp_engine *e, int fd);
 
 int sp_engine_set_option(struct sp_engine *e, int option, int64_t value);
 

@@ -60,8 +60,10 @@ struct sp_engine {
 	int watchfd;                  /* not owned */
 	volatile int stop_requested;
 
-	uint64_t *stats;              /* SP_STAT_COUNT words */
-	uint64_t own_stats[SP_STAT_COUNT];
+	uint64_t stats[SP_STAT_COUNT];  /* private: decisions read them */
+	int stats_fd;                 /* counters file, not owned; -1: none */
+	uint64_t stats_sent[SP_STAT_COUNT]; /* values at the last write attempt */
+	int64_t stats_next_ms;        /* earliest time of the next write */
 
 	int64_t opt[SP_OPT_COUNT];
 
@@ -72,7 +74,6 @@ struct sp_engine {
 	struct sp_conn_table *tcp;    /* tcp.c */
 	struct sp_udp_engine *udp;    /* udp.c: flow table shared by UDP listeners */
 	struct sp_pipe_pool *pipes;   /* pipe.c */
-	char *copy_buf;               /* read/write copy mode buffer */
 
 	int64_t now_ms;               /* monotonic, refreshed once per wakeup */
 
@@ -115,6 +116,10 @@ static inline void sp_fd_opened(struct sp_engine *e) { sp_count(e, SP_STAT_FDS_O
 
 int64_t sp_now_ms(void);
 
+/* Write the counters file if it is due and counters changed; returns ms
+ * until a write is due, or -1 when none is pending (loop.c). */
+int64_t sp_stats_flush(struct sp_engine *e, bool force);
+
 /* tcp.c */
 int sp_tcp_init(struct sp_engine *e);
 void sp_tcp_free(struct sp_engine *e);
@@ -127,17 +132,20 @@ void sp_tcp_listener_setup(struct sp_engine *e, int fd);
 int64_t sp_tcp_timer(struct sp_engine *e);
 
 /* pipe.c: pool of kernel pipes used for splice relaying. */
-struct sp_pipe { int rd, wr; };
+struct sp_pipe {
+	int rd, wr;
+	size_t cap;  /* bytes it holds (its F_SETPIPE_SZ size) */
+};
 int sp_pipes_init(struct sp_engine *e);
 void sp_pipes_free(struct sp_engine *e);
 /* Take a pipe from the pool (or create one); 0 or -errno. */
 int sp_pipe_get(struct sp_engine *e, struct sp_pipe *p);
 /* Return an empty pipe to the pool (or close it if the pool is full). */
 void sp_pipe_put(struct sp_engine *e, struct sp_pipe *p);
+/* SP_OPT_PIPE_SIZE changed (before serving): size pipes anew. */
+void sp_pipes_resize(struct sp_engine *e);
 /* Close a pipe that may still hold data. */
 void sp_pipe_drop(struct sp_engine *e, struct sp_pipe *p);
-/* Effective capacity of pooled pipes in bytes. */
-size_t sp_pipe_capacity(struct sp_engine *e);
 
 /* udp.c (udp_init/free run once per engine, whether or not UDP is used) */
 int sp_udp_init(struct sp_engine *e);

@@ -5,7 +5,9 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <endian.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -39,6 +41,106 @@ const char *sp_stat_name(int i)
 		stat_names_lower[i][k] = '\0';
 	}
 	return stat_names_lower[i];
+}
+
+/*
+ * The counters file.  The engine never maps it: a mapping would put the
+ * counters the engine decides by in memory the file's other writers control,
+ * and a truncated file would kill the process with SIGBUS.  Instead a whole
+ * image (header, values, names) is written with one pwrite() at offset 0,
+ * rate-limited to one per SP_STATS_FLUSH_MS.  Rewriting the header and the
+ * names every time costs nothing measurable (about a kilobyte, ten times a
+ * second at most) and repairs a file someone truncated or scribbled on.
+ */
+#define STATS_IMAGE_MAX (sizeof(struct sp_stats_header) + SP_STAT_COUNT * (8 + 32))
+
+/* Build the file image of the current counters in buf; returns its length. */
+static size_t stats_image(const struct sp_engine *e, unsigned char *buf)
+{
+	struct sp_stats_header h;
+	size_t off = sizeof(h) + 8 * SP_STAT_COUNT, names = off;
+	int i;
+
+	for (i = 0; i < SP_STAT_COUNT; i++) {
+		uint64_t v = htole64(e->stats[i]);
+		const char *name = sp_stat_name(i);
+		size_t n = strlen(name) + 1;
+
+		memcpy(buf + sizeof(h) + 8 * i, &v, 8);
+		memcpy(buf + off, name, n);
+		off += n;
+	}
+	h.magic = htole64(SP_STATS_MAGIC);
+	h.version = htole32(SP_STATS_VERSION);
+	h.count = htole32(SP_STAT_COUNT);
+	h.pid = htole64((uint64_t)getpid());
+	h.names_off = htole32((uint32_t)names);
+	h.names_len = htole32((uint32_t)(off - names));
+	memcpy(buf, &h, sizeof(h));
+	return off;
+}
+
+/* One write of the image; a failure is counted, never acted upon. */
+static int stats_write(struct sp_engine *e)
+{
+	unsigned char buf[STATS_IMAGE_MAX];
+	size_t len;
+	ssize_t n;
+	int err = 0;
+
+	/* Counted before the image is taken so that it includes itself:
+	 * otherwise every write would leave the counters "changed" and an
+	 * idle engine would wake up to write again, forever. */
+	sp_sys(e, SP_STAT_SYS_OTHER);
+	len = stats_image(e, buf);
+	do {
+		n = pwrite(e->stats_fd, buf, len, 0);
+	} while (n == -1 && errno == EINTR);
+	if (n == -1)
+		err = errno;
+	else if ((size_t)n != len)
+		err = ENOSPC;
+	if (err)
+		sp_count(e, SP_STAT_STATS_WRITE_ERRORS, 1);
+	/* Remember what this attempt stood for even when it failed (its own
+	 * error count included), so a full disk costs one attempt per change
+	 * of the counters, not a retry loop. */
+	memcpy(e->stats_sent, e->stats, sizeof(e->stats_sent));
+	e->stats_next_ms = e->now_ms + SP_STATS_FLUSH_MS;
+	return -err;
+}
+
+int64_t sp_stats_flush(struct sp_engine *e, bool force)
+{
+	if (e->stats_fd < 0)
+		return -1;
+	if (!force && !memcmp(e->stats_sent, e->stats, sizeof(e->stats_sent)))
+		return -1;
+	if (force || e->now_ms >= e->stats_next_ms) {
+		stats_write(e);
+		return -1;
+	}
+	return e->stats_next_ms - e->now_ms;
+}
+
+int sp_engine_set_stats_fd(struct sp_engine *e, int fd)
+{
+	int rc;
+
+	if (fd < -1)
+		return -EINVAL;
+	e->stats_fd = fd;
+	if (fd < 0)
+		return 0;
+	e->now_ms = sp_now_ms();
+	rc = stats_write(e);
+	/* Descriptors pwrite() can never work on are refused; anything else
+	 * (ENOSPC, EIO, EDQUOT) may pass and is only counted. */
+	if (rc == -EBADF || rc == -ESPIPE || rc == -EINVAL || rc == -EISDIR) {
+		e->stats_fd = -1;
+		return rc;
+	}
+	return 0;
 }
 
 int64_t sp_now_ms(void)
@@ -148,14 +250,16 @@ static const int64_t option_defaults[SP_OPT_COUNT] = {
 	[SP_OPT_PIPE_POOL_MAX] = 16,
 	[SP_OPT_COPY_MODE] = SP_COPY_SPLICE,
 	[SP_OPT_COPY_BUF] = 64 << 10,
-	[SP_OPT_IDLE_TIMEOUT_MS] = 0,
+	[SP_OPT_IDLE_TIMEOUT_MS] = 120000,
 	[SP_OPT_UDP_TIMEOUT_MS] = 90000,
 	[SP_OPT_UDP_MAX_FLOWS] = 16384,
 	[SP_OPT_ACCEPT_BACKOFF_MS] = 100,
 	[SP_OPT_FD_LIMIT] = 0,
+	[SP_OPT_CONNECT_TIMEOUT_MS] = 30000,
+	[SP_OPT_UDP_MAX_FLOWS_PER_ADDR] = 0,
 };
 
-int sp_engine_new(struct sp_engine **out, uint64_t *stats)
+int sp_engine_new(struct sp_engine **out)
 {
 	struct sp_engine *e;
 	int rc;
@@ -163,8 +267,7 @@ int sp_engine_new(struct sp_engine **out, uint64_t *stats)
 	e = calloc(1, sizeof(*e));
 	if (!e)
 		return -ENOMEM;
-	e->epfd = e->ctlfd = e->watchfd = -1;
-	e->stats = stats ? stats : e->own_stats;
+	e->epfd = e->ctlfd = e->watchfd = e->stats_fd = -1;
 	memcpy(e->opt, option_defaults, sizeof(e->opt));
 	e->now_ms = sp_now_ms();
 
@@ -219,16 +322,39 @@ void sp_engine_free(struct sp_engine *e)
 	sp_udp_free(e);
 	sp_pipes_free(e);
 	free(e->listeners);
-	free(e->copy_buf);
 	sp_close(e, e->ctlfd);
 	sp_close(e, e->epfd);
+	/* The last image: every gauge back at zero, the final totals. */
+	e->now_ms = sp_now_ms();
+	sp_stats_flush(e, true);
 	free(e);
+}
+
+/* Whether an option sizes something live connections hold: a copy buffer
+ * allocated at the old size and read into at the new one overruns it. */
+static bool option_sizes(int option)
+{
+	switch (option) {
+	case SP_OPT_PIPE_SIZE:
+	case SP_OPT_PIPE_POOL_MAX:
+	case SP_OPT_COPY_MODE:
+	case SP_OPT_COPY_BUF:
+	case SP_OPT_UDP_MAX_FLOWS:
+	case SP_OPT_UDP_MAX_FLOWS_PER_ADDR:
+		return true;
+	default:
+		return false;
+	}
 }
 
 int sp_engine_set_option(struct sp_engine *e, int option, int64_t value)
 {
 	if (option < 0 || option >= SP_OPT_COUNT || value < 0)
 		return -EINVAL;
+	/* Sizing options are fixed once anything can be relayed, rather than
+	 * every buffer and table learning to be resized under live traffic. */
+	if (option_sizes(option) && e->n_listeners > 0)
+		return -EBUSY;
 	switch (option) {
 	case SP_OPT_COPY_MODE:
 		if (value != SP_COPY_SPLICE && value != SP_COPY_READWRITE)
@@ -237,12 +363,11 @@ int sp_engine_set_option(struct sp_engine *e, int option, int64_t value)
 	case SP_OPT_COPY_BUF:
 		if (value < 1 || value > (64 << 20))
 			return -EINVAL;
-		free(e->copy_buf);
-		e->copy_buf = NULL;
 		break;
 	case SP_OPT_PIPE_SIZE:
 		if (value < 4096 || value > (1 << 30))
 			return -EINVAL;
+		sp_pipes_resize(e);
 		break;
 	case SP_OPT_UDP_MAX_FLOWS:
 		if (value < 1)
@@ -418,6 +543,10 @@ int sp_engine_run(struct sp_engine *e, int timeout_ms)
 			wait = 0x7fffffff;
 
 		sp_sys(e, SP_STAT_SYS_EPOLL_WAIT);
+		/* After counting the epoll_wait below, so that an image written
+		 * now is exact; a pending write bounds the wait, so the last
+		 * change lands within SP_STATS_FLUSH_MS even when traffic stops. */
+		wait = min_timeout(wait, sp_stats_flush(e, false));
 		n = epoll_wait(e->epfd, evs, SP_EPOLL_BATCH, (int)wait);
 		if (n == -1) {
 			if (errno == EINTR)

@@ -5,6 +5,14 @@
  * A connection direction holds a pipe only while bytes are in flight in it;
  * idle connections hold none.  Empty pipes go back to a bounded pool so the
  * common case costs no pipe2()/close() at all.
+ *
+ * Each pipe knows its own size.  F_SETPIPE_SZ can be refused (EPERM once the
+ * user is over /proc/sys/fs/pipe-user-pages-soft, a budget shared with every
+ * process of that user); the pipe then stays at the kernel's default and
+ * resizing is not tried again for a while, but not for good: the budget comes
+ * back when pipes are closed, here or in the other processes, so after
+ * RESIZE_RETRY_MS (or at once when this engine closed a pipe) the next pipe
+ * handed out, pooled or new, is grown again.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -17,14 +25,15 @@
 
 #include "internal.h"
 
+#define PIPE_DEFAULT_SIZE 65536   /* what pipe2() gives (16 pages) */
+#define RESIZE_RETRY_MS 1000       /* after a refused F_SETPIPE_SZ */
+
 struct sp_pipe_pool {
 	struct sp_pipe *idle;
 	int n_idle;
 	int cap;
-	size_t capacity;   /* bytes a pooled pipe holds (after F_SETPIPE_SZ) */
-	int64_t sized_for; /* SP_OPT_PIPE_SIZE the pool was sized for */
-	bool resize_denied;/* F_SETPIPE_SZ refused (user pipe limits): stop asking */
-	long max_size;     /* /proc/sys/fs/pipe-max-size, read once */
+	size_t want;          /* the size to grow pipes to */
+	int64_t retry_at_ms;  /* F_SETPIPE_SZ refused: not asked again before */
 };
 
 /* Largest pipe size the kernel allows us, from /proc/sys/fs/pipe-max-size. */
@@ -47,9 +56,7 @@ int sp_pipes_init(struct sp_engine *e)
 
 	if (!p)
 		return -ENOMEM;
-	p->capacity = 65536;
-	p->sized_for = -1;
-	p->max_size = pipe_max_size();
+	p->want = 0;  /* computed on first use: SP_OPT_PIPE_SIZE is final by then */
 	e->pipes = p;
 	return 0;
 }
@@ -60,6 +67,28 @@ static void pipe_close(struct sp_engine *e, struct sp_pipe *pp)
 	sp_close(e, pp->wr);
 	pp->rd = pp->wr = -1;
 	sp_gauge_sub(e, SP_STAT_PIPES_OPEN, 1);
+	/* Pages given back to the user's budget: a refused resize may pass now. */
+	e->pipes->retry_at_ms = 0;
+}
+
+/* Grow a pipe to the wanted size unless resizing was refused recently. */
+static void pipe_grow(struct sp_engine *e, struct sp_pipe *pp)
+{
+	struct sp_pipe_pool *p = e->pipes;
+	int got;
+
+	if (pp->cap >= p->want || e->now_ms < p->retry_at_ms)
+		return;
+	sp_sys(e, SP_STAT_SYS_FCNTL);
+	got = fcntl(pp->wr, F_SETPIPE_SZ, (int)p->want);
+	if (got == -1) {
+		/* EPERM: over pipe-user-pages-soft without CAP_SYS_RESOURCE.
+		 * Keep the size it has rather than failing the connection. */
+		sp_count(e, SP_STAT_PIPE_RESIZE_DENIED, 1);
+		p->retry_at_ms = e->now_ms + RESIZE_RETRY_MS;
+		return;
+	}
+	pp->cap = (size_t)got;
 }
 
 void sp_pipes_free(struct sp_engine *e)
@@ -75,54 +104,39 @@ void sp_pipes_free(struct sp_engine *e)
 	e->pipes = NULL;
 }
 
-size_t sp_pipe_capacity(struct sp_engine *e)
-{
-	return e->pipes->capacity;
-}
-
 int sp_pipe_get(struct sp_engine *e, struct sp_pipe *out)
 {
 	struct sp_pipe_pool *p = e->pipes;
 	int fds[2];
 
-	if (p->sized_for != e->opt[SP_OPT_PIPE_SIZE]) {
-		/* The size changed: drop pooled pipes of the old size. */
-		while (p->n_idle)
-			pipe_close(e, &p->idle[--p->n_idle]);
-		p->sized_for = e->opt[SP_OPT_PIPE_SIZE];
-		p->resize_denied = false;
-		p->capacity = 65536;
+	if (!p->want) {
+		long max = pipe_max_size();
+
+		p->want = (size_t)e->opt[SP_OPT_PIPE_SIZE];
+		if ((long)p->want > max)
+			p->want = (size_t)max;
 	}
 	if (p->n_idle) {
 		*out = p->idle[--p->n_idle];
-		sp_count(e, SP_STAT_PIPES_IN_USE, 1);
-		return 0;
+	} else {
+		sp_sys(e, SP_STAT_SYS_PIPE);
+		if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1)
+			return -errno;
+		sp_count(e, SP_STAT_FDS_OPEN, 2);
+		sp_count(e, SP_STAT_PIPES_OPEN, 1);
+		out->rd = fds[0];
+		out->wr = fds[1];
+		out->cap = PIPE_DEFAULT_SIZE;
 	}
-	sp_sys(e, SP_STAT_SYS_PIPE);
-	if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1)
-		return -errno;
-	sp_count(e, SP_STAT_FDS_OPEN, 2);
-	sp_count(e, SP_STAT_PIPES_OPEN, 1);
-	out->rd = fds[0];
-	out->wr = fds[1];
-	if (!p->resize_denied && p->sized_for != 65536) {
-		long want = (long)p->sized_for;
-		int got;
-
-		if (want > p->max_size)
-			want = p->max_size;
-		sp_sys(e, SP_STAT_SYS_FCNTL);
-		got = fcntl(fds[1], F_SETPIPE_SZ, (int)want);
-		if (got == -1) {
-			/* EPERM: over pipe-user-pages-soft without CAP_SYS_RESOURCE.
-			 * Keep the default size rather than failing the connection. */
-			p->resize_denied = true;
-		} else {
-			p->capacity = (size_t)got;
-		}
-	}
+	pipe_grow(e, out);
 	sp_count(e, SP_STAT_PIPES_IN_USE, 1);
 	return 0;
+}
+
+void sp_pipes_resize(struct sp_engine *e)
+{
+	e->pipes->want = 0;
+	e->pipes->retry_at_ms = 0;
 }
 
 void sp_pipe_put(struct sp_engine *e, struct sp_pipe *pp)

@@ -10,6 +10,7 @@
 #include <grp.h>
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 #include <linux/capability.h>
 #include <netinet/in.h>
@@ -52,7 +53,12 @@ int sp_open_listener(int type, const struct sockaddr *addr, socklen_t len, const
 	if (fd == -1)
 		return -errno;
 	*step = "setsockopt";
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == -1)
+	/* TCP only, as docker-proxy: it lets a restarted proxy bind over the
+	 * TIME_WAIT sockets of the last one.  On UDP it would let any local
+	 * user bind the same port with SO_REUSEADDR and receive the clients'
+	 * datagrams (the newest socket wins), so UDP listeners never set it. */
+	if (type == SOCK_STREAM &&
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == -1)
 		goto fail;
 	if (family == AF_INET6 &&
 	    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) == -1)
@@ -116,12 +122,51 @@ static int cap_last_cap(void)
 	return v;
 }
 
+#define CAPS_BOUNDING (1u << 3)
+
+/* The capability sets of this process (CapInh, CapPrm, CapEff, CapBnd,
+ * CapAmb, bit i for keys[i]) in mask are empty, as /proc/self/status
+ * reports them: 0 if so, -EPERM if any is not, -errno if unreadable. */
+static int caps_clear(unsigned int mask)
+{
+	static const char *const keys[] = { "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:" };
+	char line[256];
+	unsigned int seen = 0;
+	size_t i;
+	FILE *f = fopen("/proc/self/status", "re");
+
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		for (i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+			size_t n = strlen(keys[i]);
+			unsigned long long v;
+
+			if (!(mask & 1u << i) || strncmp(line, keys[i], n) != 0)
+				continue;
+			if (sscanf(line + n, "%llx", &v) != 1 || v != 0) {
+				fclose(f);
+				return -EPERM;
+			}
+			seen |= 1u << i;
+		}
+	}
+	fclose(f);
+	/* CapAmb is missing before Linux 4.3, where there is no ambient set. */
+	if ((seen | 1u << 4) != (mask | 1u << 4))
+		return -EPERM;
+	return 0;
+}
+
 int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 {
 	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3 };
 	struct __user_cap_data_struct data[2] = { { 0 }, { 0 } };
-	int pdeath = 0, last, cap;
+	int pdeath = 0, last, cap, err;
 	pid_t parent = getppid();
+	/* Only root can empty the bounding set; below root, no_new_privs
+	 * already makes it irrelevant. */
+	unsigned int check = geteuid() == 0 ? 0x1f : 0x1f & ~CAPS_BOUNDING;
 
 	*step = "prctl(PR_GET_PDEATHSIG)";
 	if (prctl(PR_GET_PDEATHSIG, &pdeath, 0, 0, 0) == -1)
@@ -150,13 +195,19 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 	if (setresuid(uid, uid, uid) == -1)
 		return -errno;
 	if (uid != 0) {
-		/* Check the drop is for good: no capability left, no way back. */
-		*step = "capget";
-		if (syscall(SYS_capget, &hdr, data) == -1)
+		/* setresuid() away from root clears the permitted and effective
+		 * sets but not the inheritable one (dockerd's children inherit
+		 * CapInh from it): clear that too, so nothing this process could
+		 * ever execute starts with a capability. */
+		*step = "capset";
+		if (syscall(SYS_capset, &hdr, data) == -1)
 			return -errno;
-		if (data[0].permitted || data[1].permitted || data[0].effective ||
-		    data[1].effective)
-			return -EPERM;
+		/* Check the drop is for good: no capability left in any of the
+		 * five sets (bounding: when started as root), no way back. */
+		*step = "capability check (/proc/self/status)";
+		err = caps_clear(check);
+		if (err < 0)
+			return err;
 		*step = "setuid(0) check";
 		if (setuid(0) == 0)
 			return -EPERM;

@@ -20,7 +20,9 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <linux/sockios.h>
 
 #include "internal.h"
 
@@ -33,6 +35,10 @@
  * backend socket and pipes: accepting pauses when fewer remain. */
 #define FD_HEADROOM 16
 #define SOCK_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+/* A side reset with data the proxy already acknowledged: the other side gets
+ * that data, then the reset, if it takes the data within this long. */
+#define RESET_LINGER_MS 5000
+#define DRAIN_POLL_MS 5          /* checking that the survivor's peer has it all */
 
 enum conn_state { CONN_FREE = 0, CONN_CONNECTING, CONN_OPEN };
 
@@ -40,6 +46,7 @@ enum conn_state { CONN_FREE = 0, CONN_CONNECTING, CONN_OPEN };
 struct sp_dir {
 	struct sp_pipe pipe;   /* rd/wr == -1 when none is held */
 	char *buf;             /* read/write copy mode: buffer held while in flight */
+	size_t buf_cap;        /* read/write mode: bytes buf was allocated with */
 	size_t buf_off;        /* read/write mode: bytes of buf already written */
 	size_t queued;         /* bytes read from src, not yet written to dst */
 	bool eof;              /* src gave EOF */
@@ -60,11 +67,17 @@ struct sp_conn {
 				* our backend socket ends in TIME_WAIT */
 	uint16_t bport;        /* backend local port (network order) if we chose it */
 	bool starved;          /* queued on the starved list for a retry */
+	uint8_t broken;        /* BROKEN_CLIENT/BACKEND: that side failed, the
+				* other gets what was received from it first */
+	bool draining;         /* all of it written: waiting for the peer's ACKs */
+	int64_t linger_until;  /* broken: reset anyway at this time */
 	int64_t last_ms;       /* last progress, for the idle reclaim */
 	struct sp_dir c2b, b2c;
 };
 
 #define NIL UINT32_MAX
+
+enum { BROKEN_CLIENT = 1, BROKEN_BACKEND = 2 };
 
 /*
  * Backend ports left in TIME_WAIT.  When the client closes first, the proxy
@@ -90,12 +103,23 @@ struct sp_port_pool {
 	int64_t disabled_until;
 };
 
+/* A slot and the generation it had: stale once the slot is recycled. */
+struct conn_ref {
+	uint32_t idx, gen;
+};
+
 struct sp_conn_table {
 	struct sp_conn **chunks;
 	uint32_t n_chunks;
 	uint32_t free_head;
-	uint32_t half_head;     /* half-closed connections, for the idle reclaim */
+	uint32_t half_head;     /* half-closed connections, for the idle reclaim
+				 * and to make room for new clients */
+	uint32_t n_half;
 	int64_t next_idle_scan;
+	struct conn_ref *connecting;  /* FIFO of backend connects, oldest first */
+	uint32_t conn_head, conn_len, conn_cap;
+	struct conn_ref *dying;       /* broken connections delivering what is left */
+	uint32_t n_dying, cap_dying;
 	int paused_listeners;
 	struct sp_port_pool *ports;  /* per listener id: backend ports in TIME_WAIT */
 	int n_ports;
@@ -191,6 +215,7 @@ static void halfclosed_unlink(struct sp_conn_table *t, struct sp_conn *c)
 		n->prev = c->prev;
 	}
 	c->in_halfclosed = false;
+	t->n_half--;
 }
 
 static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t idx)
@@ -203,6 +228,7 @@ static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t
 		conn_at(t, t->half_head)->prev = idx;
 	t->half_head = idx;
 	c->in_halfclosed = true;
+	t->n_half++;
 }
 
 /* Make close() send a reset instead of a FIN. */
@@ -314,7 +340,8 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 	dir_release(e, &c->c2b);
 	dir_release(e, &c->b2c);
 	halfclosed_unlink(t, c);
-	c->starved = c->want_pipe = c->fin_first = false;
+	c->starved = c->want_pipe = c->fin_first = c->draining = false;
+	c->broken = 0;
 	c->state = CONN_FREE;
 	c->gen++;
 	c->next = t->free_head;
@@ -325,6 +352,55 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 		resume_listeners(e);
 	if (t->n_starved)
 		t->starved_retry_ms = e->now_ms;  /* descriptors were freed: retry now */
+}
+
+#define RECLAIM_BATCH 8
+
+/*
+ * Make room for a new client by resetting the half-closed pairs that went
+ * longest without progress.  A peer that half-closes and never finishes
+ * costs two descriptors for as long as the other side keeps its half open;
+ * without this, 1,500 such pairs at RLIMIT_NOFILE 1024 kept every new
+ * client waiting in the backlog until the idle timeout.  A pair a peer
+ * abandoned is worth less than a client that has not been served at all
+ * (conntrack drops its oldest entries under pressure in the same spirit).
+ * Fully open pairs are never taken.  force reclaims one pair even when the
+ * descriptor count looks fine (EMFILE from a limit we do not know).
+ * Returns how many pairs were reset.
+ */
+static uint64_t reclaim_for_room(struct sp_engine *e, bool force)
+{
+	struct sp_conn_table *t = e->tcp;
+	uint64_t n = 0;
+
+	while ((force || !fd_room(e)) && t->half_head != NIL) {
+		uint32_t best[RECLAIM_BATCH], idx, i, k = 0;
+
+		/* One pass collects the (up to) RECLAIM_BATCH oldest, oldest
+		 * first; ties go to the pair linked earlier (further down). */
+		for (idx = t->half_head; idx != NIL; idx = conn_at(t, idx)->next) {
+			int64_t last = conn_at(t, idx)->last_ms;
+
+			for (i = k; i > 0 && conn_at(t, best[i - 1])->last_ms >= last; i--)
+				if (i < RECLAIM_BATCH)
+					best[i] = best[i - 1];
+			if (i < RECLAIM_BATCH) {
+				best[i] = idx;
+				if (k < RECLAIM_BATCH)
+					k++;
+			}
+		}
+		for (i = 0; i < k && (force || !fd_room(e)); i++) {
+			conn_close(e, best[i], conn_at(t, best[i]), true, true);
+			force = false;
+			n++;
+		}
+	}
+	if (n) {
+		sp_count(e, SP_STAT_HEADROOM_RECLAIMED, n);
+		sp_emit(e, SP_EV_HEADROOM_RECLAIMED, 0, -1, n);
+	}
+	return n;
 }
 
 static void set_sockopts(struct sp_engine *e, int fd)
@@ -376,6 +452,17 @@ static void dir_idle(struct sp_engine *e, struct sp_dir *d)
 	d->buf = NULL;
 }
 
+/* Whether a direction can take more bytes from its source: an empty one
+ * holds no pipe or buffer yet and takes one on the next read. */
+static bool dir_room(const struct sp_dir *d)
+{
+	if (d->buf)
+		return d->queued < d->buf_cap;
+	if (d->pipe.rd >= 0)
+		return d->queued < d->pipe.cap;
+	return true;
+}
+
 /* The read half of a pump step: move bytes from src into the direction's
  * pipe (or buffer).  Returns >0 bytes, 0 on EOF, -EAGAIN, or -errno. */
 static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
@@ -383,17 +470,16 @@ static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
 	ssize_t n;
 
 	if (e->opt[SP_OPT_COPY_MODE] == SP_COPY_READWRITE) {
-		size_t cap = (size_t)e->opt[SP_OPT_COPY_BUF];
-
 		if (!d->buf) {
-			d->buf = malloc(cap);
+			d->buf_cap = (size_t)e->opt[SP_OPT_COPY_BUF];
+			d->buf = malloc(d->buf_cap);
 			if (!d->buf)
 				return -ENOMEM;
 			d->buf_off = 0;
 		}
 		do {
 			sp_sys(e, SP_STAT_SYS_READ);
-			n = read(src, d->buf + d->queued, cap - d->queued);
+			n = read(src, d->buf + d->queued, d->buf_cap - d->queued);
 		} while (n == -1 && errno == EINTR);
 		return n == -1 ? -errno : n;
 	}
@@ -405,7 +491,7 @@ static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
 	}
 	do {
 		sp_sys(e, SP_STAT_SYS_SPLICE);
-		n = splice(src, NULL, d->pipe.wr, NULL, sp_pipe_capacity(e) - d->queued,
+		n = splice(src, NULL, d->pipe.wr, NULL, d->pipe.cap - d->queued,
 			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
 	} while (n == -1 && errno == EINTR);
 	if (n == -1)
@@ -448,12 +534,16 @@ static ssize_t dir_write(struct sp_engine *e, struct sp_dir *d, int dst)
 }
 
 /* Move as much as possible in one direction.  Returns 0, or -errno when the
- * connection is broken (on either side: both are reset then). */
+ * connection is broken; *dst_failed tells which side the error came from.
+ * draining: src has failed; whatever it still yields is delivered, its
+ * errors and EOF end the direction, and no FIN is passed on. */
 static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, int src, int dst,
-		    bool *src_rd, bool *dst_wr, enum sp_stat bytes_stat)
+		    bool *src_rd, bool *dst_wr, enum sp_stat bytes_stat, bool draining,
+		    bool *dst_failed)
 {
 	bool progress = true;
 
+	*dst_failed = true;
 	while (progress) {
 		progress = false;
 		if (d->queued && *dst_wr) {
@@ -474,7 +564,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 			}
 		}
 		if (d->eof) {
-			if (!d->queued && !d->shut) {
+			if (!d->queued && !d->shut && !draining) {
 				sp_sys(e, SP_STAT_SYS_SHUTDOWN);
 				if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN)
 					return -errno;
@@ -484,8 +574,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 			}
 			break;
 		}
-		if (*src_rd && d->queued < (d->buf ? (size_t)e->opt[SP_OPT_COPY_BUF]
-						 : sp_pipe_capacity(e))) {
+		if (*src_rd && dir_room(d)) {
 			ssize_t n = dir_read(e, d, src);
 
 			if (n == -EMFILE || n == -ENFILE || n == -ENOMEM) {
@@ -506,9 +595,12 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 				}
 				*src_rd = false;
 				dir_idle(e, d);
-			} else if (n < 0) {
+			} else if (n < 0 && !draining) {
+				*dst_failed = false;
 				return (int)n;
-			} else if (n == 0) {
+			} else if (n <= 0) {
+				/* EOF, or (draining) the error after the data the
+				 * broken side had queued. */
 				d->eof = true;
 				*src_rd = false;
 				dir_idle(e, d);
@@ -526,12 +618,18 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 	return 0;
 }
 
-/* A side is broken (err): reset both, as the NAT path would pass the reset on. */
+/* Reset both sides, as the NAT path would pass a reset on. */
+static void conn_reset(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
+{
+	sp_count(e, SP_STAT_TCP_RESETS, 1);
+	conn_close(e, idx, c, true, true);
+}
+
+/* Both sides broken, or the survivor of one would not take its data: reset. */
 static void conn_abort(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
 {
 	sp_count_error(e, err);
-	sp_count(e, SP_STAT_TCP_RESETS, 1);
-	conn_close(e, idx, c, true, true);
+	conn_reset(e, idx, c);
 }
 
 /* Queue a connection that could not get a pipe for a later retry. */
@@ -579,17 +677,176 @@ static void feed_starved(struct sp_engine *e)
 	free(list);
 }
 
+/* Bytes the kernel still holds for the peer of fd (unsent or unacknowledged),
+ * or -1 when it cannot say. */
+static int sock_outq(struct sp_engine *e, int fd)
+{
+	int n;
+
+	sp_sys(e, SP_STAT_SYS_OTHER);
+	if (ioctl(fd, SIOCOUTQ, &n) == -1)
+		return -1;
+	return n;
+}
+
+/*
+ * A broken connection delivering what it holds.  The broken side's receive
+ * queue (Linux returns queued data before the error) and the pipe go to the
+ * survivor; once the survivor's peer acknowledged all of it, both sides are
+ * reset: a reset sent earlier would make the survivor's kernel throw away
+ * what it had not sent yet.  The timer resets the pair anyway at
+ * linger_until, when the survivor's peer does not take the data.
+ */
+static void conn_drain(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
+{
+	bool from_client = c->broken == BROKEN_CLIENT, dst_failed;
+	struct sp_dir *d = from_client ? &c->c2b : &c->b2c;
+	int src = from_client ? c->cfd : c->bfd, dst = from_client ? c->bfd : c->cfd;
+	bool *src_rd = from_client ? &c->c_rd : &c->b_rd;
+	bool *dst_wr = from_client ? &c->b_wr : &c->c_wr;
+	int rc, outq;
+
+	if (!d->eof)
+		*src_rd = true;  /* it will not signal again: read it to the end */
+	rc = dir_pump(e, c, d, src, dst, src_rd, dst_wr,
+		      from_client ? SP_STAT_BYTES_C2B : SP_STAT_BYTES_B2C, true, &dst_failed);
+	if (rc < 0) {
+		conn_abort(e, idx, c, -rc);
+		return;
+	}
+	if (c->want_pipe) {
+		c->want_pipe = false;
+		if (!c->starved) {
+			c->starved = true;
+			starve(e, idx);
+		}
+	}
+	if (!d->eof || d->queued)
+		return;
+	outq = sock_outq(e, dst);
+	if (outq <= 0) {
+		conn_reset(e, idx, c);
+		return;
+	}
+	c->draining = true;   /* the timer looks again */
+}
+
+/* Note a connection to finish draining (or to reset at its deadline);
+ * false without memory. */
+static bool dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
+{
+	struct sp_conn_table *t = e->tcp;
+
+	if (t->n_dying == t->cap_dying) {
+		uint32_t cap = t->cap_dying ? t->cap_dying * 2 : 16;
+		struct conn_ref *n = realloc(t->dying, sizeof(*n) * cap);
+
+		if (!n)
+			return false;
+		t->dying = n;
+		t->cap_dying = cap;
+	}
+	t->dying[t->n_dying++] = (struct conn_ref){ .idx = idx, .gen = gen };
+	return true;
+}
+
+/*
+ * One side failed (err).  What the proxy already received from it is
+ * delivered to the other side before the reset is passed on, as the
+ * kernel's own path would have delivered it: before, uploads that ended
+ * in a reset lost what the proxy held (12 of 20 stopped at about 128 KB,
+ * 0 of 20 direct).  The other direction cannot be delivered any more and is
+ * dropped.  A second failure, or nothing left to deliver, resets at once.
+ */
+static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, bool client_side,
+		      int err)
+{
+	uint8_t side = client_side ? BROKEN_CLIENT : BROKEN_BACKEND;
+	struct sp_dir *d = client_side ? &c->c2b : &c->b2c;
+	struct sp_dir *back = client_side ? &c->b2c : &c->c2b;
+
+	if (c->broken == side) {
+		conn_drain(e, idx, c);  /* the same side again: still delivering */
+		return;
+	}
+	/* Without a deadline a draining pair could wait for good. */
+	if (c->broken || c->state != CONN_OPEN || d->shut || !dying_push(e, idx, c->gen)) {
+		conn_abort(e, idx, c, err);
+		return;
+	}
+	sp_count_error(e, err);
+	c->broken = side;
+	c->linger_until = e->now_ms + RESET_LINGER_MS;
+	dir_release(e, back);
+	back->eof = back->shut = true;
+	halfclosed_unlink(e->tcp, c);
+	if (client_side)
+		c->b_wr = true;
+	else
+		c->c_wr = true;
+	conn_drain(e, idx, c);
+}
+
+/* Broken connections: finish those whose data was taken, reset those past
+ * their deadline; ms until the next look, or -1 when none is left. */
+static int64_t dying_timer(struct sp_engine *e)
+{
+	struct sp_conn_table *t = e->tcp;
+	int64_t next = -1;
+	uint32_t i, kept = 0;
+
+	for (i = 0; i < t->n_dying; i++) {
+		struct conn_ref r = t->dying[i];
+		struct sp_conn *c = conn_at(t, r.idx);
+		int64_t left;
+
+		if (c->gen != r.gen || c->state != CONN_OPEN || !c->broken)
+			continue;
+		if (e->now_ms >= c->linger_until) {
+			/* The survivor's peer did not take the data in time. */
+			sp_count(e, SP_STAT_ERR_OTHER, 1);
+			conn_reset(e, r.idx, c);
+			continue;
+		}
+		if (c->draining) {
+			int outq = sock_outq(e, c->broken == BROKEN_CLIENT ? c->bfd : c->cfd);
+
+			if (outq <= 0) {
+				conn_reset(e, r.idx, c);
+				continue;
+			}
+			left = DRAIN_POLL_MS;
+		} else {
+			left = c->linger_until - e->now_ms;
+		}
+		if (next < 0 || left < next)
+			next = left;
+		t->dying[kept++] = r;
+	}
+	t->n_dying = kept;
+	return next;
+}
+
 /* Run both pumps; close the connection when done or broken. */
 static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
+	bool dst_failed;
 	int rc;
 
-	rc = dir_pump(e, c, &c->c2b, c->cfd, c->bfd, &c->c_rd, &c->b_wr, SP_STAT_BYTES_C2B);
-	if (rc == 0)
-		rc = dir_pump(e, c, &c->b2c, c->bfd, c->cfd, &c->b_rd, &c->c_wr,
-			      SP_STAT_BYTES_B2C);
+	if (c->broken) {
+		conn_drain(e, idx, c);
+		return;
+	}
+	rc = dir_pump(e, c, &c->c2b, c->cfd, c->bfd, &c->c_rd, &c->b_wr, SP_STAT_BYTES_C2B,
+		      false, &dst_failed);
 	if (rc < 0) {
-		conn_abort(e, idx, c, -rc);
+		conn_fail(e, idx, c, !dst_failed, -rc);
+		return;
+	}
+	rc = dir_pump(e, c, &c->b2c, c->bfd, c->cfd, &c->b_rd, &c->c_wr, SP_STAT_BYTES_B2C,
+		      false, &dst_failed);
+	if (rc < 0) {
+		conn_fail(e, idx, c, dst_failed, -rc);
 		return;
 	}
 	if (c->c2b.shut && c->b2c.shut) {
@@ -603,7 +860,9 @@ static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 			starve(e, idx);
 		}
 	}
-	if ((c->c2b.eof || c->b2c.eof) && e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0)
+	/* Tracked even without an idle timeout: they are also what is
+	 * reclaimed first when descriptors run short. */
+	if (c->c2b.eof || c->b2c.eof)
 		halfclosed_link(e->tcp, c, idx);
 }
 
@@ -698,6 +957,56 @@ again:
 	return fd;
 }
 
+/* Queue a connect for its timeout.  Connects start in time order and share
+ * one timeout, so a FIFO holds them in deadline order. */
+static void connecting_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
+{
+	struct sp_conn_table *t = e->tcp;
+
+	if (t->conn_len == t->conn_cap) {
+		uint32_t cap = t->conn_cap ? t->conn_cap * 2 : 256, i;
+		struct conn_ref *n = malloc(sizeof(*n) * cap);
+
+		if (!n)
+			return;   /* this connect falls back to the kernel's timeout */
+		for (i = 0; i < t->conn_len; i++)
+			n[i] = t->connecting[(t->conn_head + i) % t->conn_cap];
+		free(t->connecting);
+		t->connecting = n;
+		t->conn_cap = cap;
+		t->conn_head = 0;
+	}
+	t->connecting[(t->conn_head + t->conn_len++) % t->conn_cap] =
+		(struct conn_ref){ .idx = idx, .gen = gen };
+}
+
+static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err);
+
+/* Give up connects older than the connect timeout; ms until the next
+ * deadline, or -1 when none is pending. */
+static int64_t connect_timeouts(struct sp_engine *e)
+{
+	struct sp_conn_table *t = e->tcp;
+	int64_t timeout = e->opt[SP_OPT_CONNECT_TIMEOUT_MS];
+
+	while (t->conn_len) {
+		struct conn_ref r = t->connecting[t->conn_head];
+		struct sp_conn *c = conn_at(t, r.idx);
+
+		if (c->gen == r.gen && c->state == CONN_CONNECTING && timeout > 0) {
+			int64_t left = c->last_ms + timeout - e->now_ms;
+
+			if (left > 0)
+				return left;
+		}
+		t->conn_head = (t->conn_head + 1) % t->conn_cap;
+		t->conn_len--;
+		if (c->gen == r.gen && c->state == CONN_CONNECTING && timeout > 0)
+			conn_connect_failed(e, r.idx, c, ETIMEDOUT);
+	}
+	return -1;
+}
+
 /* Start relaying an accepted client: open and connect the backend socket. */
 static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 {
@@ -735,6 +1044,8 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	c->state = CONN_CONNECTING;
 	c->c_rd = c->c_wr = c->b_rd = c->b_wr = false;
 	c->in_halfclosed = c->starved = c->want_pipe = c->fin_first = false;
+	c->draining = false;
+	c->broken = 0;
 	c->bport = bport;
 	c->last_ms = e->now_ms;
 	dir_init(&c->c2b);
@@ -759,6 +1070,8 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	}
 	/* An immediate success (possible on loopback) is completed like the
 	 * asynchronous case: the edge-triggered registration reports EPOLLOUT. */
+	if (e->opt[SP_OPT_CONNECT_TIMEOUT_MS] > 0)
+		connecting_push(e, idx, c->gen);
 }
 
 void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
@@ -769,9 +1082,10 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 	for (i = 0; i < ACCEPT_BATCH && !l->paused; i++) {
 		int cfd;
 
-		if (!fd_room(e)) {
+		if (!fd_room(e) && (!reclaim_for_room(e, false) || !fd_room(e))) {
 			/* Accepting now would take a client we may not be able to
-			 * serve; it waits in the backlog instead. */
+			 * serve, and no abandoned pair is left to make room: it
+			 * waits in the backlog instead. */
 			pause_listener(e, l, EMFILE);
 			return;
 		}
@@ -800,6 +1114,11 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 				continue;
 			case EMFILE:
 			case ENFILE:
+				sp_count_error(e, err);
+				if (reclaim_for_room(e, true))
+					continue;
+				pause_listener(e, l, err);
+				return;
 			case ENOBUFS:
 			case ENOMEM:
 				sp_count_error(e, err);
@@ -824,15 +1143,22 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 /* The backend connect finished (or failed). */
 static int sock_error(struct sp_engine *e, int fd);
 
+/* The backend could not be reached: like docker-proxy, a plain close, so
+ * the client sees FIN, or RST if it had already sent data. */
+static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
+{
+	sp_count(e, SP_STAT_TCP_FAILED, 1);
+	sp_count_error(e, err);
+	sp_emit(e, SP_EV_CONNECT_FAILED, err, c->listener, 1);
+	conn_close(e, idx, c, false, false);
+}
+
 static void conn_connected(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	int err = sock_error(e, c->bfd);
 
 	if (err) {
-		sp_count(e, SP_STAT_TCP_FAILED, 1);
-		sp_count_error(e, err);
-		sp_emit(e, SP_EV_CONNECT_FAILED, err, c->listener, 1);
-		conn_close(e, idx, c, false, false);
+		conn_connect_failed(e, idx, c, err);
 		return;
 	}
 	c->state = CONN_OPEN;
@@ -881,7 +1207,7 @@ static void conn_event(struct sp_engine *e, unsigned type, uint32_t idx, struct 
 		int err = sock_error(e, type == SP_TAG_TCP_CLIENT ? c->cfd : c->bfd);
 
 		if (err) {
-			conn_abort(e, idx, c, err);
+			conn_fail(e, idx, c, type == SP_TAG_TCP_CLIENT, err);
 			return;
 		}
 	}
@@ -962,6 +1288,18 @@ int64_t sp_tcp_timer(struct sp_engine *e)
 				next = left;
 		}
 	}
+	if (t->n_dying) {
+		int64_t left = dying_timer(e);
+
+		if (left >= 0 && (next < 0 || left < next))
+			next = left;
+	}
+	if (t->conn_len) {
+		int64_t left = connect_timeouts(e);
+
+		if (left >= 0 && (next < 0 || left < next))
+			next = left;
+	}
 	if (e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0 && t->half_head != NIL) {
 		int64_t step = e->opt[SP_OPT_IDLE_TIMEOUT_MS] / 4;
 		int64_t left;
@@ -994,6 +1332,13 @@ void sp_tcp_free(struct sp_engine *e)
 
 			if (c->state == CONN_FREE)
 				continue;
+			/* The proxy is stopping with this connection open: a FIN
+			 * would tell both peers the transfer was complete (a cut
+			 * download would look whole), so they get a reset. */
+			if (c->cfd >= 0)
+				set_abortive(e, c->cfd);
+			if (c->bfd >= 0)
+				set_abortive(e, c->bfd);
 			sp_close(e, c->cfd);
 			sp_close(e, c->bfd);
 			dir_release(e, &c->c2b);
@@ -1006,6 +1351,8 @@ void sp_tcp_free(struct sp_engine *e)
 		free(t->ports[i].ports);
 	free(t->ports);
 	free(t->starved);
+	free(t->connecting);
+	free(t->dying);
 	free(t->chunks);
 	free(t);
 	e->tcp = NULL;

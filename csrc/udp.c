@@ -12,8 +12,17 @@
  * Flows live in fixed-size chunks of slots (so pointers stay valid while the
  * table grows) and are found through a per-listener chained hash keyed by the
  * client address.  A per-listener doubly linked list orders them by last
- * traffic in either direction: its head is the most recent, its tail is both
- * the eviction victim when the table bound is hit and the next to expire.
+ * traffic in either direction: its head is the most recent, its tail is the
+ * next to expire.
+ *
+ * Flows are also grouped by client address (port aside), each group with
+ * its own LRU list, so that one source cannot push out the others: a new
+ * flow of an address at its bound (SP_OPT_UDP_MAX_FLOWS_PER_ADDR) replaces
+ * that address's own least recent flow, and when the whole table is full
+ * the victim is taken from the address holding the most entries among the
+ * least recently used few.  Before, 17,000 source ports from one address in
+ * a second evicted an established client of another address, which then
+ * reached the backend from a new port.
  *
  * All I/O is batched with recvmmsg/sendmmsg into one set of buffers per
  * engine; nothing is allocated per datagram.  Both listener and flow sockets
@@ -44,6 +53,7 @@
 #define SP_UDP_SLOT_BITS  24       /* tag index: slot below, generation above */
 #define SP_UDP_MAX_SLOTS  (1u << SP_UDP_SLOT_BITS)
 #define SP_UDP_MIN_BUCKETS 64
+#define SP_UDP_VICTIM_SCAN 32      /* LRU flows looked at for a table-full victim */
 
 union sp_udp_addr {
 	struct sockaddr sa;
@@ -52,6 +62,8 @@ union sp_udp_addr {
 };
 
 enum sp_udp_dst_kind { SP_UDP_DST_NONE, SP_UDP_DST_V4, SP_UDP_DST_V6 };
+
+struct sp_udp_src;
 
 struct sp_udp_flow {
 	int fd;                        /* connected backend socket, -1 if free */
@@ -62,6 +74,8 @@ struct sp_udp_flow {
 	struct sp_udp_listener *ul;
 	struct sp_udp_flow *hnext;     /* hash chain, or free list */
 	struct sp_udp_flow *prev, *next; /* listener LRU, head = most recent */
+	struct sp_udp_src *src;        /* the client address's group */
+	struct sp_udp_flow *sprev, *snext; /* the group's LRU, head = most recent */
 	int64_t last_ms;               /* last datagram in either direction */
 	union sp_udp_addr client;
 	socklen_t client_len;
@@ -69,6 +83,15 @@ struct sp_udp_flow {
 		struct in_pktinfo v4;
 		struct in6_pktinfo v6;
 	} dst;                         /* reply source, from the client's cmsg */
+};
+
+/* The flows of one client address (any port). */
+struct sp_udp_src {
+	union sp_udp_addr addr;        /* port zero */
+	uint32_t hash;
+	uint32_t count;
+	struct sp_udp_src *hnext;
+	struct sp_udp_flow *head, *tail;
 };
 
 struct sp_udp_listener {
@@ -81,6 +104,9 @@ struct sp_udp_listener {
 	uint32_t mask;                 /* buckets - 1 */
 	uint32_t count;
 	struct sp_udp_flow *head, *tail;
+	struct sp_udp_src **sbuckets;  /* client addresses */
+	uint32_t smask;                /* sbuckets - 1 */
+	uint32_t nsrc;
 	int pos;                       /* index in sp_udp_engine.ls */
 };
 
@@ -160,6 +186,130 @@ static bool sp_udp_same(const union sp_udp_addr *a, const union sp_udp_addr *b)
 	       a->v4.sin_addr.s_addr == b->v4.sin_addr.s_addr;
 }
 
+/* sp_udp_src_key() - a client address with the port cleared */
+static void sp_udp_src_key(union sp_udp_addr *k, const union sp_udp_addr *a)
+{
+	memset(k, 0, sizeof(*k));
+	k->sa.sa_family = a->sa.sa_family;
+	if (a->sa.sa_family == AF_INET6) {
+		k->v6.sin6_addr = a->v6.sin6_addr;
+		k->v6.sin6_scope_id = a->v6.sin6_scope_id;
+	} else {
+		k->v4.sin_addr = a->v4.sin_addr;
+	}
+}
+
+/* sp_udp_src_find() - the group of a client's address, or NULL */
+static struct sp_udp_src *sp_udp_src_find(const struct sp_udp_engine *u,
+					  struct sp_udp_listener *ul,
+					  const union sp_udp_addr *a, uint32_t *hash)
+{
+	union sp_udp_addr k;
+	struct sp_udp_src *s;
+
+	sp_udp_src_key(&k, a);
+	*hash = sp_udp_hash(u, &k);
+	for (s = ul->sbuckets[*hash & ul->smask]; s; s = s->hnext)
+		if (s->hash == *hash && sp_udp_same(&s->addr, &k))
+			return s;
+	return NULL;
+}
+
+/* sp_udp_src_get() - the group of a client's address, created if needed;
+ * NULL without memory */
+static struct sp_udp_src *sp_udp_src_get(const struct sp_udp_engine *u,
+					 struct sp_udp_listener *ul,
+					 const union sp_udp_addr *a)
+{
+	uint32_t hash;
+	struct sp_udp_src *s = sp_udp_src_find(u, ul, a, &hash);
+
+	if (s)
+		return s;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	sp_udp_src_key(&s->addr, a);
+	s->hash = hash;
+	if (ul->nsrc >= ul->smask + 1) {
+		/* Keep chains short: double the buckets (or live with longer
+		 * chains when that allocation fails). */
+		uint32_t n = (ul->smask + 1) * 2, i;
+		struct sp_udp_src **b = calloc(n, sizeof(*b));
+
+		if (b) {
+			for (i = 0; i <= ul->smask; i++) {
+				struct sp_udp_src *x = ul->sbuckets[i], *next;
+
+				for (; x; x = next) {
+					next = x->hnext;
+					x->hnext = b[x->hash & (n - 1)];
+					b[x->hash & (n - 1)] = x;
+				}
+			}
+			free(ul->sbuckets);
+			ul->sbuckets = b;
+			ul->smask = n - 1;
+		}
+	}
+	s->hnext = ul->sbuckets[hash & ul->smask];
+	ul->sbuckets[hash & ul->smask] = s;
+	ul->nsrc++;
+	return s;
+}
+
+static void sp_udp_src_release(struct sp_udp_listener *ul, struct sp_udp_src *s);
+
+/* sp_udp_src_unlink() - take a flow out of its address's group, freeing
+ * the group with its last flow */
+static void sp_udp_src_unlink(struct sp_udp_listener *ul, struct sp_udp_flow *f)
+{
+	struct sp_udp_src *s = f->src;
+
+	if (!s)
+		return;
+	if (f->sprev)
+		f->sprev->snext = f->snext;
+	else
+		s->head = f->snext;
+	if (f->snext)
+		f->snext->sprev = f->sprev;
+	else
+		s->tail = f->sprev;
+	f->sprev = f->snext = NULL;
+	f->src = NULL;
+	s->count--;
+	sp_udp_src_release(ul, s);
+}
+
+/* sp_udp_src_release() - free a group that holds no flow any more */
+static void sp_udp_src_release(struct sp_udp_listener *ul, struct sp_udp_src *s)
+{
+	struct sp_udp_src **pp;
+
+	if (s->count)
+		return;
+	for (pp = &ul->sbuckets[s->hash & ul->smask]; *pp && *pp != s; pp = &(*pp)->hnext)
+		;
+	if (*pp)
+		*pp = s->hnext;
+	ul->nsrc--;
+	free(s);
+}
+
+/* sp_udp_src_push() - put a flow at the most-recent end of its group */
+static void sp_udp_src_push(struct sp_udp_src *s, struct sp_udp_flow *f)
+{
+	f->src = s;
+	f->sprev = NULL;
+	f->snext = s->head;
+	if (s->head)
+		s->head->sprev = f;
+	else
+		s->tail = f;
+	s->head = f;
+}
+
 /* sp_udp_flow_at() - slot to flow; NULL when out of range */
 static struct sp_udp_flow *sp_udp_flow_at(struct sp_udp_engine *u, uint32_t slot)
 {
@@ -235,10 +385,21 @@ static void sp_udp_lru_push(struct sp_udp_listener *ul, struct sp_udp_flow *f)
 /* sp_udp_touch() - note traffic on a flow: it becomes the last to expire */
 static void sp_udp_touch(struct sp_engine *e, struct sp_udp_flow *f)
 {
+	struct sp_udp_src *s = f->src;
+
 	f->last_ms = e->now_ms;
 	if (f->ul->head != f) {
 		sp_udp_lru_unlink(f->ul, f);
 		sp_udp_lru_push(f->ul, f);
+	}
+	if (s && s->head != f) {
+		/* Not the head, so it has a predecessor and the list a head. */
+		f->sprev->snext = f->snext;
+		if (f->snext)
+			f->snext->sprev = f->sprev;
+		else
+			s->tail = f->sprev;
+		sp_udp_src_push(s, f);
 	}
 }
 
@@ -297,6 +458,7 @@ static void sp_udp_flow_free(struct sp_engine *e, struct sp_udp_flow *f)
 
 	sp_udp_hash_unlink(ul, f);
 	sp_udp_lru_unlink(ul, f);
+	sp_udp_src_unlink(ul, f);
 	ul->count--;
 	sp_close(e, f->fd);
 	f->fd = -1;
@@ -307,15 +469,35 @@ static void sp_udp_flow_free(struct sp_engine *e, struct sp_udp_flow *f)
 	sp_gauge_sub(e, SP_STAT_UDP_FLOWS_ACTIVE, 1);
 }
 
-/* sp_udp_evict() - drop the least recently used flow of ul to make room */
+/* sp_udp_evict() - drop a flow of ul to make room: of the least recently
+ * used few, the one whose address holds the most entries (the least recent
+ * among equals), so that a flood from some addresses is paid for by them */
 static bool sp_udp_evict(struct sp_engine *e, struct sp_udp_listener *ul)
 {
-	if (!ul->tail)
+	struct sp_udp_flow *f, *victim = ul->tail;
+	int n;
+
+	if (!victim)
 		return false;
-	sp_udp_flow_free(e, ul->tail);
+	for (f = ul->tail, n = 0; f && n < SP_UDP_VICTIM_SCAN; f = f->prev, n++)
+		if (f->src && victim->src && f->src->count > victim->src->count)
+			victim = f;
+	sp_udp_flow_free(e, victim);
 	sp_count(e, SP_STAT_UDP_FLOWS_EVICTED, 1);
 	sp_emit(e, SP_EV_UDP_EVICTED, 0, ul->id, 1);
 	return true;
+}
+
+/* sp_udp_per_addr_max() - the bound on one address's entries */
+static uint32_t sp_udp_per_addr_max(const struct sp_engine *e)
+{
+	int64_t v = e->opt[SP_OPT_UDP_MAX_FLOWS_PER_ADDR];
+
+	if (v <= 0)
+		v = e->opt[SP_OPT_UDP_MAX_FLOWS] / 16;
+	if (v < 1)
+		v = 1;
+	return v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
 }
 
 /* sp_udp_evict_any() - after EMFILE/ENFILE: free a descriptor by evicting
@@ -365,9 +547,19 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 {
 	struct sp_udp_engine *u = e->udp;
 	int64_t max = e->opt[SP_OPT_UDP_MAX_FLOWS];
+	uint32_t per_addr = sp_udp_per_addr_max(e), shash;
 	struct sp_udp_flow *f;
+	struct sp_udp_src *src;
 	int fd, rc;
 
+	/* An address at its bound makes room among its own entries (a bound
+	 * at or above the table's leaves that to the table bound). */
+	while ((max <= 0 || per_addr < (uint64_t)max) &&
+	       (src = sp_udp_src_find(u, ul, client, &shash)) && src->count >= per_addr) {
+		sp_udp_flow_free(e, src->tail);
+		sp_count(e, SP_STAT_UDP_ADDR_EVICTED, 1);
+		sp_emit(e, SP_EV_UDP_ADDR_EVICTED, 0, ul->id, 1);
+	}
 	if (max > 0)
 		while (ul->count >= (uint64_t)max && sp_udp_evict(e, ul))
 			;
@@ -398,8 +590,11 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 	}
 	f = u->free_list;
 
-	rc = sp_epoll_add(e, fd, EPOLLIN, sp_udp_flow_tag(f));
+	src = sp_udp_src_get(u, ul, client);
+	rc = src ? sp_epoll_add(e, fd, EPOLLIN, sp_udp_flow_tag(f)) : -ENOMEM;
 	if (rc < 0) {
+		if (src)
+			sp_udp_src_release(ul, src);  /* if made for this flow */
 		sp_close(e, fd);
 		sp_count_error(e, -rc);
 		sp_emit(e, SP_EV_UDP_FLOW_FAILED, -rc, ul->id, 1);
@@ -417,6 +612,8 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 	f->hnext = ul->buckets[hash & ul->mask];
 	ul->buckets[hash & ul->mask] = f;
 	sp_udp_lru_push(ul, f);
+	sp_udp_src_push(src, f);
+	src->count++;
 	ul->count++;
 	if (ul->count > ul->mask + 1)
 		sp_udp_rehash(ul);
@@ -974,6 +1171,13 @@ int sp_udp_listener_init(struct sp_engine *e, struct sp_listener *l)
 		return -ENOMEM;
 	}
 	ul->mask = SP_UDP_MIN_BUCKETS - 1;
+	ul->sbuckets = calloc(SP_UDP_MIN_BUCKETS, sizeof(*ul->sbuckets));
+	if (!ul->sbuckets) {
+		free(ul->buckets);
+		free(ul);
+		return -ENOMEM;
+	}
+	ul->smask = SP_UDP_MIN_BUCKETS - 1;
 	ul->id = l->id;
 	ul->fd = l->fd;
 	ul->family = l->family;
@@ -982,6 +1186,7 @@ int sp_udp_listener_init(struct sp_engine *e, struct sp_listener *l)
 
 	rc = sp_epoll_add(e, l->fd, EPOLLIN, sp_tag(SP_TAG_UDP_LISTENER, (uint32_t)l->id));
 	if (rc < 0) {
+		free(ul->sbuckets);
 		free(ul->buckets);
 		free(ul);
 		return rc;
@@ -1003,6 +1208,7 @@ static void sp_udp_listener_drop(struct sp_engine *e, struct sp_udp_listener *ul
 	last = u->ls[--u->n_ls];
 	u->ls[ul->pos] = last;
 	last->pos = ul->pos;
+	free(ul->sbuckets);
 	free(ul->buckets);
 	free(ul);
 }

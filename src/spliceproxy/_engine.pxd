@@ -24,15 +24,18 @@ cdef extern from "engine.h" nogil:
         uint32_t version
         uint32_t count
         uint64_t pid
-        uint64_t reserved
+        uint32_t names_off
+        uint32_t names_len
 
     enum:
         SP_STAT_COUNT
         SP_STATS_MAGIC
         SP_STATS_VERSION
+        SP_STATS_FLUSH_MS
 
-    int sp_engine_new(sp_engine **out, uint64_t *stats)
+    int sp_engine_new(sp_engine **out)
     void sp_engine_free(sp_engine *e)
+    int sp_engine_set_stats_fd(sp_engine *e, int fd)
     int sp_engine_set_option(sp_engine *e, int option, int64_t value)
     int sp_engine_add_tcp(sp_engine *e, int listen_fd, const sockaddr *backend, socklen_t backend_len)
     int sp_engine_add_udp(sp_engine *e, int fd, int family, const sockaddr *backend, socklen_t backend_len)

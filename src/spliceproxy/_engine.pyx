@@ -6,12 +6,8 @@ results into OSError in one place.  Policy lives in the Python front end.
 """
 
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport errno
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy, memset, strerror
-from posix.fcntl cimport O_CLOEXEC, O_CREAT, O_RDWR, open as c_open
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
-from posix.unistd cimport close as c_close, ftruncate, getpid
 
 from spliceproxy._engine cimport *
 
@@ -61,6 +57,8 @@ OPT_UDP_TIMEOUT_MS = 5
 OPT_UDP_MAX_FLOWS = 6
 OPT_ACCEPT_BACKOFF_MS = 7
 OPT_FD_LIMIT = 8
+OPT_CONNECT_TIMEOUT_MS = 9
+OPT_UDP_MAX_FLOWS_PER_ADDR = 10
 
 COPY_SPLICE = 0
 COPY_READWRITE = 1
@@ -75,8 +73,12 @@ EV_UDP_EVICTED = 7
 EV_UDP_FLOW_FAILED = 8
 EV_LISTENER_FAILED = 9
 EV_IDLE_RECLAIMED = 10
+EV_HEADROOM_RECLAIMED = 11
+EV_UDP_ADDR_EVICTED = 12
 
 STATS_HEADER_SIZE = sizeof(sp_stats_header)
+STATS_VERSION = SP_STATS_VERSION
+STATS_FLUSH_MS = SP_STATS_FLUSH_MS
 
 
 cdef object _oserror(int err, filename=None):
@@ -155,52 +157,18 @@ cdef class Engine:
     """One epoll loop holding any number of TCP/UDP listeners."""
 
     cdef sp_engine *e
-    cdef void *map
-    cdef size_t map_len
 
-    def __cinit__(self, stats_path=None):
-        cdef int rc, fd
-        cdef bytes path
-        cdef sp_stats_header *hdr
-        cdef uint64_t *counters = NULL
+    def __cinit__(self):
+        cdef int rc
         self.e = NULL
-        self.map = NULL
-        self.map_len = sizeof(sp_stats_header) + 8 * SP_STAT_COUNT
-        if stats_path is not None:
-            path = stats_path.encode() if isinstance(stats_path, str) else bytes(stats_path)
-            fd = c_open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-            if fd == -1:
-                raise _oserror(errno, stats_path)
-            if ftruncate(fd, self.map_len) == -1:
-                rc = errno
-                c_close(fd)
-                raise _oserror(rc, stats_path)
-            self.map = mmap(NULL, self.map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-            rc = errno
-            c_close(fd)
-            if self.map == MAP_FAILED:
-                self.map = NULL
-                raise _oserror(rc, stats_path)
-            memset(self.map, 0, self.map_len)
-            hdr = <sp_stats_header *>self.map
-            hdr.version = SP_STATS_VERSION
-            hdr.count = SP_STAT_COUNT
-            hdr.pid = getpid()
-            counters = <uint64_t *>(<char *>self.map + sizeof(sp_stats_header))
-        rc = sp_engine_new(&self.e, counters)
+        rc = sp_engine_new(&self.e)
         if rc < 0:
             raise _oserror(-rc)
-        if self.map != NULL:
-            # Written last: a reader seeing the magic sees a live engine.
-            hdr.magic = SP_STATS_MAGIC
 
     def __dealloc__(self):
         if self.e != NULL:
             sp_engine_free(self.e)
             self.e = NULL
-        if self.map != NULL:
-            munmap(self.map, self.map_len)
-            self.map = NULL
 
     cdef int _check(self) except -1:
         if self.e == NULL:
@@ -212,6 +180,13 @@ cdef class Engine:
         if self.e != NULL:
             sp_engine_free(self.e)
             self.e = NULL
+
+    def set_stats_fd(self, int fd):
+        """Publish the counters to fd (not owned; -1 stops), see engine.h."""
+        self._check()
+        cdef int rc = sp_engine_set_stats_fd(self.e, fd)
+        if rc < 0:
+            raise _oserror(-rc)
 
     def set_option(self, int option, long long value):
         self._check()
@@ -283,7 +258,7 @@ cdef class Engine:
         return out
 
     def stats(self):
-        """The counters as {name: value}."""
+        """The engine's own counters as {name: value}."""
         self._check()
         cdef const uint64_t *s = sp_engine_stats(self.e)
         return {sp_stat_name(i).decode(): s[i] for i in range(SP_STAT_COUNT)}

@@ -5,7 +5,7 @@ a small C stub (csrc/stub/stub.c) that hands its command line and
 descriptors to this service over the control socket (control.py) and waits.
 The service:
 
-* parses the flags with cli.parse, exactly as the standalone proxy (usage on
+* parses the flags with goflags.parse, exactly as the standalone proxy (usage on
   the stub's stderr, its exit code sent back to the stub);
 * opens the listener or adopts dockerd's fd 4, adds it to its one
   _engine.Engine, and answers fd 3 itself (``0\\n``, or ``1\\n<msg>``);
@@ -34,22 +34,23 @@ import struct
 import sys
 import time
 
-from spliceproxy import _engine, cli, control
+from spliceproxy import _engine, control, goflags, settings
 from spliceproxy.log import Logger
 from spliceproxy.proxy import (
     AF_INET,
     AF_INET6,
+    SO_REUSEADDR,
     SOCK_DGRAM,
     SOCK_STREAM,
+    SOL_SOCKET,
     Proxy,
     StartupError,
     _somaxconn,
     configure_engine,
     go_strerror,
     hostport,
-    parse_duration,
-    privilege_target,
 )
+from spliceproxy.settings import ENV_PREFIX, Settings, parse_duration
 
 # --------------------------------------------------------------------------
 # The standalone front end's pieces, applied to one mapping's command line
@@ -58,37 +59,46 @@ from spliceproxy.proxy import (
 
 
 def parse_flags(argv: list[str]):
-    return cli.parse(argv)
+    return goflags.parse(argv)
 
 
-def load_settings(env: dict[str, str]) -> dict[int, int]:
-    """A mapping's SPLICEPROXY_* settings, validated: the engine options they
-    give.  StartupError (the standalone proxy's message) if one is invalid."""
-    rec = _OptionRecorder()
-    with _mapping_environ({k: v for k, v in env.items() if k.startswith("SPLICEPROXY_")}):
-        configure_engine(rec)  # type: ignore[arg-type]
-        privilege_target()  # validates SPLICEPROXY_USER
-    return rec.options
+def load_settings(env: dict[str, str]) -> Settings:
+    """A mapping's SPLICEPROXY_* settings (as its stub's environment has them);
+    StartupError with the standalone proxy's message if one is invalid."""
+    raw = {k.encode(): os.fsencode(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    try:
+        return settings.load(raw)
+    except settings.SettingError as e:
+        raise StartupError(str(e)) from None
 
 
-def option_differences(mine: dict[int, int], theirs: dict[int, int]) -> list[str]:
-    """The settings of theirs that the engine (mine) does not apply."""
-    return sorted(_OPTION_NAMES.get(k, str(k)) for k, v in theirs.items() if mine.get(k) != v)
+_OPTION_VARS = {v.option: ENV_PREFIX + v.name for v in settings.VARIABLES if v.option}
 
 
-def configure(engine: _engine.Engine, options: dict[int, int]) -> None:
-    for option, value in options.items():
-        engine.set_option(option, value)
+def option_differences(mine: Settings, theirs: Settings) -> list[str]:
+    """The relay settings of theirs that the engine (mine) does not apply."""
+    a, b = dict(mine.engine_options()), dict(theirs.engine_options())
+    return sorted(_OPTION_VARS[k] for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def new_proxy(config, options: dict[int, int], log: Logger) -> Proxy:
-    return Proxy(config, log)
+def configure(engine: _engine.Engine, conf: Settings) -> None:
+    configure_engine(engine, conf)
 
 
-def engine_identity(env: dict[str, str]) -> tuple[int, int] | None:
-    """Whom the engine becomes; StartupError if SPLICEPROXY_USER is invalid."""
-    with _mapping_environ({k: v for k, v in env.items() if k.startswith("SPLICEPROXY_")}):
-        return privilege_target()
+def new_proxy(config, conf: Settings, log: Logger) -> Proxy:
+    return Proxy(config, conf, log)
+
+
+def engine_identity(conf: Settings):
+    """Whom the engine becomes (an identity.Identity, or None to stay);
+    StartupError if SPLICEPROXY_USER names nobody."""
+    from spliceproxy import identity
+
+    try:
+        return identity.choose(conf.user, conf.keep_privileges)
+    except identity.IdentityError as e:
+        raise StartupError(str(e)) from None
+
 
 IDLE_EXIT_ENV = "SPLICEPROXY_ENGINE_IDLE_EXIT"
 DEFAULT_IDLE_EXIT_S = 5.0
@@ -165,32 +175,6 @@ def idle_exit_seconds(env=None) -> float | None:
                           ) from None
 
 
-@contextlib.contextmanager
-def _mapping_environ(env: dict[str, str]):
-    """os.environ's SPLICEPROXY_* variables replaced by a mapping's, for the
-    settings readers of the standalone proxy (which read os.environ)."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("SPLICEPROXY_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k in [k for k in os.environ if k.startswith("SPLICEPROXY_")]:
-            del os.environ[k]
-        os.environ.update(saved)
-
-
-class _OptionRecorder:
-    """Stands in for an engine to learn which options a mapping's settings give."""
-
-    def __init__(self):
-        self.options: dict[int, int] = {}
-
-    def set_option(self, option: int, value: int) -> None:
-        self.options[option] = value
-
-
 def _text_stream(fd: int | None):
     if fd is None:
         return None
@@ -198,7 +182,7 @@ def _text_stream(fd: int | None):
 
 
 def _parse_flags(argv: list[str], out_fd: int | None, err_fd: int | None):
-    """cli.parse with its output on the stub's descriptors: (config, None) or (None, code)."""
+    """goflags.parse with its output on the stub's descriptors: (config, None) or (None, code)."""
     out, err = _text_stream(out_fd), _text_stream(err_fd)
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
@@ -239,10 +223,13 @@ class Service:
         self.ep = select.epoll()
         self.conns: dict[int, Conn] = {}
         self.mappings: dict[int, Mapping] = {}
-        self.options: dict[int, int] = {}
+        self.settings: Settings | None = None
+        self.identity = None  # held for the engine's life (a dynamic uid's lock)
+        self.dirty_logs: set = set()
         self.started = time.monotonic()
         self.idle_since: float | None = time.monotonic()
         self.stopping = False
+        self.hup = False
         self.sig_r = self.sig_w = -1
         self.accept_resume: float | None = None
 
@@ -292,14 +279,14 @@ class Service:
 
         engine = _engine.Engine()
         try:
-            self.options = load_settings(dict(os.environ))
+            self.settings = load_settings(dict(os.environ))
         except StartupError as e:
             # The environment of the stub that started this engine: its
             # mapping fails on the same value with the standalone message,
             # and the engine serves others with the defaults.
             self.log.log("engine settings: %s; the defaults apply" % e)
-            self.options = load_settings({})
-        configure(engine, self.options)
+            self.settings = load_settings({})
+        configure(engine, self.settings)
         try:
             limit = _engine.raise_nofile()
         except OSError:
@@ -310,6 +297,7 @@ class Service:
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.signal(_signal.SIGINT, self._on_signal)
         _signal.signal(_signal.SIGTERM, self._on_signal)
+        _signal.signal(_signal.SIGHUP, self._on_hup)
         _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
         _signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
         self.ep.register(self.listener.fileno(), _EPOLLIN)
@@ -321,13 +309,16 @@ class Service:
         """As the standalone proxy, but keeping the right to bind low ports."""
         engine = self.engine
         assert engine is not None
+        assert self.settings is not None
         try:
-            target = engine_identity(dict(os.environ))
+            who = engine_identity(self.settings)
         except StartupError as e:
             self.log.log("engine user: %s; the default applies" % e)
-            target = engine_identity({})
-        if target is None:
+            who = engine_identity(load_settings({}))
+        if who is None:
             return
+        self.identity = who
+        target = (who.uid, who.gid)
         if os.geteuid() == 0 and target[0] != 0:
             # Pipes made now count against root's pipe-user-pages limits, not
             # the small budget the unprivileged user shares (see proxy.main).
@@ -342,6 +333,19 @@ class Service:
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
+
+    def _on_hup(self, signum, frame) -> None:
+        self.hup = True  # reopen the engine's log file (logrotate)
+
+    def _flush_logs(self) -> None:
+        """Lines a log could not take at once (a pipe, a slow disk) go out
+        when it takes them; the loop never waits for a log."""
+        if self.dirty_logs:
+            self.dirty_logs = {log for log in self.dirty_logs if not log.flush()}
+
+    def _logged(self, log: Logger) -> None:
+        if not log.flush():
+            self.dirty_logs.add(log)
 
     # -- the loop --------------------------------------------------------
 
@@ -374,10 +378,15 @@ class Service:
                 if fd == self.sig_r:
                     with contextlib.suppress(OSError):
                         os.read(self.sig_r, 512)
+                    if self.hup:
+                        self.hup = False
+                        self.log.reopen()
                 elif self.listener is not None and fd == self.listener.fileno():
                     self._accept()
                 else:
                     self._conn_event(fd, ev)
+            self._flush_logs()
+            self._logged(self.log)
         self.shutdown()
         return 0
 
@@ -589,7 +598,8 @@ class Service:
         engine = self.engine
         assert engine is not None
         proxy.validate()
-        differ = option_differences(self.options, options)
+        assert self.settings is not None
+        differ = option_differences(self.settings, options)
         if differ:
             proxy.log.log("%s: the engine's settings apply (%s differ from this mapping's "
                           "environment)" % (proxy.front, ", ".join(differ)))
@@ -650,6 +660,7 @@ class Service:
                 continue
             if mapping.log.enabled:
                 mapping.log.log(mapping.proxy.describe(kind, err, count))
+                self._logged(mapping.log)
             if kind == _engine.EV_LISTENER_FAILED:
                 # The engine dropped the listener; docker-proxy would exit 0.
                 self.mappings.pop(lid, None)
@@ -704,16 +715,6 @@ class Service:
         conn.sock.setblocking(False)
 
 
-_OPTION_NAMES = {
-    _engine.OPT_COPY_MODE: "SPLICEPROXY_COPY_MODE",
-    _engine.OPT_COPY_BUF: "SPLICEPROXY_COPY_BUF",
-    _engine.OPT_PIPE_SIZE: "SPLICEPROXY_PIPE_SIZE",
-    _engine.OPT_UDP_TIMEOUT_MS: "SPLICEPROXY_UDP_TIMEOUT",
-    _engine.OPT_UDP_MAX_FLOWS: "SPLICEPROXY_UDP_MAX_FLOWS",
-    _engine.OPT_IDLE_TIMEOUT_MS: "SPLICEPROXY_IDLE_TIMEOUT",
-}
-
-
 def _nonblocking_output(fd: int) -> int | None:
     """fd made safe for the loop to write to: one write never blocks it.
 
@@ -748,13 +749,17 @@ def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str])
     fd = log_fd if log_fd is not None else err_fd
     if fd is not None:
         fd = _nonblocking_output(fd)
-    log = Logger("")  # then pointed at fd instead of the engine's stderr
+    log = Logger()  # then pointed at fd instead of the engine's stderr
+    if log._own_fd:
+        os.close(log.fd)
+    log._own_fd = False
+    log._send = None
     log.enabled = False
     if fd is not None:
         log.fd = fd
         log._own_fd = True
         log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
-        log.enabled = not _is_devnull(fd)
+        log.enabled = not _is_devnull(os.fstat(fd))
     return log
 
 
@@ -781,6 +786,14 @@ def _adopt_socket(fd: int, sock_type: int, what: str) -> int:
             raise StartupError("unexpected socket type for %s: %s" % (
                 what, "stream" if sock.type == SOCK_STREAM else
                 "datagram" if sock.type == SOCK_DGRAM else "type %d" % sock.type))
+        if sock_type == SOCK_DGRAM:
+            # As the standalone proxy: dockerd before 29 bound it with
+            # SO_REUSEADDR, which would let any local user bind the same
+            # port and receive the clients' datagrams.
+            try:
+                sock.setsockopt(SOL_SOCKET, SO_REUSEADDR, 0)
+            except OSError as e:
+                raise StartupError("setsockopt on fd 4: %s" % go_strerror(e.errno)) from None
         if sock_type == SOCK_STREAM:
             try:
                 sock.listen(_somaxconn())
@@ -912,7 +925,8 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("spliceproxy engine: %s\n" % msg)
         return 1
     sock_path = os.path.abspath(sock_path)
-    log = Logger()
+    _help_footer()
+    log = _engine_logger()
     # Started from a stub, the working directory is dockerd's; hold no mount.
     with contextlib.suppress(OSError):
         os.chdir("/")
@@ -932,6 +946,31 @@ def main(argv: list[str]) -> int:
         return 1
     _tell_ready(ready_fd, "ok\n")
     return service.run()
+
+
+def _engine_logger() -> Logger:
+    """The engine's own log: SPLICEPROXY_LOG_FILE of its environment, else stderr."""
+    from spliceproxy import files
+
+    try:
+        path = settings.load().log_file
+    except settings.SettingError:
+        path = None
+    if path:
+        try:
+            return Logger(path)
+        except (OSError, files.FileRefused):
+            pass
+    return Logger()
+
+
+def _help_footer() -> None:
+    """-h in engine mode prints what it prints standalone."""
+    try:
+        from spliceproxy.__main__ import HELP_POINTER
+    except ImportError:
+        return
+    goflags.help_footer = HELP_POINTER
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,9 +2,24 @@
 
 docker-proxy logs with Go's standard logger to stderr, which dockerd points
 at /dev/null. The same happens here, unless SPLICEPROXY_LOG_FILE names a file
-to append to. Each line is one ``write(2)``, so lines from several proxies
-sharing one file never interleave, and a failed write drops the line: logging
-must never be the reason the proxy stops.
+to append to (opened by ``spliceproxy.files``: no links, regular files only,
+created 0600).
+
+Logging must never be the reason the proxy stops relaying, and the loop
+writes the lines itself, so a write never blocks:
+
+* stderr on a pipe or terminal is reopened through /proc/self/fd/2, which
+  gives a file description of our own that can be made non-blocking without
+  changing the one shared with dockerd or the shell; on a socket every line
+  is sent with MSG_DONTWAIT; a regular file does not block;
+* a line that cannot be written now waits in a bounded buffer (64 KiB of
+  whole lines) and is written before the next line; when the buffer is full
+  further lines are dropped and counted, and once writing works again one
+  line says how many were lost.
+
+Each line (or the buffered lines together) is one ``write(2)``, so lines
+from several proxies sharing one file never interleave.  ``reopen()``
+(SIGHUP, after logrotate renamed the file) opens the path again.
 """
 
 from __future__ import annotations
@@ -12,63 +27,125 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["LOG_FILE_ENV", "Logger"]
+__all__ = ["BUFFER_LIMIT", "Logger"]
 
-LOG_FILE_ENV = "SPLICEPROXY_LOG_FILE"
+BUFFER_LIMIT = 64 * 1024
 
-_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_S_IFMT = 0o170000
+_S_IFCHR = 0o020000
+_S_IFIFO = 0o010000
+_S_IFSOCK = 0o140000
 
 
-def _is_devnull(fd: int) -> bool:
-    """True when ``fd`` is /dev/null (or not open at all): nobody will read the lines."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return True
-    if st.st_mode & 0o170000 != 0o020000:  # not a character device
+def _is_devnull(st: os.stat_result) -> bool:
+    if st.st_mode & _S_IFMT != _S_IFCHR:
         return False
     try:
         null = os.stat(os.devnull)
     except OSError:
         return st.st_rdev == os.makedev(1, 3)
-    return st.st_rdev == null.st_rdev or (st.st_dev, st.st_ino) == (null.st_dev, null.st_ino)
+    return st.st_rdev == null.st_rdev
 
 
 class Logger:
-    """Writes timestamped lines to stderr or to the file in SPLICEPROXY_LOG_FILE.
+    """Writes timestamped lines to stderr or to a file, never blocking.
 
+    ``Logger()`` logs to stderr, ``Logger(path)`` appends to path and raises
+    ``spliceproxy.files.FileRefused`` when path may not be opened.
     ``enabled`` is False when the lines would go to /dev/null (the usual case
     under dockerd), so callers can skip building messages.
     """
 
-    __slots__ = ("fd", "path", "enabled", "_own_fd")
+    __slots__ = ("fd", "path", "enabled", "dropped", "_pending", "_own_fd", "_send")
 
     def __init__(self, path: str | None = None) -> None:
-        """``path`` overrides the environment; ``""`` means stderr."""
-        if path is None:
-            path = os.environ.get(LOG_FILE_ENV, "")
         self.fd = 2
-        self.path = ""
+        self.path = path or ""
+        self.enabled = True
+        self.dropped = 0
+        self._pending = bytearray()
         self._own_fd = False
-        problem = ""
-        if path:
-            try:
-                self.fd = os.open(path, _OPEN_FLAGS, 0o644)
-            except OSError as e:
-                problem = f"cannot open log file {path}: {e.strerror or e}; logging to stderr"
-            except ValueError as e:  # e.g. an embedded NUL byte in the name
-                problem = f"cannot open log file {path!r}: {e}; logging to stderr"
-            else:
-                self.path = path
-                self._own_fd = True
-        self.enabled = not _is_devnull(self.fd)
-        if problem:
-            self.log(problem)
+        self._send = None
+        if self.path:
+            self.fd = self._open(self.path)
+            self._own_fd = True
+            self.enabled = not _is_devnull(os.fstat(self.fd))
+        else:
+            self._use_stderr()
 
-    def log(self, msg: str) -> None:
-        """Write one line (a newline is added unless ``msg`` ends with one)."""
-        if not self.enabled:
+    @staticmethod
+    def _open(path: str) -> int:
+        from spliceproxy import files
+
+        if path == os.devnull:
+            # The one device worth allowing: logging explicitly turned off.
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        return files.open_path(path, os.O_WRONLY | os.O_APPEND)
+
+    def _use_stderr(self) -> None:
+        try:
+            st = os.fstat(2)
+        except OSError:
+            self.enabled = False  # not open at all
             return
+        if _is_devnull(st):
+            self.enabled = False
+            return
+        kind = st.st_mode & _S_IFMT
+        if kind == _S_IFSOCK:
+            import _socket
+
+            try:
+                sock = _socket.socket(fileno=os.dup(2))
+            except OSError:
+                self.enabled = False
+                return
+            flag = getattr(_socket, "MSG_DONTWAIT", 0x40)
+            self._send = lambda data: sock.send(data, flag)
+            return
+        if kind in (_S_IFIFO, _S_IFCHR):
+            # A description of our own, so O_NONBLOCK changes nobody else's.
+            try:
+                self.fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK |
+                                  os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:
+                # No reader (ENXIO) or no /proc: writing could block or fail;
+                # blocking the relay for a log line is the worse of the two.
+                self.enabled = False
+                return
+            self._own_fd = True
+
+    # -- writing -----------------------------------------------------------
+
+    def _write(self, data) -> int:
+        if self._send is not None:
+            return self._send(data)
+        return os.write(self.fd, data)
+
+    def _drain(self) -> bool:
+        """Write what is pending; True when nothing is left."""
+        while self._pending:
+            try:
+                n = self._write(self._pending)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                # EPIPE, ENOSPC, EBADF...: what is pending is lost.
+                self.dropped += self._pending.count(b"\n")
+                self._pending.clear()
+                return True
+            if n <= 0:
+                return False
+            del self._pending[:n]
+        return True
+
+    def _queue(self, data: bytes) -> None:
+        if len(self._pending) + len(data) <= BUFFER_LIMIT:
+            self._pending += data
+        else:
+            self.dropped += 1
+
+    def _line(self, msg: str) -> bytes:
         t = time.localtime()
         line = (
             f"{t.tm_year:04d}/{t.tm_mon:02d}/{t.tm_mday:02d} "
@@ -77,19 +154,73 @@ class Logger:
         if not line.endswith("\n"):
             line += "\n"
         try:
-            data = line.encode("utf-8", "surrogateescape")
+            return line.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
-            data = line.encode("utf-8", "backslashreplace")
+            return line.encode("utf-8", "backslashreplace")
+
+    def flush(self) -> bool:
+        """Write pending lines (and the dropped count) if the output takes them now."""
+        if not self.enabled:
+            return True
+        if not self._drain():
+            return False
+        if self.dropped:
+            n, self.dropped = self.dropped, 0
+            self._pending += self._line("%d log line%s dropped: the log output did not take "
+                                        "them in time" % (n, "" if n == 1 else "s"))
+            return self._drain()
+        return True
+
+    def log(self, msg: str) -> None:
+        """Write one line (a newline is added unless ``msg`` ends with one)."""
+        if not self.enabled:
+            return
+        data = self._line(msg)
+        if not self.flush():
+            self._queue(data)
+            return
         try:
-            os.write(self.fd, data)
+            n = self._write(data)
+        except (BlockingIOError, InterruptedError):
+            self._queue(data)
+            return
         except OSError:
-            pass  # EPIPE, ENOSPC, EAGAIN, EBADF...: the line is dropped
+            self.dropped += 1  # EPIPE, ENOSPC, EBADF...
+            return
+        if n < len(data):
+            # Only the rest of this line may follow, or lines would mix.
+            self._pending[:0] = data[n:]
+
+    # -- files -------------------------------------------------------------
+
+    def reopen(self) -> None:
+        """Open the log file's path again (logrotate renamed it); stderr stays.
+
+        A failure keeps the current file and says why in it."""
+        if not self.path or not self._own_fd:
+            return
+        from spliceproxy import files
+
+        try:
+            fd = self._open(self.path)
+        except (OSError, files.FileRefused) as e:
+            self.log("cannot reopen log file %s: %s; still writing to the old one"
+                     % (self.path, e.strerror if isinstance(e, OSError) else e))
+            return
+        self.flush()
+        old, self.fd = self.fd, fd
+        os.close(old)
+        self.enabled = not _is_devnull(os.fstat(fd))
+        self.flush()
 
     def close(self) -> None:
-        """Close the log file (stderr is left alone). Later lines are dropped."""
+        """Try once more to write what is pending, then close the file (stderr
+        is left alone). Later lines are dropped."""
+        self.flush()
+        self.enabled = False
+        self._send = None
         if self._own_fd:
             self._own_fd = False
-            self.enabled = False
             try:
                 os.close(self.fd)
             except OSError:

@@ -1,152 +1,33 @@
-"""The proxy process: what happens between dockerd's exec and exit.
+"""One published port: its addresses, its listener, and the engine serving it.
 
-dockerd starts one proxy per published port with a pipe on fd 3 and, from
-28.0 on, the listening socket on fd 4 (see docs: docker-proxy's interface).
-This module keeps docker-proxy's contract exactly:
-
-* flag errors exit 2 with nothing on fd 3; ``-h`` and ``-v`` exit 0;
-* once the listener is ready, ``0\\n`` is written to fd 3 in one write and
-  fd 3 is closed; a startup failure writes ``1\\n<message>`` and exits 1;
-* SIGINT and SIGTERM end the process with status 0 at once.
-
-and adds what docker-proxy lacks: it keeps serving through descriptor
-exhaustion, logs to a file on request, and never lets its own sockets land
-on fd 3 when started by hand without a status pipe.
-
-Imports are kept to the minimum: the process is started once per port.
+``Proxy`` is a mapping as dockerd asks for one (``-proto``, ``-host-ip``,
+``-host-port``, ``-container-ip``, ``-container-port``, ``-use-listen-fd``):
+it opens (or adopts from fd 4) the listener the way docker-proxy does, hands
+it to a relay engine configured from the settings, relays until stopped,
+and words the engine's events as docker-proxy's log lines.  The process
+around it (status pipe, signals, identity, exit codes) is
+``spliceproxy.process``.
 """
 
 from __future__ import annotations
 
-import _signal
 import os
 
-from spliceproxy import _engine, cli
+from spliceproxy import _engine, goflags
 from spliceproxy.log import Logger
+from spliceproxy.settings import Settings
+from spliceproxy.status import LISTEN_FD
 
-STATUS_FD = 3
-LISTEN_FD = 4
 AF_INET = 2
 AF_INET6 = 10
 SOCK_STREAM = 1
 SOCK_DGRAM = 2
-
-ENV_PREFIX = "SPLICEPROXY_"
+SOL_SOCKET = 1
+SO_REUSEADDR = 2
 
 
 class StartupError(Exception):
     """A failure to report on the status pipe (exit 1)."""
-
-
-# --------------------------------------------------------------------------
-# Configuration from the environment (inherited from dockerd).
-
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-                   "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from a Go duration ("90s", "1m30s", "250ms") or a plain number of seconds."""
-    s = text.strip()
-    if not s:
-        raise ValueError("empty duration")
-    try:
-        value = float(s)
-    except ValueError:
-        pass
-    else:
-        if value < 0 or value != value or value == float("inf"):
-            raise ValueError("duration out of range")
-        return value
-    total = 0.0
-    i = 0
-    while i < len(s):
-        j = i
-        while j < len(s) and (s[j].isdigit() or s[j] == "."):
-            j += 1
-        if j == i:
-            raise ValueError("invalid duration %r" % text)
-        number = float(s[i:j])
-        k = j
-        while k < len(s) and not (s[k].isdigit() or s[k] == "."):
-            k += 1
-        unit = s[j:k]
-        if unit not in _DURATION_UNITS:
-            raise ValueError("unknown unit %r in duration %r" % (unit, text))
-        total += number * _DURATION_UNITS[unit]
-        i = k
-    return total
-
-
-def _env_int(name: str, default: int, lo: int, hi: int) -> int:
-    raw = os.environ.get(ENV_PREFIX + name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw.strip(), 0)
-    except ValueError:
-        raise StartupError("invalid %s%s=%r: not an integer" % (ENV_PREFIX, name, raw)) from None
-    if not lo <= value <= hi:
-        raise StartupError("invalid %s%s=%r: must be between %d and %d"
-                           % (ENV_PREFIX, name, raw, lo, hi))
-    return value
-
-
-def _env_duration_ms(name: str, default_ms: int) -> int:
-    raw = os.environ.get(ENV_PREFIX + name)
-    if raw is None or raw == "":
-        return default_ms
-    try:
-        seconds = parse_duration(raw)
-    except ValueError as e:
-        raise StartupError("invalid %s%s=%r: %s" % (ENV_PREFIX, name, raw, e)) from None
-    if seconds > 365 * 86400:
-        raise StartupError("invalid %s%s=%r: longer than a year" % (ENV_PREFIX, name, raw))
-    return int(round(seconds * 1000))
-
-
-def privilege_target() -> tuple[int, int] | None:
-    """The (uid, gid) to become once the sockets are set up, or None to stay.
-
-    Root drops to SPLICEPROXY_USER (a name or a numeric uid, default
-    "nobody"); SPLICEPROXY_KEEP_PRIVILEGES=1 turns the drop off.  A process
-    that is not root keeps its ids and only loses the ability to gain more.
-    """
-    if os.environ.get(ENV_PREFIX + "KEEP_PRIVILEGES", "") not in ("", "0"):
-        return None
-    if os.geteuid() != 0:
-        return os.getuid(), os.getgid()
-    import pwd
-
-    name = os.environ.get(ENV_PREFIX + "USER", "") or "nobody"
-    if name.isdigit() and int(name) >= 0xFFFFFFFF:
-        raise StartupError("invalid %sUSER=%r: uid out of range" % (ENV_PREFIX, name))
-    try:
-        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
-    except (KeyError, OverflowError):
-        if name.isdigit():
-            return int(name), int(name)
-        if name == "nobody":
-            return 65534, 65534  # the conventional nobody/nogroup ids
-        raise StartupError("invalid %sUSER=%r: no such user" % (ENV_PREFIX, name)) from None
-    return entry.pw_uid, entry.pw_gid
-
-
-def configure_engine(engine: _engine.Engine) -> None:
-    """Apply the SPLICEPROXY_* tunables; StartupError on a bad value."""
-    mode = os.environ.get(ENV_PREFIX + "COPY_MODE", "splice") or "splice"
-    if mode not in ("splice", "readwrite"):
-        raise StartupError("invalid %sCOPY_MODE=%r: use splice or readwrite" % (ENV_PREFIX, mode))
-    engine.set_option(_engine.OPT_COPY_MODE,
-                      _engine.COPY_READWRITE if mode == "readwrite" else _engine.COPY_SPLICE)
-    engine.set_option(_engine.OPT_COPY_BUF, _env_int("COPY_BUF", 65536, 1, 64 << 20))
-    engine.set_option(_engine.OPT_PIPE_SIZE, _env_int("PIPE_SIZE", 1 << 20, 4096, 1 << 30))
-    udp_timeout = _env_duration_ms("UDP_TIMEOUT", 90_000)
-    if udp_timeout < 1:
-        raise StartupError("invalid %sUDP_TIMEOUT: must be positive" % ENV_PREFIX)
-    engine.set_option(_engine.OPT_UDP_TIMEOUT_MS, udp_timeout)
-    engine.set_option(_engine.OPT_UDP_MAX_FLOWS, _env_int("UDP_MAX_FLOWS", 16384, 1, 1 << 24))
-    engine.set_option(_engine.OPT_IDLE_TIMEOUT_MS, _env_duration_ms("IDLE_TIMEOUT", 0))
 
 
 # --------------------------------------------------------------------------
@@ -163,16 +44,25 @@ def go_strerror(err: int) -> str:
     return text[:1].lower() + text[1:]
 
 
+def configure_engine(engine: _engine.Engine, settings: Settings) -> None:
+    """Apply every setting that is an engine option."""
+    for option, value in settings.engine_options():
+        if isinstance(value, str):
+            value = getattr(_engine, value)  # a constant of the engine's, e.g. COPY_SPLICE
+        engine.set_option(getattr(_engine, option), value)
+
+
 class Proxy:
     """One docker-proxy mapping served by the engine."""
 
-    def __init__(self, config: cli.ProxyConfig, log: Logger):
+    def __init__(self, config: goflags.ProxyConfig, settings: Settings, log: Logger,
+                 listen_fd_inherited: bool = True):
         self.config = config
+        self.settings = settings
         self.log = log
         self.engine: _engine.Engine | None = None
-        self.stopping = False
         self.listeners = 0
-        self.listen_fd_inherited = True
+        self.listen_fd_inherited = listen_fd_inherited
         proto = config.proto
         self.net = proto + ("4" if config.host_family == AF_INET else "6")
         # An empty -host-ip is a nil IP to Go: it listens on [::], IPv6-only.
@@ -229,6 +119,16 @@ class Proxy:
                                       "datagram" if sock.type == SOCK_DGRAM else
                                       "type %d" % sock.type))
             fd = os.dup(LISTEN_FD)  # close-on-exec, like every descriptor of ours
+            if sock_type == SOCK_DGRAM:
+                # dockerd before 29 bound it with SO_REUSEADDR.  The kernel
+                # checks the flag of the socket already bound when a newcomer
+                # binds, so while it is set any local user can bind the same
+                # port with SO_REUSEADDR and receive the clients' datagrams.
+                try:
+                    sock.setsockopt(SOL_SOCKET, SO_REUSEADDR, 0)
+                except OSError as e:
+                    os.close(fd)
+                    raise StartupError("setsockopt on fd 4: %s" % go_strerror(e.errno)) from None
             if sock_type == SOCK_STREAM:
                 # dockerd passes it listening; listen() again is harmless and
                 # makes a merely bound socket usable too.
@@ -241,16 +141,26 @@ class Proxy:
             sock.close()  # closes fd 4 itself
         return fd
 
-    def start(self, stats_path: str | None) -> None:
-        """Everything up to a ready listener; StartupError on failure."""
+    def start(self, stats_fd: int | None = None) -> None:
+        """Everything up to a ready listener; StartupError on failure.
+
+        stats_fd: the counters file, already opened safely (not owned)."""
         self.validate()
         try:
-            engine = _engine.Engine(stats_path)
+            engine = _engine.Engine()
         except OSError as e:
-            raise StartupError("cannot create the relay engine: %s%s" % (
-                go_strerror(e.errno), " (%s)" % stats_path if stats_path else "")) from None
+            raise StartupError("cannot create the relay engine: %s" % go_strerror(e.errno)) \
+                from None
         self.engine = engine
-        configure_engine(engine)
+        if stats_fd is not None:
+            # The engine writes images of its counters to it and never reads
+            # it back; the descriptor stays the caller's.
+            try:
+                engine.set_stats_fd(stats_fd)
+            except OSError as e:
+                raise StartupError("cannot use the counters file: %s"
+                                   % go_strerror(e.errno)) from None
+        configure_engine(engine, self.settings)
         try:
             limit = _engine.raise_nofile()
         except OSError:
@@ -270,15 +180,38 @@ class Proxy:
 
     # -- running ---------------------------------------------------------
 
-    def serve(self) -> None:
-        """Relay until a stop signal (or until every listener failed)."""
+    @property
+    def serving(self) -> bool:
+        """False once every listener failed (docker-proxy then exits 0)."""
+        return self.listeners > 0
+
+    def run(self) -> int:
+        """Relay until something needs the caller: a stop, a signal, the
+        watched descriptor, or log events (reported here).  Returns the
+        engine's RUN_* code."""
         engine = self.engine
         assert engine is not None
-        while not self.stopping:
-            if engine.run(-1) == _engine.RUN_EVENTS:
-                self.report(engine.events())
-            if self.listeners <= 0:
-                return
+        rc = engine.run(-1)
+        if rc == _engine.RUN_EVENTS:
+            self.report(engine.events())
+        return rc
+
+    def watch(self, fd: int) -> None:
+        """Make run() return when fd is readable (the signal wakeup pipe)."""
+        assert self.engine is not None
+        self.engine.watch(fd)
+
+    def reserve_pipes(self, n: int) -> None:
+        assert self.engine is not None
+        try:
+            self.engine.reserve_pipes(n)
+        except OSError:
+            pass  # made on demand later
+
+    def close(self) -> None:
+        """Close every socket and free the engine."""
+        if self.engine is not None:
+            self.engine.close()
 
     def report(self, events) -> None:
         for kind, err, _listener, count in events:
@@ -321,6 +254,14 @@ class Proxy:
         if kind == _engine.EV_IDLE_RECLAIMED:
             return "Reclaimed %d idle half-closed connection%s on %s (SPLICEPROXY_IDLE_TIMEOUT)" % (
                 count, "" if count == 1 else "s", self.front)
+        if kind == _engine.EV_UDP_ADDR_EVICTED:
+            return ("UDP entries of one client address on %s at their bound: evicted %d of "
+                    "its least recently used (SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR)"
+                    % (self.front, count))
+        if kind == _engine.EV_HEADROOM_RECLAIMED:
+            return ("Out of descriptors on %s: reset %d half-closed connection%s that made "
+                    "no progress for longest, to serve new clients" % (
+                        self.front, count, "" if count == 1 else "s"))
         return "engine event %d on %s: %s%s" % (kind, self.front, reason, times)
 
 
@@ -330,109 +271,3 @@ def _somaxconn() -> int:
             return max(1, min(int(f.read().strip() or 4096), 65535))
     except (OSError, ValueError):
         return 4096
-
-
-# --------------------------------------------------------------------------
-# The status pipe.
-
-def _claim_inherited_fds() -> tuple[bool, bool]:
-    """Make fds 3 and 4 close-on-exec; reserve fd 3 if it is absent.
-
-    Returns whether fd 3 (the status pipe) and fd 4 (a listening socket)
-    were inherited.  When fd 3 is absent (started by hand), /dev/null is put
-    there so that no socket of ours gets fd 3.
-    """
-    have_status = True
-    try:
-        os.set_inheritable(STATUS_FD, False)
-    except OSError:
-        have_status = False
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        if null != STATUS_FD:
-            os.dup2(null, STATUS_FD, inheritable=False)
-            os.close(null)
-    have_listen_fd = True
-    try:
-        os.set_inheritable(LISTEN_FD, False)
-    except OSError:
-        have_listen_fd = False
-    return have_status, have_listen_fd
-
-
-def _report(have_status: bool, payload: bytes) -> None:
-    """One write of the whole payload to fd 3, then close it."""
-    if have_status:
-        try:
-            os.write(STATUS_FD, payload)
-        except OSError:
-            pass  # dockerd went away; nothing to tell
-    try:
-        os.close(STATUS_FD)
-    except OSError:
-        pass
-
-
-# --------------------------------------------------------------------------
-
-def main(argv: list[str]) -> None:
-    """Run the proxy; never returns (exits with docker-proxy's codes)."""
-    have_status, have_listen_fd = _claim_inherited_fds()
-    try:
-        # The launcher execs the interpreter; show the command's name instead.
-        _engine.set_process_name(os.path.basename(argv[0]) if argv and argv[0] else "spliceproxy")
-    except OSError:
-        pass
-    config = cli.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
-    log = Logger()
-    proxy = Proxy(config, log)
-    proxy.listen_fd_inherited = have_listen_fd
-
-    def on_signal(signum, frame):
-        proxy.stopping = True
-
-    try:
-        # Handlers and the wakeup descriptor are in place before "0\n".
-        rfd, wfd = os.pipe()
-        os.set_blocking(wfd, False)
-        os.set_blocking(rfd, False)
-        _signal.signal(_signal.SIGINT, on_signal)
-        _signal.signal(_signal.SIGTERM, on_signal)
-        _signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-        proxy.start(os.environ.get(ENV_PREFIX + "STATS_FILE") or None)
-        proxy.engine.watch(rfd)
-        target = privilege_target()
-        if target is not None:
-            if os.geteuid() == 0 and target[0] != 0 and proxy.config.proto == "tcp":
-                # Pipes made now count against root's pipe-user-pages limits;
-                # made later they would share the unprivileged user's small
-                # budget with every other proxy.  Enough for two busy
-                # connections; more are made on demand.
-                try:
-                    proxy.engine.reserve_pipes(4)
-                except OSError:
-                    pass
-            try:
-                _engine.drop_privileges(*target)
-            except OSError as e:
-                raise StartupError("cannot drop privileges to uid %d gid %d: %s: %s"
-                                   % (target[0], target[1], e.filename,
-                                      go_strerror(e.errno))) from None
-    except StartupError as e:
-        _report(have_status, b"1\n" + str(e).encode("utf-8", "replace"))
-        log.log(str(e))
-        os._exit(1)
-    _report(have_status, b"0\n")
-
-    try:
-        proxy.serve()
-    except KeyboardInterrupt:
-        pass
-    except OSError as e:
-        log.log("Stopping proxy on %s for %s (engine: %s)" % (proxy.front, proxy.back,
-                                                             go_strerror(e.errno or 5)))
-    # Close every socket and free the engine (a few milliseconds even with
-    # thousands of connections; it also lets leak checkers see a clean exit),
-    # then skip interpreter teardown.  docker-proxy exits 0 on a stop signal
-    # and when its listener fails.
-    proxy.engine.close()
-    os._exit(0)

@@ -3,7 +3,10 @@ its userland proxy.
 
 Everything a daemon needs lives in one temporary directory (data-root,
 exec-root, socket, pidfile, containerd's root and state) and one network
-namespace named ``spe2e-<pid>[-suffix]``; containerd is started by the
+namespace named ``spe2e-<pid>[-suffix]`` (the prefix is
+``SPLICEPROXY_E2E_NETNS_PREFIX``, the two daemons' bridge subnets the halves of
+``SPLICEPROXY_E2E_SUBNET``; a range the host already uses or a prefix a
+namespace already carries fails the session with the reason); containerd is started by the
 fixture with the same private paths, so a containerd already running on the
 machine is never used. Teardown removes containers, stops dockerd and
 containerd, kills whatever is still running in the namespace (and reports it
@@ -42,9 +45,11 @@ BUSYBOX = Path("/bin/busybox")
 IMAGE = "local/spe2e-busybox:test"
 NETNS_DIR = Path("/var/run/netns")
 
-# Bridge subnets, one per daemon, from the benchmarking range.
+# Bridge subnets, one per daemon, from the benchmarking range; with
+# SPLICEPROXY_E2E_SUBNET set, the first address of each half of it.
 SESSION_BIP = "198.18.77.1/24"
 SCRATCH_BIP = "198.18.78.1/24"
+NETNS_PREFIX = os.environ.get("SPLICEPROXY_E2E_NETNS_PREFIX") or "spe2e-"
 
 APPLETS = ("sh", "httpd", "sleep", "seq", "cat", "echo", "ls")
 CMD_TIMEOUT = 60.0
@@ -556,6 +561,50 @@ def proxy_under_test() -> ProxyUnderTest:
     return ProxyUnderTest(path=path, name=os.path.basename(path)[:15])
 
 
+def _e2e_network() -> tuple[str, str]:
+    """(session bip, scratch bip), checked against the host; pytest.fail with the reason."""
+    import ipaddress
+
+    from spliceproxy.bench import topology
+
+    raw = os.environ.get("SPLICEPROXY_E2E_SUBNET")
+    if raw:
+        try:
+            net = ipaddress.ip_network(raw, strict=True)
+        except ValueError as exc:
+            pytest.fail(f"SPLICEPROXY_E2E_SUBNET={raw!r}: {exc}", pytrace=False)
+        if net.version != 4 or net.prefixlen > 28:
+            pytest.fail(f"SPLICEPROXY_E2E_SUBNET={raw!r}: need an IPv4 /28 or larger "
+                        "(two bridges)", pytrace=False)
+        halves = list(net.subnets(prefixlen_diff=1))
+        bips = tuple(f"{next(h.hosts())}/{h.prefixlen}" for h in halves)
+        ranges = [str(net)]
+    else:
+        bips = (SESSION_BIP, SCRATCH_BIP)
+        ranges = [str(ipaddress.ip_interface(b).network) for b in bips]
+    try:
+        topology.check_prefix(NETNS_PREFIX)
+        for r in ranges:
+            clash = topology.subnet_conflicts(r)
+            if clash:
+                raise topology.ConfigError(
+                    f"{r} is already in use on this host ({'; '.join(clash[:5])}); choose "
+                    "another with SPLICEPROXY_E2E_SUBNET")
+        names = topology.prefix_conflicts(NETNS_PREFIX)
+        if names:
+            raise topology.ConfigError(
+                f"network namespace(s) with prefix {NETNS_PREFIX!r} already exist "
+                f"({', '.join(names[:5])}); choose another with SPLICEPROXY_E2E_NETNS_PREFIX")
+    except topology.ConfigError as exc:
+        pytest.fail(f"e2e network: {exc}", pytrace=False)
+    return bips
+
+
+@pytest.fixture(scope="session")
+def e2e_network(proxy_under_test) -> tuple[str, str]:
+    return _e2e_network()
+
+
 @pytest.fixture(scope="session")
 def page_token() -> str:
     """Content of the page httpd serves, unique per run."""
@@ -565,7 +614,7 @@ def page_token() -> str:
 @pytest.fixture(scope="session")
 def image_rootfs(proxy_under_test, page_token):
     """busybox-static + the UDP echo compiled now, laid out as an image root."""
-    root = Path(tempfile.mkdtemp(prefix=f"spe2e-{os.getpid()}-rootfs-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=f"{NETNS_PREFIX}{os.getpid()}-rootfs-", dir="/tmp"))
     try:
         (root / "bin").mkdir()
         (root / "www").mkdir()
@@ -588,7 +637,7 @@ def image_rootfs(proxy_under_test, page_token):
 
 
 def _new_daemon(proxy: ProxyUnderTest, rootfs: Path, bip: str, suffix: str) -> Daemon:
-    name = f"spe2e-{os.getpid()}{suffix}"
+    name = f"{NETNS_PREFIX}{os.getpid()}{suffix}"
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
     d = Daemon(netns=Netns(name), workdir=workdir, proxy=proxy, bip=bip, rootfs=rootfs)
     _LIVE_DAEMONS.append(d)
@@ -611,9 +660,9 @@ def _finish(d: Daemon) -> None:
 
 
 @pytest.fixture(scope="session")
-def dockerd(proxy_under_test, image_rootfs):
+def dockerd(proxy_under_test, image_rootfs, e2e_network):
     """One daemon shared by the scenarios (started once)."""
-    d = _new_daemon(proxy_under_test, image_rootfs, SESSION_BIP, "")
+    d = _new_daemon(proxy_under_test, image_rootfs, e2e_network[0], "")
     yield d
     _finish(d)
 
@@ -636,9 +685,9 @@ def docker(dockerd):
 
 
 @pytest.fixture
-def scratch_dockerd(proxy_under_test, image_rootfs):
+def scratch_dockerd(proxy_under_test, image_rootfs, e2e_network):
     """A daemon of its own, for a test that stops it."""
-    d = _new_daemon(proxy_under_test, image_rootfs, SCRATCH_BIP, "-b")
+    d = _new_daemon(proxy_under_test, image_rootfs, e2e_network[1], "-b")
     yield d
     _finish(d)
 
@@ -657,3 +706,23 @@ def pytest_runtest_makereport(item, call):
             except Exception as e:  # diagnostics must never hide the real failure
                 text = f"<diagnostics unavailable: {e!r}>"
             rep.sections.append((f"dockerd {d.netns.name}", text))
+
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    """Say in the header, before anything runs, that these tests start daemons.
+
+    (pytest_report_header would not do: a conftest below the test root is
+    loaded only during collection, after the header is printed.)
+    """
+    if not any(HERE in Path(str(item.path)).parents for item in items):
+        return []
+    why = _missing_prerequisite()
+    if why is None:
+        path, _ = _proxy_path()
+        return [f"e2e: starts private dockerd and containerd daemons (own data-root, socket and "
+                f"network namespace spe2e-*, all removed afterwards; the host's dockerd is not "
+                f"used), userland proxy {path}"]
+    if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
+        return [f"e2e: will fail, prerequisites missing (SPLICEPROXY_E2E_REQUIRE=1): {why}"]
+    return [f"e2e: skipped, starts no daemon: {why}"]

@@ -14,7 +14,8 @@
  * skipping the first N calls and stopping after K failures.  Points:
  * splice (any), splice_in (socket -> pipe), splice_out (pipe -> socket),
  * accept4, socket, connect, recvmmsg, sendmmsg, sendmsg, send, pipe2,
- * epoll_add and epoll_mod (epoll_ctl with EPOLL_CTL_ADD / EPOLL_CTL_MOD).
+ * epoll_add and epoll_mod (epoll_ctl with EPOLL_CTL_ADD / EPOLL_CTL_MOD),
+ * setpipe (fcntl with F_SETPIPE_SZ).
  * ERRNO is a name (ENOMEM, ENOBUFS, EMFILE, ...) or a number.
  *
  * The shim arms itself when the process writes "0\n" to fd 3, the status
@@ -38,6 +39,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -52,12 +54,13 @@
 enum point {
 	P_SPLICE, P_SPLICE_IN, P_SPLICE_OUT, P_ACCEPT4, P_SOCKET, P_CONNECT,
 	P_RECVMMSG, P_SENDMMSG, P_SENDMSG, P_SEND, P_PIPE2, P_EPOLL_ADD, P_EPOLL_MOD,
-	P_COUNT
+	P_SETPIPE, P_COUNT
 };
 
 static const char *const point_names[P_COUNT] = {
 	"splice", "splice_in", "splice_out", "accept4", "socket", "connect",
 	"recvmmsg", "sendmmsg", "sendmsg", "send", "pipe2", "epoll_add", "epoll_mod",
+	"setpipe",
 };
 
 #define MAX_RULES 32
@@ -94,6 +97,7 @@ static ssize_t (*real_send)(int, const void *, size_t, int);
 static int (*real_pipe2)(int *, int);
 static int (*real_epoll_ctl)(int, int, int, struct epoll_event *);
 static ssize_t (*real_write)(int, const void *, size_t);
+static int (*real_fcntl)(int, int, ...);
 
 /* resolve() - the next definition of a symbol (libc's); dies if missing */
 static void *resolve(const char *name)
@@ -413,4 +417,26 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 	}
 	LOAD(epoll_ctl);
 	return real_epoll_ctl(epfd, op, fd, ev);
+}
+
+/* fcntl() - only F_SETPIPE_SZ can be failed; every argument of the other
+ * commands is an int or a pointer, passed on in one word. */
+int fcntl(int fd, int cmd, ...)
+{
+	va_list ap;
+	void *arg;
+
+	va_start(ap, cmd);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	if (cmd == F_SETPIPE_SZ) {
+		int err = should_fail(P_SETPIPE);
+
+		if (err) {
+			errno = err;
+			return -1;
+		}
+	}
+	LOAD(fcntl);
+	return real_fcntl(fd, cmd, arg);
 }

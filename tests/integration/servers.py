@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 
+from spliceproxy import _engine
 from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
 from spliceproxy.stats import read_stats_file
 
@@ -69,6 +70,17 @@ def wait_for(pred, timeout: float = 5.0, interval: float = 0.02):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def settled_stats(path: str) -> dict[str, int]:
+    """The counters file once it holds every change made before this call.
+
+    The engine writes its counters at most every STATS_FLUSH_MS, and within
+    that interval after the last change, so waiting one interval (and a
+    margin for a loaded machine) makes the read at least as recent as the
+    call."""
+    time.sleep(_engine.STATS_FLUSH_MS * 1.5 / 1000)
+    return read_stats_file(path)
 
 
 def connect(host: str, port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
@@ -355,7 +367,8 @@ class Proxy:
         return self.launched.proc.poll() is None
 
     def stats(self) -> dict[str, int]:
-        return read_stats_file(self.stats_path)
+        """The counters as of this call (see settled_stats)."""
+        return settled_stats(self.stats_path)
 
     def log(self) -> str:
         try:

@@ -663,11 +663,16 @@ def test_status_without_an_engine(host):
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop is only done as root")
-def test_engine_drops_to_nobody_keeping_only_low_port_binding(host):
+def test_engine_drops_privileges_keeping_only_low_port_binding(host):
+    from spliceproxy import identity
+
     with srv.EchoServer() as echo:
         lp = host.start("tcp", echo.port)
         st = _proc_status(host.engine_pid())
-        assert st["Uid"].split() == ["65534"] * 4
+        uid = int(st["Uid"].split()[0])
+        # A uid of its own, as the standalone proxy's default.
+        assert identity.UID_RANGE[0] <= uid <= identity.UID_RANGE[1]
+        assert st["Uid"].split() == [str(uid)] * 4 and st["Groups"] == ""
         assert int(st["CapEff"], 16) == 1 << 10 and int(st["CapBnd"], 16) == 1 << 10
         assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
         assert st["NoNewPrivs"] == "1"
@@ -677,6 +682,19 @@ def test_engine_drops_to_nobody_keeping_only_low_port_binding(host):
         assert low is not None
         lp2 = host.start("tcp", echo.port, host_port=low)
         srv.echo_roundtrip("127.0.0.1", lp2.port)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop is only done as root")
+def test_engine_becomes_the_user_its_environment_names(proxy_path):
+    h = EngineHost(proxy_path, extra_env={"SPLICEPROXY_USER": "nobody"})
+    try:
+        with srv.EchoServer() as echo:
+            lp = h.start("tcp", echo.port)
+            assert _proc_status(h.engine_pid())["Uid"].split() == ["65534"] * 4
+            srv.echo_roundtrip("127.0.0.1", lp.port)
+    finally:
+        h.close()
 
 
 def test_log_lines_name_their_mapping(host):

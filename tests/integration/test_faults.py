@@ -37,14 +37,14 @@ import pytest
 import servers as srv
 
 from spliceproxy.bench.launch import proxy_argv, spawn
-from spliceproxy.stats import read_stats_file
 
 KIB = 1 << 10
 MIB = 1 << 20
 
 # Same order as enum point in faultshim.c.
 POINTS = ("splice", "splice_in", "splice_out", "accept4", "socket", "connect",
-          "recvmmsg", "sendmmsg", "sendmsg", "send", "pipe2", "epoll_add", "epoll_mod")
+          "recvmmsg", "sendmmsg", "sendmsg", "send", "pipe2", "epoll_add", "epoll_mod",
+          "setpipe")
 STATE_SIZE = 4096
 STATE = struct.Struct("<QQ%dQ%dQ" % (len(POINTS), len(POINTS)))
 
@@ -413,6 +413,63 @@ def test_tcp_lone_connection_without_memory_is_retried_until_it_gets_through(
         assert proxy.stop() == 0
 
 
+def _upload(port: int, sink: srv.AcceptingBackend, size: int) -> None:
+    """Send size bytes through the proxy to the sink and wait until it has them all."""
+    c = srv.connect("127.0.0.1", port, timeout=30.0)
+    conn = sink.accept()
+    got = [0]
+
+    def drain():
+        while True:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                return
+            got[0] += len(chunk)
+
+    block = b"\x3c" * (1 << 20)
+
+    def send():
+        for _ in range(size >> 20):
+            c.sendall(block)
+        c.shutdown(socket.SHUT_WR)
+
+    try:
+        srv.run_threads(drain, send, timeout=60.0)
+    finally:
+        c.close()
+        conn.close()
+    assert got[0] == size
+
+
+def test_pipe_size_recovers_once_resizing_is_allowed_again(faultshim, proxy_path, tmp_path):
+    """F_SETPIPE_SZ refused (a user over pipe-user-pages-soft) leaves pipes at
+    64 KiB for a while, not for good: once the budget is back, new and pooled
+    pipes are grown again (splice calls per MiB fall back)."""
+    faults = Faults(faultshim, tmp_path / "faults", "setpipe:EPERM:1")
+    env = faults.env()
+    env["SPLICEPROXY_KEEP_PRIVILEGES"] = "1"  # no pipes made before arming
+    size = 32 * MIB
+    with srv.AcceptingBackend() as sink, srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1",
+                                                   "127.0.0.1", sink.port, env=env) as proxy:
+        st0 = proxy.stats()
+        _upload(proxy.port, sink, size)
+        st1 = proxy.wait_idle()
+        assert faults.read()["faults"]["setpipe"] >= 1
+        assert st1["pipe_resize_denied"] >= 1
+        faults.stop()
+        time.sleep(1.2)  # the retry interval after a refusal
+        _upload(proxy.port, sink, size)
+        st2 = proxy.wait_idle()
+        small = (st1["sys_splice"] - st0["sys_splice"]) / (size / MIB)
+        full = (st2["sys_splice"] - st1["sys_splice"]) / (size / MIB)
+        print("splice calls per MiB: %.1f with 64 KiB pipes, %.1f after recovery"
+              % (small, full))
+        assert small >= 30, small  # 64 KiB pipes: at least 16 in and 16 out per MiB
+        assert full < small / 2, (small, full)
+        assert st2["pipe_resize_denied"] == st1["pipe_resize_denied"]
+        assert proxy.stop() == 0
+
+
 def _lone_transfer(faultshim, proxy_path, tmp_path, spec: str):
     """One small echo transfer through a fresh proxy with `spec` injected.
 
@@ -597,7 +654,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
             return ""
 
         assert faults.read()["armed"] == 1, "the fault library did not arm itself"
-        st0 = read_stats_file(stats_path)
+        st0 = srv.settled_stats(stats_path)
         base_fds = _settled(lambda: _proc_fds(launched.pid))
         clients = UdpClients(port, 16, seed=11)
         stack.callback(clients.close)
@@ -613,7 +670,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         deadline = time.monotonic() + 5.0
         while True:
             clients.collect(quiet=0.1)
-            st = read_stats_file(stats_path)
+            st = srv.settled_stats(stats_path)
             drops = st["udp_drops"] - st0["udp_drops"]
             if clients.received + drops >= clients.sent or time.monotonic() > deadline:
                 break
@@ -637,7 +694,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         # Recovery: faults off; old and new clients, one datagram at a time,
         # every one comes back.
         faults.stop()
-        drops_before = read_stats_file(stats_path)["udp_drops"]
+        drops_before = srv.settled_stats(stats_path)["udp_drops"]
         first_seq = clients.seq + 1
         for _ in range(4):
             clients.add()
@@ -648,11 +705,11 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         assert not clients.errors, clients.errors[:20]
         missing = sorted(seq for e in clients.expected for seq in e if seq >= first_seq)
         assert not missing, "lost after the faults stopped: %r" % missing
-        assert read_stats_file(stats_path)["udp_drops"] == drops_before
+        assert srv.settled_stats(stats_path)["udp_drops"] == drops_before
         assert faults.read()["faults"] == injected, "a fault fired after the off switch"
 
         # No descriptor leaked in any failure path: one socket per live entry.
-        st = _settled(lambda: read_stats_file(stats_path))
+        st = _settled(lambda: srv.settled_stats(stats_path))
         assert _settled(lambda: _proc_fds(launched.pid)) == base_fds + st["udp_flows_active"], st
         assert st["fds_open"] - st0["fds_open"] == st["udp_flows_active"], st
         assert launched.proc.poll() is None

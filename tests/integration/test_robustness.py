@@ -247,8 +247,8 @@ def test_abandoned_half_closed_pairs_are_reclaimed_after_idle_timeout(proxy_path
         assert p.alive()
 
 
-def test_half_closed_pairs_are_kept_without_idle_timeout(proxy_path, tmp_path):
-    env = {"SPLICEPROXY_IDLE_TIMEOUT": ""}  # off by default, whatever the caller's env says
+def test_half_closed_pairs_are_kept_with_idle_timeout_zero(proxy_path, tmp_path):
+    env = {"SPLICEPROXY_IDLE_TIMEOUT": "0"}  # never (the default is two minutes)
     with srv.AcceptingBackend() as backend, \
             srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", backend.port,
                       env=env) as p:

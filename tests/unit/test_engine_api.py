@@ -9,35 +9,72 @@ import socket
 import pytest
 
 from spliceproxy import _engine, stats
-from spliceproxy.proxy import parse_duration
+from spliceproxy.settings import parse_duration
 
 
-def test_counter_names_match_the_engine():
-    assert _engine.stat_names() == stats.STAT_NAMES
-    assert _engine.STATS_HEADER_SIZE == stats.HEADER.size
-
-
-def test_stats_file_is_live_and_readable(tmp_path):
+def test_counters_file_carries_the_engines_names(tmp_path):
     path = str(tmp_path / "counters")
-    eng = _engine.Engine(path)
+    eng = _engine.Engine()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        eng.set_stats_fd(fd)
+        assert _engine.STATS_HEADER_SIZE == stats.HEADER.size
+        assert _engine.STATS_VERSION == stats.VERSION
+        got = stats.read_stats_file(path)
+        assert tuple(got) == _engine.stat_names()
+        assert not hasattr(stats, "STAT_NAMES")
+    finally:
+        eng.close()
+        os.close(fd)
+
+
+def test_stats_file_is_written_at_once_and_readable(tmp_path):
+    path = str(tmp_path / "counters")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    eng = _engine.Engine()
+    try:
+        eng.set_stats_fd(fd)
         assert stats.stats_file_pid(path) == os.getpid()
         assert stats.read_stats_file(path)["fds_open"] == eng.stats()["fds_open"] > 0
     finally:
         eng.close()
+    # The engine's last image: nothing held any more.
+    assert stats.read_stats_file(path)["fds_open"] == 0
+    os.close(fd)
 
 
 def test_stats_file_rejects_garbage(tmp_path):
     p = tmp_path / "junk"
-    p.write_bytes(b"x" * stats.FILE_SIZE)
+    p.write_bytes(b"x" * 2048)
+    with pytest.raises(stats.StatsFormatError):
+        stats.read_stats_file(str(p))
+    p.write_bytes(b"")
     with pytest.raises(stats.StatsFormatError):
         stats.read_stats_file(str(p))
 
 
-def test_unwritable_stats_path_is_an_oserror(tmp_path):
-    with pytest.raises(OSError) as exc:
-        _engine.Engine(str(tmp_path / "missing-dir" / "counters"))
-    assert exc.value.errno == errno.ENOENT
+def test_stats_file_of_layout_1_is_refused_clearly(tmp_path):
+    p = tmp_path / "old"
+    p.write_bytes(stats.HEADER.pack(stats.MAGIC, 1, 3, 1, 0, 0) + bytes(24))
+    with pytest.raises(stats.StatsFormatError, match="version 1"):
+        stats.read_stats_file(str(p))
+
+
+def test_a_descriptor_pwrite_cannot_use_is_refused():
+    r, w = os.pipe()
+    eng = _engine.Engine()
+    try:
+        with pytest.raises(OSError) as exc:
+            eng.set_stats_fd(w)
+        assert exc.value.errno == errno.ESPIPE
+        with pytest.raises(OSError) as exc:
+            eng.set_stats_fd(-5)
+        assert exc.value.errno == errno.EINVAL
+        eng.set_stats_fd(-1)
+    finally:
+        eng.close()
+        os.close(r)
+        os.close(w)
 
 
 @pytest.mark.parametrize("option,value", [

@@ -1,4 +1,4 @@
-"""Go ``log``-format lines to stderr or to SPLICEPROXY_LOG_FILE."""
+"""Go ``log``-format lines to stderr or to SPLICEPROXY_LOG_FILE, never blocking."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import time
 import pytest
 
 from spliceproxy import log as splog
-from spliceproxy.log import LOG_FILE_ENV, Logger
+from spliceproxy.files import FileRefused
+from spliceproxy.log import Logger
 
 LINE = re.compile(r"(\d{4})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) (.*)\n", re.S)
 
@@ -62,12 +63,11 @@ def stderr_pipe():
     pipe.close()
 
 
-def test_line_format_on_stderr(monkeypatch, stderr_pipe):
-    monkeypatch.delenv(LOG_FILE_ENV, raising=False)
+def test_line_format_on_stderr(stderr_pipe):
     before = time.time()
     with stderr_pipe:
         logger = Logger()
-        assert logger.fd == 2 and logger.enabled
+        assert logger.path == "" and logger.enabled
         logger.log("Stopping proxy on tcp/0.0.0.0:80 for tcp/172.17.0.2:80 (reason)")
     after = time.time()
     data = stderr_pipe.read().decode()
@@ -75,8 +75,7 @@ def test_line_format_on_stderr(monkeypatch, stderr_pipe):
     assert msg == "Stopping proxy on tcp/0.0.0.0:80 for tcp/172.17.0.2:80 (reason)"
 
 
-def test_trailing_newline_not_doubled(monkeypatch, stderr_pipe):
-    monkeypatch.delenv(LOG_FILE_ENV, raising=False)
+def test_trailing_newline_not_doubled(stderr_pipe):
     with stderr_pipe:
         logger = Logger()
         logger.log("one\n")
@@ -107,17 +106,16 @@ def test_each_line_is_one_write(tmp_path):
     assert path.read_text().endswith(" " + msg + "\n")
 
 
-def test_file_from_env(monkeypatch, tmp_path, stderr_pipe):
+def test_file(tmp_path, stderr_pipe):
     path = tmp_path / "sub" / "proxy.log"
     path.parent.mkdir()
-    monkeypatch.setenv(LOG_FILE_ENV, str(path))
     old_umask = os.umask(0o022)
     try:
         before = time.time()
         with stderr_pipe:
-            logger = Logger()
+            logger = Logger(str(path))
             logger.log("first")
-            Logger().log("second from another logger")
+            Logger(str(path)).log("second from another logger")
             logger.log("third")
         after = time.time()
     finally:
@@ -127,7 +125,7 @@ def test_file_from_env(monkeypatch, tmp_path, stderr_pipe):
     assert [_check_stamp(ln, before, after) for ln in lines] == [
         "first", "second from another logger", "third",
     ]  # fmt: skip
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # created for the proxy alone
     assert os.get_inheritable(logger.fd) is False
     assert os.fstat(logger.fd).st_ino == os.stat(path).st_ino
     assert fcntl.fcntl(logger.fd, fcntl.F_GETFL) & os.O_APPEND
@@ -148,33 +146,21 @@ def test_appends_to_existing_file(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["missing_dir", "is_dir", "nul"])
-def test_unopenable_file_falls_back_to_stderr(monkeypatch, tmp_path, stderr_pipe, where):
+def test_unopenable_file_is_refused(tmp_path, where):
     bad = {
         "missing_dir": str(tmp_path / "nope" / "proxy.log"),
         "is_dir": str(tmp_path),
         "nul": str(tmp_path / "a\0b"),  # cannot come from the environment, only from callers
     }[where]
-    if where != "nul":
-        monkeypatch.setenv(LOG_FILE_ENV, bad)
-    before = time.time()
-    with stderr_pipe:
-        logger = Logger() if where != "nul" else Logger(bad)
-        logger.log("still logged")
-    after = time.time()
-    assert logger.fd == 2 and logger.path == ""
-    lines = stderr_pipe.read().decode().splitlines(keepends=True)
-    assert len(lines) == 2
-    first = _check_stamp(lines[0], before, after)
-    assert first.startswith("cannot open log file ") and first.endswith("; logging to stderr")
+    with pytest.raises((FileRefused, ValueError)) as info:
+        Logger(bad)
     if where == "missing_dir":
-        assert first == f"cannot open log file {bad}: No such file or directory; logging to stderr"
+        assert str(info.value) == f"{tmp_path}/nope: No such file or directory"
     if where == "is_dir":
-        assert first == f"cannot open log file {bad}: Is a directory; logging to stderr"
-    assert _check_stamp(lines[1], before, after) == "still logged"
+        assert str(info.value) == f"{bad} is a directory, not a regular file"
 
 
-def test_disabled_when_stderr_is_devnull(monkeypatch):
-    monkeypatch.delenv(LOG_FILE_ENV, raising=False)
+def test_disabled_when_stderr_is_devnull():
     saved = os.dup(2)
     null = os.open(os.devnull, os.O_WRONLY)
     try:
@@ -199,7 +185,7 @@ def test_devnull_detection_in_child_started_like_dockerd():
         "l = Logger(); l.log('x'); open(sys.argv[2], 'w').write(repr(l.enabled))"
     )
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sp-log-{os.getpid()}")
-    env = {k: v for k, v in os.environ.items() if k != LOG_FILE_ENV}
+    env = {k: v for k, v in os.environ.items() if k != "SPLICEPROXY_LOG_FILE"}
     try:
         res = subprocess.run(
             [sys.executable, "-c", code, os.path.dirname(os.path.dirname(splog.__file__)), out],
@@ -214,8 +200,7 @@ def test_devnull_detection_in_child_started_like_dockerd():
             os.unlink(out)
 
 
-def test_closed_stderr_is_disabled_and_silent(monkeypatch):
-    monkeypatch.delenv(LOG_FILE_ENV, raising=False)
+def test_closed_stderr_is_disabled_and_silent():
     saved = os.dup(2)
     try:
         os.close(2)
@@ -227,8 +212,7 @@ def test_closed_stderr_is_disabled_and_silent(monkeypatch):
     assert logger.enabled is False
 
 
-def test_write_errors_are_swallowed(monkeypatch):
-    monkeypatch.delenv(LOG_FILE_ENV, raising=False)
+def test_write_errors_are_swallowed():
     r, w = os.pipe()
     saved = os.dup(2)
     try:
@@ -246,17 +230,26 @@ def test_write_errors_are_swallowed(monkeypatch):
 def test_full_disk_is_swallowed():
     if not os.path.exists("/dev/full"):
         pytest.skip("/dev/full not available")
-    logger = Logger("/dev/full")
-    assert logger.enabled
-    logger.log("ENOSPC is dropped")
-    logger.close()
+    # A log file must be a regular file, so /dev/full can only be stderr.
+    full = os.open("/dev/full", os.O_WRONLY)
+    saved = os.dup(2)
+    try:
+        os.dup2(full, 2)
+        logger = Logger()
+        assert logger.enabled
+        logger.log("ENOSPC is dropped")
+        assert logger.dropped == 1
+        logger.close()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(full)
 
 
-def test_full_nonblocking_pipe_drops_line(monkeypatch):
+def test_full_nonblocking_pipe_drops_line():
     r, w = os.pipe()
     os.set_blocking(w, False)
     saved = os.dup(2)
-    monkeypatch.delenv(LOG_FILE_ENV, raising=False)
     try:
         os.dup2(w, 2)
         os.set_blocking(2, False)

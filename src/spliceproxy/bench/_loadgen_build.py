@@ -19,6 +19,10 @@ int lg_udp_burst(int fd, int count, int size, int window, int timeout_ms, double
 int lg_open_many(int family, const char *ip, int port, int n, int *fds);
 void lg_close_many(int *fds, int n);
 int lg_serve(int *lfds, int *kinds, int n, int stopfd);
+int lg_rr_multi(int *fds, int nfds, int iters, int size, double *lat_ns);
+int lg_udp_rr_multi(int *fds, int nfds, int iters, int size, int timeout_ms, double *lat_ns);
+int lg_connect_rate_multi(int family, const char **ips, int *ports, int n, int count,
+                          double *lat_ns);
 """
 
 SOURCE = r"""
@@ -222,6 +226,125 @@ int lg_connect_rate(int family, const char *ip, int port, int count, double *lat
 		if (rc < 0)
 			return i ? i : rc;
 		lat_ns[i] = now_ns() - t0;
+	}
+	return count;
+}
+
+/*
+ * The same exchanges over n paths, alternated exchange by exchange (and the
+ * first path rotated each time), so every path meets the same vCPU wake-up
+ * mode and the same neighbours: measured one after another, whole runs of a
+ * path land in the VM's fast or slow latency mode and the ratios flip.
+ * lat_ns[k * iters + i] is exchange i over fds[k].
+ */
+int lg_rr_multi(int *fds, int nfds, int iters, int size, double *lat_ns)
+{
+	char buf[65536];
+	int i, j, rc;
+
+	if (size < 1 || size > (int)sizeof(buf) || nfds < 1)
+		return -EINVAL;
+	memset(buf, 'p', (size_t)size);
+	for (i = 0; i < iters; i++) {
+		for (j = 0; j < nfds; j++) {
+			int k = (i + j) % nfds;
+			double t0 = now_ns();
+
+			rc = write_all(fds[k], buf, (size_t)size);
+			if (rc < 0)
+				return rc;
+			rc = read_all(fds[k], buf, (size_t)size);
+			if (rc < 0)
+				return rc;
+			lat_ns[k * iters + i] = now_ns() - t0;
+		}
+	}
+	return iters;
+}
+
+static double udp_exchange(int fd, char *buf, size_t bufsz, int size, int timeout_ms)
+{
+	double t0 = now_ns();
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+
+	if (send(fd, buf, (size_t)size, 0) == -1 && errno != ECONNREFUSED)
+		return -2;
+	for (;;) {
+		int left = timeout_ms - (int)((now_ns() - t0) / 1e6);
+		int r;
+
+		if (left <= 0)
+			return -1;
+		r = poll(&p, 1, left);
+		if (r == -1 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -1;
+		if (recv(fd, buf, bufsz, 0) == size)
+			return now_ns() - t0;
+	}
+}
+
+/* As lg_rr_multi over connected UDP sockets; a lost reply records -1. */
+int lg_udp_rr_multi(int *fds, int nfds, int iters, int size, int timeout_ms, double *lat_ns)
+{
+	char buf[2048];
+	int i, j, got = 0;
+
+	if (size < 1 || size > (int)sizeof(buf) || nfds < 1)
+		return -EINVAL;
+	memset(buf, 'u', (size_t)size);
+	for (i = 0; i < iters; i++) {
+		for (j = 0; j < nfds; j++) {
+			int k = (i + j) % nfds;
+			double v = udp_exchange(fds[k], buf, sizeof(buf), size, timeout_ms);
+
+			if (v == -2)
+				return -errno;
+			lat_ns[k * iters + i] = v;
+			if (v >= 0)
+				got++;
+		}
+	}
+	return got;
+}
+
+/*
+ * Connect, 1-byte exchange, close, alternated connection by connection over
+ * n destinations; lat_ns[k * count + i].  Returns the connections completed
+ * per destination (all or the first failure's -errno).
+ */
+int lg_connect_rate_multi(int family, const char **ips, int *ports, int n, int count,
+			double *lat_ns)
+{
+	struct sockaddr_storage ss[16];
+	socklen_t len[16];
+	char b = 'c';
+	int i, j, rc;
+
+	if (n < 1 || n > 16)
+		return -EINVAL;
+	for (j = 0; j < n; j++) {
+		rc = fill_addr(family, ips[j], ports[j], &ss[j], &len[j]);
+		if (rc < 0)
+			return rc;
+	}
+	for (i = 0; i < count; i++) {
+		for (j = 0; j < n; j++) {
+			int k = (i + j) % n;
+			double t0 = now_ns();
+			int fd = connect_to(&ss[k], len[k]);
+
+			if (fd < 0)
+				return fd;
+			rc = write_all(fd, &b, 1);
+			if (rc == 0)
+				rc = read_all(fd, &b, 1);
+			close(fd);
+			if (rc < 0)
+				return rc;
+			lat_ns[k * count + i] = now_ns() - t0;
+		}
 	}
 	return count;
 }

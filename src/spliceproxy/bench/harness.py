@@ -7,7 +7,10 @@ slows one round slows every path of that round alike.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import random
 import resource
 import socket
 import statistics
@@ -29,6 +32,7 @@ GIB = 1 << 30
 class Profile:
     name: str
     rounds: int
+    lat_rounds: int  # rounds of the latency and connection-rate groups (rr, crr, udp)
     bulk_bytes: int
     streams: int
     stream_bytes: int
@@ -41,23 +45,30 @@ class Profile:
     spawns: int
     strace_bytes: int
     strace_conns: int
+    strace_rounds: int
     loopback_groups: tuple
 
 
-# crr_count x rounds stays well below the ~28k ephemeral ports: docker-proxy,
+# crr_count x lat_rounds stays well below the ~28k ephemeral ports: docker-proxy,
 # haproxy and socat each leave a TIME_WAIT socket per connection in the host
 # namespace towards the one container port, and a larger count made the later
-# paths fail to connect at all.
+# paths fail to connect at all.  Many short rounds rather than a few long
+# ones: each per-round ratio pairs measurements close in time, so a
+# neighbour's burst of load hits both sides of it; 7 rounds of 256 MiB left
+# 4-stream throughput (near 1x docker-proxy) conclusive in opposite
+# directions in two runs.
 PROFILES = {
-    "quick": Profile("quick", rounds=5, bulk_bytes=256 << 20, streams=4, stream_bytes=64 << 20,
-                     rr_iters=2000, crr_count=300, udp_iters=1000, burst_count=10000,
+    "quick": Profile("quick", rounds=13, lat_rounds=11, bulk_bytes=128 << 20, streams=4,
+                     stream_bytes=32 << 20,
+                     rr_iters=1000, crr_count=200, udp_iters=1000, burst_count=10000,
                      scale_conns=1000, churn_count=30000, spawns=8, strace_bytes=64 << 20,
-                     strace_conns=100,
+                     strace_conns=100, strace_rounds=3,
                      loopback_groups=("bulk", "rr")),
-    "full": Profile("full", rounds=7, bulk_bytes=1 << 30, streams=4, stream_bytes=256 << 20,
-                    rr_iters=10000, crr_count=500, udp_iters=5000, burst_count=50000,
+    "full": Profile("full", rounds=15, lat_rounds=15, bulk_bytes=512 << 20, streams=4,
+                    stream_bytes=128 << 20,
+                    rr_iters=5000, crr_count=400, udp_iters=3000, burst_count=50000,
                     scale_conns=10000, churn_count=100000, spawns=20, strace_bytes=256 << 20,
-                    strace_conns=500,
+                    strace_conns=500, strace_rounds=3,
                     loopback_groups=("bulk", "rr", "crr", "udp")),
 }
 
@@ -66,6 +77,7 @@ METRICS = {
     "bulk_1": ("Gbit/s", "higher", "one TCP stream"),
     "bulk_n": ("Gbit/s", "higher", "parallel TCP streams, aggregate"),
     "cpu_per_gb": ("s/GB", "lower", "proxy CPU seconds per GB relayed"),
+    "cpu_per_gb_n": ("s/GB", "lower", "proxy CPU seconds per GB, parallel streams"),
     "syscalls_per_gib": ("calls", "lower", "proxy system calls per GiB relayed"),
     "rr_p50": ("us", "lower", "1-byte TCP ping-pong p50"),
     "rr_p99": ("us", "lower", "1-byte TCP ping-pong p99"),
@@ -92,58 +104,178 @@ METRICS = {
     "strace_syscalls_per_conn": ("calls", "lower", "system calls per connection (strace -c)"),
 }
 REFS = ("native", "iptables", "docker-proxy")
+# Figures that do not drift with timing: counted, not timed, so one round is
+# a measurement.  System calls per GiB are not among them: how much each
+# splice moves depends on scheduling.
+COUNTS = frozenset(("syscalls_per_conn", "udp_loss_pct", "scale_served_pct",
+                    "rss_per_conn_kib", "fds_per_conn", "threads", "churn_done_pct",
+                    "churn_time_wait", "idle_rss_mib", "strace_syscalls_per_conn"))
+MIN_TIMING_ROUNDS = 3
+# Groups measured exchange by exchange over all paths at once, pinned to one CPU.
+INTERLEAVED = ("rr", "crr", "udp")
 BARE = "python-bare"
 BARE_SRC = ("import os,socket\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\n"
             "os.write(3,b'0\\n')\nimport select\nselect.select([], [], [])\n")
 
 
+def quartiles(vals: list) -> tuple[float, float, float]:
+    """(q1, median, q3) with the inclusive method; one value is its own spread."""
+    if len(vals) == 1:
+        return vals[0], vals[0], vals[0]
+    q1, q2, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+@dataclass
+class Ratio:
+    """A path's figure over a reference's, round by round.
+
+    value is the median of the per-round ratios (each round measures both
+    paths side by side), q1..q3 their interquartile range, of_medians the
+    ratio of the two medians shown beside it.  The ratio is conclusive only
+    when the whole IQR lies on one side of 1 and the ratio of medians agrees
+    in direction: a table never shows a conclusive 0.68x next to medians of
+    14.6 and 14.7.
+    """
+
+    value: float
+    q1: float
+    q3: float
+    of_medians: float | None
+    n: int
+    count: bool = False  # a deterministic count: one round is a measurement, not a sample
+
+    @property
+    def conclusive(self) -> bool:
+        if self.n < MIN_TIMING_ROUNDS and not self.count:
+            return False  # a timing figure measured once has no known spread
+        if self.q1 <= 1.0 <= self.q3:
+            return False
+        if self.of_medians is not None and (self.of_medians - 1.0) * (self.value - 1.0) <= 0:
+            return False
+        return True
+
+    @property
+    def direction(self) -> int:
+        """+1 above 1, -1 below, 0 when inconclusive."""
+        if not self.conclusive:
+            return 0
+        return 1 if self.value > 1.0 else -1
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "q1": self.q1, "q3": self.q3, "iqr": self.q3 - self.q1,
+                "of_medians": self.of_medians, "rounds": self.n,
+                "conclusive": self.conclusive}
+
+
 @dataclass
 class Results:
     profile: str
-    variants: dict = field(default_factory=dict)  # variant -> metric -> path -> [values]
+    # variant -> metric -> path -> [values], and the round each value came from
+    variants: dict = field(default_factory=dict)
+    round_of: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
     paths: list = field(default_factory=list)
     started: float = 0.0
     elapsed: float = 0.0
+    seed: int = 0
+    orders: dict = field(default_factory=dict)  # "variant:group" -> [path order per round]
+    method: dict = field(default_factory=dict)
 
-    def add(self, variant: str, metric: str, path: str, value) -> None:
+    def add(self, variant: str, metric: str, path: str, value, rnd: int = 0) -> None:
         if value is None:
             return
         self.variants.setdefault(variant, {}).setdefault(metric, {}).setdefault(
             path, []).append(float(value))
+        self.round_of.setdefault(variant, {}).setdefault(metric, {}).setdefault(
+            path, []).append(rnd)
 
     def median(self, variant: str, metric: str, path: str):
         vals = self.variants.get(variant, {}).get(metric, {}).get(path)
         return statistics.median(vals) if vals else None
 
-    def ratio(self, variant: str, metric: str, path: str, ref: str):
-        """Median of per-round ratios path/ref (rounds measured side by side)."""
+    def ratio_stats(self, variant: str, metric: str, path: str, ref: str) -> Ratio | None:
+        """Per-round ratios path/ref, paired by round (rounds measured side by side)."""
         m = self.variants.get(variant, {}).get(metric, {})
         a, b = m.get(path), m.get(ref)
         if not a or not b or path == ref:
             return None
         if "added" in metric and ref != "docker-proxy":
             return None  # added latency over native/iptables is ~0: no meaningful ratio
-        pairs = [(x / y) for x, y in zip(a, b) if y] if len(a) == len(b) else []
+        ro = self.round_of.get(variant, {}).get(metric, {})
+        ra = dict(zip(ro.get(path, range(len(a))), a))
+        rb = dict(zip(ro.get(ref, range(len(b))), b))
+        pairs = [ra[r] / rb[r] for r in sorted(ra) if r in rb and rb[r]]
+        mb = statistics.median(b)
+        of_medians = statistics.median(a) / mb if mb else None
         if not pairs:
-            mb = statistics.median(b)
-            return statistics.median(a) / mb if mb else None
-        return statistics.median(pairs)
+            if of_medians is None:
+                return None
+            pairs = [of_medians]
+        q1, q2, q3 = quartiles(pairs)
+        return Ratio(q2, q1, q3, of_medians, len(pairs), metric in COUNTS)
+
+    def ratio(self, variant: str, metric: str, path: str, ref: str):
+        """Median of per-round ratios path/ref."""
+        r = self.ratio_stats(variant, metric, path, ref)
+        return r.value if r is not None else None
 
     def to_dict(self) -> dict:
         out = {"profile": self.profile, "paths": self.paths, "skipped": self.skipped,
-               "notes": self.notes, "elapsed_s": round(self.elapsed, 1), "metrics": {}}
+               "notes": self.notes, "elapsed_s": round(self.elapsed, 1), "seed": self.seed,
+               "orders": self.orders, "method": self.method, "metrics": {}}
         for variant, metrics in self.variants.items():
             for metric, per_path in metrics.items():
                 for path, vals in per_path.items():
-                    ratios = {ref: self.ratio(variant, metric, path, ref)
-                              for ref in REFS + (BARE,)}
+                    stats = {ref: self.ratio_stats(variant, metric, path, ref)
+                             for ref in REFS + (BARE,)}
+                    stats = {k: v for k, v in stats.items() if v is not None}
+                    q1, _q2, q3 = quartiles(vals)
                     out["metrics"].setdefault(variant, {}).setdefault(metric, {})[path] = {
-                        "median": statistics.median(vals), "rounds": vals,
+                        "median": statistics.median(vals), "q1": q1, "q3": q3,
+                        "rounds": vals,
+                        "round_index": self.round_of.get(variant, {}).get(metric, {}).get(
+                            path, []),
                         "unit": METRICS[metric][0], "better": METRICS[metric][1],
-                        "ratios": {k: v for k, v in ratios.items() if v is not None}}
+                        "ratios": {k: v.value for k, v in stats.items()},
+                        "ratio_spread": {k: v.as_dict() for k, v in stats.items()}}
         return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row of the group table: how a group of metrics is measured.
+
+    run(harness, group, variant) measures it; phase orders the groups (0 the
+    throughput and latency groups, then groups that can hurt later ones: scale
+    can end a proxy that runs out of descriptors, churn fills TIME_WAIT);
+    variants are those it applies to; quick_loopback_only: on loopback only
+    when the profile lists it in loopback_groups.  A new group (e.g. the host
+    engine's per-port cost) is one entry here and one run function.
+    """
+
+    run: object
+    phase: int = 0
+    variants: tuple = ("external", "loopback")
+    quick_loopback_only: bool = True
+
+
+def _rounds(h, group, variant):
+    h.run_group(group, variant)
+
+
+GROUPS = {
+    "bulk": Group(_rounds),
+    "bulkn": Group(_rounds),
+    "rr": Group(_rounds),
+    "crr": Group(_rounds),
+    "udp": Group(_rounds),
+    "strace": Group(lambda h, g, v: h.run_strace(v)),
+    "scale": Group(lambda h, g, v: h.run_scale(v), phase=1, quick_loopback_only=False),
+    "spawn": Group(lambda h, g, v: h.run_spawn(), phase=2, variants=("process",)),
+    "churn": Group(lambda h, g, v: h.run_churn(v), phase=3, variants=("external",)),
+}
 
 
 def raise_nofile() -> int:
@@ -168,12 +300,20 @@ class Harness:
 
     def __init__(self, profile: str = "quick", *, spliceproxy=None, docker_proxy=None,
                  peers: bool = True, proxy_env=None, only=None, variants=None,
-                 netns: bool | None = None, progress=None):
-        self.p = PROFILES[profile]
+                 netns: bool | None = None, progress=None, seed: int | None = None,
+                 subnet: str = topo_mod.SUBNET, netns_prefix: str = topo_mod.PREFIX):
+        # A copy: callers tune rounds on it without changing the table.
+        self.p = dataclasses.replace(PROFILES[profile])
         self.progress = progress or (lambda msg: None)
         self.root = os.geteuid() == 0 if netns is None else netns
         self.ffi, self.lib = load()
         self.res = Results(profile)
+        self.seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
+        self.rng = random.Random(self.seed)
+        self.res.seed = self.seed
+        topo_mod.plan(subnet)  # ConfigError now, before anything starts
+        topo_mod.check_prefix(netns_prefix)
+        self.subnet, self.netns_prefix = subnet, netns_prefix
         self.dead: set = set()  # paths whose process died (scale test): not measured further
         self.topo = None
         self.sp_exe = find_spliceproxy(spliceproxy)
@@ -192,7 +332,8 @@ class Harness:
         try:
             if self.root:
                 self.progress("building namespaces")
-                self.topo = topo_mod.Topology().setup()
+                self.topo = topo_mod.Topology(subnet=self.subnet,
+                                              prefix=self.netns_prefix).setup()
             self.paths = Paths(self.topo, spliceproxy=self.sp_exe, docker_proxy=self.dp_exe,
                                peers=self.peers, proxy_env=self.proxy_env, only=self.only)
             self.paths.start(self.progress)
@@ -238,6 +379,10 @@ class Harness:
             return None
         from spliceproxy.stats import read_stats_file
 
+        # The engine writes its counters at most every 100 ms and within that
+        # interval after the last change: wait one interval (with a margin)
+        # so the reading includes everything done before this call.
+        time.sleep(0.15)
         try:
             return read_stats_file(path)
         except (OSError, ValueError):
@@ -329,55 +474,185 @@ class Harness:
         return out
 
     # -- runs ----------------------------------------------------------------
+    def _order(self, variant: str, group: str, paths: list) -> list:
+        """This round's path order: shuffled with the run's seeded generator, recorded."""
+        order = list(paths)
+        self.rng.shuffle(order)
+        self.res.orders.setdefault("%s:%s" % (variant, group), []).append(
+            [name for name, _rt in order])
+        return order
+
     def run_group(self, group: str, variant: str) -> None:
         need = {"udp": "udp", "bulk": "sink", "bulkn": "sink"}.get(group, "echo")
         paths = list(self._paths_for(variant, need))
         if group == "udp" and "native" not in dict(paths):
             return
-        for r in range(self.p.rounds):
-            round_native = {}
-            for name, rt in paths:
-                self.progress("%s %s round %d/%d: %s" % (variant, group, r + 1, self.p.rounds,
-                                                          name))
+        if not paths:
+            return
+        rounds = self.p.lat_rounds if group in INTERLEAVED else self.p.rounds
+        for r in range(rounds):
+            order = self._order(variant, group, paths)
+            if group in INTERLEAVED:
+                self.progress("%s %s round %d/%d: %s, exchange by exchange"
+                              % (variant, group, r + 1, rounds, " ".join(n for n, _ in order)))
                 try:
-                    self._one(group, variant, name, rt, round_native)
+                    with self._pinned(order, "udp" if group == "udp" else "echo"):
+                        getattr(self, "_%s_round" % group)(variant, order, r)
+                except OSError as exc:
+                    self.res.notes.append("%s %s round %d failed: %s" % (variant, group, r + 1,
+                                                                         exc))
+                if group == "udp":
+                    for name, rt in order:
+                        self._burst(variant, name, rt, r)
+                continue
+            for name, rt in order:
+                self.progress("%s %s round %d/%d: %s" % (variant, group, r + 1, rounds, name))
+                try:
+                    self._one(group, variant, name, rt, r)
                 except OSError as exc:
                     self.res.notes.append("%s %s via %s failed: %s" % (variant, group, name, exc))
 
-    def _one(self, group, variant, name, rt, round_native) -> None:
+    # Latency and connection rate: one CPU for the client thread, the
+    # container's servers and the proxies, so no hop waits for an idle vCPU
+    # to wake (tens of microseconds on this kind of VM, halt-polling off).
+    def _pin_cpu(self) -> int:
+        return max(os.sched_getaffinity(0))
+
+    @contextlib.contextmanager
+    def _pinned(self, order, role: str):
+        cpu = self._pin_cpu()
+        saved = {}
+
+        def pin(pid):
+            for tid in procs.tasks(pid):
+                try:
+                    saved.setdefault(tid, os.sched_getaffinity(tid))
+                    os.sched_setaffinity(tid, {cpu})
+                except OSError:
+                    pass  # a thread that just exited
+
+        me = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        try:
+            for proc in self.paths.server_procs:
+                pin(proc.pid)
+            for _name, rt in order:
+                pid = rt.pid(role)
+                if pid:
+                    pin(pid)  # socat's per-connection children inherit it
+            yield cpu
+        finally:
+            os.sched_setaffinity(0, me)
+            for tid, mask in saved.items():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, mask)
+
+    def _multi_socks(self, variant, order, attr, proto=socket.SOCK_STREAM):
+        socks = []
+        try:
+            for _name, rt in order:
+                ep, ns = self._where(rt, variant)
+                socks.append(self._connect(getattr(ep, attr), ns, proto))
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        return socks
+
+    def _rr_round(self, variant, order, r) -> None:
+        n, k = self.p.rr_iters, len(order)
+        socks = self._multi_socks(variant, order, "echo")
+        fds = self.ffi.new("int[]", [s.fileno() for s in socks])
+        lat = self.ffi.new("double[]", n * k)
+        try:
+            check(self.lib.lg_rr_multi(fds, k, 200, 1, lat), "rr warmup")
+            check(self.lib.lg_rr_multi(fds, k, n, 1, lat), "rr")
+        finally:
+            for s in socks:
+                s.close()
+        got = {}
+        for j, (name, _rt) in enumerate(order):
+            vals = [lat[j * n + i] / 1e3 for i in range(n)]
+            got[name] = (_pct(vals, 0.5), _pct(vals, 0.99))
+        nat = got.get("native")
+        for name, (p50, p99) in got.items():
+            self.res.add(variant, "rr_p50", name, p50, r)
+            self.res.add(variant, "rr_p99", name, p99, r)
+            if nat and name != "native":
+                self.res.add(variant, "rr_added_p50", name, max(0.0, p50 - nat[0]), r)
+                self.res.add(variant, "rr_added_p99", name, max(0.0, p99 - nat[1]), r)
+
+    def _udp_round(self, variant, order, r) -> None:
+        n, k = self.p.udp_iters, len(order)
+        socks = self._multi_socks(variant, order, "udp", socket.SOCK_DGRAM)
+        fds = self.ffi.new("int[]", [s.fileno() for s in socks])
+        lat = self.ffi.new("double[]", n * k)
+        try:
+            self.lib.lg_udp_rr_multi(fds, k, 50, 64, 200, lat)
+            check(self.lib.lg_udp_rr_multi(fds, k, n, 64, 200, lat), "udp rr")
+        finally:
+            for s in socks:
+                s.close()
+        got = {}
+        for j, (name, _rt) in enumerate(order):
+            vals = [lat[j * n + i] / 1e3 for i in range(n) if lat[j * n + i] >= 0]
+            if vals:
+                got[name] = (_pct(vals, 0.5), _pct(vals, 0.99))
+        nat = got.get("native")
+        for name, (p50, p99) in got.items():
+            self.res.add(variant, "udp_rr_p50", name, p50, r)
+            self.res.add(variant, "udp_rr_p99", name, p99, r)
+            if nat and name != "native":
+                self.res.add(variant, "udp_added_p50", name, max(0.0, p50 - nat[0]), r)
+
+    def _crr_round(self, variant, order, r) -> None:
+        n, k = self.p.crr_count, len(order)
+        ns = self._where(order[0][1], variant)[1]
+        eps = [self._where(rt, variant)[0].echo for _name, rt in order]
+        ips = [self.ffi.new("char[]", ep[0].encode()) for ep in eps]
+        ipv = self.ffi.new("const char *[]", ips)
+        ports = self.ffi.new("int[]", [ep[1] for ep in eps])
+        lat = self.ffi.new("double[]", n * k)
+        st0 = {name: self._stats(rt, "echo") for name, rt in order}
+        with topo_mod.in_netns(ns):
+            check(self.lib.lg_connect_rate_multi(socket.AF_INET, ipv, ports, k, n, lat), "crr")
+        time.sleep(0.05)  # let the proxies finish closing the last pairs
+        for j, (name, rt) in enumerate(order):
+            total = sum(lat[j * n + i] for i in range(n)) / 1e9
+            self.res.add(variant, "crr_rate", name, n / total if total else None, r)
+            st1 = self._stats(rt, "echo")
+            if st0[name] and st1:
+                self.res.add(variant, "syscalls_per_conn", name,
+                             (st1["syscalls"] - st0[name]["syscalls"]) / n, r)
+
+    def _burst(self, variant, name, rt, r) -> None:
+        ep, ns = self._where(rt, variant)
+        el = self.ffi.new("double *")
+        burst = self.p.burst_count
+        try:
+            s = self._connect(ep.udp, ns, socket.SOCK_DGRAM)
+            try:
+                rep = check(self.lib.lg_udp_burst(s.fileno(), burst, 64, 64, 200, el),
+                            "udp burst")
+            finally:
+                s.close()
+        except OSError as exc:
+            self.res.notes.append("%s udp burst via %s failed: %s" % (variant, name, exc))
+            return
+        self.res.add(variant, "udp_pps", name, rep / el[0] if el[0] else 0.0, r)
+        self.res.add(variant, "udp_loss_pct", name, 100.0 * (burst - rep) / burst, r)
+
+    def _one(self, group, variant, name, rt, r) -> None:
         add = self.res.add
         if group == "bulk":
             o = self.bulk_once(rt, variant, 1, self.p.bulk_bytes)
-            add(variant, "bulk_1", name, o["gbps"])
-            add(variant, "cpu_per_gb", name, o.get("cpu_per_gb"))
-            add(variant, "syscalls_per_gib", name, o.get("syscalls_per_gib"))
+            add(variant, "bulk_1", name, o["gbps"], r)
+            add(variant, "cpu_per_gb", name, o.get("cpu_per_gb"), r)
+            add(variant, "syscalls_per_gib", name, o.get("syscalls_per_gib"), r)
         elif group == "bulkn":
             o = self.bulk_once(rt, variant, self.p.streams, self.p.stream_bytes)
-            add(variant, "bulk_n", name, o["gbps"])
-        elif group == "rr":
-            o = self.rr_once(rt, variant)
-            add(variant, "rr_p50", name, o["p50"])
-            add(variant, "rr_p99", name, o["p99"])
-            if name == "native":
-                round_native.update(o)
-            elif round_native:
-                add(variant, "rr_added_p50", name, max(0.0, o["p50"] - round_native["p50"]))
-                add(variant, "rr_added_p99", name, max(0.0, o["p99"] - round_native["p99"]))
-        elif group == "crr":
-            o = self.crr_once(rt, variant)
-            add(variant, "crr_rate", name, o["rate"])
-            add(variant, "syscalls_per_conn", name, o.get("syscalls_per_conn"))
-        elif group == "udp":
-            o = self.udp_once(rt, variant)
-            add(variant, "udp_pps", name, o["pps"])
-            add(variant, "udp_loss_pct", name, o["loss"])
-            if "p50" in o:
-                add(variant, "udp_rr_p50", name, o["p50"])
-                add(variant, "udp_rr_p99", name, o["p99"])
-                if name == "native":
-                    round_native["udp"] = o["p50"]
-                elif "udp" in round_native:
-                    add(variant, "udp_added_p50", name, max(0.0, o["p50"] - round_native["udp"]))
+            add(variant, "bulk_n", name, o["gbps"], r)
+            add(variant, "cpu_per_gb_n", name, o.get("cpu_per_gb"), r)
 
     def run_scale(self, variant: str) -> None:
         # A proxy needs at least two fds per connection; the hard fd limit of
@@ -433,7 +708,10 @@ class Harness:
         cands.append((BARE, None))
         port = 9000
         for i in range(self.p.spawns):
-            for name, exe in cands:
+            order = list(cands)
+            self.rng.shuffle(order)
+            self.res.orders.setdefault("process:spawn", []).append([n for n, _e in order])
+            for name, exe in order:
                 self.progress("spawn %d/%d: %s" % (i + 1, self.p.spawns, name))
                 port += 1
                 if exe is None:
@@ -443,8 +721,9 @@ class Harness:
                 lp = self._spawn_measured(argv)
                 try:
                     time.sleep(0.05)
-                    self.res.add("process", "spawn_ms", name, lp.ready_s * 1e3)
-                    self.res.add("process", "idle_rss_mib", name, procs.rss_bytes(lp.pid) / 2**20)
+                    self.res.add("process", "spawn_ms", name, lp.ready_s * 1e3, i)
+                    self.res.add("process", "idle_rss_mib", name,
+                                 procs.rss_bytes(lp.pid) / 2**20, i)
                 finally:
                     lp.stop()
 
@@ -457,31 +736,37 @@ class Harness:
                 os.close(pre.fd)
 
     def run_strace(self, variant: str) -> None:
-        """External syscall counts (strace -c -f -p), once per userland path."""
+        """External syscall counts (strace -c -f -p) per userland path, in shuffled rounds.
+
+        Per connection the count is fixed (28.03 for spliceproxy in every
+        run); per GiB it depends on how much each call moves, which strace's
+        own slowdown changes: one transfer per run ranged 2.7k-40k for
+        spliceproxy, so it is a sample, measured in rounds like a timing.
+        """
         import shutil
 
         if not shutil.which("strace"):
             self.res.notes.append("strace not installed: no external syscall counts")
             return
-        for name, rt in self._paths_for(variant, "sink"):
-            pid = rt.pid("sink")
-            if pid is None or rt.tree:
-                continue
-            self.progress("%s strace: %s" % (variant, name))
-            try:
-                with procs.StraceCount(pid) as sc:
-                    self.bulk_once(rt, variant, 1, self.p.strace_bytes)
-                if sc.total is not None:
-                    self.res.add(variant, "strace_syscalls_per_gib", name,
-                                 sc.total / (self.p.strace_bytes / GIB))
-                epid = rt.pid("echo")
-                with procs.StraceCount(epid) as sc:
-                    o = self.crr_once(rt, variant, self.p.strace_conns)
-                if sc.total is not None and o["rate"]:
-                    self.res.add(variant, "strace_syscalls_per_conn", name,
-                                 sc.total / self.p.strace_conns)
-            except (OSError, RuntimeError) as exc:
-                self.res.notes.append("strace via %s failed: %s" % (name, exc))
+        paths = [(name, rt) for name, rt in self._paths_for(variant, "sink")
+                 if rt.pid("sink") is not None and not rt.tree]
+        for r in range(self.p.strace_rounds):
+            for name, rt in self._order(variant, "strace", paths):
+                self.progress("%s strace round %d/%d: %s" % (variant, r + 1,
+                                                             self.p.strace_rounds, name))
+                try:
+                    with procs.StraceCount(rt.pid("sink")) as sc:
+                        self.bulk_once(rt, variant, 1, self.p.strace_bytes)
+                    if sc.total is not None:
+                        self.res.add(variant, "strace_syscalls_per_gib", name,
+                                     sc.total / (self.p.strace_bytes / GIB), r)
+                    with procs.StraceCount(rt.pid("echo")) as sc:
+                        o = self.crr_once(rt, variant, self.p.strace_conns)
+                    if sc.total is not None and o["rate"]:
+                        self.res.add(variant, "strace_syscalls_per_conn", name,
+                                     sc.total / self.p.strace_conns, r)
+                except (OSError, RuntimeError) as exc:
+                    self.res.notes.append("strace via %s failed: %s" % (name, exc))
 
     def run_churn(self, variant: str) -> None:
         """Sequential short connections in one long run (moby #47537).
@@ -535,27 +820,30 @@ class Harness:
 
     def run_all(self, groups=None) -> Results:
         self.res.started = time.time()
+        self.res.method = {
+            "rounds": self.p.rounds, "latency_rounds": self.p.lat_rounds,
+            "order": "paths shuffled every round (seeded random.Random(seed))",
+            "latency": "rr, crr and udp alternate the paths exchange by exchange in each "
+                       "round, client thread, servers and proxies pinned to one CPU",
+            "ratio": "median of per-round ratios; spread = interquartile range of the "
+                     "per-round ratios; inconclusive when the IQR contains 1 or the ratio "
+                     "of medians points the other way",
+            "subnet": self.subnet, "netns_prefix": self.netns_prefix}
         t0 = time.perf_counter()
-        groups = groups or ("bulk", "bulkn", "rr", "crr", "udp", "strace", "scale", "spawn",
-                            "churn")
-        for variant in self.wanted_variants:
-            for g in groups:
-                if variant == "loopback" and g not in self.p.loopback_groups:
-                    continue
-                if g in ("scale", "churn", "spawn"):
-                    continue  # after the others: see below
-                if g == "strace":
-                    self.run_strace(variant)
-                else:
-                    self.run_group(g, variant)
-        # Scale can end a proxy that runs out of descriptors (docker-proxy
-        # does): measured after every throughput and latency figure.
-        if "scale" in groups:
-            for variant in self.wanted_variants:
-                self.run_scale(variant)
-        if "spawn" in groups:
-            self.run_spawn()
-        if "churn" in groups and "external" in self.wanted_variants:
-            self.run_churn("external")
+        groups = tuple(groups or GROUPS)
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown:
+            raise ValueError("unknown group(s) %s (choose from %s)"
+                             % (", ".join(unknown), ", ".join(GROUPS)))
+        # Phase by phase; within a phase variant by variant, groups in table order.
+        for phase in sorted({GROUPS[g].phase for g in groups}):
+            for variant in self.wanted_variants + ("process",):
+                for g, spec in GROUPS.items():
+                    if g not in groups or spec.phase != phase or variant not in spec.variants:
+                        continue
+                    if variant == "loopback" and spec.quick_loopback_only \
+                            and g not in self.p.loopback_groups:
+                        continue
+                    spec.run(self, g, variant)
         self.res.elapsed = time.perf_counter() - t0
         return self.res

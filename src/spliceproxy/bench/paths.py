@@ -25,7 +25,19 @@ ECHO, SINK, UDP = 7001, 7002, 7003
 PORT_BASE = {"iptables": 8100, "spliceproxy": 8200, "docker-proxy": 8300,
              "haproxy": 8400, "socat": 8500}
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
-ALL_PATHS = ("native", "iptables") + USERLAND
+# The path table: name -> the Paths method that starts it and returns its
+# PathRuntime (or None, with the reason in Paths.skipped).  A new path (e.g.
+# spliceproxy's fast path) is one entry here, one starter method and, for a
+# proxy, a PORT_BASE entry.
+PATHS = {
+    "native": "_start_native",
+    "iptables": "_start_iptables",
+    "spliceproxy": "_start_spliceproxy",
+    "docker-proxy": "_start_docker_proxy",
+    "haproxy": "_start_haproxy",
+    "socat": "_start_socat",
+}
+ALL_PATHS = tuple(PATHS)
 
 
 @dataclass
@@ -111,7 +123,7 @@ class Paths:
     # -- addresses -----------------------------------------------------------
     @property
     def backend_ip(self) -> str:
-        return topo_mod.CONTAINER_IP if self.topo else "127.0.0.1"
+        return self.topo.addr.container if self.topo else "127.0.0.1"
 
     @property
     def host_ns(self):
@@ -135,7 +147,7 @@ class Paths:
             try:
                 progress("starting %s" % name)
                 self._start_servers(i)
-                rt = getattr(self, "_start_" + name.replace("-", "_"))()
+                rt = getattr(self, PATHS[name])()
             except Exception as exc:  # noqa: BLE001 - reported, path skipped
                 self.skipped[name] = "failed to start: %s" % exc
                 continue
@@ -191,8 +203,8 @@ class Paths:
 
     def _endpoints(self, ports) -> tuple[Endpoint, Endpoint]:
         e, s, u = ports
-        ext = Endpoint((topo_mod.HOST_EXT_IP, e), (topo_mod.HOST_EXT_IP, s),
-                       (topo_mod.HOST_EXT_IP, u) if u else None) if self.topo else None
+        h = self.topo.addr.host_ext if self.topo else None
+        ext = Endpoint((h, e), (h, s), (h, u) if u else None) if self.topo else None
         lo = Endpoint(("127.0.0.1", e), ("127.0.0.1", s), ("127.0.0.1", u) if u else None)
         return ext, lo
 
@@ -208,9 +220,9 @@ class Paths:
         base = PORT_BASE["iptables"]
         for proto, off, to in (("tcp", 0, self.echo_port), ("tcp", 1, self.sink_port),
                                ("udp", 2, self.udp_port)):
-            self.topo.add_dnat(proto, base + off, topo_mod.CONTAINER_IP, to)
-        ep = Endpoint((topo_mod.HOST_EXT_IP, base), (topo_mod.HOST_EXT_IP, base + 1),
-                      (topo_mod.HOST_EXT_IP, base + 2))
+            self.topo.add_dnat(proto, base + off, self.topo.addr.container, to)
+        h = self.topo.addr.host_ext
+        ep = Endpoint((h, base), (h, base + 1), (h, base + 2))
         return PathRuntime("iptables", external=ep, loopback=None,
                            note="DNAT does not apply to localhost")
 

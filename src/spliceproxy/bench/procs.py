@@ -70,6 +70,14 @@ def fd_count(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def tasks(pid: int) -> list[int]:
+    """Thread ids of pid (empty when it is gone)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
+    except OSError:
+        return []
+
+
 def thread_count(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         for line in f:

@@ -25,12 +25,29 @@ def _fmt(v) -> str:
     return "%.3g" % v
 
 
+def fmt_ratio(r: dict | None) -> str:
+    """'1.28x [1.10-1.40]'; a leading '~' marks a ratio the spread leaves inconclusive."""
+    if not r:
+        return "-"
+    mark = "" if r["conclusive"] else "~"
+    if r["rounds"] <= 1 or r["q1"] == r["q3"]:
+        return "%s%.2fx" % (mark, r["value"])
+    return "%s%.2fx [%.2f-%.2f]" % (mark, r["value"], r["q1"], r["q3"])
+
+
+LEGEND = ("ratios: median of per-round ratios [interquartile range across rounds]; "
+          "~ = inconclusive (the range contains 1, or the medians beside it point the "
+          "other way)")
+
+
 def table(res: Results, subject: str = SUBJECT) -> str:
-    """Paths x metrics per variant, with the subject's ratios to the references."""
+    """Paths x metrics per variant, with the subject's ratios (and their spread) to the
+    references."""
     lines = []
     d = res.to_dict()["metrics"]
     for variant, metrics in d.items():
         paths = [p for p in ORDER if any(p in m for m in metrics.values())]
+        paths += sorted({p for m in metrics.values() for p in m} - set(paths))
         refs = [r for r in REFS + (BARE,) if r != subject and any(
             r in m and subject in m for m in metrics.values())]
         head = ["%s metric" % variant, "unit"] + paths + ["%s/%s" % (subject[:6], r[:8])
@@ -43,8 +60,7 @@ def table(res: Results, subject: str = SUBJECT) -> str:
             row = [metric, METRICS[metric][0]] + [_fmt(per[p]["median"]) if p in per else "-"
                                                   for p in paths]
             for r in refs:
-                ratio = per.get(subject, {}).get("ratios", {}).get(r)
-                row.append("%.2fx" % ratio if ratio is not None else "-")
+                row.append(fmt_ratio(per.get(subject, {}).get("ratio_spread", {}).get(r)))
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         for i, row in enumerate(rows):
@@ -53,7 +69,42 @@ def table(res: Results, subject: str = SUBJECT) -> str:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         lines.append("")
+    lines.append(LEGEND)
+    lines.append("seed %d (path order per round); rerun the same order with --seed %d"
+                 % (res.seed, res.seed))
     return "\n".join(lines)
+
+
+def directions(data: dict, subject: str = SUBJECT) -> dict:
+    """{(variant, metric, ref): +1/-1/0} of the subject's ratios in a result JSON."""
+    summary = data.get("summary", data)
+    out = {}
+    for variant, metrics in (summary.get("metrics") or {}).items():
+        for metric, per in metrics.items():
+            for ref, r in (per.get(subject, {}).get("ratio_spread") or {}).items():
+                d = 0 if not r.get("conclusive") else (1 if r["value"] > 1 else -1)
+                out[(variant, metric, ref)] = d
+    return out
+
+
+def agreement(runs: list[dict], subject: str = SUBJECT) -> dict:
+    """How often pairs of runs call a ratio conclusive in opposite directions."""
+    dirs = [directions(r, subject) for r in runs]
+    pairs = disagree = 0
+    flips = []
+    for i in range(len(dirs)):
+        for j in range(i + 1, len(dirs)):
+            for key in sorted(set(dirs[i]) & set(dirs[j])):
+                a, b = dirs[i][key], dirs[j][key]
+                if a and b:
+                    pairs += 1
+                    if a != b:
+                        disagree += 1
+                        flips.append((i, j) + key)
+    return {"runs": len(runs),
+            "conclusive_per_run": [sum(1 for v in d.values() if v) for d in dirs],
+            "ratios_per_run": [len(d) for d in dirs],
+            "conclusive_pairs": pairs, "disagreements": disagree, "flips": flips}
 
 
 def machine_info() -> dict:
@@ -92,12 +143,33 @@ def write_json(res: Results, path: str) -> None:
         json.dump(to_json(res), f, indent=1, sort_keys=True)
 
 
-CHART = (("bulk_1", "one TCP stream (Gbit/s)"), ("cpu_per_gb", "proxy CPU (s/GB)"),
-         ("rr_added_p50", "added RR p50 (us)"), ("crr_rate", "connections/s"),
-         ("udp_added_p50", "added UDP p50 (us)"), ("syscalls_per_gib", "syscalls / GiB"))
+COLORS = {"native": "#888888", "iptables": "#bbbbbb", "spliceproxy": "#1f77b4",
+          "docker-proxy": "#d62728", "haproxy": "#2ca02c", "socat": "#9467bd",
+          BARE: "#8c564b"}
 
 
-def write_png(res: Results, path: str, variant: str = "external") -> bool:
+def chart_panels(res: Results) -> list[tuple[str, str, dict]]:
+    """(variant, metric, per-path summary) for every metric the run measured, in table
+    order: winners and losers alike, each panel one kind of measurement for every path."""
+    d = res.to_dict()["metrics"]
+    out = []
+    for variant, metrics in d.items():
+        for metric in METRICS:
+            if metric in metrics:
+                out.append((variant, metric, metrics[metric]))
+    return out
+
+
+def _ratio_caption(per: dict, subject: str = SUBJECT) -> str:
+    spread = per.get(subject, {}).get("ratio_spread", {})
+    parts = []
+    for ref in REFS + (BARE,):
+        if ref in spread:
+            parts.append("/%s %s" % (ref[:6], fmt_ratio(spread[ref])))
+    return "\n".join(parts)
+
+
+def write_png(res: Results, path: str) -> bool:
     try:
         import matplotlib
 
@@ -105,32 +177,37 @@ def write_png(res: Results, path: str, variant: str = "external") -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    d = res.to_dict()["metrics"]
-    metrics = d.get(variant) or next(iter(d.values()), {})
-    if variant == "external" and "syscalls_per_gib" not in metrics:
-        metrics = dict(metrics)
-    per_gib = dict(metrics.get("strace_syscalls_per_gib", {}))
-    per_gib.update(metrics.get("syscalls_per_gib", {}))
-    panels = [(k, t) for k, t in CHART if k in metrics or (k == "syscalls_per_gib" and per_gib)]
+    panels = chart_panels(res)
     if not panels:
         return False
-    fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(4 * ((len(panels) + 1) // 2), 7))
-    axes = list(getattr(axes, "flat", [axes]))
-    colors = {"native": "#888888", "iptables": "#bbbbbb", "spliceproxy": "#1f77b4",
-              "docker-proxy": "#d62728", "haproxy": "#2ca02c", "socat": "#9467bd"}
-    for ax, (key, title) in zip(axes, panels):
-        per = per_gib if key == "syscalls_per_gib" else metrics[key]
-        names = [p for p in ORDER if p in per]
-        vals = [per[p]["median"] for p in names]
-        ax.bar(names, vals, color=[colors.get(n, "#444444") for n in names])
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-        if key == "syscalls_per_gib":
-            ax.set_yscale("log")
+    cols = 6
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 3.1 * nrows), squeeze=False)
+    axes = list(axes.flat)
+    for ax, (variant, metric, per) in zip(axes, panels):
+        names = [p for p in ORDER if p in per] + sorted(set(per) - set(ORDER))
+        med = [per[p]["median"] for p in names]
+        lo = [max(0.0, per[p]["median"] - per[p]["q1"]) for p in names]
+        hi = [max(0.0, per[p]["q3"] - per[p]["median"]) for p in names]
+        ax.bar(range(len(names)), med, yerr=[lo, hi], capsize=3,
+               color=[COLORS.get(n, "#444444") for n in names])
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.replace("python-bare", "py-bare") for n in names],
+                           rotation=45, ha="right", fontsize=7)
+        unit, better, _desc = METRICS[metric]
+        ax.set_title("%s %s (%s, %s better)" % (variant, metric, unit, better), fontsize=8)
+        cap = _ratio_caption(per)
+        if cap:
+            ax.text(0.02, 0.97, "splice" + cap.replace("\n", "\nsplice"),
+                    transform=ax.transAxes, fontsize=6.5, va="top",
+                    bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+        ax.tick_params(axis="y", labelsize=7)
     for ax in axes[len(panels):]:
         ax.axis("off")
-    fig.suptitle("spliceproxy bench (%s client, %s profile, medians)" % (variant, res.profile))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.suptitle("spliceproxy bench, %s profile: medians with interquartile range across "
+                 "rounds; ratios are medians of per-round ratios [IQR], ~ inconclusive "
+                 "(seed %d)" % (res.profile, res.seed), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return True

@@ -1,10 +1,16 @@
 """The client / host / container network namespaces a published port crosses.
 
-client (198.18.1.1) --veth-- host (198.18.1.2 | 198.18.2.1) --veth-- container (198.18.2.2)
+With the default subnet 198.18.1.0/24, split in two halves, one per link:
 
-Namespaces are named spb-<pid>-{cli,host,ctr}; stale ones whose owner pid is
-gone are removed at start, and every exit path (finally, atexit, SIGTERM,
-SIGHUP, Ctrl-C) tears the live ones down, killing whatever still runs inside.
+client (198.18.1.1) --veth-- host (198.18.1.2 | 198.18.1.129) --veth-- container (198.18.1.130)
+
+Namespaces are named <prefix><pid>-{cli,host,ctr} (prefix `spb-` by default);
+stale ones whose owner pid is gone are removed at start, and every exit path
+(finally, atexit, SIGTERM, SIGHUP, Ctrl-C) tears the live ones down, killing
+whatever still runs inside.  Before anything is created, `check_free` refuses
+a subnet that an address or route of the host already overlaps, and a prefix
+that a live namespace already carries (another run), with a message instead
+of a half-built topology.
 """
 
 from __future__ import annotations
@@ -12,17 +18,117 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import ipaddress
+import json
 import os
+import re
 import signal
 import subprocess
 import threading
+from dataclasses import dataclass
 
 PREFIX = "spb-"
-CLIENT_IP = "198.18.1.1"
-HOST_EXT_IP = "198.18.1.2"
-HOST_INT_IP = "198.18.2.1"
-CONTAINER_IP = "198.18.2.2"
+SUBNET = "198.18.1.0/24"
 NETNS_DIR = "/var/run/netns"
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class ConfigError(ValueError):
+    """A subnet or namespace prefix that cannot be used (message for the user)."""
+
+
+@dataclass(frozen=True)
+class AddressPlan:
+    """The four addresses of the two links, carved from one subnet."""
+
+    subnet: str
+    client: str
+    host_ext: str
+    host_int: str
+    container: str
+    prefixlen: int  # of each link (half the subnet)
+
+
+def plan(subnet: str) -> AddressPlan:
+    """Split an IPv4 subnet in two halves, one per veth link (each needs two hosts)."""
+    try:
+        net = ipaddress.ip_network(subnet, strict=True)
+    except ValueError as exc:
+        raise ConfigError("invalid subnet %r: %s" % (subnet, exc)) from None
+    if net.version != 4:
+        raise ConfigError("subnet %s: only IPv4 subnets are supported" % subnet)
+    if net.prefixlen > 29:
+        raise ConfigError("subnet %s is too small: need at least a /29 (two links of two "
+                          "hosts)" % subnet)
+    a, b = net.subnets(prefixlen_diff=1)
+    ha, hb = list(a.hosts())[:2], list(b.hosts())[:2]
+    return AddressPlan(str(net), str(ha[0]), str(ha[1]), str(hb[0]), str(hb[1]), a.prefixlen)
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.match(prefix or ""):
+        raise ConfigError("invalid namespace prefix %r: 1-32 characters from A-Z a-z 0-9 _ . -"
+                          % prefix)
+    return prefix
+
+
+def _ip_json(*args: str) -> list:
+    try:
+        cp = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise ConfigError("`ip` (iproute2) is not installed") from None
+    if cp.returncode != 0:
+        raise ConfigError("ip %s failed: %s" % (" ".join(args), cp.stderr.strip()))
+    try:
+        return json.loads(cp.stdout or "[]")
+    except ValueError:
+        return []
+
+
+def subnet_conflicts(subnet: str) -> list[str]:
+    """Addresses and routes of this (the host's) namespace that overlap subnet."""
+    net = ipaddress.ip_network(subnet)
+    found = []
+    for link in _ip_json("-4", "addr", "show"):
+        for ai in link.get("addr_info", []):
+            local = ai.get("local")
+            if local and ipaddress.ip_address(local) in net:
+                found.append("address %s/%s on %s" % (local, ai.get("prefixlen", "?"),
+                                                      link.get("ifname", "?")))
+    for rt in _ip_json("-4", "route", "show", "table", "all"):
+        dst = rt.get("dst")
+        if not dst or dst == "default":
+            continue  # a default route overlaps everything and is not a use of the range
+        try:
+            rnet = ipaddress.ip_network(dst, strict=False)
+        except ValueError:
+            continue
+        if rnet.prefixlen and rnet.overlaps(net):
+            where = " dev %s" % rt["dev"] if rt.get("dev") else ""
+            table = " table %s" % rt["table"] if rt.get("table") not in (None, "main") else ""
+            found.append("route %s%s%s" % (dst, where, table))
+    return found
+
+
+def prefix_conflicts(prefix: str) -> list[str]:
+    if not os.path.isdir(NETNS_DIR):
+        return []
+    return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
+
+
+def check_free(subnet: str, prefix: str) -> None:
+    """Raise ConfigError when the subnet or the namespace prefix is already in use."""
+    check_prefix(prefix)
+    plan(subnet)
+    clash = subnet_conflicts(subnet)
+    if clash:
+        raise ConfigError("subnet %s is already in use on this host (%s); choose another "
+                          "with --subnet" % (subnet, "; ".join(clash[:5])))
+    names = prefix_conflicts(prefix)
+    if names:
+        raise ConfigError("network namespace(s) with prefix %r already exist (%s): another "
+                          "run is using it; choose another with --netns-prefix"
+                          % (prefix, ", ".join(names[:5])))
 
 _live: list[Topology] = []
 _lock = threading.Lock()
@@ -73,18 +179,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale() -> list[str]:
-    """Remove spb-<pid>-* namespaces whose creating process no longer exists."""
+def clean_stale(prefix: str = PREFIX) -> list[str]:
+    """Remove <prefix><pid>-* namespaces whose creating process no longer exists.
+
+    Only names of exactly that shape: a namespace that merely starts with
+    the prefix belongs to someone else and is left alone (check_free then
+    refuses the prefix).
+    """
     removed = []
     if not os.path.isdir(NETNS_DIR):
         return removed
+    shape = re.compile(re.escape(prefix) + r"(\d+)-(cli|host|ctr)$|" + re.escape(prefix)
+                       + r"(\d+)-.+-(cli|host|ctr)$")
     for name in sorted(os.listdir(NETNS_DIR)):
-        if not name.startswith(PREFIX):
+        m = shape.match(name)
+        if not m:
             continue
-        pid = name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        pid = int(m.group(1) or m.group(3))
+        if pid != os.getpid() and _pid_alive(pid):
             continue
-        if pid.isdigit() and int(pid) == os.getpid() and any(name in t.names for t in _live):
+        if pid == os.getpid() and any(name in t.names for t in _live):
             continue
         _remove_ns(name)
         removed.append(name)
@@ -121,8 +235,10 @@ def _install_handlers() -> None:
 class Topology:
     """Three namespaces and two veth pairs; iptables DNAT rules in host."""
 
-    def __init__(self, tag: str = ""):
-        base = "%s%d%s" % (PREFIX, os.getpid(), ("-" + tag) if tag else "")
+    def __init__(self, tag: str = "", *, subnet: str = SUBNET, prefix: str = PREFIX):
+        self.prefix = check_prefix(prefix)
+        self.addr = plan(subnet)
+        base = "%s%d%s" % (prefix, os.getpid(), ("-" + tag) if tag else "")
         self.client = base + "-cli"
         self.host = base + "-host"
         self.container = base + "-ctr"
@@ -134,10 +250,8 @@ class Topology:
         from pyroute2 import NetNS, netns
 
         _install_handlers()
-        clean_stale()
-        for name in self.names:
-            if os.path.exists(os.path.join(NETNS_DIR, name)):
-                _remove_ns(name)
+        clean_stale(self.prefix)
+        check_free(self.addr.subnet, self.prefix)
         with _lock:
             _live.append(self)
         self.up = True
@@ -149,22 +263,23 @@ class Topology:
         with NetNS(self.host) as ns:
             ns.link("add", ifname="hk0", kind="veth",
                     peer={"ifname": "ctr0", "net_ns_fd": self.container})
-        plan = {
-            self.client: [("cli0", CLIENT_IP)],
-            self.host: [("hc0", HOST_EXT_IP), ("hk0", HOST_INT_IP)],
-            self.container: [("ctr0", CONTAINER_IP)],
+        a = self.addr
+        layout = {
+            self.client: [("cli0", a.client)],
+            self.host: [("hc0", a.host_ext), ("hk0", a.host_int)],
+            self.container: [("ctr0", a.container)],
         }
-        for name, addrs in plan.items():
+        for name, addrs in layout.items():
             with NetNS(name) as ns:
                 ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
                 for ifname, ip in addrs:
                     idx = _lookup(ns, ifname)
-                    ns.addr("add", index=idx, address=ip, prefixlen=24)
+                    ns.addr("add", index=idx, address=ip, prefixlen=a.prefixlen)
                     ns.link("set", index=idx, state="up")
                 if name == self.client:
-                    ns.route("add", dst="0.0.0.0/0", gateway=HOST_EXT_IP)
+                    ns.route("add", dst="0.0.0.0/0", gateway=a.host_ext)
                 elif name == self.container:
-                    ns.route("add", dst="0.0.0.0/0", gateway=HOST_INT_IP)
+                    ns.route("add", dst="0.0.0.0/0", gateway=a.host_int)
         self.sysctl(self.host, "net.ipv4.ip_forward", "1")
         # The measuring client must not run out of ports; the host (where the
         # proxies connect from) keeps the kernel defaults a real host has.
@@ -182,7 +297,7 @@ class Topology:
 
     def add_dnat(self, proto: str, port: int, to_ip: str, to_port: int) -> None:
         """Docker's rule for an external client: DNAT in PREROUTING, then forward."""
-        self.iptables("-t", "nat", "-A", "PREROUTING", "-d", HOST_EXT_IP, "-p", proto,
+        self.iptables("-t", "nat", "-A", "PREROUTING", "-d", self.addr.host_ext, "-p", proto,
                       "--dport", str(port), "-j", "DNAT",
                       "--to-destination", "%s:%d" % (to_ip, to_port))
 

@@ -73,6 +73,9 @@ _DEFAULT_SHOWN = {
 
 _TYPE_SHOWN = {_STRING: "string", _INT: "int", _BOOL: "", _IP: "value"}
 
+# Added after the usage on -h/-help by the `spliceproxy` command only.
+help_footer = ""
+
 _TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
 _FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
 
@@ -481,7 +484,7 @@ def parse(argv: list[str]) -> ProxyConfig:
         flag = _FLAGS.get(name)
         if flag is None:
             if name in ("h", "help"):
-                _write(sys.stderr, usage_text(prog))
+                _write(sys.stderr, usage_text(prog) + help_footer)
                 raise SystemExit(0)
             raise _fail(prog, f"flag provided but not defined: -{name}")
         kind, attr, _help = flag

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spliceproxy import cli
+from spliceproxy import goflags
 from spliceproxy._version import __version__
 
 # Fast by default; HYPOTHESIS_PROFILE=long for a thorough run.
@@ -50,8 +50,8 @@ USAGE = (
 VERSION_LINE = f"spliceproxy (docker-proxy compatible) version {__version__}\n"
 
 
-def parse(*args: str) -> cli.ProxyConfig:
-    return cli.parse([PROG, *args])
+def parse(*args: str) -> goflags.ProxyConfig:
+    return goflags.parse([PROG, *args])
 
 
 def exits(capsys, *args: str) -> tuple[int, str, str]:
@@ -108,7 +108,7 @@ def test_dockerd_argv_ipv6():
 
 
 def test_supported_protos():
-    assert cli.SUPPORTED_PROTOS == ("tcp", "udp", "sctp")
+    assert goflags.SUPPORTED_PROTOS == ("tcp", "udp", "sctp")
 
 
 def test_proto_not_checked_at_parse_time():
@@ -261,12 +261,12 @@ def test_help(capsys, arg):
 
 def test_usage_names_argv0(capsys):
     with pytest.raises(SystemExit):
-        cli.parse(["./bin/proxy", "-h"])
+        goflags.parse(["./bin/proxy", "-h"])
     assert capsys.readouterr().err.startswith("Usage of ./bin/proxy:\n  -container-ip value\n")
 
 
 def test_usage_text_function():
-    assert cli.usage_text(PROG) == USAGE
+    assert goflags.usage_text(PROG) == USAGE
 
 
 @pytest.mark.parametrize("args", [["-v"], ["-version"], ["--version=true"], ["--v", "extra"]])
@@ -369,7 +369,7 @@ def test_int_errors(capsys, text, reason):
     assert_flag_error(
         capsys,
         ["-host-port", text],
-        f"invalid value {cli.go_quote(text)} for flag -host-port: {reason}",
+        f"invalid value {goflags.go_quote(text)} for flag -host-port: {reason}",
     )
 
 
@@ -456,7 +456,7 @@ def test_ip_invalid(capsys, text):
         assert_flag_error(
             capsys,
             ["-" + flag, text],
-            f"invalid value {cli.go_quote(text)} for flag -{flag}: invalid IP address: {text}",
+            f"invalid value {goflags.go_quote(text)} for flag -{flag}: invalid IP address: {text}",
         )
 
 
@@ -488,7 +488,7 @@ def test_empty_ip_is_a_nil_ip():
     ],
 )
 def test_go_quote(text, quoted):
-    assert cli.go_quote(text) == quoted
+    assert goflags.go_quote(text) == quoted
 
 
 class _Streams:
@@ -525,7 +525,7 @@ def run_bytes(argv):
     """parse(argv) -> (exit code or None, config or None, stdout bytes, stderr bytes)."""
     with _Streams() as s:
         try:
-            config = cli.parse(argv)
+            config = goflags.parse(argv)
         except SystemExit as e:
             return e.code, None, s.out_bytes, s.err_bytes
     return None, config, s.out_bytes, s.err_bytes
@@ -563,10 +563,10 @@ FORBIDDEN_AT_STARTUP = {"argparse", "re", "dataclasses", "enum", "ipaddress", "s
 
 
 def test_imports_nothing_heavy():
-    src = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(goflags.__file__)))
     code = (
         "import sys; before = set(sys.modules); "
-        "import spliceproxy.cli, spliceproxy.log; "
+        "import spliceproxy.goflags, spliceproxy.log; "
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
     env = dict(os.environ, PYTHONPATH=src)
@@ -575,7 +575,7 @@ def test_imports_nothing_heavy():
     )
     assert res.returncode == 0, res.stderr
     added = set(res.stdout.split())
-    assert {"spliceproxy.cli", "spliceproxy.log"} <= added
+    assert {"spliceproxy.goflags", "spliceproxy.log"} <= added
     assert not added & FORBIDDEN_AT_STARTUP
     assert {m for m in added if not m.startswith("spliceproxy")} <= {"__future__"}
 
@@ -805,7 +805,7 @@ def test_parse_matches_go_model(chunks):
 @given(_int_text())
 def test_int_parsing_matches_reference(text):
     value, why = ref_int(text)
-    got = cli.parse_go_int(text)
+    got = goflags.parse_go_int(text)
     if why is None:
         assert got == (value, None)
     else:
@@ -815,13 +815,13 @@ def test_int_parsing_matches_reference(text):
 @fuzz
 @given(st.integers(min_value=-(2**63), max_value=2**63 - 1))
 def test_int_round_trip(n):
-    assert cli.parse_go_int(st_fmt(n)) == (n, None)
+    assert goflags.parse_go_int(st_fmt(n)) == (n, None)
 
 
 @fuzz
 @given(_ip_text() | st.text(max_size=20))
 def test_ip_parsing_matches_reference(text):
-    assert cli.parse_ip(text) == ref_ip(text)
+    assert goflags.parse_ip(text) == ref_ip(text)
 
 
 @fuzz
@@ -838,14 +838,14 @@ def test_ip_parsing_matches_inet_pton(text):
             pass
         else:
             expected = packed if len(packed) == 16 else b"\0" * 10 + b"\xff\xff" + packed
-    assert cli.parse_ip(text) == expected
+    assert goflags.parse_ip(text) == expected
 
 
 @fuzz
 @given(st.binary(min_size=16, max_size=16) | st.ip_addresses(v=6).map(lambda a: a.packed))
 def test_ip_text_matches_reference(packed):
-    assert cli.format_ip(packed) == ref_ip_text(packed)
-    assert cli.parse_ip(cli.format_ip(packed)) == packed
+    assert goflags.format_ip(packed) == ref_ip_text(packed)
+    assert goflags.parse_ip(goflags.format_ip(packed)) == packed
 
 
 @fuzz

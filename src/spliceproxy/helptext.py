@@ -1,0 +1,142 @@
+"""`spliceproxy help`: the subcommands and every SPLICEPROXY_* variable.
+
+``ENVIRONMENT`` is the one list of the environment variables the project
+reads, with their defaults and meanings; the help text is made from it and a
+test checks that every variable the code reads is in it.  It is meant to move
+into a settings module once the proxy's settings are read from one place.
+
+Not on the proxy's startup path: imported only for `spliceproxy help`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Subcommand(NamedTuple):
+    usage: str
+    meaning: str
+
+
+class Variable(NamedTuple):
+    name: str
+    default: str
+    meaning: str
+    group: str = "proxy"  # proxy (read at start-up), build (and install), or tests
+    note: str = ""
+
+
+SUBCOMMANDS = (
+    Subcommand("spliceproxy -proto P -host-ip IP -host-port N -container-ip IP "
+               "-container-port N [-use-listen-fd]",
+               "serve one published port, as dockerd starts docker-proxy (`spliceproxy -h`)"),
+    Subcommand("spliceproxy bench [--quick] ...",
+               "compare native, iptables DNAT, spliceproxy, docker-proxy and peers on this "
+               "machine (needs the bench extra: pip install 'spliceproxy[bench]')"),
+    Subcommand("spliceproxy bench gate BASELINE CURRENT",
+               "compare two benchmark result files, exit 1 on a regression"),
+    Subcommand("spliceproxy install-path",
+               "print the real path of this installed command: the value for "
+               "\"userland-proxy-path\" in /etc/docker/daemon.json"),
+    Subcommand("spliceproxy engine [--socket PATH]",
+               "run the host engine in the foreground (engine mode, SPLICEPROXY_ENGINE=1; "
+               "the proxies start it themselves when none runs)"),
+    Subcommand("spliceproxy status [--socket PATH] [--json | --prometheus]",
+               "every mapping the host engine serves, with its connections, bytes and errors"),
+    Subcommand("spliceproxy help", "this text"),
+    Subcommand("spliceproxy -v", "print the version"),
+)
+
+# Variables being added alongside this table; the note goes once they are read.
+_PENDING = "new: read by releases that have it, ignored by earlier ones"
+
+ENVIRONMENT = (
+    Variable("SPLICEPROXY_LOG_FILE", "stderr",
+             "append log lines (docker-proxy's format) to this file; dockerd discards stderr"),
+    Variable("SPLICEPROXY_STATS_FILE", "none",
+             "keep the engine's counters in a shared mapping of this file, readable while "
+             "the proxy runs"),
+    Variable("SPLICEPROXY_UDP_TIMEOUT", "90s",
+             "UDP client entry expiry (Go duration or seconds)"),
+    Variable("SPLICEPROXY_UDP_MAX_FLOWS", "16384",
+             "UDP client entries per port; the least recently used is evicted beyond it"),
+    Variable("SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR", "a 16th of SPLICEPROXY_UDP_MAX_FLOWS",
+             "UDP client entries one client address (any port) may hold; beyond it the "
+             "address's own least recently used entry is replaced; 0 = the default",
+             note=_PENDING),
+    Variable("SPLICEPROXY_CONNECT_TIMEOUT", "30s",
+             "give up a backend connect not completed after this long; 0 = the kernel's own "
+             "limit (about two minutes)", note=_PENDING),
+    Variable("SPLICEPROXY_IDLE_TIMEOUT", "off",
+             "reset half-closed TCP pairs that saw no traffic for this long"),
+    Variable("SPLICEPROXY_PIPE_SIZE", "1048576",
+             "bytes per relay pipe (capped by /proc/sys/fs/pipe-max-size)"),
+    Variable("SPLICEPROXY_COPY_MODE", "splice",
+             "readwrite copies through user space instead (slower, for comparisons)"),
+    Variable("SPLICEPROXY_COPY_BUF", "65536", "buffer bytes per direction in readwrite mode"),
+    Variable("SPLICEPROXY_USER", "nobody",
+             "user (name or uid) a proxy started as root becomes once its sockets are set up"),
+    Variable("SPLICEPROXY_KEEP_PRIVILEGES", "off", "1 keeps root: no privilege drop"),
+    Variable("SPLICEPROXY_ENGINE", "off",
+             "1: engine mode, one host engine serves every port and each proxy is a small "
+             "stub (README, Engine mode)"),
+    Variable("SPLICEPROXY_ENGINE_SOCKET",
+             "/run/spliceproxy/engine.sock (root), $XDG_RUNTIME_DIR/spliceproxy/engine.sock",
+             "the engine's control socket; its directory must be the user's own, mode 0700"),
+    Variable("SPLICEPROXY_ENGINE_IDLE_EXIT", "5s",
+             "how long the engine stays up without mappings; never: until stopped"),
+    Variable("SPLICEPROXY_VENV", "/opt/spliceproxy",
+             "the virtualenv scripts/install-venv installs into", group="build"),
+    Variable("SPLICEPROXY_PYTHON", "/usr/bin/python3",
+             "the interpreter scripts/install-venv makes that virtualenv with", group="build"),
+    Variable("SPLICEPROXY_CFLAGS", "none",
+             "extra C compiler flags for the engine (e.g. sanitizers)", group="build"),
+    Variable("SPLICEPROXY_WERROR", "off", "1 makes C warnings errors", group="build"),
+    Variable("SPLICEPROXY_E2E_PROXY", "the installed spliceproxy",
+             "absolute path of the proxy the dockerd scenarios run against", group="tests"),
+    Variable("SPLICEPROXY_E2E_REQUIRE", "off",
+             "1 fails instead of skipping when dockerd, root or busybox-static is missing",
+             group="tests"),
+    Variable("SPLICEPROXY_E2E_SUBNET", "198.18.77.0/24 and 198.18.78.0/24",
+             "the range whose halves become the two private daemons' bridges", group="tests",
+             note=_PENDING),
+    Variable("SPLICEPROXY_E2E_NETNS_PREFIX", "spe2e-",
+             "name prefix of the dockerd scenarios' network namespaces", group="tests",
+             note=_PENDING),
+    Variable("SPLICEPROXY_HYPOTHESIS_EXAMPLES", "15",
+             "examples per UDP property test", group="tests"),
+)
+
+_GROUPS = (
+    ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
+              "value is a start-up failure reported on fd 3):"),
+    ("build", "Installing and building (scripts/install-venv, pip install):"),
+    ("tests", "Test suite:"),
+)
+
+
+def _wrap(text: str, indent: int, width: int = 79) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent=" " * indent,
+                         subsequent_indent=" " * indent) or [""]
+
+
+def help_text() -> str:
+    from spliceproxy._version import __version__
+
+    out = ["spliceproxy %s: a drop-in replacement for docker-proxy." % __version__, "",
+           "Commands:"]
+    for cmd in SUBCOMMANDS:
+        out.append("  " + cmd.usage)
+        out += _wrap(cmd.meaning, 6)
+    for group, title in _GROUPS:
+        out += ["", title]
+        for var in ENVIRONMENT:
+            if var.group != group:
+                continue
+            out.append("  %s (default: %s)" % (var.name, var.default))
+            meaning = var.meaning + (" (%s)" % var.note if var.note else "")
+            out += _wrap(meaning, 6)
+    out += ["", "Documentation: README.md of the project (Quick start, Use with Docker)."]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,266 @@
+"""Every SPLICEPROXY_* environment variable, parsed and validated once.
+
+dockerd gives each proxy its own environment, so these are the proxy's
+settings.  ``load()`` reads all of them before any socket or file is opened
+and returns one immutable ``Settings``; a bad value is a ``SettingError``
+whose text main reports on the status pipe (``1\\n<message>``, exit 1).
+
+The rules are strict on purpose: a setting that is misread fails open (a
+"no" that keeps root, an Arabic-Indic zero that becomes uid 0).  So:
+
+* booleans are exactly Go's ``strconv.ParseBool`` values, nothing else;
+* numbers are ASCII digits only (``str.isdigit()`` and ``int()`` accept
+  "²" and "٠", which is why neither is used on raw text here);
+* values are read as bytes and must be UTF-8; a path must be UTF-8 too.
+
+Adding a variable is one line in ``VARIABLES`` (a default of None leaves
+the engine's own default in force).  A variable with an engine
+option is applied to the engine by the mapping (``Settings.engine_options``).
+
+This module is on the startup path: it imports nothing but ``os``.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["ENV_PREFIX", "SettingError", "Settings", "VARIABLES", "load", "parse_duration"]
+
+ENV_PREFIX = "SPLICEPROXY_"
+
+
+class SettingError(Exception):
+    """An invalid SPLICEPROXY_* value (reported on fd 3, exit 1)."""
+
+
+# --------------------------------------------------------------------------
+# Value parsers: text -> value, ValueError(reason) on a bad value.
+
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+_DIGITS = "0123456789"
+
+
+def _ascii_digits(s: str) -> bool:
+    return bool(s) and all(c in _DIGITS for c in s)
+
+
+def boolean(text: str) -> bool:
+    """Go's strconv.ParseBool, exactly."""
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("not a boolean: use one of %s" % ", ".join(_TRUE + _FALSE))
+
+
+def integer(lo: int, hi: int):
+    """A decimal number of ASCII digits between lo and hi."""
+
+    def parse(text: str) -> int:
+        if not _ascii_digits(text):
+            raise ValueError("not a number (ASCII digits 0-9 only)")
+        value = int(text, 10)
+        if not lo <= value <= hi:
+            raise ValueError("must be between %d and %d" % (lo, hi))
+        return value
+
+    return parse
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
+                   "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _decimal(s: str) -> float | None:
+    """An ASCII decimal ("90", "2.5", ".5", "1.") as a float, or None."""
+    whole, dot, frac = s.partition(".")
+    if not whole and not frac:
+        return None
+    if (whole and not _ascii_digits(whole)) or (frac and not _ascii_digits(frac)):
+        return None
+    return float((whole or "0") + "." + (frac or "0")) if dot else float(whole)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a Go duration ("90s", "1m30s", "250ms") or a plain number of seconds.
+
+    Only ASCII digits count, no sign, no exponent, no "inf"/"nan"."""
+    plain = _decimal(text)
+    if plain is not None:
+        return plain
+    if not text:
+        raise ValueError("empty duration")
+    total = 0.0
+    i = 0
+    n = len(text)
+    while i < n:
+        j = i
+        while j < n and (text[j] in _DIGITS or text[j] == "."):
+            j += 1
+        number = _decimal(text[i:j])
+        if number is None:
+            raise ValueError("invalid duration %r" % text)
+        k = j
+        while k < n and not (text[k] in _DIGITS or text[k] == "."):
+            k += 1
+        unit = text[j:k]
+        if unit not in _DURATION_UNITS:
+            raise ValueError("unknown unit %r in duration %r" % (unit, text))
+        total += number * _DURATION_UNITS[unit]
+        i = k
+    return total
+
+
+def duration_ms(lo_ms: int, hi_ms: int):
+    """A duration (see parse_duration) in whole milliseconds between lo_ms and hi_ms."""
+
+    def parse(text: str) -> int:
+        ms = int(round(parse_duration(text) * 1000))
+        if ms < lo_ms:
+            raise ValueError("must be at least %dms" % lo_ms)
+        if ms > hi_ms:
+            raise ValueError("must be at most %ds" % (hi_ms // 1000))
+        return ms
+
+    return parse
+
+
+def choice(**values):
+    """One of the given words; the value is what the word maps to."""
+
+    def parse(text: str):
+        if text not in values:
+            raise ValueError("use %s" % " or ".join(values))
+        return values[text]
+
+    return parse
+
+
+def path(text: str) -> str:
+    """A file name (UTF-8 is checked for every value)."""
+    return text
+
+
+_UID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to setresuid
+
+
+def user(text: str) -> str | int:
+    """A user name, or a numeric uid of ASCII digits (returned as int).
+
+    Anything else that is not a plausible name ("²", "٠", "1 2") is refused
+    here rather than looked up: a lookup of a digit-like name must never be
+    mistaken for a uid."""
+    if _ascii_digits(text):
+        uid = int(text, 10)
+        if uid > _UID_MAX:
+            raise ValueError("uid out of range")
+        return uid
+    if text[:1] in _DIGITS or text[:1] in "-+" or any(
+            c in ":/," or c.isspace() or not c.isprintable() or (not c.isascii() and c.isdigit())
+            for c in text):
+        raise ValueError("neither a user name nor a uid (ASCII digits)")
+    return text
+
+
+# --------------------------------------------------------------------------
+# The variables.  Empty counts as unset (dockerd's environment may carry
+# "VAR=" to mean "not set").
+
+
+class Var:
+    __slots__ = ("name", "parse", "default", "option", "help")
+
+    def __init__(self, name: str, parse, default, option: str | None = None, help: str = ""):
+        self.name = name          # without the SPLICEPROXY_ prefix
+        self.parse = parse        # text -> value, ValueError(reason)
+        self.default = default    # the value when unset or empty
+        self.option = option      # engine option (an _engine.OPT_* name) it sets, if any
+        self.help = help
+
+    @property
+    def attr(self) -> str:
+        return self.name.lower()
+
+
+_YEAR_MS = 365 * 86400 * 1000
+
+VARIABLES = (
+    Var("LOG_FILE", path, None, help="append log lines to this file"),
+    Var("STATS_FILE", path, None, help="counters file, directory, or path with %p"),
+    Var("UDP_TIMEOUT", duration_ms(1, _YEAR_MS), 90_000, "OPT_UDP_TIMEOUT_MS",
+        "UDP client entry expiry"),
+    Var("UDP_MAX_FLOWS", integer(1, 1 << 24), 16384, "OPT_UDP_MAX_FLOWS",
+        "UDP client entries per port"),
+    Var("UDP_MAX_FLOWS_PER_ADDR", integer(0, 1 << 24), 0, "OPT_UDP_MAX_FLOWS_PER_ADDR",
+        "UDP entries per client address; 0 = a 16th of UDP_MAX_FLOWS"),
+    # Half-closed pairs are reclaimed after two minutes by default, as
+    # conntrack forgets a CLOSE_WAIT entry; 0 = never.
+    Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), 120_000, "OPT_IDLE_TIMEOUT_MS",
+        "reclaim idle half-closed TCP pairs after this long; 0 = never"),
+    Var("CONNECT_TIMEOUT", duration_ms(0, _YEAR_MS), 30_000, "OPT_CONNECT_TIMEOUT_MS",
+        "give up a backend connect after this long; 0 = the kernel's own"),
+    Var("PIPE_SIZE", integer(4096, 1 << 30), 1 << 20, "OPT_PIPE_SIZE", "bytes per relay pipe"),
+    Var("COPY_MODE", choice(splice="COPY_SPLICE", readwrite="COPY_READWRITE"), "COPY_SPLICE",
+        "OPT_COPY_MODE", "splice, or readwrite through user space"),
+    Var("COPY_BUF", integer(1, 64 << 20), 65536, "OPT_COPY_BUF", "bytes per direction (readwrite)"),
+    Var("USER", user, None, help="user (name or uid) to become; default: a uid of its own"),
+    Var("KEEP_PRIVILEGES", boolean, False, help="true keeps root: no privilege drop"),
+)
+
+
+class Settings:
+    """The parsed settings, one attribute per variable (``settings.udp_timeout``)."""
+
+    __slots__ = tuple(v.attr for v in VARIABLES)
+
+    def __init__(self, **values) -> None:
+        for v in VARIABLES:
+            object.__setattr__(self, v.attr, values.get(v.attr, v.default))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Settings are immutable")
+
+    def __delattr__(self, name):
+        raise AttributeError("Settings are immutable")
+
+    def engine_options(self) -> list[tuple[str, object]]:
+        """(option name, value) for every variable the engine takes; a str
+        value names an _engine constant (e.g. "COPY_SPLICE").  A default of
+        None leaves the engine's own default."""
+        return [(v.option, getattr(self, v.attr)) for v in VARIABLES
+                if v.option and getattr(self, v.attr) is not None]
+
+    def __repr__(self) -> str:
+        return "Settings(%s)" % ", ".join("%s=%r" % (v.attr, getattr(self, v.attr))
+                                          for v in VARIABLES)
+
+
+def _show(raw: bytes) -> str:
+    """A value for a message: as given if UTF-8, else escaped bytes."""
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)[1:]
+
+
+def load(environ: dict[bytes, bytes] | None = None) -> Settings:
+    """Parse every SPLICEPROXY_* variable (from os.environb by default)."""
+    env = os.environb if environ is None else environ
+    values = {}
+    for v in VARIABLES:
+        key = (ENV_PREFIX + v.name).encode()
+        raw = env.get(key)
+        if raw is None or raw == b"":
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SettingError("invalid %s%s=%s: not valid UTF-8"
+                               % (ENV_PREFIX, v.name, _show(raw))) from None
+        try:
+            values[v.attr] = v.parse(text)
+        except ValueError as e:
+            raise SettingError("invalid %s%s=%s: %s"
+                               % (ENV_PREFIX, v.name, _show(raw), e)) from None
+    return Settings(**values)

@@ -1,0 +1,90 @@
+"""The benchmark harness over real sockets and processes, in miniature.
+
+A few short rounds of the alternated latency groups through a real
+spliceproxy, checking what the table and the gate rely on: every round
+pairs the paths, the order is shuffled and recorded, the ratios carry their
+spread, and (as root) the namespaces use the chosen subnet and prefix and
+are gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from spliceproxy.bench import harness, report, topology
+
+
+def _small(h: harness.Harness, rounds: int = 3) -> harness.Harness:
+    h.p.rounds = h.p.lat_rounds = rounds
+    h.p.rr_iters, h.p.crr_count, h.p.udp_iters, h.p.burst_count = 200, 30, 100, 500
+    h.p.bulk_bytes = 8 << 20
+    h.p.loopback_groups = ("bulk", "rr", "crr", "udp")
+    return h
+
+
+def _check_run(res: harness.Results, variant: str, rounds: int) -> None:
+    m = res.variants[variant]
+    for metric in ("rr_p50", "crr_rate", "bulk_1"):
+        assert len(m[metric]["spliceproxy"]) == rounds, (metric, res.notes)
+        assert len(m[metric]["native"]) == rounds, (metric, res.notes)
+    st = res.ratio_stats(variant, "rr_p50", "spliceproxy", "native")
+    assert st.n == rounds and st.q1 <= st.value <= st.q3
+    orders = res.orders["%s:rr" % variant]
+    assert len(orders) == rounds and all(sorted(o) == ["native", "spliceproxy"]
+                                         for o in orders)
+    d = res.to_dict()
+    spread = d["metrics"][variant]["rr_p50"]["spliceproxy"]["ratio_spread"]["native"]
+    assert set(spread) >= {"value", "q1", "q3", "iqr", "of_medians", "rounds", "conclusive"}
+    assert d["seed"] == res.seed and d["method"]["latency_rounds"] == rounds
+    assert "rr_p50" in report.table(res) and "seed %d" % res.seed in report.table(res)
+
+
+def test_loopback_rounds_paired_shuffled_and_spread():
+    h = _small(harness.Harness("quick", netns=False, only=("native", "spliceproxy"),
+                               peers=False, variants=("loopback",), seed=7))
+    with h:
+        res = h.run_all(("bulk", "rr", "crr"))
+    _check_run(res, "loopback", 3)
+    # The same seed and groups replay the same orders.
+    h2 = _small(harness.Harness("quick", netns=False, only=("native", "spliceproxy"),
+                                peers=False, variants=("loopback",), seed=7))
+    with h2:
+        res2 = h2.run_all(("bulk", "rr", "crr"))
+    assert res2.orders == res.orders
+
+
+def test_json_record_carries_spread_and_seed(tmp_path):
+    h = _small(harness.Harness("quick", netns=False, only=("native", "spliceproxy"),
+                               peers=False, variants=("loopback",), seed=11), rounds=3)
+    with h:
+        res = h.run_all(("bulk", "rr"))
+    out = tmp_path / "r.json"
+    report.write_json(res, str(out))
+    data = json.loads(out.read_text())
+    assert data["summary"]["seed"] == 11
+    rec = next(b for b in data["benchmarks"] if b["name"] == "test_rr_p50[loopback-spliceproxy]")
+    assert rec["extra_info"]["ratio_spread"]["native"]["rounds"] == 3
+    assert len(rec["extra_info"]["round_index"]) == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+def test_namespaces_use_the_chosen_subnet_and_prefix():
+    prefix = "bt-h%d-" % os.getpid()
+    h = _small(harness.Harness("quick", only=("native", "spliceproxy"), peers=False,
+                               variants=("external",), subnet="198.19.240.0/24",
+                               netns_prefix=prefix, seed=3))
+    with h:
+        names = h.topo.names
+        assert all(n.startswith(prefix) for n in names)
+        addrs = subprocess.run(["ip", "-n", h.topo.host, "-4", "-o", "addr"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "198.19.240.2/25" in addrs and "198.19.240.129/25" in addrs
+        res = h.run_all(("bulk", "rr", "crr", "udp"))
+    _check_run(res, "external", 3)
+    assert len(res.variants["external"]["udp_added_p50"]["spliceproxy"]) == 3
+    left = os.listdir(topology.NETNS_DIR) if os.path.isdir(topology.NETNS_DIR) else []
+    assert not [n for n in left if n.startswith(prefix)]

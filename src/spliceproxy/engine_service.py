@@ -663,7 +663,10 @@ class Service:
                 self._logged(mapping.log)
             if kind == _engine.EV_LISTENER_FAILED:
                 # The engine dropped the listener; docker-proxy would exit 0.
+                # Removing it frees what is left (its connections, the slot).
                 self.mappings.pop(lid, None)
+                with contextlib.suppress(OSError):
+                    self.engine.remove(lid)
                 mapping.conn.mapping = None
                 self._send(mapping.conn, b"exit\0" + b"0\0")
                 mapping.log.close()

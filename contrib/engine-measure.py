@@ -14,8 +14,9 @@ spliceproxy-stub).  Prints:
   mappings grow to --ports; the kinds interleaved start by start (engine
   mode with the engine already running); median, quartiles, min and max;
 * private memory (USS: Private_Clean + Private_Dirty of smaps_rollup) with
-  --ports mappings of each kind alive at once: per process, the engine, the
-  sum, and each sum against docker-proxy's.
+  --ports mappings of each kind alive at once (engine mode: half through the
+  launcher, half with the stub run directly, one engine): per process, the
+  engine, the sum, and each sum against docker-proxy's.
 """
 
 from __future__ import annotations
@@ -138,10 +139,15 @@ def main() -> int:
             engine_pid = int(f.read())
         # Spawn times while the mappings grow (a container publishing a
         # range), the kinds interleaved start by start.
+        # Engine mode gets --ports mappings in all, half through the launcher
+        # and half with the stub run directly; the others --ports each.
+        limit = {k: args.ports for k in kinds}
+        limit["engine-stub"] = args.ports // 2
+        limit["engine"] = args.ports - limit["engine-stub"]
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for _ in range(args.ports):
             for kind, (path, env) in kinds.items():
-                if len(procs[kind]) >= args.ports:
+                if len(procs[kind]) >= limit[kind]:
                     continue
                 lp = spawn_fast(proxy_argv(path, "tcp", "127.0.0.1", free_port(),
                                            "127.0.0.1", bport), env)
@@ -153,9 +159,15 @@ def main() -> int:
         if "docker-proxy" in times:
             dp = statistics.median(times["docker-proxy"])
             for kind in times:
-                if kind != "docker-proxy":
-                    print("  %s / docker-proxy (medians): %.2fx"
-                          % (kind, statistics.median(times[kind]) / dp))
+                if kind == "docker-proxy":
+                    continue
+                # Same-round ratios: the starts of one round are back to
+                # back, so a busy neighbour slows both alike.
+                pairs = [a / b for a, b in zip(times[kind], times["docker-proxy"])]
+                q = statistics.quantiles(pairs, n=4)
+                print("  %s / docker-proxy: medians %.2fx; same-round ratios median %.2fx "
+                      "(q1 %.2f, q3 %.2f)" % (kind, statistics.median(times[kind]) / dp,
+                                             q[1], q[0], q[2]))
 
         time.sleep(0.5)
         print("private memory (USS):")

@@ -462,6 +462,9 @@ class Service:
             self.conns[sock.fileno()] = conn
             self.ep.register(sock.fileno(), _EPOLLIN | select.EPOLLRDHUP)
             self.idle_since = None
+            # A stub sends its request right after connecting: serve it now
+            # rather than one loop round later (start-up latency).
+            self._conn_event(sock.fileno(), _EPOLLIN)
 
     def _conn_event(self, fd: int, ev: int) -> None:
         conn = self.conns.get(fd)

@@ -776,3 +776,30 @@ def test_a_stub_stderr_nobody_reads_never_stalls_the_engine(host):
             noisy.proc.kill()
             noisy.proc.wait()
             noisy.proc.stderr.close()
+
+
+def test_mappings_coming_and_going_leak_nothing_in_the_engine(host):
+    with srv.EchoServer() as echo, UdpEcho() as uecho:
+        keep = host.start("tcp", echo.port)
+        engine = host.engine_pid()
+
+        def cycle():
+            t = host.start("tcp", echo.port)
+            u = host.start("udp", uecho.port)
+            srv.echo_roundtrip("127.0.0.1", t.port)
+            assert udp_roundtrip(u.port) == b"dgram"
+            assert t.stop(signal.SIGTERM) == 0 and u.stop(signal.SIGINT) == 0
+            host.stubs.remove(t)
+            host.stubs.remove(u)
+
+        cycle()  # pools and tables at their working size
+        fds = len(os.listdir("/proc/%d/fd" % engine))
+        for _ in range(30):
+            cycle()
+        assert srv.wait_for(lambda: len(os.listdir("/proc/%d/fd" % engine)) <= fds, 3.0), \
+            (fds, sorted(os.listdir("/proc/%d/fd" % engine)))
+        doc = host.status()
+        assert [m["stub_pid"] for m in doc["mappings"]] == [keep.pid]
+        assert doc["engine"]["counters"]["tcp_active"] == 0
+        assert doc["engine"]["counters"]["udp_flows_active"] == 0
+        srv.echo_roundtrip("127.0.0.1", keep.port)

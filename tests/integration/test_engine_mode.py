@@ -325,6 +325,27 @@ def test_use_listen_fd(host):
         assert lp.status == b"0\n"
 
 
+def test_udp_listen_fd_loses_reuseaddr_and_serves(host):
+    with UdpEcho() as echo, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ls:
+        # As dockerd before 29 passes it: SO_REUSEADDR and IP_PKTINFO set.
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO (not in the socket module)
+        ls.bind(("127.0.0.1", 0))
+        port = ls.getsockname()[1]
+        host.start("udp", echo.port, host_port=port, listen_sock=ls)
+        # The same socket: nobody else may bind the port beside it any more.
+        assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
+        assert udp_roundtrip(port, b"via fd 4") == b"via fd 4"
+
+
+@pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (::1) on this host")
+def test_ipv6_host_to_ipv4_container(host):
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port, host_ip="::1", container_ip="127.0.0.1")
+        srv.echo_roundtrip("::1", lp.port, b"6 to 4")
+        assert host.status()["mappings"][0]["host"] == "[::1]:%d" % lp.port
+
+
 def test_two_mappings_one_engine(host):
     with srv.EchoServer() as echo, UdpEcho() as uecho:
         a = host.start("tcp", echo.port)

@@ -176,9 +176,12 @@ def idle_exit_seconds(env=None) -> float | None:
 
 
 def _text_stream(fd: int | None):
+    """A stream on a stub's stdout/stderr that never blocks the loop (a full
+    pipe loses the text instead); None when there is nowhere to write."""
     if fd is None:
         return None
-    return open(fd, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+    out = _nowait_output(os.dup(fd))
+    return _NoWaitText(out) if out is not None else None
 
 
 def _parse_flags(argv: list[str], out_fd: int | None, err_fd: int | None):
@@ -199,9 +202,13 @@ def _parse_flags(argv: list[str], out_fd: int | None, err_fd: int | None):
 
 
 def _write_status(fd: int | None, payload: bytes) -> None:
+    """The answer on a stub's fd 3, in one write, then closed.  Non-blocking,
+    as docker-proxy 28+ sets it: dockerd reads it; nobody else may stall the
+    loop every port shares with a pipe that does not drain."""
     if fd is None:
         return
     with contextlib.suppress(OSError):
+        os.set_blocking(fd, False)
         os.write(fd, payload)
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -395,12 +402,12 @@ class Service:
         if self.mappings or self.conns:
             self.idle_since = time.monotonic() if not self.mappings else None
             return False
-        # Stop taking connections first, then look once more at the backlog:
-        # a stub that connected meanwhile is served; one that connects after
-        # the close finds no engine (or is hung up on, and tries again) and
-        # starts a new one.  Unprivileged, the engine cannot unlink the file
-        # in root's directory; a refused connect means the same to a stub.
-        self._unlink_socket()
+        # Look once more at the backlog: a stub that connected meanwhile is
+        # served.  Then stop taking connections: a stub that connects after
+        # the close is refused (or hung up on, and tries again) and starts a
+        # new engine, which waits for this one's lock.  The file goes last
+        # (unprivileged, the engine cannot unlink it in root's directory; a
+        # refused connect means the same to a stub).
         self._accept()
         if self.conns:
             return False
@@ -409,6 +416,7 @@ class Service:
                 self.ep.unregister(self.listener.fileno())
             self.listener.close()
             self.listener = None
+        self._unlink_socket()
         return True
 
     def _unlink_socket(self) -> None:
@@ -721,29 +729,66 @@ class Service:
         conn.sock.setblocking(False)
 
 
-def _nonblocking_output(fd: int) -> int | None:
-    """fd made safe for the loop to write to: one write never blocks it.
+class _NoWaitOutput:
+    """Writes to a stub's stdout or stderr that never block the loop.
 
-    A regular file is kept.  A pipe, terminal or other device is reopened
-    through /proc with O_NONBLOCK (a description of our own, so the stub's
-    is unchanged): a full pipe drops lines instead of stopping every port.
-    Anything else (a socket) is closed and None returned: no log.
+    The descriptor is the stub's (shared with dockerd or a terminal), so it
+    is not made O_NONBLOCK; each write asks for no waiting instead
+    (pwritev2 RWF_NOWAIT, which pipes honour): a pipe nobody reads drops
+    lines rather than stopping every port.  A terminal, which does not take
+    the flag, gets plain writes.  send() raises BlockingIOError like a
+    non-blocking descriptor, which Logger expects.
     """
+
+    __slots__ = ("fd", "plain")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.plain = False
+
+    def send(self, data) -> int:
+        if not self.plain:
+            try:
+                return os.pwritev(self.fd, [data], -1, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                    raise
+                self.plain = True
+        return os.write(self.fd, data)
+
+
+def _nowait_output(fd: int) -> _NoWaitOutput | None:
+    """A writer for fd (owned from now on), or None (fd closed) for a socket,
+    which takes no such flag (under dockerd stdio is /dev/null anyway)."""
     try:
-        st = os.fstat(fd)
+        kind = os.fstat(fd).st_mode & 0o170000
     except OSError:
+        kind = 0o140000
+    if kind == 0o140000:
         os.close(fd)
         return None
-    kind = st.st_mode & 0o170000
-    if kind == 0o100000:
-        return fd
-    new = None
-    if kind in (0o010000, 0o020000):
+    return _NoWaitOutput(fd)
+
+
+class _NoWaitText:
+    """The text stream goflags writes usage and flag errors to (lost if the
+    output does not take them at once)."""
+
+    def __init__(self, out: _NoWaitOutput):
+        self.out = out
+        self.buffer = self
+
+    def write(self, data) -> int:
+        raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
         with contextlib.suppress(OSError):
-            new = os.open("/proc/self/fd/%d" % fd, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK
-                          | os.O_NOCTTY | os.O_CLOEXEC)
-    os.close(fd)
-    return new
+            self.out.send(raw)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.out.fd)
 
 
 def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str]) -> Logger:
@@ -753,19 +798,19 @@ def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str])
     if log_fd is not None and err_fd is not None:
         os.close(err_fd)
     fd = log_fd if log_fd is not None else err_fd
-    if fd is not None:
-        fd = _nonblocking_output(fd)
-    log = Logger()  # then pointed at fd instead of the engine's stderr
+    out = _nowait_output(fd) if fd is not None else None
+    log = Logger()  # then pointed at the stub's descriptor instead of ours
     if log._own_fd:
         os.close(log.fd)
     log._own_fd = False
     log._send = None
     log.enabled = False
-    if fd is not None:
-        log.fd = fd
+    if out is not None:
+        log.fd = out.fd
         log._own_fd = True
+        log._send = out.send
         log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
-        log.enabled = not _is_devnull(os.fstat(fd))
+        log.enabled = not _is_devnull(os.fstat(out.fd))
     return log
 
 

@@ -211,6 +211,13 @@ int sp_engine_add_udp(struct sp_engine *e, int fd, int family,
  * (SP_EV_LISTENER_FAILED) too.  0, or -ENOENT for an unknown id. */
 int sp_engine_remove(struct sp_engine *e, int id);
 
+/* Give listener id its own value of option instead of the engine's, so one
+ * engine can serve mappings whose settings differ.  For the options a UDP
+ * listener reads per entry: SP_OPT_UDP_TIMEOUT_MS, SP_OPT_UDP_MAX_FLOWS,
+ * SP_OPT_UDP_MAX_FLOWS_PER_ADDR.  0, -EINVAL (another option, a bad value),
+ * or -ENOENT. */
+int sp_engine_set_listener_option(struct sp_engine *e, int id, int option, int64_t value);
+
 /* Copy listener id's counters into out[SP_STAT_COUNT]: the counters of
  * SP_LISTENER_STATS_LIST, zero for the others.  0 or -ENOENT. */
 int sp_engine_listener_stats(const struct sp_engine *e, int id, uint64_t *out);

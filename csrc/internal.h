@@ -48,6 +48,8 @@ struct sp_listener {
 	int64_t resume_at_ms;
 	struct sp_udp_listener *udp;  /* UDP state, owned by udp.c */
 	bool removed;                 /* sp_engine_remove(): the slot may be reused */
+	uint32_t opt_own;             /* bit o: opt[o] overrides the engine's */
+	int64_t opt[SP_OPT_COUNT];    /* sp_engine_set_listener_option() */
 	uint64_t stats[SP_STAT_COUNT]; /* this listener's share of the counters
 					* (SP_LISTENER_STATS_LIST only) */
 };
@@ -110,6 +112,14 @@ static inline void sp_lstat(struct sp_engine *e, int id, enum sp_stat s, int64_t
 	if (id >= 0 && id < e->n_listeners)
 		e->listeners[id].stats[s] += (uint64_t)n;
 }
+/* Option o as listener id sees it: its own value, else the engine's. */
+static inline int64_t sp_lopt(const struct sp_engine *e, int id, int o)
+{
+	if (id >= 0 && id < e->n_listeners && (e->listeners[id].opt_own & (1u << o)))
+		return e->listeners[id].opt[o];
+	return e->opt[o];
+}
+
 /* Count for the engine and for listener id. */
 static inline void sp_lcount(struct sp_engine *e, int id, enum sp_stat s, uint64_t n)
 {

@@ -551,6 +551,31 @@ int sp_stat_per_listener(int i)
 	return 0;
 }
 
+int sp_engine_set_listener_option(struct sp_engine *e, int id, int option, int64_t value)
+{
+	struct sp_listener *l;
+
+	if (id < 0 || id >= e->n_listeners || e->listeners[id].removed)
+		return -ENOENT;
+	l = &e->listeners[id];
+	switch (option) {
+	case SP_OPT_UDP_TIMEOUT_MS:
+	case SP_OPT_UDP_MAX_FLOWS_PER_ADDR:
+		if (value < 0)
+			return -EINVAL;
+		break;
+	case SP_OPT_UDP_MAX_FLOWS:
+		if (value < 1)
+			return -EINVAL;
+		break;
+	default:
+		return -EINVAL;
+	}
+	l->opt[option] = value;
+	l->opt_own |= 1u << option;
+	return 0;
+}
+
 int sp_engine_listener_stats(const struct sp_engine *e, int id, uint64_t *out)
 {
 	const struct sp_listener *l;

@@ -488,13 +488,13 @@ static bool sp_udp_evict(struct sp_engine *e, struct sp_udp_listener *ul)
 	return true;
 }
 
-/* sp_udp_per_addr_max() - the bound on one address's entries */
-static uint32_t sp_udp_per_addr_max(const struct sp_engine *e)
+/* sp_udp_per_addr_max() - the bound on one address's entries on listener id */
+static uint32_t sp_udp_per_addr_max(const struct sp_engine *e, int id)
 {
-	int64_t v = e->opt[SP_OPT_UDP_MAX_FLOWS_PER_ADDR];
+	int64_t v = sp_lopt(e, id, SP_OPT_UDP_MAX_FLOWS_PER_ADDR);
 
 	if (v <= 0)
-		v = e->opt[SP_OPT_UDP_MAX_FLOWS] / 16;
+		v = sp_lopt(e, id, SP_OPT_UDP_MAX_FLOWS) / 16;
 	if (v < 1)
 		v = 1;
 	return v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
@@ -546,8 +546,8 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 					   uint32_t hash)
 {
 	struct sp_udp_engine *u = e->udp;
-	int64_t max = e->opt[SP_OPT_UDP_MAX_FLOWS];
-	uint32_t per_addr = sp_udp_per_addr_max(e), shash;
+	int64_t max = sp_lopt(e, ul->id, SP_OPT_UDP_MAX_FLOWS);
+	uint32_t per_addr = sp_udp_per_addr_max(e, ul->id), shash;
 	struct sp_udp_flow *f;
 	struct sp_udp_src *src;
 	int fd, rc;
@@ -1019,15 +1019,17 @@ static int64_t sp_udp_granularity(int64_t timeout)
 int64_t sp_udp_timer(struct sp_engine *e)
 {
 	struct sp_udp_engine *u = e->udp;
-	int64_t timeout = e->opt[SP_OPT_UDP_TIMEOUT_MS];
 	int64_t next = -1;
 	int i;
 
-	if (!u || timeout <= 0)
+	if (!u)
 		return -1;
 	for (i = 0; i < u->n_ls; i++) {
 		struct sp_udp_listener *ul = u->ls[i];
+		int64_t timeout = sp_lopt(e, ul->id, SP_OPT_UDP_TIMEOUT_MS);
 
+		if (timeout <= 0)
+			continue;
 		/* The LRU tail saw traffic least recently in either
 		 * direction, so it is also the first to expire. */
 		while (ul->tail && ul->tail->last_ms + timeout <= e->now_ms) {
@@ -1035,15 +1037,14 @@ int64_t sp_udp_timer(struct sp_engine *e)
 			sp_lcount(e, ul->id, SP_STAT_UDP_FLOWS_EXPIRED, 1);
 		}
 		if (ul->tail) {
-			int64_t left = ul->tail->last_ms + timeout - e->now_ms;
+			int64_t left = ul->tail->last_ms + timeout - e->now_ms +
+				       sp_udp_granularity(timeout);
 
 			if (next < 0 || left < next)
 				next = left;
 		}
 	}
-	if (next < 0)
-		return -1;
-	return next + sp_udp_granularity(timeout);
+	return next;
 }
 
 /* sp_udp_io_new() - allocate the batch buffers */

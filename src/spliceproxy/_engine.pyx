@@ -221,6 +221,13 @@ cdef class Engine:
         if rc < 0:
             raise _oserror(-rc)
 
+    def set_listener_option(self, int listener, int option, long long value):
+        """Give one listener its own value of a per-listener option (engine.h)."""
+        self._check()
+        cdef int rc = sp_engine_set_listener_option(self.e, listener, option, value)
+        if rc < 0:
+            raise _oserror(-rc)
+
     def listener_stats(self, int listener):
         """The counters a listener keeps for itself, as {name: value}."""
         self._check()

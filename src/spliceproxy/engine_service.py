@@ -75,10 +75,14 @@ def load_settings(env: dict[str, str]) -> Settings:
 _OPTION_VARS = {v.option: ENV_PREFIX + v.name for v in settings.VARIABLES if v.option}
 
 
-def option_differences(mine: Settings, theirs: Settings) -> list[str]:
-    """The relay settings of theirs that the engine (mine) does not apply."""
+# What a UDP listener can have of its own (sp_engine_set_listener_option).
+PER_LISTENER_UDP = ("OPT_UDP_TIMEOUT_MS", "OPT_UDP_MAX_FLOWS", "OPT_UDP_MAX_FLOWS_PER_ADDR")
+
+
+def option_differences(mine: Settings, theirs: Settings) -> dict[str, object]:
+    """The engine options (by name) whose value in theirs differs from mine."""
     a, b = dict(mine.engine_options()), dict(theirs.engine_options())
-    return sorted(_OPTION_VARS[k] for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return {k: b.get(k, a.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
 def configure(engine: _engine.Engine, conf: Settings) -> None:
@@ -611,9 +615,6 @@ class Service:
         proxy.validate()
         assert self.settings is not None
         differ = option_differences(self.settings, options)
-        if differ:
-            proxy.log.log("%s: the engine's settings apply (%s differ from this mapping's "
-                          "environment)" % (proxy.front, ", ".join(differ)))
         c = proxy.config
         sock_type = SOCK_STREAM if c.proto == "tcp" else SOCK_DGRAM
         if adopt:
@@ -648,6 +649,18 @@ class Service:
                 os.close(dup)
             raise StartupError("cannot serve %s: %s" % (proxy.front, go_strerror(e.errno))
                                ) from None
+        # This mapping's own values where a listener can have them; the
+        # engine's for the rest, and the log says which.
+        for name in list(differ):
+            value = differ[name]
+            if c.proto == "udp" and name in PER_LISTENER_UDP and isinstance(value, int):
+                with contextlib.suppress(OSError):
+                    engine.set_listener_option(lid, getattr(_engine, name), value)
+                    del differ[name]
+        if differ:
+            proxy.log.log("%s: the engine's settings apply (%s differ from this mapping's "
+                          "environment)" % (proxy.front,
+                                            ", ".join(sorted(_OPTION_VARS[k] for k in differ))))
         return lid, dup, port
 
     def _remove(self, mapping: Mapping, why: str) -> None:

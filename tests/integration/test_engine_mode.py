@@ -824,3 +824,32 @@ def test_mappings_coming_and_going_leak_nothing_in_the_engine(host):
         assert doc["engine"]["counters"]["tcp_active"] == 0
         assert doc["engine"]["counters"]["udp_flows_active"] == 0
         srv.echo_roundtrip("127.0.0.1", keep.port)
+
+
+def test_udp_settings_apply_per_mapping(host):
+    """One engine, two UDP mappings: each expires its clients after its own
+    SPLICEPROXY_UDP_TIMEOUT (the engine's default is the first stub's)."""
+    with UdpEcho() as echo:
+        slow = host.start("udp", echo.port)  # starts the engine: 90 s
+        fast = host.start("udp", echo.port, env={"SPLICEPROXY_UDP_TIMEOUT": "300ms"})
+        assert udp_roundtrip(slow.port) == b"dgram"
+        assert udp_roundtrip(fast.port) == b"dgram"
+
+        def counters():
+            return {m["stub_pid"]: m["counters"] for m in host.status()["mappings"]}
+
+        assert srv.wait_for(lambda: counters()[fast.pid]["udp_flows_expired"] == 1, 5.0)
+        got = counters()
+        assert got[fast.pid]["udp_flows_active"] == 0
+        assert got[slow.pid]["udp_flows_active"] == 1 and got[slow.pid]["udp_flows_expired"] == 0
+        assert "the engine's settings apply" not in host.log()
+
+
+def test_settings_an_engine_cannot_apply_per_mapping_are_logged(host):
+    with srv.EchoServer() as echo:
+        host.start("tcp", echo.port)
+        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "5s"})
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+        want = ("tcp/127.0.0.1:%d: the engine's settings apply (SPLICEPROXY_IDLE_TIMEOUT "
+                "differ from this mapping's environment)" % lp.port)
+        assert srv.wait_for(lambda: want in host.log(), 3.0), host.log()

@@ -248,3 +248,25 @@ def test_remove_of_a_udp_listener_closes_its_client_entries(running):
         for c in clients:
             c.close()
         backend.close()
+
+
+def test_listener_options_are_checked():
+    eng = _engine.Engine()
+    try:
+        s = socket.socket(AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        lid = eng.add_udp(s.detach(), AF_INET, AF_INET, LOOPBACK, 9)
+        eng.set_listener_option(lid, _engine.OPT_UDP_TIMEOUT_MS, 250)
+        eng.set_listener_option(lid, _engine.OPT_UDP_MAX_FLOWS, 4)
+        for option, value, err in [(_engine.OPT_PIPE_SIZE, 8192, errno.EINVAL),
+                                   (_engine.OPT_UDP_MAX_FLOWS, 0, errno.EINVAL),
+                                   (_engine.OPT_UDP_TIMEOUT_MS, -1, errno.EINVAL)]:
+            with pytest.raises(OSError) as e:
+                eng.set_listener_option(lid, option, value)
+            assert e.value.errno == err
+        eng.remove(lid)
+        with pytest.raises(OSError) as e:
+            eng.set_listener_option(lid, _engine.OPT_UDP_TIMEOUT_MS, 250)
+        assert e.value.errno == errno.ENOENT
+    finally:
+        eng.close()

@@ -13,7 +13,19 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/sockets.c"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warning_flags():
+    """The project's C dialect and warning flags, from their one definition
+    (csrc/cflags.txt, also read by the C lint), without -D_GNU_SOURCE, which
+    the extension passes as a macro."""
+    with open(os.path.join(HERE, "csrc", "cflags.txt")) as f:
+        words = [w for line in f if not line.startswith("#") for w in line.split()]
+    return [w for w in words if w != "-D_GNU_SOURCE"]
+
+
+CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/process.c", "csrc/stats.c"]
 
 
 STUB_SRC = "csrc/stub/stub.c"
@@ -27,7 +39,7 @@ def build_stub():
     import subprocess
 
     cc = shlex.split(os.environ.get("CC", "cc"))
-    flags = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-Wall", "-Wextra", "-s"]
+    flags = warning_flags() + ["-D_GNU_SOURCE", "-O2", "-s"]
     if os.environ.get("SPLICEPROXY_WERROR") == "1":
         flags.append("-Werror")
     os.makedirs(os.path.dirname(STUB_OUT), exist_ok=True)
@@ -60,7 +72,7 @@ class LoudBuildExt(build_ext):
 def extensions():
     from Cython.Build import cythonize
 
-    cflags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+    cflags = warning_flags() + ["-O2", "-fno-strict-aliasing"]
     ldflags = []
     if os.environ.get("SPLICEPROXY_WERROR") == "1":
         cflags.append("-Werror")
@@ -102,16 +114,10 @@ def launcher():
     return [out]
 
 
-def cffi_modules():
-    path = "src/spliceproxy/bench/_loadgen_build.py:ffibuilder"
-    return [path] if os.path.exists(path.split(":")[0]) else []
-
-
 setup(
     scripts=launcher(),
     # Installed beside the launcher, which execs it in engine mode.
     data_files=[("bin", [STUB_OUT])],
     ext_modules=extensions(),
-    cffi_modules=cffi_modules(),
     cmdclass={"build_ext": LoudBuildExt},
 )

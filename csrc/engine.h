@@ -26,60 +26,67 @@
 struct sp_engine;
 
 /* Counters, in the order of the values in a counters file (whose names
- * travel with it, so readers need no copy of this list). */
-#define SP_STATS_LIST(X)                                                    \
-	X(TCP_ACCEPTED)        /* connections accepted */                   \
-	X(TCP_ACTIVE)          /* connections open now (gauge) */           \
-	X(TCP_FAILED)          /* backend connect failures */               \
-	X(TCP_CLOSED)          /* connections finished */                   \
-	X(TCP_RESETS)          /* resets propagated from one side to the other */ \
-	X(BYTES_C2B)           /* bytes relayed client -> backend */        \
-	X(BYTES_B2C)           /* bytes relayed backend -> client */        \
-	X(ACCEPT_PAUSES)       /* accept paused for lack of descriptors */  \
-	X(IDLE_RECLAIMED)      /* half-closed pairs reclaimed by timeout */ \
-	X(HEADROOM_RECLAIMED)  /* half-closed pairs reset to make room for new clients */ \
-	X(UDP_FLOWS_ACTIVE)    /* UDP client entries now (gauge) */         \
-	X(UDP_FLOWS_CREATED)   /* UDP client entries created */             \
-	X(UDP_FLOWS_EXPIRED)   /* UDP entries expired after the timeout */  \
-	X(UDP_FLOWS_EVICTED)   /* UDP entries evicted by the table bound */ \
-	X(UDP_ADDR_EVICTED)    /* UDP entries evicted by the per-address bound */ \
-	X(UDP_DGRAMS_C2B)      /* datagrams client -> backend */            \
-	X(UDP_DGRAMS_B2C)      /* datagrams backend -> client */            \
-	X(UDP_BYTES_C2B)                                                    \
-	X(UDP_BYTES_B2C)                                                    \
-	X(UDP_DROPS)           /* datagrams that could not be delivered */  \
-	X(PIPES_OPEN)          /* kernel pipes open now, pooled or in use (gauge) */ \
-	X(PIPES_IN_USE)        /* pipes holding data in flight (gauge) */   \
-	X(PIPE_RESIZE_DENIED)  /* F_SETPIPE_SZ refused (user pipe budget) */ \
-	X(FDS_OPEN)            /* descriptors the engine holds (gauge) */   \
-	X(ERR_EMFILE)          /* EMFILE/ENFILE seen */                     \
-	X(ERR_ENOBUFS)         /* ENOBUFS/ENOMEM seen */                    \
-	X(ERR_RESET)           /* ECONNRESET/EPIPE seen */                  \
-	X(ERR_OTHER)           /* any other per-connection error */         \
-	X(EVENTS_DROPPED)      /* log events lost because the ring was full */ \
-	X(STATS_WRITE_ERRORS)  /* failed or short writes of the counters file */ \
-	X(LOOP_WAKEUPS)        /* epoll_wait returns */                     \
-	X(SYSCALLS)            /* every system call the engine made */      \
-	X(SYS_EPOLL_WAIT)                                                   \
-	X(SYS_EPOLL_CTL)                                                    \
-	X(SYS_ACCEPT)                                                       \
-	X(SYS_SOCKET)                                                       \
-	X(SYS_CONNECT)                                                      \
-	X(SYS_SETSOCKOPT)                                                   \
-	X(SYS_GETSOCKOPT)                                                   \
-	X(SYS_SPLICE)                                                       \
-	X(SYS_READ)                                                         \
-	X(SYS_WRITE)                                                        \
-	X(SYS_SHUTDOWN)                                                     \
-	X(SYS_CLOSE)                                                        \
-	X(SYS_PIPE)                                                         \
-	X(SYS_FCNTL)                                                        \
-	X(SYS_RECVMMSG)                                                     \
-	X(SYS_SENDMMSG)                                                     \
-	X(SYS_RECV)                                                         \
-	X(SYS_SEND)                                                         \
-	X(SYS_BIND)                                                         \
-	X(SYS_OTHER)
+ * travel with it, so readers need no copy of this list).  Each is defined
+ * here once: X(NAME) D(KIND, "help"), KIND being COUNTER (only grows) or
+ * GAUGE (a level now, goes up and down).  SP_STATS_TABLE(X, D) expands both
+ * halves; SP_STATS_LIST(X) the names alone. */
+#define SP_STATS_LIST(X) SP_STATS_TABLE(X, SP_STAT_NO_DOC)
+#define SP_STAT_NO_DOC(kind, help)
+#define SP_STATS_TABLE(X, D)                                                                      \
+	X(TCP_ACCEPTED)        D(COUNTER, "connections accepted")                                 \
+	X(TCP_ACTIVE)          D(GAUGE,   "connections open now")                                 \
+	X(TCP_FAILED)          D(COUNTER, "backend connect failures")                             \
+	X(TCP_CLOSED)          D(COUNTER, "connections finished")                                 \
+	X(TCP_RESETS)          D(COUNTER, "resets propagated from one side to the other")         \
+	X(BYTES_C2B)           D(COUNTER, "bytes relayed client -> backend")                      \
+	X(BYTES_B2C)           D(COUNTER, "bytes relayed backend -> client")                      \
+	X(ACCEPT_PAUSES)       D(COUNTER, "accept paused for lack of descriptors")                \
+	X(IDLE_RECLAIMED)      D(COUNTER, "half-closed pairs reclaimed by timeout")               \
+	X(HEADROOM_RECLAIMED)  D(COUNTER, "half-closed pairs reset to make room for new clients") \
+	X(UDP_FLOWS_ACTIVE)    D(GAUGE,   "UDP client entries now")                               \
+	X(UDP_FLOWS_CREATED)   D(COUNTER, "UDP client entries created")                           \
+	X(UDP_FLOWS_EXPIRED)   D(COUNTER, "UDP entries expired after the timeout")                \
+	X(UDP_FLOWS_EVICTED)   D(COUNTER, "UDP entries evicted by the table bound")               \
+	X(UDP_ADDR_EVICTED)    D(COUNTER, "UDP entries evicted by the per-address bound")         \
+	X(UDP_DGRAMS_C2B)      D(COUNTER, "datagrams client -> backend")                          \
+	X(UDP_DGRAMS_B2C)      D(COUNTER, "datagrams backend -> client")                          \
+	X(UDP_BYTES_C2B)       D(COUNTER, "UDP payload bytes client -> backend")                  \
+	X(UDP_BYTES_B2C)       D(COUNTER, "UDP payload bytes backend -> client")                  \
+	X(UDP_DROPS)           D(COUNTER, "datagrams that could not be delivered")                \
+	X(PIPES_OPEN)          D(GAUGE,   "kernel pipes open now, pooled or in use")              \
+	X(PIPES_IN_USE)        D(GAUGE,   "pipes holding data in flight")                         \
+	X(PIPE_RESIZE_DENIED)  D(COUNTER, "F_SETPIPE_SZ refused (user pipe budget)")              \
+	X(FDS_OPEN)            D(GAUGE,   "descriptors the engine holds")                         \
+	X(ERR_EMFILE)          D(COUNTER, "EMFILE/ENFILE seen")                                   \
+	X(ERR_ENOBUFS)         D(COUNTER, "ENOBUFS/ENOMEM seen")                                  \
+	X(ERR_RESET)           D(COUNTER, "ECONNRESET/EPIPE seen")                                \
+	X(ERR_OTHER)           D(COUNTER, "any other per-connection error")                       \
+	X(EVENTS_DROPPED)      D(COUNTER, "log events lost because the ring was full")            \
+	X(STATS_WRITE_ERRORS)  D(COUNTER, "failed or short writes of the counters file")          \
+	X(LOOP_WAKEUPS)        D(COUNTER, "epoll_wait returns (empty spin polls not counted)")    \
+	X(SPIN_POLLS)          D(COUNTER, "epoll_wait(..., 0) calls of the busy-poll")            \
+	X(SPIN_HITS)           D(COUNTER, "busy-polls that found events (a wake-up saved)")       \
+	X(SYSCALLS)            D(COUNTER, "every system call the engine made")                    \
+	X(SYS_EPOLL_WAIT)      D(COUNTER, "epoll_wait system calls")                              \
+	X(SYS_EPOLL_CTL)       D(COUNTER, "epoll_ctl system calls")                               \
+	X(SYS_ACCEPT)          D(COUNTER, "accept system calls")                                  \
+	X(SYS_SOCKET)          D(COUNTER, "socket system calls")                                  \
+	X(SYS_CONNECT)         D(COUNTER, "connect system calls")                                 \
+	X(SYS_SETSOCKOPT)      D(COUNTER, "setsockopt system calls")                              \
+	X(SYS_GETSOCKOPT)      D(COUNTER, "getsockopt system calls")                              \
+	X(SYS_SPLICE)          D(COUNTER, "splice system calls")                                  \
+	X(SYS_READ)            D(COUNTER, "read system calls")                                    \
+	X(SYS_WRITE)           D(COUNTER, "write system calls")                                   \
+	X(SYS_SHUTDOWN)        D(COUNTER, "shutdown system calls")                                \
+	X(SYS_CLOSE)           D(COUNTER, "close system calls")                                   \
+	X(SYS_PIPE)            D(COUNTER, "pipe system calls")                                    \
+	X(SYS_FCNTL)           D(COUNTER, "fcntl system calls")                                   \
+	X(SYS_RECVMMSG)        D(COUNTER, "recvmmsg system calls")                                \
+	X(SYS_SENDMMSG)        D(COUNTER, "sendmmsg system calls")                                \
+	X(SYS_RECV)            D(COUNTER, "recv system calls")                                    \
+	X(SYS_SEND)            D(COUNTER, "send system calls")                                    \
+	X(SYS_BIND)            D(COUNTER, "bind system calls")                                    \
+	X(SYS_OTHER)           D(COUNTER, "system calls of any other kind")
 
 /* The counters each listener also keeps for itself, beside the engine's
  * totals (sp_engine_listener_stats()): what can be told apart per port. */
@@ -97,6 +104,9 @@ enum sp_stat {
 #undef SP_STAT_ENUM
 	SP_STAT_COUNT
 };
+
+/* What a counter is (sp_stat_kind()): a total that only grows, or a level. */
+enum sp_kind { SP_KIND_COUNTER = 0, SP_KIND_GAUGE = 1 };
 
 /*
  * A counters file (layout version 2), written whole at offset 0:
@@ -136,6 +146,9 @@ enum sp_option {
 				    * 30000; 0 = the kernel's own (about two minutes) */
 	SP_OPT_UDP_MAX_FLOWS_PER_ADDR, /* sizing: UDP entries per client address; 0 (default)
 					* = a sixteenth of SP_OPT_UDP_MAX_FLOWS */
+	SP_OPT_SPIN_US,            /* after a wake-up that moved bytes, poll without
+				    * blocking for up to this many microseconds
+				    * (at most 1000000); 0 (default) = off */
 	SP_OPT_COUNT
 };
 
@@ -250,24 +263,10 @@ const uint64_t *sp_engine_stats(const struct sp_engine *e);
 /* Name of counter i, lower case ("tcp_accepted"), or NULL. */
 const char *sp_stat_name(int i);
 
-/* Open a listening socket on addr the way docker-proxy does: SO_REUSEADDR,
- * IPV6_V6ONLY for AF_INET6, backlog from net.core.somaxconn for TCP,
- * IP_PKTINFO/IPV6_RECVPKTINFO for UDP.  type is SOCK_STREAM or SOCK_DGRAM.
- * On failure *step names the failing call ("socket", "bind", "listen", ...). */
-int sp_open_listener(int type, const struct sockaddr *addr, socklen_t len,
-		     const char **step);
+/* Kind of counter i (enum sp_kind), or -EINVAL. */
+int sp_stat_kind(int i);
 
-/* Raise the soft RLIMIT_NOFILE to the hard limit.  Returns the new limit. */
-int64_t sp_raise_nofile(void);
-
-/* Set the process name ps and top show (PR_SET_NAME, 15 bytes at most):
- * the launcher execs the interpreter, which would otherwise be shown. */
-int sp_set_process_name(const char *name);
-
-/* Become uid/gid for good: no supplementary groups, no capabilities in any
- * set (bounding and ambient included), no_new_privs, and the parent-death
- * signal re-armed (changing credentials clears it).  Call once every socket
- * is set up.  On failure *step names the call that failed. */
-int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step);
+/* One-line description of counter i, or NULL. */
+const char *sp_stat_help(int i);
 
 #endif

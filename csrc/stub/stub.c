@@ -729,7 +729,7 @@ int main(int argc, char **argv)
 	int fds[6], nfds = 0, log_fd = -1, sock = -1, listen_fd = -1, code;
 	int64_t deadline = now_ms() + START_WAIT_MS;
 	const char *log_path;
-	char text[1000], msg[700];
+	char text[1000], msg[1200];
 	sigset_t set;
 	int i;
 

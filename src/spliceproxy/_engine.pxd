@@ -1,4 +1,4 @@
-# Declarations of csrc/engine.h, nothing else.
+# Declarations of csrc/engine.h and csrc/process.h, nothing else.
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
 
@@ -27,6 +27,50 @@ cdef extern from "engine.h" nogil:
         uint32_t names_off
         uint32_t names_len
 
+    enum sp_option:
+        SP_OPT_PIPE_SIZE
+        SP_OPT_PIPE_POOL_MAX
+        SP_OPT_COPY_MODE
+        SP_OPT_COPY_BUF
+        SP_OPT_IDLE_TIMEOUT_MS
+        SP_OPT_UDP_TIMEOUT_MS
+        SP_OPT_UDP_MAX_FLOWS
+        SP_OPT_ACCEPT_BACKOFF_MS
+        SP_OPT_FD_LIMIT
+        SP_OPT_CONNECT_TIMEOUT_MS
+        SP_OPT_UDP_MAX_FLOWS_PER_ADDR
+        SP_OPT_SPIN_US
+        SP_OPT_COUNT
+
+    enum sp_copy_mode:
+        SP_COPY_SPLICE
+        SP_COPY_READWRITE
+
+    enum sp_run_result:
+        SP_RUN_STOPPED
+        SP_RUN_EVENTS
+        SP_RUN_WATCH
+        SP_RUN_TIMEOUT
+        SP_RUN_INTERRUPTED
+
+    enum sp_event_kind:
+        SP_EV_CONNECT_FAILED
+        SP_EV_ACCEPT_PAUSED
+        SP_EV_ACCEPT_RESUMED
+        SP_EV_ACCEPT_ERROR
+        SP_EV_UDP_SEND_FAILED
+        SP_EV_UDP_REPLY_FAILED
+        SP_EV_UDP_EVICTED
+        SP_EV_UDP_FLOW_FAILED
+        SP_EV_LISTENER_FAILED
+        SP_EV_IDLE_RECLAIMED
+        SP_EV_HEADROOM_RECLAIMED
+        SP_EV_UDP_ADDR_EVICTED
+
+    enum sp_kind:
+        SP_KIND_COUNTER
+        SP_KIND_GAUGE
+
     enum:
         SP_STAT_COUNT
         SP_STATS_MAGIC
@@ -50,6 +94,11 @@ cdef extern from "engine.h" nogil:
     int sp_engine_reserve_pipes(sp_engine *e, int n)
     const uint64_t *sp_engine_stats(const sp_engine *e)
     const char *sp_stat_name(int i)
+    int sp_stat_kind(int i)
+    const char *sp_stat_help(int i)
+
+
+cdef extern from "process.h" nogil:
     int sp_open_listener(int type, const sockaddr *addr, socklen_t len, const char **step)
     int64_t sp_raise_nofile()
     int sp_set_process_name(const char *name)

@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Thin binding of the C relay engine (csrc/engine.h).
+"""Thin binding of the C relay engine (csrc/engine.h) and its process
+helpers (csrc/process.h).
 
 Converts types, releases the GIL for the whole run loop, and turns -errno
 results into OSError in one place.  Policy lives in the Python front end.
@@ -41,40 +42,43 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_STREAM
         SOCK_DGRAM
 
-# Mirrors of the C enums that the front end needs.
-RUN_STOPPED = 0
-RUN_EVENTS = 1
-RUN_WATCH = 2
-RUN_TIMEOUT = 3
-RUN_INTERRUPTED = 4
+# The C enums the front end needs, by name: their values come from engine.h
+# through the .pxd, so reordering an enum cannot silently remap an option.
+# tests/unit/test_engine_api.py checks every one against the header.
+RUN_STOPPED = SP_RUN_STOPPED
+RUN_EVENTS = SP_RUN_EVENTS
+RUN_WATCH = SP_RUN_WATCH
+RUN_TIMEOUT = SP_RUN_TIMEOUT
+RUN_INTERRUPTED = SP_RUN_INTERRUPTED
 
-OPT_PIPE_SIZE = 0
-OPT_PIPE_POOL_MAX = 1
-OPT_COPY_MODE = 2
-OPT_COPY_BUF = 3
-OPT_IDLE_TIMEOUT_MS = 4
-OPT_UDP_TIMEOUT_MS = 5
-OPT_UDP_MAX_FLOWS = 6
-OPT_ACCEPT_BACKOFF_MS = 7
-OPT_FD_LIMIT = 8
-OPT_CONNECT_TIMEOUT_MS = 9
-OPT_UDP_MAX_FLOWS_PER_ADDR = 10
+OPT_PIPE_SIZE = SP_OPT_PIPE_SIZE
+OPT_PIPE_POOL_MAX = SP_OPT_PIPE_POOL_MAX
+OPT_COPY_MODE = SP_OPT_COPY_MODE
+OPT_COPY_BUF = SP_OPT_COPY_BUF
+OPT_IDLE_TIMEOUT_MS = SP_OPT_IDLE_TIMEOUT_MS
+OPT_UDP_TIMEOUT_MS = SP_OPT_UDP_TIMEOUT_MS
+OPT_UDP_MAX_FLOWS = SP_OPT_UDP_MAX_FLOWS
+OPT_ACCEPT_BACKOFF_MS = SP_OPT_ACCEPT_BACKOFF_MS
+OPT_FD_LIMIT = SP_OPT_FD_LIMIT
+OPT_CONNECT_TIMEOUT_MS = SP_OPT_CONNECT_TIMEOUT_MS
+OPT_UDP_MAX_FLOWS_PER_ADDR = SP_OPT_UDP_MAX_FLOWS_PER_ADDR
+OPT_SPIN_US = SP_OPT_SPIN_US
 
-COPY_SPLICE = 0
-COPY_READWRITE = 1
+COPY_SPLICE = SP_COPY_SPLICE
+COPY_READWRITE = SP_COPY_READWRITE
 
-EV_CONNECT_FAILED = 1
-EV_ACCEPT_PAUSED = 2
-EV_ACCEPT_RESUMED = 3
-EV_ACCEPT_ERROR = 4
-EV_UDP_SEND_FAILED = 5
-EV_UDP_REPLY_FAILED = 6
-EV_UDP_EVICTED = 7
-EV_UDP_FLOW_FAILED = 8
-EV_LISTENER_FAILED = 9
-EV_IDLE_RECLAIMED = 10
-EV_HEADROOM_RECLAIMED = 11
-EV_UDP_ADDR_EVICTED = 12
+EV_CONNECT_FAILED = SP_EV_CONNECT_FAILED
+EV_ACCEPT_PAUSED = SP_EV_ACCEPT_PAUSED
+EV_ACCEPT_RESUMED = SP_EV_ACCEPT_RESUMED
+EV_ACCEPT_ERROR = SP_EV_ACCEPT_ERROR
+EV_UDP_SEND_FAILED = SP_EV_UDP_SEND_FAILED
+EV_UDP_REPLY_FAILED = SP_EV_UDP_REPLY_FAILED
+EV_UDP_EVICTED = SP_EV_UDP_EVICTED
+EV_UDP_FLOW_FAILED = SP_EV_UDP_FLOW_FAILED
+EV_LISTENER_FAILED = SP_EV_LISTENER_FAILED
+EV_IDLE_RECLAIMED = SP_EV_IDLE_RECLAIMED
+EV_HEADROOM_RECLAIMED = SP_EV_HEADROOM_RECLAIMED
+EV_UDP_ADDR_EVICTED = SP_EV_UDP_ADDR_EVICTED
 
 STATS_HEADER_SIZE = sizeof(sp_stats_header)
 STATS_VERSION = SP_STATS_VERSION
@@ -116,6 +120,17 @@ def stat_names():
     return tuple(sp_stat_name(i).decode() for i in range(SP_STAT_COUNT))
 
 
+def stat_kinds():
+    """{name: "counter" or "gauge"} for every counter (engine.h's SP_STATS_TABLE)."""
+    return {sp_stat_name(i).decode(): ("gauge" if sp_stat_kind(i) == SP_KIND_GAUGE else "counter")
+            for i in range(SP_STAT_COUNT)}
+
+
+def stat_help():
+    """{name: one-line description} for every counter."""
+    return {sp_stat_name(i).decode(): sp_stat_help(i).decode() for i in range(SP_STAT_COUNT)}
+
+
 def open_listener(int type, int family, bytes addr, int port):
     """Open a listening socket like docker-proxy.
 
@@ -146,7 +161,7 @@ def set_process_name(str name):
 
 
 def drop_privileges(uid, gid):
-    """Become uid/gid with no capabilities and no way back (see engine.h)."""
+    """Become uid/gid with no capabilities and no way back (see process.h)."""
     cdef const char *step = NULL
     cdef int rc = sp_drop_privileges(uid, gid, &step)
     if rc < 0:

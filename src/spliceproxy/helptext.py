@@ -1,9 +1,10 @@
 """`spliceproxy help`: the subcommands and every SPLICEPROXY_* variable.
 
-``ENVIRONMENT`` is the one list of the environment variables the project
-reads, with their defaults and meanings; the help text is made from it and a
-test checks that every variable the code reads is in it.  It is meant to move
-into a settings module once the proxy's settings are read from one place.
+``ENVIRONMENT`` lists the environment variables the project reads, with
+their defaults and meanings; the help text is made from it and a test checks
+that every variable the code reads is in it.  The proxy's own rows come from
+``settings.VARIABLES`` (the one table the proxy parses them with); the build
+and test variables, which the proxy never reads, are listed here.
 
 Not on the proxy's startup path: imported only for `spliceproxy help`.
 """
@@ -50,33 +51,14 @@ SUBCOMMANDS = (
 # Variables being added alongside this table; the note goes once they are read.
 _PENDING = "new: read by releases that have it, ignored by earlier ones"
 
-ENVIRONMENT = (
-    Variable("SPLICEPROXY_LOG_FILE", "stderr",
-             "append log lines (docker-proxy's format) to this file; dockerd discards stderr"),
-    Variable("SPLICEPROXY_STATS_FILE", "none",
-             "keep the engine's counters in a shared mapping of this file, readable while "
-             "the proxy runs"),
-    Variable("SPLICEPROXY_UDP_TIMEOUT", "90s",
-             "UDP client entry expiry (Go duration or seconds)"),
-    Variable("SPLICEPROXY_UDP_MAX_FLOWS", "16384",
-             "UDP client entries per port; the least recently used is evicted beyond it"),
-    Variable("SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR", "a 16th of SPLICEPROXY_UDP_MAX_FLOWS",
-             "UDP client entries one client address (any port) may hold; beyond it the "
-             "address's own least recently used entry is replaced; 0 = the default",
-             note=_PENDING),
-    Variable("SPLICEPROXY_CONNECT_TIMEOUT", "30s",
-             "give up a backend connect not completed after this long; 0 = the kernel's own "
-             "limit (about two minutes)", note=_PENDING),
-    Variable("SPLICEPROXY_IDLE_TIMEOUT", "off",
-             "reset half-closed TCP pairs that saw no traffic for this long"),
-    Variable("SPLICEPROXY_PIPE_SIZE", "1048576",
-             "bytes per relay pipe (capped by /proc/sys/fs/pipe-max-size)"),
-    Variable("SPLICEPROXY_COPY_MODE", "splice",
-             "readwrite copies through user space instead (slower, for comparisons)"),
-    Variable("SPLICEPROXY_COPY_BUF", "65536", "buffer bytes per direction in readwrite mode"),
-    Variable("SPLICEPROXY_USER", "nobody",
-             "user (name or uid) a proxy started as root becomes once its sockets are set up"),
-    Variable("SPLICEPROXY_KEEP_PRIVILEGES", "off", "1 keeps root: no privilege drop"),
+
+def _proxy_rows() -> tuple[Variable, ...]:
+    from spliceproxy.settings import ENV_PREFIX, VARIABLES
+
+    return tuple(Variable(ENV_PREFIX + v.name, v.shown, v.help) for v in VARIABLES)
+
+
+ENVIRONMENT = _proxy_rows() + (
     Variable("SPLICEPROXY_ENGINE", "off",
              "1: engine mode, one host engine serves every port and each proxy is a small "
              "stub (README, Engine mode)"),
@@ -103,8 +85,6 @@ ENVIRONMENT = (
     Variable("SPLICEPROXY_E2E_NETNS_PREFIX", "spe2e-",
              "name prefix of the dockerd scenarios' network namespaces", group="tests",
              note=_PENDING),
-    Variable("SPLICEPROXY_HYPOTHESIS_EXAMPLES", "15",
-             "examples per UDP property test", group="tests"),
 )
 
 _GROUPS = (

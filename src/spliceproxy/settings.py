@@ -126,6 +126,20 @@ def duration_ms(lo_ms: int, hi_ms: int):
     return parse
 
 
+def duration_us(lo_us: int, hi_us: int):
+    """A duration (see parse_duration) in whole microseconds between lo_us and hi_us."""
+
+    def parse(text: str) -> int:
+        us = int(round(parse_duration(text) * 1e6))
+        if us < lo_us:
+            raise ValueError("must be at least %dus" % lo_us)
+        if us > hi_us:
+            raise ValueError("must be at most %dus" % hi_us)
+        return us
+
+    return parse
+
+
 def choice(**values):
     """One of the given words; the value is what the word maps to."""
 
@@ -169,14 +183,16 @@ def user(text: str) -> str | int:
 
 
 class Var:
-    __slots__ = ("name", "parse", "default", "option", "help")
+    __slots__ = ("name", "parse", "default", "option", "help", "shown")
 
-    def __init__(self, name: str, parse, default, option: str | None = None, help: str = ""):
+    def __init__(self, name: str, parse, default, option: str | None = None, help: str = "",
+                 shown: str = ""):
         self.name = name          # without the SPLICEPROXY_ prefix
         self.parse = parse        # text -> value, ValueError(reason)
         self.default = default    # the value when unset or empty
         self.option = option      # engine option (an _engine.OPT_* name) it sets, if any
-        self.help = help
+        self.help = help          # its meaning, for `spliceproxy help` (helptext)
+        self.shown = shown        # the default as `spliceproxy help` shows it
 
     @property
     def attr(self) -> str:
@@ -186,26 +202,46 @@ class Var:
 _YEAR_MS = 365 * 86400 * 1000
 
 VARIABLES = (
-    Var("LOG_FILE", path, None, help="append log lines to this file"),
-    Var("STATS_FILE", path, None, help="counters file, directory, or path with %p"),
-    Var("UDP_TIMEOUT", duration_ms(1, _YEAR_MS), 90_000, "OPT_UDP_TIMEOUT_MS",
-        "UDP client entry expiry"),
-    Var("UDP_MAX_FLOWS", integer(1, 1 << 24), 16384, "OPT_UDP_MAX_FLOWS",
-        "UDP client entries per port"),
+    Var("LOG_FILE", path, None, shown="stderr",
+        help="append log lines (docker-proxy's format) to this file; dockerd discards "
+             "stderr; SIGHUP reopens it"),
+    Var("STATS_FILE", path, None, shown="none",
+        help="write copies of the engine's counters to this file, readable while the proxy "
+             "runs; a directory or a path with %p gives each proxy its own file"),
+    Var("UDP_TIMEOUT", duration_ms(1, _YEAR_MS), 90_000, "OPT_UDP_TIMEOUT_MS", shown="90s",
+        help="UDP client entry expiry (Go duration or seconds)"),
+    Var("UDP_MAX_FLOWS", integer(1, 1 << 24), 16384, "OPT_UDP_MAX_FLOWS", shown="16384",
+        help="UDP client entries per port; beyond it one of the least recently used is "
+             "evicted"),
     Var("UDP_MAX_FLOWS_PER_ADDR", integer(0, 1 << 24), 0, "OPT_UDP_MAX_FLOWS_PER_ADDR",
-        "UDP entries per client address; 0 = a 16th of UDP_MAX_FLOWS"),
+        shown="a 16th of SPLICEPROXY_UDP_MAX_FLOWS",
+        help="UDP client entries one client address (any port) may hold; beyond it the "
+             "address's own least recently used entry is replaced; 0 = the default"),
     # Half-closed pairs are reclaimed after two minutes by default, as
     # conntrack forgets a CLOSE_WAIT entry; 0 = never.
-    Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), 120_000, "OPT_IDLE_TIMEOUT_MS",
-        "reclaim idle half-closed TCP pairs after this long; 0 = never"),
+    Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), 120_000, "OPT_IDLE_TIMEOUT_MS", shown="2m",
+        help="reset half-closed TCP pairs that saw no traffic for this long; 0 = never"),
     Var("CONNECT_TIMEOUT", duration_ms(0, _YEAR_MS), 30_000, "OPT_CONNECT_TIMEOUT_MS",
-        "give up a backend connect after this long; 0 = the kernel's own"),
-    Var("PIPE_SIZE", integer(4096, 1 << 30), 1 << 20, "OPT_PIPE_SIZE", "bytes per relay pipe"),
+        shown="30s",
+        help="give up a backend connect not completed after this long; 0 = the kernel's own "
+             "limit (about two minutes)"),
+    Var("PIPE_SIZE", integer(4096, 1 << 30), 1 << 20, "OPT_PIPE_SIZE", shown="1048576",
+        help="bytes per relay pipe (capped by /proc/sys/fs/pipe-max-size)"),
     Var("COPY_MODE", choice(splice="COPY_SPLICE", readwrite="COPY_READWRITE"), "COPY_SPLICE",
-        "OPT_COPY_MODE", "splice, or readwrite through user space"),
-    Var("COPY_BUF", integer(1, 64 << 20), 65536, "OPT_COPY_BUF", "bytes per direction (readwrite)"),
-    Var("USER", user, None, help="user (name or uid) to become; default: a uid of its own"),
-    Var("KEEP_PRIVILEGES", boolean, False, help="true keeps root: no privilege drop"),
+        "OPT_COPY_MODE", shown="splice",
+        help="readwrite copies through user space instead (slower, for comparisons)"),
+    Var("COPY_BUF", integer(1, 64 << 20), 65536, "OPT_COPY_BUF", shown="65536",
+        help="buffer bytes per direction in readwrite mode"),
+    # Off by default: measured in the benchmark (spliceproxy-spin path), see
+    # README "Busy-poll".
+    Var("SPIN", duration_us(0, 10_000), 0, "OPT_SPIN_US", shown="0 (off)",
+        help="after a wake-up that relayed bytes, keep polling without sleeping for this "
+             "long (Go duration, e.g. 50us; at most 10ms): lower request/response latency "
+             "for more CPU; 0 = off"),
+    Var("USER", user, None, shown="a uid of its own",
+        help="user (name or uid) a proxy started as root becomes once its sockets are set up"),
+    Var("KEEP_PRIVILEGES", boolean, False, shown="false",
+        help="true keeps root: no privilege drop"),
 )
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from support import cc as cc_flags
+
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "netns_client.py"
 UDP_ECHO_SRC = HERE / "udp_echo.c"
@@ -623,7 +625,7 @@ def image_rootfs(proxy_under_test, page_token):
         for applet in APPLETS:
             (root / "bin" / applet).symlink_to("busybox")
         (root / "www" / "index.html").write_text(page_token + "\n")
-        r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-std=c11",
+        r = subprocess.run(["gcc", "-static", "-O2", *cc_flags.cflags(),
                             "-o", str(root / "bin" / "udp_echo"), str(UDP_ECHO_SRC)],
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:

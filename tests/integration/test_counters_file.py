@@ -18,10 +18,11 @@ import threading
 import time
 
 import pytest
-import servers as srv
 
 from spliceproxy import stats
-from spliceproxy.bench.launch import ProxyStartError
+
+from support import servers as srv
+from support.servers import ProxyStartError
 
 MIB = 1 << 20
 

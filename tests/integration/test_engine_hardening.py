@@ -19,9 +19,10 @@ import threading
 import time
 
 import pytest
-import servers as srv
 
 from spliceproxy import _engine
+
+from support import servers as srv
 
 MIB = 1 << 20
 

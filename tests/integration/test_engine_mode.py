@@ -23,10 +23,11 @@ import threading
 import time
 
 import pytest
-import servers as srv
 
 from spliceproxy import control
 from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+
+from support import servers as srv
 
 IO_TIMEOUT = 5.0
 

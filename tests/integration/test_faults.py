@@ -29,14 +29,14 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import servers as srv
 
-from spliceproxy.bench.launch import proxy_argv, spawn
+from support import cc as cc_flags
+from support import servers as srv
+from support.servers import proxy_argv, spawn
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -66,8 +66,8 @@ def faultshim(tmp_path_factory) -> str:
         pytest.skip("gcc is not installed: the fault injection library cannot be built")
     out = tmp_path_factory.mktemp("faultshim") / "faultshim.so"
     src = Path(__file__).with_name("faultshim.c")
-    res = subprocess.run([cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared",
-                          "-fPIC", "-o", str(out), str(src), "-ldl"],
+    res = subprocess.run([cc, *cc_flags.cflags(), "-O2", "-shared", "-fPIC", "-o", str(out),
+                          str(src), "-ldl"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, "building faultshim.c failed:\n" + res.stderr
     return str(out)
@@ -512,38 +512,6 @@ def test_tcp_immediate_connect_enobufs_is_counted(faultshim, proxy_path, tmp_pat
 # UDP.
 
 
-class UdpEcho:
-    """A UDP echo backend in a thread, counting what it receives."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.received = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except (TimeoutError, BlockingIOError):
-                continue
-            except OSError:
-                continue
-            self.received += 1
-            with contextlib.suppress(OSError):
-                self.sock.sendto(data, addr)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
-        self.sock.close()
-
-
 class UdpClients:
     """Clients of one proxy, each on its own socket; every reply is checked."""
 
@@ -639,7 +607,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
     ls = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     ls.bind(("127.0.0.1", 0))
     port = ls.getsockname()[1]
-    echo = UdpEcho()
+    echo = srv.UdpEcho()
     with contextlib.ExitStack() as stack:
         stack.callback(echo.close)
         launched = spawn(proxy_argv(proxy_path, "udp", "127.0.0.1", port, "127.0.0.1",
@@ -686,7 +654,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         assert clients.received + drops == clients.sent, (
             "sent %d, echoed %d, counted as dropped %d" % (clients.sent, clients.received, drops))
         d = {k: st[k] - st0[k] for k in st}
-        assert d["udp_dgrams_c2b"] == echo.received, (d, echo.received)
+        assert d["udp_dgrams_c2b"] == echo.count, (d, echo.count)
         assert d["udp_dgrams_b2c"] == clients.received, d
         assert d["err_enobufs"] == sum(injected[p] for p in points), (d, injected)
         assert clients.received >= clients.sent // 3, (clients.sent, clients.received)

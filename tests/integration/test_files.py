@@ -15,9 +15,9 @@ import stat
 import time
 
 import pytest
-import servers as srv
 
-from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+from support import servers as srv
+from support.servers import ProxyStartError, proxy_argv, spawn
 
 VARS = ["SPLICEPROXY_LOG_FILE", "SPLICEPROXY_STATS_FILE"]
 ROOT_ONLY = b"root:$y$j9T$secret:19000:0:99999:7:::\n"

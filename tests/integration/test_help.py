@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import spliceproxy
-from spliceproxy import goflags, helptext
+from spliceproxy import goflags, helptext, settings
 
 REPO = Path(__file__).resolve().parents[2]
 POINTER = "Run 'spliceproxy help' for the subcommands and the SPLICEPROXY_* variables.\n"
@@ -57,6 +57,14 @@ def test_help_lists_every_subcommand_and_variable(proxy_path):
         done = _run(proxy_path, *args)
         assert done.returncode == 0, (cmd.usage, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_proxy_variables_are_described_by_the_settings_table():
+    # One table: what help says about a proxy variable is what settings.py,
+    # which parses it, says; the build and test variables follow.
+    rows = [(v.name, v.default, v.meaning) for v in helptext.ENVIRONMENT if v.group == "proxy"]
+    assert rows == [(settings.ENV_PREFIX + v.name, v.shown, v.help) for v in settings.VARIABLES]
+    assert all(v.shown and v.help for v in settings.VARIABLES)
 
 
 def _names_read(text: str) -> set[str]:

@@ -23,9 +23,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import servers as srv
 
-from spliceproxy.bench.launch import proxy_argv, spawn
+from support import servers as srv
+from support.servers import proxy_argv, spawn
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ import threading
 import time
 
 import pytest
-import servers as srv
 
-from spliceproxy.bench.launch import proxy_argv, spawn
+from support import servers as srv
+from support.servers import proxy_argv, spawn
 
 needs_ipv6 = pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (::1) on this host")
 

@@ -20,7 +20,8 @@ import threading
 import time
 
 import pytest
-import servers as srv
+
+from support import servers as srv
 
 pytestmark = pytest.mark.slow
 

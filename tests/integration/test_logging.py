@@ -21,9 +21,9 @@ import tempfile
 import time
 
 import pytest
-import servers as srv
 
-from spliceproxy.bench.launch import proxy_argv, spawn
+from support import servers as srv
+from support.servers import proxy_argv, spawn
 
 DROPPED = re.compile(rb"(\d+) log lines? dropped")
 

@@ -19,13 +19,13 @@ import os
 import pwd
 import signal
 import socket
-import threading
 
 import pytest
-import servers as srv
 
 from spliceproxy import identity
-from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+
+from support import servers as srv
+from support.servers import ProxyStartError, proxy_argv, spawn
 
 pytestmark = [
     pytest.mark.root,
@@ -47,43 +47,6 @@ def proc_status(pid: int) -> dict[str, str]:
 
 def ids(value: str) -> list[int]:
     return [int(x) for x in value.split()]
-
-
-class UdpEcho:
-    """A UDP echo backend on a thread; counts distinct client addresses."""
-
-    def __init__(self, host: str = "127.0.0.1"):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.peers: set = set()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(65536)
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            self.peers.add(peer)
-            with contextlib.suppress(OSError):
-                self.sock.sendto(data, peer)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2.0)
-        self.sock.close()
-
-    def __enter__(self) -> UdpEcho:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def udp_roundtrip(port: int, payload: bytes) -> bytes:
@@ -176,7 +139,7 @@ def test_tcp_proxy_runs_unprivileged_and_serves(proxy_path, env, uid, gid):
 
 @pytest.mark.parametrize("env,uid,gid", _user_cases())
 def test_udp_proxy_runs_unprivileged_and_serves_new_clients(proxy_path, env, uid, gid):
-    with UdpEcho() as echo, \
+    with srv.UdpEcho() as echo, \
             launched(proxy_path, "udp", srv.free_port(kind=socket.SOCK_DGRAM), echo.port,
                      env) as lp:
         assert_unprivileged(lp.pid, uid, gid)
@@ -185,7 +148,7 @@ def test_udp_proxy_runs_unprivileged_and_serves_new_clients(proxy_path, env, uid
         for i in range(5):
             payload = b"datagram %d" % i
             assert udp_roundtrip(port, payload) == payload
-        assert len(echo.peers) == 5
+        assert len(echo.peers()) == 5
         assert lp.stop() == 0
 
 
@@ -228,7 +191,7 @@ def test_privileged_port_is_served_after_the_drop(proxy_path, proto):
     port = next((p for p in (81, 82, 83, 444, 445) if _privileged_port_free(p, kind)), None)
     if port is None:
         pytest.skip("no free privileged port on 127.0.0.1")
-    backend = srv.EchoServer("127.0.0.1") if proto == "tcp" else UdpEcho()
+    backend = srv.EchoServer("127.0.0.1") if proto == "tcp" else srv.UdpEcho()
     with backend, launched(proxy_path, proto, port, backend.port, {}) as lp:
         assert_unprivileged(lp.pid, DYNAMIC, DYNAMIC)
         if proto == "tcp":

@@ -32,11 +32,11 @@ import threading
 import time
 
 import pytest
-import servers as srv
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spliceproxy.bench.launch import proxy_argv
+from support import servers as srv
+from support.servers import proxy_argv
 
 MIB = 1 << 20
 IO_TIMEOUT = 10.0

@@ -15,9 +15,9 @@ import socket
 import subprocess
 
 import pytest
-import servers as srv
 
-from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+from support import servers as srv
+from support.servers import ProxyStartError, proxy_argv, spawn
 
 BAD = [
     ({"SPLICEPROXY_KEEP_PRIVILEGES": "false "}, "SPLICEPROXY_KEEP_PRIVILEGES", "not a boolean"),

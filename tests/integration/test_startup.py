@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from spliceproxy.bench.launch import proxy_argv, spawn
+from support.servers import proxy_argv, spawn
 
 
 def _free_port() -> int:

@@ -14,10 +14,11 @@ import signal
 import subprocess
 
 import pytest
-import servers as srv
 
 from spliceproxy import stats
-from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+
+from support import servers as srv
+from support.servers import ProxyStartError, proxy_argv, spawn
 
 
 def _env(extra: dict) -> dict:

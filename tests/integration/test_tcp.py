@@ -16,7 +16,8 @@ import subprocess
 import time
 
 import pytest
-import servers as srv
+
+from support import servers as srv
 
 needs_ipv6 = pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (::1) on this host")
 

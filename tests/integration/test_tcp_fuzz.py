@@ -20,9 +20,10 @@ import threading
 import time
 
 import pytest
-import servers as srv
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from support import servers as srv
 
 MIB = 1 << 20
 MAX_PAYLOAD = 4 * MIB

@@ -9,42 +9,33 @@ threads of this process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import shutil
 import signal
 import socket
-import sys
-import threading
 import time
 
 import pytest
-import servers as srv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+from support import servers as srv
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 MAX_V4 = 65507
 MAX_V6 = 65527
 RECV_TIMEOUT = 5.0
-HYPOTHESIS_EXAMPLES = int(os.environ.get("SPLICEPROXY_HYPOTHESIS_EXAMPLES", "15"))
+# The property test's examples: a few in the default profile, the profile's
+# own number under HYPOTHESIS_PROFILE=long (the one knob, tests/conftest.py).
+HYPOTHESIS_EXAMPLES = (15 if os.environ.get("HYPOTHESIS_PROFILE", "fast") == "fast"
+                       else settings.default.max_examples)
 
+_family = srv.family
+_free_port = functools.partial(srv.free_port, kind=socket.SOCK_DGRAM)
+_wait_for = srv.wait_for
+UdpBackend = srv.UdpEcho
 
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _have_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback (::1) on this host")
+needs_ipv6 = pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (::1) on this host")
 
 
 def _have_127_0_0_2() -> bool:
@@ -54,25 +45,6 @@ def _have_127_0_0_2() -> bool:
         return True
     except OSError:
         return False
-
-
-def _proxy_command() -> list[str]:
-    exe = shutil.which("spliceproxy")
-    return [exe] if exe else [sys.executable, "-m", "spliceproxy"]
-
-
-def _argv(host_ip: str, host_port: int, container_ip: str, container_port: int,
-          use_listen_fd: bool = False) -> list[str]:
-    cmd = _proxy_command()
-    argv = proxy_argv(cmd[0], "udp", host_ip, host_port, container_ip, container_port,
-                      use_listen_fd=use_listen_fd)
-    return cmd + argv[1:]
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _fd_count(pid: int) -> int:
@@ -92,141 +64,23 @@ def _settled_fd_count(pid: int) -> int:
     return last
 
 
-def _wait_for(pred, timeout: float = 5.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-class UdpBackend:
-    """The "container": a UDP server recording (source, payload) and echoing."""
-
-    def __init__(self, host: str, port: int = 0, echo: bool = True):
-        self.sock = socket.socket(_family(host), socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        self.sock.bind((host, port))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.echo = echo
-        self.received: list[tuple[tuple, bytes]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except (socket.timeout, BlockingIOError):
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    break
-                continue
-            with self._lock:
-                self.received.append((addr, data))
-            if self.echo:
-                with contextlib.suppress(OSError):
-                    self.sock.sendto(data, addr)
-
-    def snapshot(self) -> list[tuple[tuple, bytes]]:
-        with self._lock:
-            return list(self.received)
-
-    def source_ports(self) -> list[int]:
-        return [addr[1] for addr, _ in self.snapshot()]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
-        self.sock.close()
-
-    def __enter__(self) -> UdpBackend:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class RunningProxy:
-    def __init__(self, launched, host_ip: str, port: int, log_file: str, stats_file: str,
-                 stderr_file: str):
-        self.launched = launched
-        self.host_ip = host_ip
-        self.port = port
-        self.log_file = log_file
-        self.stats_file = stats_file
-        self.stderr_file = stderr_file
-
-    @property
-    def pid(self) -> int:
-        return self.launched.pid
-
-    def alive(self) -> bool:
-        return self.launched.proc.poll() is None
-
-    def stats(self) -> dict[str, int]:
-        return srv.settled_stats(self.stats_file)
-
-    def log(self) -> str:
-        parts = []
-        for path in (self.log_file, self.stderr_file):
-            with contextlib.suppress(OSError), open(path, errors="replace") as f:
-                parts.append(f.read())
-        return "\n".join(parts)
-
-    def client(self, host: str | None = None) -> socket.socket:
-        """A client socket connected to the proxy (so it only takes replies from it)."""
-        host = host or self.host_ip
-        s = socket.socket(_family(host), socket.SOCK_DGRAM)
-        s.settimeout(RECV_TIMEOUT)
-        s.connect((host, self.port))
-        return s
-
-
 @contextlib.contextmanager
 def udp_proxy(tmp_path, host_ip: str, container_ip: str, container_port: int, *,
               env: dict | None = None, listen_sock: socket.socket | None = None,
               preexec_fn=None):
     """Run one UDP proxy for the duration of the block; asserts a clean exit 0."""
     tag = "{}-{}".format(host_ip.replace(":", "_"), container_port)
-    log_file = str(tmp_path / f"proxy-{tag}.log")
-    stats_file = str(tmp_path / f"proxy-{tag}.stats")
-    stderr_file = str(tmp_path / f"proxy-{tag}.stderr")
-    full_env = dict(os.environ)
-    full_env.update({"SPLICEPROXY_LOG_FILE": log_file, "SPLICEPROXY_STATS_FILE": stats_file})
-    full_env.update(env or {})
-    launched = None
-    for attempt in range(5):
-        if listen_sock is not None:
-            port = listen_sock.getsockname()[1]
-        else:
-            port = _free_port(host_ip)
-        argv = _argv(host_ip, port, container_ip, container_port,
-                     use_listen_fd=listen_sock is not None)
-        with open(stderr_file, "ab") as err:
-            try:
-                launched = spawn(argv, listen_sock=listen_sock, env=full_env, stderr=err,
-                                 timeout=20.0, preexec_fn=preexec_fn)
-                break
-            except ProxyStartError as exc:
-                # Another process may have taken the port we picked.
-                if listen_sock is None and "in use" in str(exc) and attempt < 4:
-                    continue
-                raise
-    assert launched is not None
-    proxy = RunningProxy(launched, host_ip, port, log_file, stats_file, stderr_file)
+    proxy = srv.Proxy(srv.installed_proxy_path(), str(tmp_path), host_ip, container_ip,
+                      container_port, listen_sock=listen_sock, env=env, preexec_fn=preexec_fn,
+                      proto="udp", stderr_path=str(tmp_path / f"proxy-{tag}.stderr"),
+                      timeout=20.0)
     try:
         yield proxy
     except BaseException:
-        launched.__exit__(None, None, None)
+        proxy.close()
         raise
     alive = proxy.alive()
-    rc = launched.stop()
+    rc = proxy.launched.stop()
     assert alive, f"proxy died during the test (rc={rc}):\n{proxy.log()}"
     assert rc == 0, f"proxy exited {rc} on SIGINT:\n{proxy.log()}"
 

@@ -15,9 +15,9 @@ import os
 import socket
 
 import pytest
-import servers as srv
 
-from spliceproxy.bench.launch import proxy_argv, spawn
+from support import servers as srv
+from support.servers import proxy_argv, spawn
 
 IO_TIMEOUT = 5.0
 
@@ -37,45 +37,29 @@ def _attack(host: str, port: int) -> int:
         return 0
 
 
-class UdpEcho:
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-
-    def serve_one(self) -> None:
-        self.sock.settimeout(IO_TIMEOUT)
-        data, peer = self.sock.recvfrom(65536)
-        self.sock.sendto(data, peer)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _roundtrip(port: int, echo: UdpEcho) -> None:
+def _roundtrip(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
         c.settimeout(IO_TIMEOUT)
         c.sendto(b"still ours", ("127.0.0.1", port))
-        echo.serve_one()
         assert c.recvfrom(65536)[0] == b"still ours"
 
 
 def test_udp_port_the_proxy_opened_cannot_be_bound_again(proxy_path):
-    echo = UdpEcho()
+    echo = srv.UdpEcho()
     port = srv.free_port(kind=socket.SOCK_DGRAM)
     argv = proxy_argv(proxy_path, "udp", "127.0.0.1", port, "127.0.0.1", echo.port)
     try:
         with spawn(argv, env=_env(), timeout=10.0) as lp:
             assert _attack("127.0.0.1", port) == errno.EADDRINUSE
             assert _attack("0.0.0.0", port) == errno.EADDRINUSE
-            _roundtrip(port, echo)
+            _roundtrip(port)
             assert lp.stop() == 0
     finally:
         echo.close()
 
 
 def test_udp_socket_passed_with_reuseaddr_cannot_be_bound_again(proxy_path):
-    echo = UdpEcho()
+    echo = srv.UdpEcho()
     ls = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as dockerd < 29
     ls.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO
@@ -88,7 +72,7 @@ def test_udp_socket_passed_with_reuseaddr_cannot_be_bound_again(proxy_path):
             ls.close()  # dockerd closes its copy once the proxy is up
             assert _attack("127.0.0.1", port) == errno.EADDRINUSE
             assert _attack("0.0.0.0", port) == errno.EADDRINUSE
-            _roundtrip(port, echo)
+            _roundtrip(port)
             assert lp.stop() == 0
     finally:
         ls.close()

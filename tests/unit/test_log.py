@@ -20,6 +20,23 @@ from spliceproxy.log import Logger
 LINE = re.compile(r"(\d{4})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) (.*)\n", re.S)
 
 
+@pytest.fixture(autouse=True)
+def _close_loggers(monkeypatch):
+    """Close every Logger a test made: one that reopened stderr or opened a
+    file owns that descriptor until closed."""
+    made = []
+    init = Logger.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Logger, "__init__", tracked)
+    yield
+    for logger in made:
+        logger.close()
+
+
 def _check_stamp(line: str, before: float, after: float) -> str:
     m = LINE.fullmatch(line)
     assert m, repr(line)

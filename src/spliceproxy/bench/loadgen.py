@@ -1,7 +1,8 @@
 """Access to the compiled load generator (spliceproxy.bench._loadgen).
 
-An installed package carries the module, built by setup.py.  From a source
-tree it is compiled once into a per-user cache directory.
+It is not part of the product's build (the proxy needs no cffi): the
+benchmark compiles it at its first use, with the bench extra's cffi, into a
+per-user cache directory, and again only when its source changes.
 """
 
 from __future__ import annotations

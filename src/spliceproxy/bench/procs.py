@@ -37,8 +37,35 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def _schedstat_seconds(pid: int) -> float | None:
+    """CPU time of pid's live threads in nanoseconds' resolution (schedstat), or None."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 def cpu_seconds(pid: int, tree: bool = False) -> float:
-    """utime+stime of pid (plus reaped children), and of live descendants if tree."""
+    """CPU seconds of pid; with tree, utime+stime of it, its reaped children and live
+    descendants.
+
+    A single process is read from schedstat: utime+stime count 10 ms clock
+    ticks, and a 128 MiB transfer through the engine takes about three of
+    them, which made CPU per GB jump between 0.43x, 0.5x and 0.75x of
+    docker-proxy's from round to round.
+    """
+    if not tree:
+        ns = _schedstat_seconds(pid)
+        if ns is not None and ns > 0:
+            return ns
     total = 0.0
     for i, p in enumerate([pid] + (children(pid) if tree else [])):
         try:

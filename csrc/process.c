@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT
  *
- * sockets.c - process set-up around the loop: opening listeners the way
- * docker-proxy does, the descriptor limit, and dropping privileges.
+ * process.c - process set-up around the loop: opening listeners the way
+ * docker-proxy does, the descriptor limit, the process name, and dropping
+ * privileges (process.h).  None of it touches an engine.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -20,7 +21,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
-#include "internal.h"
+#include "process.h"
 
 /* The backlog Go uses: net.core.somaxconn, capped to what listen() takes. */
 static int somaxconn(void)

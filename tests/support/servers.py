@@ -1,11 +1,14 @@
-"""Backends and utilities for the TCP integration tests.
+"""Backends, the proxy under test, and utilities for the tests.
 
-The "container" side of every test runs in this process: an echo server and a
-source/sink server driven by one selector thread each (so a thousand
-connections cost no threads), and an accepting backend that hands each
-accepted socket to the test, which then plays the container by hand
-(half-close, reset, checksums).  The proxy itself is always the installed
-program, started exactly as dockerd starts it (spliceproxy.bench.launch).
+The "container" side of every test runs in this process: a TCP echo server
+and a source/sink server driven by one selector thread each (so a thousand
+connections cost no threads), an accepting backend that hands each accepted
+socket to the test, which then plays the container by hand (half-close,
+reset, checksums), and the one UDP echo (UdpEcho).  The proxy itself is
+always the installed program, started exactly as dockerd starts it: Proxy
+for a proxy with a log and a counters file, and the product's launcher
+(spawn, proxy_argv, ProxyStartError, re-exported here) for the tests that
+need the bare launch.
 """
 
 from __future__ import annotations
@@ -18,19 +21,23 @@ import os
 import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 
 from spliceproxy import _engine
-from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
+from spliceproxy.bench.launch import LaunchedProxy, ProxyStartError, proxy_argv, spawn
 from spliceproxy.stats import read_stats_file
 
 IO_TIMEOUT = 10.0  # every blocking socket call in these tests
+
+__all__ = ["ProxyStartError", "proxy_argv", "spawn"]  # re-exported: the one launcher
 
 
 def family(host: str) -> int:
@@ -330,30 +337,135 @@ class AcceptingBackend:
         self.close()
 
 
+class UdpEcho:
+    """The "container" for UDP: a socket served by a thread, recording every
+    (source, payload) it receives and echoing it back to its source
+    (``echo=False``: records only; ``reply_if``: echoes only the payloads it
+    accepts)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, echo: bool = True,
+                 reply_if=None):
+        self.sock = socket.socket(family(host), socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.echo = echo
+        self.reply_if = reply_if
+        self._received: list[tuple[tuple, bytes]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                continue
+            with self._lock:
+                self._received.append((addr, data))
+            if self.echo and (self.reply_if is None or self.reply_if(data)):
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(data, addr)
+
+    def snapshot(self) -> list[tuple[tuple, bytes]]:
+        """Every (source address, payload) received so far."""
+        with self._lock:
+            return list(self._received)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._received)
+
+    def source_ports(self, match=None) -> list[int]:
+        """Source ports of what was received (of the payloads match accepts)."""
+        return [addr[1] for addr, data in self.snapshot() if match is None or match(data)]
+
+    def peers(self) -> set:
+        return {addr for addr, _ in self.snapshot()}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self.sock.close()
+
+    def __enter__(self) -> UdpEcho:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------
 # The proxy under test.
 
 
+def installed_proxy_path() -> str:
+    """Absolute path of the installed `spliceproxy` script (not a shell shim):
+    the one beside this interpreter, whatever PATH holds first."""
+    candidate = os.path.join(sysconfig.get_path("scripts"), "spliceproxy")
+    if os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which("spliceproxy")
+    if not found:
+        import pytest
+
+        pytest.skip("spliceproxy is not installed (pip install .)")
+    return os.path.realpath(found)
+
+
 class Proxy:
-    """The installed proxy started like dockerd starts it, with a log and a counters file."""
+    """The installed proxy started like dockerd starts it, with a log and a counters file.
+
+    ``proto`` is "tcp" or "udp".  Without ``host_port`` or ``listen_sock`` a
+    free port is picked, and picked again if another process takes it before
+    the proxy binds it.  ``stderr_path`` keeps the proxy's stderr, which
+    ``log()`` then includes."""
 
     def __init__(self, proxy_path: str, tmpdir: str, host_ip: str, container_ip: str,
                  container_port: int, host_port: int | None = None, listen_sock=None,
                  env: dict | None = None, preexec_fn=None, stderr=subprocess.DEVNULL,
-                 status_pipe: bool = True):
+                 status_pipe: bool = True, proto: str = "tcp", stderr_path: str | None = None,
+                 timeout: float = 10.0):
         self.host_ip = host_ip
-        self.port = host_port if host_port is not None else free_port(host_ip)
-        self.log_path = os.path.join(tmpdir, "proxy-%d.log" % self.port)
-        self.stats_path = os.path.join(tmpdir, "proxy-%d.stats" % self.port)
-        full_env = dict(os.environ)
-        full_env.update({"SPLICEPROXY_LOG_FILE": self.log_path,
-                         "SPLICEPROXY_STATS_FILE": self.stats_path})
-        full_env.update(env or {})
-        argv = proxy_argv(proxy_path, "tcp", host_ip, self.port, container_ip, container_port,
-                          use_listen_fd=listen_sock is not None)
-        self.launched: LaunchedProxy = spawn(argv, listen_sock=listen_sock, env=full_env,
-                                             stderr=stderr, preexec_fn=preexec_fn,
-                                             status_pipe=status_pipe, timeout=10.0)
+        self.proto = proto
+        kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+        pick = host_port is None and listen_sock is None
+        if listen_sock is not None:
+            host_port = listen_sock.getsockname()[1]
+        self.stderr_path = stderr_path
+        for attempt in range(5):
+            self.port = free_port(host_ip, kind) if pick else host_port
+            tag = "%s-%s-%d" % (proto, host_ip.replace(":", "_"), self.port)
+            self.log_path = os.path.join(tmpdir, "proxy-%s.log" % tag)
+            self.stats_path = os.path.join(tmpdir, "proxy-%s.stats" % tag)
+            full_env = dict(os.environ)
+            full_env.update({"SPLICEPROXY_LOG_FILE": self.log_path,
+                             "SPLICEPROXY_STATS_FILE": self.stats_path})
+            full_env.update(env or {})
+            argv = proxy_argv(proxy_path, proto, host_ip, self.port, container_ip,
+                              container_port, use_listen_fd=listen_sock is not None)
+            err = open(stderr_path, "ab") if stderr_path else None  # noqa: SIM115
+            try:
+                self.launched: LaunchedProxy = spawn(
+                    argv, listen_sock=listen_sock, env=full_env,
+                    stderr=err if err is not None else stderr, preexec_fn=preexec_fn,
+                    status_pipe=status_pipe, timeout=timeout)
+                break
+            except ProxyStartError as exc:
+                if pick and "in use" in str(exc) and attempt < 4:
+                    continue
+                raise
+            finally:
+                if err is not None:
+                    err.close()
 
     @property
     def pid(self) -> int:
@@ -371,11 +483,22 @@ class Proxy:
         return settled_stats(self.stats_path)
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        """The log file, and the stderr kept with stderr_path."""
+        parts = []
+        for path in (self.log_path, self.stderr_path):
+            if path:
+                with contextlib.suppress(FileNotFoundError), \
+                        open(path, encoding="utf-8", errors="replace") as f:
+                    parts.append(f.read())
+        return "\n".join(parts)
+
+    def client(self, host: str | None = None, timeout: float = 5.0) -> socket.socket:
+        """A UDP client connected to the proxy (so it takes replies from it alone)."""
+        host = host or self.host_ip
+        s = socket.socket(family(host), socket.SOCK_DGRAM)
+        s.settimeout(timeout)
+        s.connect((host, self.port))
+        return s
 
     def fd_count(self) -> int:
         return len(os.listdir("/proc/%d/fd" % self.pid))

@@ -1,0 +1,19 @@
+"""What the tests share: one package, imported as ``support``.
+
+``tests/conftest.py`` puts ``tests/`` on ``sys.path`` (the tests run with
+``--import-mode=importlib`` against the installed package, so nothing else
+does), and every test module imports what it needs from here:
+
+    from support import servers as srv
+
+- ``support.servers``: the "container" side (TCP echo, source/sink and
+  accepting backends, the one UDP echo, the C echo in a child process), the
+  proxy under test started as dockerd starts it (``srv.Proxy``, over the
+  product's own launcher ``spliceproxy.bench.launch``, whose ``spawn``,
+  ``proxy_argv`` and ``ProxyStartError`` it re-exports for the tests that
+  need the raw launch), and small socket utilities.
+- ``support.guard``: the check behind the autouse fixture that fails a test
+  leaving descriptors, child processes or network namespaces behind.
+- ``support.cc``: the project's C flags (``csrc/cflags.txt``) for the tests
+  that compile C.
+"""

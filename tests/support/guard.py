@@ -1,0 +1,120 @@
+"""What a test must leave as it found it: descriptors, children, namespaces.
+
+``tests/conftest.py`` takes a snapshot before every test and fails the test
+when, once things had a moment to settle, this process holds descriptors it
+did not hold before, has child processes it did not have (zombies aside: a
+process that exited is not running anywhere), or a network namespace appeared
+whose name carries this process's pid.  Only those namespaces are checked:
+other work on the host creates namespaces too, and every test here names its
+own with ``os.getpid()`` (the bench harness's ``<prefix><pid>-...`` included),
+so that is what attributes a namespace to this run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+NETNS_DIR = "/run/netns"  # what `ip netns list` lists
+SETTLE_S = 3.0
+
+
+@dataclass
+class Snapshot:
+    fds: dict[int, str] = field(default_factory=dict)
+    children: dict[int, str] = field(default_factory=dict)
+    netns: set[str] = field(default_factory=set)
+
+
+def _fds() -> dict[int, str]:
+    out = {}
+    listing = "/proc/self/fd"
+    for name in os.listdir(listing):
+        try:
+            target = os.readlink(os.path.join(listing, name))
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        out[int(name)] = target
+    return out
+
+
+def _children() -> dict[int, str]:
+    me = os.getpid()
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        rest = stat[stat.rfind(")") + 2:].split()
+        if len(rest) < 2 or rest[0] == "Z" or int(rest[1]) != me:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            cmd = "?"
+        out[int(name)] = cmd
+    return out
+
+
+def _netns() -> set[str]:
+    try:
+        names = os.listdir(NETNS_DIR)
+    except OSError:
+        return set()
+    mine = re.compile(r"(?<!\d)%d(?!\d)" % os.getpid())
+    return {n for n in names if mine.search(n)}
+
+
+def snapshot() -> Snapshot:
+    return Snapshot(_fds(), _children(), _netns())
+
+
+def _leaks(before: Snapshot) -> tuple[dict[int, str], dict[int, str], set[str]]:
+    now = snapshot()
+    fds = {fd: t for fd, t in now.fds.items() if before.fds.get(fd) != t}
+    kids = {pid: c for pid, c in now.children.items() if pid not in before.children}
+    return fds, kids, now.netns - before.netns
+
+
+def check(before: Snapshot, settle: float = SETTLE_S) -> list[str]:
+    """What the test left behind (waiting up to settle seconds for it to go);
+    leaked children are killed and leaked namespaces deleted, so one leak
+    does not fail the tests after it.  Descriptors are left alone: closing a
+    number some object still owns would break whatever closes it later."""
+    deadline = time.monotonic() + settle
+    collected = False
+    while True:
+        fds, kids, netns = _leaks(before)
+        if not (fds or kids or netns):
+            return []
+        if fds and not collected:
+            gc.collect()  # what a collection closes was garbage, not a leak
+            collected = True
+            continue
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    problems = []
+    for fd, target in sorted(fds.items()):
+        problems.append("descriptor %d -> %s" % (fd, target))
+    for pid, cmd in sorted(kids.items()):
+        problems.append("child process %d: %s" % (pid, cmd))
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    for name in sorted(netns):
+        problems.append("network namespace %s" % name)
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
+    return problems

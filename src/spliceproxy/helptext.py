@@ -23,7 +23,7 @@ class Variable(NamedTuple):
     name: str
     default: str
     meaning: str
-    group: str = "proxy"  # proxy (read at start-up), build (and install), or tests
+    group: str = "proxy"  # proxy (read at start-up), engine, build (and install), or tests
     note: str = ""
 
 
@@ -61,12 +61,14 @@ def _proxy_rows() -> tuple[Variable, ...]:
 ENVIRONMENT = _proxy_rows() + (
     Variable("SPLICEPROXY_ENGINE", "off",
              "1: engine mode, one host engine serves every port and each proxy is a small "
-             "stub (README, Engine mode)"),
+             "stub (README, Engine mode)", group="engine"),
     Variable("SPLICEPROXY_ENGINE_SOCKET",
              "/run/spliceproxy/engine.sock (root), $XDG_RUNTIME_DIR/spliceproxy/engine.sock",
-             "the engine's control socket; its directory must be the user's own, mode 0700"),
+             "the engine's control socket; its directory must be the user's own, mode 0700",
+             group="engine"),
     Variable("SPLICEPROXY_ENGINE_IDLE_EXIT", "5s",
-             "how long the engine stays up without mappings; never: until stopped"),
+             "how long the engine stays up without mappings; never: until stopped",
+             group="engine"),
     Variable("SPLICEPROXY_VENV", "/opt/spliceproxy",
              "the virtualenv scripts/install-venv installs into", group="build"),
     Variable("SPLICEPROXY_PYTHON", "/usr/bin/python3",
@@ -90,6 +92,7 @@ ENVIRONMENT = _proxy_rows() + (
 _GROUPS = (
     ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
               "value is a start-up failure reported on fd 3):"),
+    ("engine", "Engine mode (read by the stub and the engine; README, Engine mode):"),
     ("build", "Installing and building (scripts/install-venv, pip install):"),
     ("tests", "Test suite:"),
 )

@@ -243,8 +243,8 @@ VARIABLES = (
     Var("KEEP_PRIVILEGES", boolean, False, shown="false",
         help="true keeps root: no privilege drop"),
     Var("FASTPATH", boolean, False, shown="false",
-        help="true lets host-local clients skip the relay through the kernel; served by the "
-        "host engine only (a standalone proxy logs that it is not active)"),
+        help="true will let host-local clients skip the relay through the kernel, served "
+        "by the host engine; this release logs that it is not active yet"),
 )
 
 

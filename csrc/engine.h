@@ -86,6 +86,16 @@ struct sp_engine;
 	X(SYS_BIND)            D(COUNTER, "bind system calls")                                    \
 	X(SYS_OTHER)           D(COUNTER, "system calls of any other kind")
 
+/* The counters each listener also keeps for itself, beside the engine's
+ * totals (sp_engine_listener_stats()): what can be told apart per port. */
+#define SP_LISTENER_STATS_LIST(X)                                           \
+	X(TCP_ACCEPTED) X(TCP_ACTIVE) X(TCP_FAILED) X(TCP_CLOSED) X(TCP_RESETS) \
+	X(BYTES_C2B) X(BYTES_B2C) X(ACCEPT_PAUSES) X(IDLE_RECLAIMED)           \
+	X(HEADROOM_RECLAIMED) X(UDP_FLOWS_ACTIVE) X(UDP_FLOWS_CREATED)         \
+	X(UDP_FLOWS_EXPIRED) X(UDP_FLOWS_EVICTED) X(UDP_ADDR_EVICTED)          \
+	X(UDP_DGRAMS_C2B) X(UDP_DGRAMS_B2C) X(UDP_BYTES_C2B) X(UDP_BYTES_B2C)  \
+	X(UDP_DROPS) X(ERR_EMFILE) X(ERR_ENOBUFS) X(ERR_RESET) X(ERR_OTHER)
+
 enum sp_stat {
 #define SP_STAT_ENUM(name) SP_STAT_##name,
 	SP_STATS_LIST(SP_STAT_ENUM)
@@ -201,6 +211,27 @@ int sp_engine_add_tcp(struct sp_engine *e, int listen_fd,
  * Returns the listener id. */
 int sp_engine_add_udp(struct sp_engine *e, int fd, int family,
 		      const struct sockaddr *backend, socklen_t backend_len);
+
+/* Remove listener id at runtime: its socket and everything it owns are
+ * closed (TCP connections reset, as on stop; UDP entries closed), its
+ * queued events dropped, and its counters leave the engine's gauges.  The
+ * id may be given to a later listener.  Works on a listener that failed
+ * (SP_EV_LISTENER_FAILED) too.  0, or -ENOENT for an unknown id. */
+int sp_engine_remove(struct sp_engine *e, int id);
+
+/* Give listener id its own value of option instead of the engine's, so one
+ * engine can serve mappings whose settings differ.  For the options a UDP
+ * listener reads per entry: SP_OPT_UDP_TIMEOUT_MS, SP_OPT_UDP_MAX_FLOWS,
+ * SP_OPT_UDP_MAX_FLOWS_PER_ADDR.  0, -EINVAL (another option, a bad value),
+ * or -ENOENT. */
+int sp_engine_set_listener_option(struct sp_engine *e, int id, int option, int64_t value);
+
+/* Copy listener id's counters into out[SP_STAT_COUNT]: the counters of
+ * SP_LISTENER_STATS_LIST, zero for the others.  0 or -ENOENT. */
+int sp_engine_listener_stats(const struct sp_engine *e, int id, uint64_t *out);
+
+/* 1 if counter i is one a listener keeps for itself, else 0. */
+int sp_stat_per_listener(int i);
 
 /* Make run() return SP_RUN_WATCH when fd becomes readable (the front end
  * passes its signal wakeup descriptor).  The fd is not owned.  -1 clears. */

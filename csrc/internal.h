@@ -47,6 +47,11 @@ struct sp_listener {
 	bool pause_reported;          /* TCP: "paused" logged, "resumed" not yet */
 	int64_t resume_at_ms;
 	struct sp_udp_listener *udp;  /* UDP state, owned by udp.c */
+	bool removed;                 /* sp_engine_remove(): the slot may be reused */
+	uint32_t opt_own;             /* bit o: opt[o] overrides the engine's */
+	int64_t opt[SP_OPT_COUNT];    /* sp_engine_set_listener_option() */
+	uint64_t stats[SP_STAT_COUNT]; /* this listener's share of the counters
+					* (SP_LISTENER_STATS_LIST only) */
 };
 
 #define SP_EVENT_RING 256
@@ -100,6 +105,35 @@ static inline void sp_sys(struct sp_engine *e, enum sp_stat kind)
 /* Classify a per-connection errno into the error counters. */
 void sp_count_error(struct sp_engine *e, int err);
 
+/* Counters of listener id alone (the engine's totals are counted apart).
+ * The loop thread is the only reader and writer.  id < 0: none. */
+static inline void sp_lstat(struct sp_engine *e, int id, enum sp_stat s, int64_t n)
+{
+	if (id >= 0 && id < e->n_listeners)
+		e->listeners[id].stats[s] += (uint64_t)n;
+}
+/* Option o as listener id sees it: its own value, else the engine's. */
+static inline int64_t sp_lopt(const struct sp_engine *e, int id, int o)
+{
+	if (id >= 0 && id < e->n_listeners && (e->listeners[id].opt_own & (1u << o)))
+		return e->listeners[id].opt[o];
+	return e->opt[o];
+}
+
+/* Count for the engine and for listener id. */
+static inline void sp_lcount(struct sp_engine *e, int id, enum sp_stat s, uint64_t n)
+{
+	sp_count(e, s, n);
+	sp_lstat(e, id, s, (int64_t)n);
+}
+static inline void sp_lgauge_sub(struct sp_engine *e, int id, enum sp_stat s, uint64_t n)
+{
+	sp_gauge_sub(e, s, n);
+	sp_lstat(e, id, s, -(int64_t)n);
+}
+/* sp_count_error() for the engine and for listener id. */
+void sp_lcount_error(struct sp_engine *e, int id, int err);
+
 /* Queue an event for the front end; coalesces with the newest event of the
  * same kind, listener and errno. */
 void sp_emit(struct sp_engine *e, int kind, int err, int listener, uint64_t count);
@@ -128,6 +162,9 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 void sp_tcp_dispatch(struct sp_engine *e, uint64_t tag, uint32_t events);
 /* Socket options and O_NONBLOCK for a listener; accepted sockets inherit them. */
 void sp_tcp_listener_setup(struct sp_engine *e, int fd);
+/* Close every connection of listener l (reset: the mapping is gone) and
+ * forget its paused state and backend port pool. */
+void sp_tcp_listener_remove(struct sp_engine *e, struct sp_listener *l);
 /* Timers (accept resume, idle reclaim); returns ms until the next deadline, or -1. */
 int64_t sp_tcp_timer(struct sp_engine *e);
 

@@ -172,6 +172,29 @@ void sp_count_error(struct sp_engine *e, int err)
 	}
 }
 
+void sp_lcount_error(struct sp_engine *e, int id, int err)
+{
+	enum sp_stat s;
+
+	switch (err) {
+	case EMFILE:
+	case ENFILE:
+		s = SP_STAT_ERR_EMFILE;
+		break;
+	case ENOBUFS:
+	case ENOMEM:
+		s = SP_STAT_ERR_ENOBUFS;
+		break;
+	case ECONNRESET:
+	case EPIPE:
+		s = SP_STAT_ERR_RESET;
+		break;
+	default:
+		s = SP_STAT_ERR_OTHER;
+	}
+	sp_lcount(e, id, s, 1);
+}
+
 void sp_emit(struct sp_engine *e, int kind, int err, int listener, uint64_t count)
 {
 	struct sp_event *ev;
@@ -385,7 +408,23 @@ static struct sp_listener *listener_slot(struct sp_engine *e, int fd, int type, 
 					 const struct sockaddr *backend, socklen_t len)
 {
 	struct sp_listener *l;
+	int i;
 
+	/* A removed listener's slot first: ids stay small, and a port range
+	 * coming and going does not grow the table. */
+	for (i = 0; i < e->n_listeners; i++) {
+		l = &e->listeners[i];
+		if (l->removed) {
+			memset(l, 0, sizeof(*l));
+			l->fd = fd;
+			l->type = type;
+			l->family = family;
+			l->id = i;
+			memcpy(&l->backend, backend, len);
+			l->backend_len = len;
+			return l;
+		}
+	}
 	if (e->n_listeners == e->cap_listeners) {
 		int cap = e->cap_listeners ? e->cap_listeners * 2 : 4;
 		struct sp_listener *n = realloc(e->listeners, sizeof(*n) * cap);
@@ -462,6 +501,93 @@ int sp_engine_add_udp(struct sp_engine *e, int fd, int family, const struct sock
 		return rc;
 	}
 	return l->id;
+}
+
+int sp_engine_remove(struct sp_engine *e, int id)
+{
+	struct sp_listener *l;
+	unsigned i, kept = 0;
+
+	if (id < 0 || id >= e->n_listeners || e->listeners[id].removed)
+		return -ENOENT;
+	l = &e->listeners[id];
+	if (l->type == SOCK_STREAM)
+		sp_tcp_listener_remove(e, l);
+	else
+		sp_udp_listener_free(e, l);
+	if (l->fd >= 0) {
+		/* Explicitly: the stub holds a duplicate of this socket, so
+		 * close() alone would leave it in the epoll set. */
+		sp_epoll_del(e, l->fd);
+		sp_close(e, l->fd);
+		l->fd = -1;
+	}
+	/* Its queued events would be read as those of the next listener that
+	 * gets this id. */
+	for (i = 0; i < e->ring_len; i++) {
+		struct sp_event *ev = &e->ring[(e->ring_head + i) % SP_EVENT_RING];
+
+		if (ev->listener != id)
+			e->ring[(e->ring_head + kept++) % SP_EVENT_RING] = *ev;
+	}
+	e->ring_len = kept;
+	l->removed = true;
+	return 0;
+}
+
+static const enum sp_stat listener_stats[] = {
+#define SP_LSTAT_ENTRY(name) SP_STAT_##name,
+	SP_LISTENER_STATS_LIST(SP_LSTAT_ENTRY)
+#undef SP_LSTAT_ENTRY
+};
+
+int sp_stat_per_listener(int i)
+{
+	size_t k;
+
+	for (k = 0; k < sizeof(listener_stats) / sizeof(listener_stats[0]); k++)
+		if ((int)listener_stats[k] == i)
+			return 1;
+	return 0;
+}
+
+int sp_engine_set_listener_option(struct sp_engine *e, int id, int option, int64_t value)
+{
+	struct sp_listener *l;
+
+	if (id < 0 || id >= e->n_listeners || e->listeners[id].removed)
+		return -ENOENT;
+	l = &e->listeners[id];
+	switch (option) {
+	case SP_OPT_UDP_TIMEOUT_MS:
+	case SP_OPT_UDP_MAX_FLOWS_PER_ADDR:
+		if (value < 0)
+			return -EINVAL;
+		break;
+	case SP_OPT_UDP_MAX_FLOWS:
+		if (value < 1)
+			return -EINVAL;
+		break;
+	default:
+		return -EINVAL;
+	}
+	l->opt[option] = value;
+	l->opt_own |= 1u << option;
+	return 0;
+}
+
+int sp_engine_listener_stats(const struct sp_engine *e, int id, uint64_t *out)
+{
+	const struct sp_listener *l;
+	size_t k;
+
+	if (id < 0 || id >= e->n_listeners || e->listeners[id].removed)
+		return -ENOENT;
+	l = &e->listeners[id];
+	memset(out, 0, sizeof(uint64_t) * SP_STAT_COUNT);
+	for (k = 0; k < sizeof(listener_stats) / sizeof(listener_stats[0]); k++)
+		out[listener_stats[k]] = l->stats[listener_stats[k]];
+	return 0;
 }
 
 int sp_engine_watch(struct sp_engine *e, int fd)

@@ -346,8 +346,8 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 	c->gen++;
 	c->next = t->free_head;
 	t->free_head = idx;
-	sp_gauge_sub(e, SP_STAT_TCP_ACTIVE, 1);
-	sp_count(e, SP_STAT_TCP_CLOSED, 1);
+	sp_lgauge_sub(e, c->listener, SP_STAT_TCP_ACTIVE, 1);
+	sp_lcount(e, c->listener, SP_STAT_TCP_CLOSED, 1);
 	if (t->paused_listeners)
 		resume_listeners(e);
 	if (t->n_starved)
@@ -391,7 +391,10 @@ static uint64_t reclaim_for_room(struct sp_engine *e, bool force)
 			}
 		}
 		for (i = 0; i < k && (force || !fd_room(e)); i++) {
-			conn_close(e, best[i], conn_at(t, best[i]), true, true);
+			struct sp_conn *c = conn_at(t, best[i]);
+
+			sp_lstat(e, c->listener, SP_STAT_HEADROOM_RECLAIMED, 1);
+			conn_close(e, best[i], c, true, true);
 			force = false;
 			n++;
 		}
@@ -555,7 +558,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 			} else if (n < 0) {
 				return (int)n;
 			} else {
-				sp_count(e, bytes_stat, (uint64_t)n);
+				sp_lcount(e, c->listener, bytes_stat, (uint64_t)n);
 				c->last_ms = e->now_ms;
 				if ((size_t)n < before && d->queued)
 					*dst_wr = false;   /* socket buffer full */
@@ -582,7 +585,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 				 * where TCP holds the sender back, and retry once
 				 * descriptors are freed. */
 				c->want_pipe = true;
-				sp_count_error(e, (int)-n);
+				sp_lcount_error(e, c->listener, (int)-n);
 				break;
 			} else if (n == -EAGAIN) {
 				if (d->queued && !d->buf) {
@@ -621,14 +624,14 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 /* Reset both sides, as the NAT path would pass a reset on. */
 static void conn_reset(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
-	sp_count(e, SP_STAT_TCP_RESETS, 1);
+	sp_lcount(e, c->listener, SP_STAT_TCP_RESETS, 1);
 	conn_close(e, idx, c, true, true);
 }
 
 /* Both sides broken, or the survivor of one would not take its data: reset. */
 static void conn_abort(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
 {
-	sp_count_error(e, err);
+	sp_lcount_error(e, c->listener, err);
 	conn_reset(e, idx, c);
 }
 
@@ -774,7 +777,7 @@ static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, bool
 		conn_abort(e, idx, c, err);
 		return;
 	}
-	sp_count_error(e, err);
+	sp_lcount_error(e, c->listener, err);
 	c->broken = side;
 	c->linger_until = e->now_ms + RESET_LINGER_MS;
 	dir_release(e, back);
@@ -876,7 +879,7 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 	l->paused = true;
 	l->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 	e->tcp->paused_listeners++;
-	sp_count(e, SP_STAT_ACCEPT_PAUSES, 1);
+	sp_lcount(e, l->id, SP_STAT_ACCEPT_PAUSES, 1);
 	if (!l->pause_reported) {
 		l->pause_reported = true;
 		sp_emit(e, SP_EV_ACCEPT_PAUSED, err, l->id, 1);
@@ -1017,17 +1020,17 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	uint16_t bport;
 
 	if (t->free_head == NIL && table_grow(t) < 0) {
-		sp_count_error(e, ENOMEM);
+		sp_lcount_error(e, l->id, ENOMEM);
 		sp_close(e, cfd);
-		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		sp_lcount(e, l->id, SP_STAT_TCP_FAILED, 1);
 		return;
 	}
 	bfd = backend_socket(e, l, &connect_err, &bport);
 	if (bfd < 0) {
 		int err = -bfd;
 
-		sp_count_error(e, err);
-		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		sp_lcount_error(e, l->id, err);
+		sp_lcount(e, l->id, SP_STAT_TCP_FAILED, 1);
 		sp_emit(e, SP_EV_CONNECT_FAILED, err, l->id, 1);
 		sp_close(e, cfd);
 		if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)
@@ -1050,11 +1053,11 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	c->last_ms = e->now_ms;
 	dir_init(&c->c2b);
 	dir_init(&c->b2c);
-	sp_count(e, SP_STAT_TCP_ACTIVE, 1);
+	sp_lcount(e, l->id, SP_STAT_TCP_ACTIVE, 1);
 
 	if (connect_err) {
-		sp_count(e, SP_STAT_TCP_FAILED, 1);
-		sp_count_error(e, connect_err);
+		sp_lcount(e, l->id, SP_STAT_TCP_FAILED, 1);
+		sp_lcount_error(e, l->id, connect_err);
 		sp_emit(e, SP_EV_CONNECT_FAILED, connect_err, l->id, 1);
 		/* Like docker-proxy: a plain close, so the client sees FIN, or RST
 		 * if it had already sent data. */
@@ -1063,8 +1066,8 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	}
 	if (sp_epoll_add(e, cfd, SOCK_EVENTS, conn_tag(SP_TAG_TCP_CLIENT, idx, c->gen)) < 0 ||
 	    sp_epoll_add(e, bfd, SOCK_EVENTS, conn_tag(SP_TAG_TCP_BACKEND, idx, c->gen)) < 0) {
-		sp_count_error(e, errno);
-		sp_count(e, SP_STAT_TCP_FAILED, 1);
+		sp_lcount_error(e, l->id, errno);
+		sp_lcount(e, l->id, SP_STAT_TCP_FAILED, 1);
 		conn_close(e, idx, c, true, true);
 		return;
 	}
@@ -1114,19 +1117,19 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 				continue;
 			case EMFILE:
 			case ENFILE:
-				sp_count_error(e, err);
+				sp_lcount_error(e, l->id, err);
 				if (reclaim_for_room(e, true))
 					continue;
 				pause_listener(e, l, err);
 				return;
 			case ENOBUFS:
 			case ENOMEM:
-				sp_count_error(e, err);
+				sp_lcount_error(e, l->id, err);
 				pause_listener(e, l, err);
 				return;
 			default:
 				/* The listener itself is broken (EBADF, EINVAL...). */
-				sp_count_error(e, err);
+				sp_lcount_error(e, l->id, err);
 				sp_emit(e, SP_EV_LISTENER_FAILED, err, l->id, 1);
 				sp_epoll_del(e, l->fd);
 				sp_close(e, l->fd);
@@ -1135,7 +1138,7 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 			}
 		}
 		sp_fd_opened(e);
-		sp_count(e, SP_STAT_TCP_ACCEPTED, 1);
+		sp_lcount(e, l->id, SP_STAT_TCP_ACCEPTED, 1);
 		conn_start(e, l, cfd);
 	}
 }
@@ -1147,8 +1150,8 @@ static int sock_error(struct sp_engine *e, int fd);
  * the client sees FIN, or RST if it had already sent data. */
 static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
 {
-	sp_count(e, SP_STAT_TCP_FAILED, 1);
-	sp_count_error(e, err);
+	sp_lcount(e, c->listener, SP_STAT_TCP_FAILED, 1);
+	sp_lcount_error(e, c->listener, err);
 	sp_emit(e, SP_EV_CONNECT_FAILED, err, c->listener, 1);
 	conn_close(e, idx, c, false, false);
 }
@@ -1237,6 +1240,7 @@ static void reclaim_idle(struct sp_engine *e)
 		uint32_t next = c->next;
 
 		if (e->now_ms - c->last_ms >= timeout) {
+			sp_lstat(e, c->listener, SP_STAT_IDLE_RECLAIMED, 1);
 			conn_close(e, idx, c, true, true);
 			n++;
 		}
@@ -1317,6 +1321,33 @@ int64_t sp_tcp_timer(struct sp_engine *e)
 			next = left;
 	}
 	return next;
+}
+
+void sp_tcp_listener_remove(struct sp_engine *e, struct sp_listener *l)
+{
+	struct sp_conn_table *t = e->tcp;
+	uint32_t i, j;
+
+	for (i = 0; i < t->n_chunks; i++) {
+		for (j = 0; j < CONN_CHUNK; j++) {
+			struct sp_conn *c = &t->chunks[i][j];
+
+			/* Reset, as on stop: a FIN would pass a cut transfer off
+			 * as complete. */
+			if (c->state != CONN_FREE && c->listener == l->id)
+				conn_close(e, i * CONN_CHUNK + j, c, true, true);
+		}
+	}
+	if (l->paused) {
+		l->paused = false;
+		t->paused_listeners--;
+	}
+	if (l->id < t->n_ports) {
+		struct sp_port_pool *pp = &t->ports[l->id];
+
+		free(pp->ports);
+		memset(pp, 0, sizeof(*pp));
+	}
 }
 
 void sp_tcp_free(struct sp_engine *e)

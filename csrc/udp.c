@@ -466,7 +466,7 @@ static void sp_udp_flow_free(struct sp_engine *e, struct sp_udp_flow *f)
 	f->gen++;
 	f->hnext = e->udp->free_list;
 	e->udp->free_list = f;
-	sp_gauge_sub(e, SP_STAT_UDP_FLOWS_ACTIVE, 1);
+	sp_lgauge_sub(e, ul->id, SP_STAT_UDP_FLOWS_ACTIVE, 1);
 }
 
 /* sp_udp_evict() - drop a flow of ul to make room: of the least recently
@@ -483,18 +483,18 @@ static bool sp_udp_evict(struct sp_engine *e, struct sp_udp_listener *ul)
 		if (f->src && victim->src && f->src->count > victim->src->count)
 			victim = f;
 	sp_udp_flow_free(e, victim);
-	sp_count(e, SP_STAT_UDP_FLOWS_EVICTED, 1);
+	sp_lcount(e, ul->id, SP_STAT_UDP_FLOWS_EVICTED, 1);
 	sp_emit(e, SP_EV_UDP_EVICTED, 0, ul->id, 1);
 	return true;
 }
 
-/* sp_udp_per_addr_max() - the bound on one address's entries */
-static uint32_t sp_udp_per_addr_max(const struct sp_engine *e)
+/* sp_udp_per_addr_max() - the bound on one address's entries on listener id */
+static uint32_t sp_udp_per_addr_max(const struct sp_engine *e, int id)
 {
-	int64_t v = e->opt[SP_OPT_UDP_MAX_FLOWS_PER_ADDR];
+	int64_t v = sp_lopt(e, id, SP_OPT_UDP_MAX_FLOWS_PER_ADDR);
 
 	if (v <= 0)
-		v = e->opt[SP_OPT_UDP_MAX_FLOWS] / 16;
+		v = sp_lopt(e, id, SP_OPT_UDP_MAX_FLOWS) / 16;
 	if (v < 1)
 		v = 1;
 	return v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
@@ -546,8 +546,8 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 					   uint32_t hash)
 {
 	struct sp_udp_engine *u = e->udp;
-	int64_t max = e->opt[SP_OPT_UDP_MAX_FLOWS];
-	uint32_t per_addr = sp_udp_per_addr_max(e), shash;
+	int64_t max = sp_lopt(e, ul->id, SP_OPT_UDP_MAX_FLOWS);
+	uint32_t per_addr = sp_udp_per_addr_max(e, ul->id), shash;
 	struct sp_udp_flow *f;
 	struct sp_udp_src *src;
 	int fd, rc;
@@ -557,7 +557,7 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 	while ((max <= 0 || per_addr < (uint64_t)max) &&
 	       (src = sp_udp_src_find(u, ul, client, &shash)) && src->count >= per_addr) {
 		sp_udp_flow_free(e, src->tail);
-		sp_count(e, SP_STAT_UDP_ADDR_EVICTED, 1);
+		sp_lcount(e, ul->id, SP_STAT_UDP_ADDR_EVICTED, 1);
 		sp_emit(e, SP_EV_UDP_ADDR_EVICTED, 0, ul->id, 1);
 	}
 	if (max > 0)
@@ -567,11 +567,11 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 	fd = sp_udp_backend_socket(e, ul);
 	/* Out of descriptors: an old entry is worth less than a new client. */
 	if ((fd == -EMFILE || fd == -ENFILE) && sp_udp_evict_any(e, ul)) {
-		sp_count_error(e, -fd);
+		sp_lcount_error(e, ul->id, -fd);
 		fd = sp_udp_backend_socket(e, ul);
 	}
 	if (fd < 0) {
-		sp_count_error(e, -fd);
+		sp_lcount_error(e, ul->id, -fd);
 		sp_emit(e, SP_EV_UDP_FLOW_FAILED, -fd, ul->id, 1);
 		return NULL;
 	}
@@ -583,7 +583,7 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 			rc = 0;
 		if (rc < 0) {
 			sp_close(e, fd);
-			sp_count_error(e, -rc);
+			sp_lcount_error(e, ul->id, -rc);
 			sp_emit(e, SP_EV_UDP_FLOW_FAILED, -rc, ul->id, 1);
 			return NULL;
 		}
@@ -596,7 +596,7 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 		if (src)
 			sp_udp_src_release(ul, src);  /* if made for this flow */
 		sp_close(e, fd);
-		sp_count_error(e, -rc);
+		sp_lcount_error(e, ul->id, -rc);
 		sp_emit(e, SP_EV_UDP_FLOW_FAILED, -rc, ul->id, 1);
 		return NULL;
 	}
@@ -618,8 +618,8 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 	if (ul->count > ul->mask + 1)
 		sp_udp_rehash(ul);
 
-	sp_count(e, SP_STAT_UDP_FLOWS_CREATED, 1);
-	sp_count(e, SP_STAT_UDP_FLOWS_ACTIVE, 1);
+	sp_lcount(e, ul->id, SP_STAT_UDP_FLOWS_CREATED, 1);
+	sp_lcount(e, ul->id, SP_STAT_UDP_FLOWS_ACTIVE, 1);
 	return f;
 }
 
@@ -672,9 +672,9 @@ static void sp_udp_dropped(struct sp_engine *e, int kind, int err, int listener,
 {
 	if (!n)
 		return;
-	sp_count(e, SP_STAT_UDP_DROPS, n);
+	sp_lcount(e, listener, SP_STAT_UDP_DROPS, n);
 	if (err != EAGAIN && err != EWOULDBLOCK)
-		sp_count_error(e, err);
+		sp_lcount_error(e, listener, err);
 	sp_emit(e, kind, err, listener, n);
 }
 
@@ -757,8 +757,8 @@ static void sp_udp_forward(struct sp_engine *e, struct sp_udp_flow *f,
 		mh->msg_iovlen = 1;
 	}
 	bytes = sp_udp_sendmmsg(e, f->fd, io->smsg, n, SP_EV_UDP_SEND_FAILED, f->ul->id, &sent);
-	sp_count(e, SP_STAT_UDP_DGRAMS_C2B, sent);
-	sp_count(e, SP_STAT_UDP_BYTES_C2B, bytes);
+	sp_lcount(e, f->ul->id, SP_STAT_UDP_DGRAMS_C2B, sent);
+	sp_lcount(e, f->ul->id, SP_STAT_UDP_BYTES_C2B, bytes);
 }
 
 /* sp_udp_prep_recv() - reset the receive batch: buffers, names, control */
@@ -820,7 +820,7 @@ static void sp_udp_client_batch(struct sp_engine *e, struct sp_udp_listener *ul,
 			if (cur)
 				sp_udp_forward(e, cur, start, i);
 			cur = NULL;
-			sp_count(e, SP_STAT_UDP_DROPS, 1);
+			sp_lcount(e, ul->id, SP_STAT_UDP_DROPS, 1);
 			continue;
 		}
 		hash = sp_udp_hash(e->udp, a);
@@ -837,7 +837,7 @@ static void sp_udp_client_batch(struct sp_engine *e, struct sp_udp_listener *ul,
 		if (!f) {
 			f = sp_udp_flow_new(e, ul, a, mh->msg_namelen, hash);
 			if (!f) {
-				sp_count(e, SP_STAT_UDP_DROPS, 1);
+				sp_lcount(e, ul->id, SP_STAT_UDP_DROPS, 1);
 				continue;
 			}
 		}
@@ -883,7 +883,7 @@ void sp_udp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 			if (err == EAGAIN || err == EWOULDBLOCK || err == ECONNREFUSED)
 				return;
 			if (err == ENOBUFS || err == ENOMEM) {
-				sp_count_error(e, err);
+				sp_lcount_error(e, l->id, err);
 				return;
 			}
 			if (sp_udp_fatal(err)) {
@@ -893,7 +893,7 @@ void sp_udp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 			/* Unexpected but not fatal: report and keep serving.
 			 * LISTENER_FAILED would tell the front end the listener
 			 * is gone, so this uses the keeps-going kind. */
-			sp_count_error(e, err);
+			sp_lcount_error(e, l->id, err);
 			sp_emit(e, SP_EV_ACCEPT_ERROR, err, l->id, 1);
 			return;
 		}
@@ -945,8 +945,8 @@ static void sp_udp_reply_batch(struct sp_engine *e, struct sp_udp_flow *f, unsig
 	}
 	bytes = sp_udp_sendmmsg(e, f->ul->fd, io->smsg, n, SP_EV_UDP_REPLY_FAILED,
 				f->ul->id, &sent);
-	sp_count(e, SP_STAT_UDP_DGRAMS_B2C, sent);
-	sp_count(e, SP_STAT_UDP_BYTES_B2C, bytes);
+	sp_lcount(e, f->ul->id, SP_STAT_UDP_DGRAMS_B2C, sent);
+	sp_lcount(e, f->ul->id, SP_STAT_UDP_BYTES_B2C, bytes);
 }
 
 /* sp_udp_flow_event() - replies from the backend on one entry's socket:
@@ -975,11 +975,11 @@ void sp_udp_flow_event(struct sp_engine *e, uint32_t idx, uint32_t events)
 			if (err == EAGAIN || err == EWOULDBLOCK)
 				return;
 			if (err == ENOBUFS || err == ENOMEM) {
-				sp_count_error(e, err);
+				sp_lcount_error(e, f->ul->id, err);
 				return;
 			}
 			if (sp_udp_fatal(err)) {
-				sp_count_error(e, err);
+				sp_lcount_error(e, f->ul->id, err);
 				sp_udp_flow_free(e, f);
 				return;
 			}
@@ -987,7 +987,7 @@ void sp_udp_flow_event(struct sp_engine *e, uint32_t idx, uint32_t events)
 			 * the connected socket: reading consumed the error, the
 			 * backend may come back, the entry stays. */
 			if (err != ECONNREFUSED)
-				sp_count_error(e, err);
+				sp_lcount_error(e, f->ul->id, err);
 			if (++soft > 2)
 				return;
 			continue;
@@ -1019,31 +1019,32 @@ static int64_t sp_udp_granularity(int64_t timeout)
 int64_t sp_udp_timer(struct sp_engine *e)
 {
 	struct sp_udp_engine *u = e->udp;
-	int64_t timeout = e->opt[SP_OPT_UDP_TIMEOUT_MS];
 	int64_t next = -1;
 	int i;
 
-	if (!u || timeout <= 0)
+	if (!u)
 		return -1;
 	for (i = 0; i < u->n_ls; i++) {
 		struct sp_udp_listener *ul = u->ls[i];
+		int64_t timeout = sp_lopt(e, ul->id, SP_OPT_UDP_TIMEOUT_MS);
 
+		if (timeout <= 0)
+			continue;
 		/* The LRU tail saw traffic least recently in either
 		 * direction, so it is also the first to expire. */
 		while (ul->tail && ul->tail->last_ms + timeout <= e->now_ms) {
 			sp_udp_flow_free(e, ul->tail);
-			sp_count(e, SP_STAT_UDP_FLOWS_EXPIRED, 1);
+			sp_lcount(e, ul->id, SP_STAT_UDP_FLOWS_EXPIRED, 1);
 		}
 		if (ul->tail) {
-			int64_t left = ul->tail->last_ms + timeout - e->now_ms;
+			int64_t left = ul->tail->last_ms + timeout - e->now_ms +
+				       sp_udp_granularity(timeout);
 
 			if (next < 0 || left < next)
 				next = left;
 		}
 	}
-	if (next < 0)
-		return -1;
-	return next + sp_udp_granularity(timeout);
+	return next;
 }
 
 /* sp_udp_io_new() - allocate the batch buffers */

@@ -110,6 +110,15 @@ def main(argv=None):
         return 0
     if cmd == "install-path":
         return _install_path(argv[0])
+    if cmd in ("engine", "status"):
+        # The host engine (SPLICEPROXY_ENGINE=1) and its status report.
+        if cmd == "engine":
+            from spliceproxy.engine_service import main as engine_main
+
+            return engine_main(argv[2:])
+        from spliceproxy.engine_status import main as status_main
+
+        return status_main(argv[2:])
     try:
         from spliceproxy import goflags  # the Go-flag parser: -h gets one more line
         from spliceproxy.process import main as proxy_main

@@ -228,6 +228,30 @@ cdef class Engine:
             raise _oserror(-rc)
         return rc
 
+    def remove(self, int listener):
+        """Close listener (an id from add_*) and everything it owns; the id may be reused."""
+        self._check()
+        cdef int rc = sp_engine_remove(self.e, listener)
+        if rc < 0:
+            raise _oserror(-rc)
+
+    def set_listener_option(self, int listener, int option, long long value):
+        """Give one listener its own value of a per-listener option (engine.h)."""
+        self._check()
+        cdef int rc = sp_engine_set_listener_option(self.e, listener, option, value)
+        if rc < 0:
+            raise _oserror(-rc)
+
+    def listener_stats(self, int listener):
+        """The counters a listener keeps for itself, as {name: value}."""
+        self._check()
+        cdef uint64_t out[SP_STAT_COUNT]
+        cdef int rc = sp_engine_listener_stats(self.e, listener, out)
+        if rc < 0:
+            raise _oserror(-rc)
+        return {sp_stat_name(i).decode(): out[i] for i in range(SP_STAT_COUNT)
+                if sp_stat_per_listener(i)}
+
     def reserve_pipes(self, int n):
         """Create n pooled relay pipes now; returns how many are pooled."""
         self._check()

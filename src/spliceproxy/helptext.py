@@ -23,7 +23,7 @@ class Variable(NamedTuple):
     name: str
     default: str
     meaning: str
-    group: str = "proxy"  # proxy (read at start-up), build (and install), or tests
+    group: str = "proxy"  # proxy (read at start-up), engine (engine mode), build, or tests
     note: str = ""
 
 
@@ -39,6 +39,11 @@ SUBCOMMANDS = (
     Subcommand("spliceproxy install-path",
                "print the real path of this installed command: the value for "
                "\"userland-proxy-path\" in /etc/docker/daemon.json"),
+    Subcommand("spliceproxy engine [--socket PATH]",
+               "run the host engine in the foreground (engine mode, SPLICEPROXY_ENGINE=1; "
+               "the proxies start it themselves when none runs)"),
+    Subcommand("spliceproxy status [--socket PATH] [--json | --prometheus]",
+               "every mapping the host engine serves, with its connections, bytes and errors"),
     Subcommand("spliceproxy help", "this text"),
     Subcommand("spliceproxy -v", "print the version"),
 )
@@ -54,6 +59,16 @@ def _proxy_rows() -> tuple[Variable, ...]:
 
 
 ENVIRONMENT = _proxy_rows() + (
+    Variable("SPLICEPROXY_ENGINE", "off",
+             "1: engine mode, one host engine serves every port and each proxy is a small "
+             "stub (README, Engine mode)", group="engine"),
+    Variable("SPLICEPROXY_ENGINE_SOCKET",
+             "/run/spliceproxy/engine.sock (root), $XDG_RUNTIME_DIR/spliceproxy/engine.sock",
+             "the engine's control socket; its directory must be the user's own, mode 0700",
+             group="engine"),
+    Variable("SPLICEPROXY_ENGINE_IDLE_EXIT", "5s",
+             "how long the engine stays up without mappings; never: until stopped",
+             group="engine"),
     Variable("SPLICEPROXY_VENV", "/opt/spliceproxy",
              "the virtualenv scripts/install-venv installs into", group="build"),
     Variable("SPLICEPROXY_PYTHON", "/usr/bin/python3",
@@ -77,6 +92,7 @@ ENVIRONMENT = _proxy_rows() + (
 _GROUPS = (
     ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
               "value is a start-up failure reported on fd 3):"),
+    ("engine", "Engine mode (read by the launcher, the per-port stub and the host engine):"),
     ("build", "Installing and building (scripts/install-venv, pip install):"),
     ("tests", "Test suite:"),
 )

@@ -1,0 +1,851 @@
+/* SPDX-License-Identifier: MIT
+ *
+ * stub.c - the per-port process of the host engine mode.
+ *
+ * dockerd starts one userland proxy per published port and expects it to
+ * live as long as the mapping.  In engine mode (SPLICEPROXY_ENGINE=1) that
+ * process is this stub: it hands its command line, its SPLICEPROXY_*
+ * environment and its descriptors 1, 2, 3 and 4 to the host engine over the
+ * engine's control socket (AF_UNIX SOCK_SEQPACKET, SCM_RIGHTS), then only
+ * waits.  The engine parses the flags, answers fd 3 itself and serves the
+ * port in its one epoll loop; the stub gets back its exit code on failure or
+ * a duplicate of the listening socket on success.
+ *
+ * Why the stub keeps that duplicate: if the engine dies, the port stays
+ * bound (new connections wait in the backlog), and the stub registers the
+ * same socket with a fresh engine.  Why it keeps the control connection: a
+ * stub that dies in any way hangs it up, and the engine removes its mapping.
+ *
+ * Stopping (SIGINT from dockerd, SIGTERM from the parent-death signal) asks
+ * the engine to remove the mapping and exits 0 once the engine has closed
+ * the listener, so the port can be bound again at once; if the engine does
+ * not answer within STOP_WAIT_MS the stub exits anyway.
+ *
+ * The first stub that finds no engine starts one (`spliceproxy engine`, the
+ * launcher next to this binary) in its own session, under a lock so that
+ * concurrent first stubs start exactly one.
+ *
+ * Plain C, no Python, built static: it is one process per published port,
+ * so what it costs is multiplied by the number of ports.  Messages are
+ * described in src/spliceproxy/control.py.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/file.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+#define STATUS_FD 3
+#define LISTEN_FD 4
+#define MSG_MAX 65536           /* the engine accepts requests up to this size */
+#define START_WAIT_MS 12000     /* dockerd gives up after 16 s */
+#define STOP_WAIT_MS 2000       /* longest a stop waits for the engine */
+#define ENV_PREFIX "SPLICEPROXY_"
+
+extern char **environ;
+
+static char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+static char sock_dir[sizeof(sock_path)];
+static char msg_buf[MSG_MAX];
+static int have_status;
+static int have_listen;
+static int sig_fd = -1;
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* write(2) all of buf, retrying EINTR; errors are ignored (nobody to tell). */
+static void write_all(int fd, const char *buf, size_t len)
+{
+	while (len) {
+		ssize_t n = write(fd, buf, len);
+
+		if (n == -1) {
+			if (errno == EINTR)
+				continue;
+			return;
+		}
+		buf += n;
+		len -= (size_t)n;
+	}
+}
+
+/**
+ * fail() - report a startup failure the way dockerd reads it, and exit 1.
+ * @msg: the error text
+ *
+ * "1\n<msg>" in one write on fd 3 (no trailing newline, as docker-proxy),
+ * the text on stderr too.
+ */
+static void __attribute__((noreturn)) fail(const char *msg)
+{
+	size_t len = strlen(msg);
+
+	if (have_status) {
+		char out[1024];
+		size_t n = len < sizeof(out) - 2 ? len : sizeof(out) - 2;
+
+		out[0] = '1';
+		out[1] = '\n';
+		memcpy(out + 2, msg, n);
+		write_all(STATUS_FD, out, n + 2);
+		close(STATUS_FD);
+	}
+	write_all(2, "spliceproxy: ", 13);
+	write_all(2, msg, len);
+	write_all(2, "\n", 1);
+	_exit(1);
+}
+
+static int fd_is_open(int fd)
+{
+	return fcntl(fd, F_GETFD) != -1;
+}
+
+/* Keep our own descriptors off fds 3 and 4 when those were not inherited, so
+ * that "fd 3" in a request always means dockerd's status pipe. */
+static void reserve_fd(int fd)
+{
+	int null;
+
+	if (fd_is_open(fd))
+		return;
+	null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (null == -1)
+		return;
+	if (null != fd) {
+		dup3(null, fd, O_CLOEXEC);
+		close(null);
+	}
+}
+
+/* The launcher installed next to this binary: the stub's own real path with
+ * its last component replaced by "spliceproxy". */
+static int launcher_path(char *out, size_t cap)
+{
+	ssize_t n = readlink("/proc/self/exe", out, cap - 1);
+	char *slash;
+
+	if (n == -1)
+		return -errno;
+	out[n] = '\0';
+	slash = strrchr(out, '/');
+	if (!slash || (size_t)(slash - out) + sizeof("/spliceproxy") > cap)
+		return -ENAMETOOLONG;
+	strcpy(slash, "/spliceproxy");
+	return 0;
+}
+
+/**
+ * resolve_socket() - the engine's control socket path and its directory.
+ *
+ * SPLICEPROXY_ENGINE_SOCKET if set; root's /run/spliceproxy/engine.sock;
+ * a user's $XDG_RUNTIME_DIR/spliceproxy/engine.sock.  Returns -ENOENT when
+ * none applies (no runtime directory): the port is then served standalone.
+ */
+static int resolve_socket(void)
+{
+	const char *env = getenv(ENV_PREFIX "ENGINE_SOCKET");
+	int n;
+	char *slash;
+
+	if (env && *env)
+		n = snprintf(sock_path, sizeof(sock_path), "%s", env);
+	else if (geteuid() == 0)
+		n = snprintf(sock_path, sizeof(sock_path), "/run/spliceproxy/engine.sock");
+	else if ((env = getenv("XDG_RUNTIME_DIR")) && env[0] == '/')
+		n = snprintf(sock_path, sizeof(sock_path), "%s/spliceproxy/engine.sock", env);
+	else
+		return -ENOENT;
+	if (n < 0 || (size_t)n >= sizeof(sock_path))
+		return -ENAMETOOLONG;
+	memcpy(sock_dir, sock_path, sizeof(sock_dir));
+	slash = strrchr(sock_dir, '/');
+	if (!slash)
+		snprintf(sock_dir, sizeof(sock_dir), ".");
+	else if (slash == sock_dir)
+		slash[1] = '\0';
+	else
+		*slash = '\0';
+	return 0;
+}
+
+/**
+ * check_dir() - create the socket's directory if missing, refuse a foreign one.
+ *
+ * The directory is the socket's only protection worth the name (the mode of
+ * a socket file is not honoured everywhere): it must be a real directory,
+ * owned by us, with no access for group or others.
+ */
+static void check_dir(void)
+{
+	struct stat st;
+	char msg[512];
+
+	if (mkdir(sock_dir, 0700) == -1 && errno != EEXIST) {
+		snprintf(msg, sizeof(msg), "cannot create the engine socket directory %s: %s",
+			 sock_dir, strerror(errno));
+		fail(msg);
+	}
+	if (lstat(sock_dir, &st) == -1) {
+		snprintf(msg, sizeof(msg), "engine socket directory %s: %s", sock_dir,
+			 strerror(errno));
+		fail(msg);
+	}
+	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) {
+		snprintf(msg, sizeof(msg),
+			 "refusing the engine socket directory %s: it must be a directory owned "
+			 "by uid %u with mode 0700 (it is %s, uid %u, mode %04o)",
+			 sock_dir, (unsigned)geteuid(), S_ISDIR(st.st_mode) ? "a directory" :
+			 S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory",
+			 (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
+		fail(msg);
+	}
+}
+
+static int connect_engine(void)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+
+	if (fd == -1)
+		return -errno;
+	memcpy(sa.sun_path, sock_path, sizeof(sock_path));
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1) {
+		int err = errno;
+
+		close(fd);
+		return -err;
+	}
+	return fd;
+}
+
+static void sleep_ms(int ms)
+{
+	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
+
+	while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
+		;
+}
+
+/* What a spawned engine said instead of "ok" (its startup error). */
+static char engine_error[512];
+
+/**
+ * spawn_engine() - start `spliceproxy engine` detached from this process.
+ *
+ * Double fork and setsid: the engine must outlive this stub (dockerd's
+ * parent-death signal and its process group are the stub's alone) and must
+ * not be its child.  Its stdio is /dev/null so it holds none of our pipes;
+ * its fd 3 is a pipe on which it says "ok" once it serves, or why it cannot
+ * (returned by engine_ready()).  Returns the pipe's read end or -errno.
+ */
+static int spawn_engine(void)
+{
+	char launcher[PATH_MAX];
+	char *args[7];
+	int ready[2];
+	pid_t pid;
+	int status, rc;
+
+	rc = launcher_path(launcher, sizeof(launcher));
+	if (rc < 0)
+		return rc;
+	if (pipe2(ready, O_CLOEXEC) == -1)
+		return -errno;
+	args[0] = launcher;
+	args[1] = "engine";
+	args[2] = "--socket";
+	args[3] = sock_path;
+	args[4] = "--ready-fd";
+	args[5] = "3";
+	args[6] = NULL;
+	pid = fork();
+	if (pid == -1) {
+		rc = -errno;
+		close(ready[0]);
+		close(ready[1]);
+		return rc;
+	}
+	if (pid == 0) {
+		sigset_t none;
+
+		setsid();
+		if (fork() != 0)
+			_exit(0);
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		rc = open("/dev/null", O_RDWR);
+		if (rc >= 0) {
+			dup2(rc, 0);
+			dup2(rc, 1);
+			dup2(rc, 2);
+			if (rc > 2)
+				close(rc);
+		}
+		/* Replaces dockerd's status pipe: the engine must not hold it. */
+		dup2(ready[1], 3);
+		close(LISTEN_FD);
+		execve(launcher, args, environ);
+		_exit(127);
+	}
+	close(ready[1]);
+	while (waitpid(pid, &status, 0) == -1 && errno == EINTR)
+		;
+	return ready[0];
+}
+
+/* Has the spawned engine answered on its ready pipe?  0: not yet; 1: "ok";
+ * -EIO: it failed (engine_error says why). */
+static int engine_ready(int fd, int wait_ms)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	char buf[sizeof(engine_error)];
+	ssize_t n;
+
+	if (poll(&p, 1, wait_ms) <= 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	if (n >= 2 && !memcmp(buf, "ok", 2))
+		return 1;
+	if (n < 0)
+		n = 0;
+	buf[n] = '\0';
+	if (n && buf[n - 1] == '\n')
+		buf[n - 1] = '\0';
+	snprintf(engine_error, sizeof(engine_error), "%s",
+		 n ? buf : "it exited without saying why (is the launcher beside the stub?)");
+	return -EIO;
+}
+
+/**
+ * engine_connect_or_start() - a connection to the engine, starting it if needed.
+ *
+ * Under an exclusive lock on start.lock in the socket's directory: whoever
+ * holds it either finds the engine another stub started, or starts it and
+ * waits until it accepts.  Returns the connected socket or -errno (-EIO:
+ * the engine failed to start, engine_error says why).
+ */
+static int engine_connect_or_start(int64_t deadline)
+{
+	char lock_path[sizeof(sock_dir) + 16];
+	int fd, lock, ready = -1, state = 0;
+
+	fd = connect_engine();
+	if (fd >= 0 || (fd != -ENOENT && fd != -ECONNREFUSED))
+		return fd;
+	snprintf(lock_path, sizeof(lock_path), "%s/start.lock", sock_dir);
+	lock = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (lock == -1)
+		return -errno;
+	while (flock(lock, LOCK_EX) == -1) {
+		if (errno != EINTR) {
+			int err = errno;
+
+			close(lock);
+			return -err;
+		}
+	}
+	for (;;) {
+		fd = connect_engine();
+		if (fd >= 0 || (fd != -ENOENT && fd != -ECONNREFUSED))
+			break;
+		if (ready < 0 && state == 0) {
+			ready = spawn_engine();
+			if (ready < 0) {
+				fd = ready;
+				break;
+			}
+		}
+		if (now_ms() >= deadline) {
+			fd = -ETIMEDOUT;
+			break;
+		}
+		if (ready >= 0 && state == 0) {
+			state = engine_ready(ready, 5);
+			if (state < 0) {
+				fd = state;
+				break;
+			}
+		} else {
+			sleep_ms(5);
+		}
+	}
+	if (ready >= 0)
+		close(ready);
+	close(lock);  /* releases the lock */
+	return fd;
+}
+
+/* Append one field (tag character, text, NUL) to msg_buf at *len. */
+static int put_field(size_t *len, char tag, const char *text)
+{
+	size_t n = strlen(text);
+
+	if (*len + n + 2 + (tag ? 1 : 0) > sizeof(msg_buf))
+		return -E2BIG;
+	if (tag)
+		msg_buf[(*len)++] = tag;
+	memcpy(msg_buf + *len, text, n + 1);
+	*len += n + 1;
+	return 0;
+}
+
+/**
+ * build_request() - a "map" or "adopt" request in msg_buf.
+ *
+ * Fields: the command, then 'a'+argument for each argv word, 'e'+NAME=VALUE
+ * for each SPLICEPROXY_* variable, 'd'+role for each passed descriptor, in
+ * the order of the SCM_RIGHTS array.
+ */
+static ssize_t build_request(const char *cmd, int argc, char **argv, const char *const *roles,
+			     int nroles)
+{
+	size_t len = 0;
+	char **env;
+	int i;
+
+	if (put_field(&len, 0, cmd))
+		return -E2BIG;
+	for (i = 0; i < argc; i++)
+		if (put_field(&len, 'a', argv[i]))
+			return -E2BIG;
+	for (env = environ; *env; env++)
+		if (!strncmp(*env, ENV_PREFIX, sizeof(ENV_PREFIX) - 1) && put_field(&len, 'e', *env))
+			return -E2BIG;
+	for (i = 0; i < nroles; i++)
+		if (put_field(&len, 'd', roles[i]))
+			return -E2BIG;
+	return (ssize_t)len;
+}
+
+static int send_msg(int sock, const char *buf, size_t len, const int *fds, int nfds)
+{
+	char cbuf[CMSG_SPACE(sizeof(int) * 8)];
+	struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct cmsghdr *cm;
+
+	if (nfds) {
+		memset(cbuf, 0, sizeof(cbuf));
+		mh.msg_control = cbuf;
+		mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+		cm = CMSG_FIRSTHDR(&mh);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+		memcpy(CMSG_DATA(cm), fds, sizeof(int) * nfds);
+	}
+	while (sendmsg(sock, &mh, MSG_NOSIGNAL) == -1) {
+		if (errno != EINTR)
+			return -errno;
+	}
+	return 0;
+}
+
+/* Receive one message; *fd gets the first passed descriptor (others are
+ * closed), or -1.  Returns its length, 0 at EOF, or -errno. */
+static ssize_t recv_msg(int sock, char *buf, size_t cap, int *fd)
+{
+	char cbuf[CMSG_SPACE(sizeof(int) * 8)];
+	struct iovec iov = { .iov_base = buf, .iov_len = cap - 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	ssize_t n;
+
+	*fd = -1;
+	do
+		n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+	while (n == -1 && errno == EINTR);
+	if (n == -1)
+		return -errno;
+	for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+			int k, nfds = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+			int got[8];
+
+			memcpy(got, CMSG_DATA(cm), sizeof(int) * (size_t)nfds);
+			for (k = 0; k < nfds; k++) {
+				if (*fd == -1)
+					*fd = got[k];
+				else
+					close(got[k]);
+			}
+		}
+	}
+	buf[n] = '\0';
+	return n;
+}
+
+/* Has a stop signal (SIGINT, SIGTERM) arrived?  Drains the signalfd. */
+static int stop_signalled(void)
+{
+	struct signalfd_siginfo si;
+
+	return read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si);
+}
+
+enum reply { REPLY_OK, REPLY_EXIT, REPLY_ERROR, REPLY_LOST, REPLY_SIGNAL };
+
+/**
+ * wait_reply() - wait for the engine's answer to a request.
+ * @code: REPLY_EXIT: the exit code; REPLY_OK: the passed descriptor, or -1
+ *
+ * Also returns REPLY_SIGNAL when a stop signal arrives first and REPLY_LOST when the
+ * engine hung up (it died or was exiting): the caller then tries again.
+ */
+static enum reply wait_reply(int sock, int *code, char *text, size_t text_cap)
+{
+	struct pollfd p[2] = { { .fd = sock, .events = POLLIN }, { .fd = sig_fd, .events = POLLIN } };
+	char buf[1024];
+	ssize_t n;
+	int fd;
+
+	for (;;) {
+		if (poll(p, 2, -1) == -1) {
+			if (errno == EINTR)
+				continue;
+			return REPLY_LOST;
+		}
+		if (p[1].revents && stop_signalled())
+			return REPLY_SIGNAL;
+		if (!p[0].revents)
+			continue;
+		n = recv_msg(sock, buf, sizeof(buf), &fd);
+		if (n <= 0)
+			return REPLY_LOST;
+		if (!strcmp(buf, "ok")) {
+			*code = fd;
+			return REPLY_OK;
+		}
+		if (fd >= 0)
+			close(fd);
+		if (!strcmp(buf, "exit") && (size_t)n > sizeof("exit")) {
+			*code = atoi(buf + sizeof("exit"));
+			return REPLY_EXIT;
+		}
+		if (!strcmp(buf, "error")) {
+			const char *why = (size_t)n > sizeof("error") ? buf + sizeof("error")
+								 : "refused";
+			size_t k = strnlen(why, text_cap - 1);
+
+			memcpy(text, why, k);  /* truncated to fit, on purpose */
+			text[k] = '\0';
+			return REPLY_ERROR;
+		}
+		/* Anything else is not for this state; keep waiting. */
+	}
+}
+
+/**
+ * stop() - the mapping ends: have the engine close the listener, then exit 0.
+ *
+ * Only once the engine has removed it is the port free for dockerd to bind
+ * again (container restart); STOP_WAIT_MS bounds the wait if it hangs.
+ */
+static void __attribute__((noreturn)) stop(int sock, int listen_fd)
+{
+	struct pollfd p = { .fd = sock, .events = POLLIN };
+	int64_t deadline = now_ms() + STOP_WAIT_MS;
+	char buf[256];
+	int fd;
+
+	if (sock >= 0 && send_msg(sock, "remove", sizeof("remove"), NULL, 0) == 0) {
+		for (;;) {
+			int64_t left = deadline - now_ms();
+			ssize_t n;
+
+			if (left <= 0)
+				break;
+			if (poll(&p, 1, (int)left) <= 0) {
+				if (errno == EINTR)
+					continue;
+				break;
+			}
+			n = recv_msg(sock, buf, sizeof(buf), &fd);
+			if (fd >= 0)
+				close(fd);
+			if (n <= 0 || !strcmp(buf, "removed"))
+				break;
+		}
+	}
+	close(listen_fd);
+	_exit(0);
+}
+
+/**
+ * adopt() - register our listener with a (new) engine after the old one died.
+ *
+ * Retries until it succeeds; a stop signal meanwhile ends the stub (the
+ * engine is gone, so nothing else holds the port).  Returns the connection.
+ */
+static int adopt(int argc, char **argv, int listen_fd, int log_fd)
+{
+	static const char *const roles_log[] = { "listen", "log" };
+	int fds[2] = { listen_fd, log_fd };
+	int backoff = 0;
+	char text[512];
+
+	for (;;) {
+		int sock, code;
+		ssize_t len;
+		enum reply r;
+
+		if (backoff) {
+			struct pollfd p = { .fd = sig_fd, .events = POLLIN };
+
+			if (poll(&p, 1, backoff) > 0 && stop_signalled())
+				stop(-1, listen_fd);
+		} else if (stop_signalled()) {
+			stop(-1, listen_fd);
+		}
+		backoff = backoff ? (backoff < 200 ? backoff * 2 : 200) : 5;
+		sock = engine_connect_or_start(now_ms() + START_WAIT_MS);
+		if (sock < 0)
+			continue;
+		len = build_request("adopt", argc, argv, roles_log, log_fd >= 0 ? 2 : 1);
+		if (len < 0 || send_msg(sock, msg_buf, (size_t)len, fds, log_fd >= 0 ? 2 : 1)) {
+			close(sock);
+			continue;
+		}
+		r = wait_reply(sock, &code, text, sizeof(text));
+		if (r == REPLY_OK) {
+			if (code >= 0)
+				close(code);
+			return sock;
+		}
+		close(sock);
+		if (r == REPLY_SIGNAL)
+			stop(-1, listen_fd);
+		if (r == REPLY_EXIT || r == REPLY_ERROR) {
+			/* Refused: this mapping cannot be served any more. */
+			write_all(2, "spliceproxy: the engine refused the mapping again\n", 50);
+			close(listen_fd);
+			_exit(1);
+		}
+	}
+}
+
+/**
+ * engine_wanted() - is this a proxy command line to hand to the engine?
+ *
+ * SPLICEPROXY_ENGINE set and not "0", and the first argument a flag (dockerd
+ * never passes anything else first; subcommands such as `status` are not
+ * flags).  The launcher's shell part asks the same question before it execs
+ * this program; the stub asks again because dockerd may run it directly
+ * (userland-proxy-path pointing here saves the shell's start-up).
+ */
+static int engine_wanted(int argc, char **argv)
+{
+	const char *v = getenv(ENV_PREFIX "ENGINE");
+
+	return v && *v && strcmp(v, "0") && argc > 1 && argv[1][0] == '-';
+}
+
+/* Run the Python front end in this process, with the same argv and fds. */
+static void __attribute__((noreturn)) standalone(char **argv, int engine_off)
+{
+	char launcher[PATH_MAX];
+	char msg[PATH_MAX + 64];
+
+	if (launcher_path(launcher, sizeof(launcher)) == 0) {
+		if (engine_off) {
+			/* Undo what main() set up, fds 3 and 4 as inherited; and the
+			 * launcher must not exec us again. */
+			sigset_t set;
+
+			if (have_status)
+				fcntl(STATUS_FD, F_SETFD, 0);
+			else
+				close(STATUS_FD);
+			if (have_listen)
+				fcntl(LISTEN_FD, F_SETFD, 0);
+			else
+				close(LISTEN_FD);
+			setenv(ENV_PREFIX "ENGINE", "0", 1);
+			sigemptyset(&set);
+			sigaddset(&set, SIGINT);
+			sigaddset(&set, SIGTERM);
+			sigprocmask(SIG_UNBLOCK, &set, NULL);
+		}
+		argv[0] = launcher;
+		execve(launcher, argv, environ);
+	}
+	snprintf(msg, sizeof(msg), "cannot start the standalone proxy %s: %s", launcher,
+		 strerror(errno));
+	fail(msg);
+}
+
+int main(int argc, char **argv)
+{
+	static const char *roles[6];
+	int fds[6], nfds = 0, log_fd = -1, sock = -1, listen_fd = -1, code;
+	int64_t deadline = now_ms() + START_WAIT_MS;
+	const char *log_path;
+	char text[512], msg[700];
+	sigset_t set;
+	int i;
+
+	/* Not for the engine: the front end, untouched (fds 3 and 4 are still
+	 * as inherited, no signal is blocked yet). */
+	have_status = fd_is_open(STATUS_FD);
+	if (!engine_wanted(argc, argv))
+		standalone(argv, 0);
+
+	/* The launcher execs us as <dir>/spliceproxy-stub; flag errors and usage
+	 * name the command dockerd ran, as in standalone mode. */
+	if (argc > 0) {
+		size_t n = strlen(argv[0]);
+		size_t k = sizeof("spliceproxy-stub") - 1;
+
+		if (n >= k && !strcmp(argv[0] + n - k, "spliceproxy-stub") &&
+		    (n == k || argv[0][n - k - 1] == '/'))
+			argv[0][n - 5] = '\0';
+	}
+
+	/* As docker-proxy 28+: the inherited descriptors do not leak into what
+	 * we start. */
+	if (have_status)
+		fcntl(STATUS_FD, F_SETFD, FD_CLOEXEC);
+	have_listen = fd_is_open(LISTEN_FD);
+	if (have_listen) {
+		fcntl(LISTEN_FD, F_SETFD, FD_CLOEXEC);
+		roles[nfds] = "4";
+		fds[nfds++] = LISTEN_FD;
+	}
+	reserve_fd(STATUS_FD);
+	reserve_fd(LISTEN_FD);
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	sig_fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+	if (sig_fd == -1)
+		fail("signalfd failed");
+
+	if (resolve_socket() < 0)
+		standalone(argv, 1);
+	check_dir();
+
+	for (i = 1; i <= 2; i++) {
+		if (fd_is_open(i)) {
+			roles[nfds] = i == 1 ? "1" : "2";
+			fds[nfds++] = i;
+		}
+	}
+	if (have_status) {
+		roles[nfds] = "3";
+		fds[nfds++] = STATUS_FD;
+	}
+	/* The log file is opened here, with dockerd's privileges, so that the
+	 * engine (which drops its own) can append to it. */
+	log_path = getenv(ENV_PREFIX "LOG_FILE");
+	if (log_path && *log_path) {
+		log_fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+		if (log_fd >= 0) {
+			roles[nfds] = "log";
+			fds[nfds++] = log_fd;
+		}
+	}
+
+	for (;;) {
+		ssize_t len;
+		enum reply r;
+
+		sock = engine_connect_or_start(deadline);
+		if (sock == -EIO) {
+			snprintf(msg, sizeof(msg), "cannot start the spliceproxy engine for %s: %s",
+				 sock_path, engine_error);
+			fail(msg);
+		}
+		if (sock < 0) {
+			if (now_ms() < deadline && sock != -EACCES && sock != -EPERM) {
+				sleep_ms(20);
+				continue;
+			}
+			snprintf(msg, sizeof(msg), "cannot reach the spliceproxy engine at %s: %s",
+				 sock_path, strerror(-sock));
+			fail(msg);
+		}
+		len = build_request("map", argc, argv, roles, nfds);
+		if (len < 0)
+			fail("command line and environment too long for the engine");
+		if (send_msg(sock, msg_buf, (size_t)len, fds, nfds) < 0) {
+			close(sock);
+			continue;
+		}
+		r = wait_reply(sock, &code, text, sizeof(text));
+		if (r == REPLY_OK) {
+			listen_fd = code;
+			break;
+		}
+		close(sock);
+		if (r == REPLY_SIGNAL)
+			_exit(0);  /* the engine sees the hang-up and drops the mapping */
+		if (r == REPLY_EXIT)
+			_exit(code);
+		if (r == REPLY_ERROR) {
+			snprintf(msg, sizeof(msg), "the spliceproxy engine at %s refused: %s",
+				 sock_path, text);
+			fail(msg);
+		}
+		if (now_ms() >= deadline)
+			fail("the spliceproxy engine went away while starting the mapping");
+	}
+	if (listen_fd < 0)
+		fail("the spliceproxy engine sent no listener");
+	/* The engine answered fd 3 and owns what it needs of fds 1, 2 and 4. */
+	close(STATUS_FD);
+	close(LISTEN_FD);
+
+	for (;;) {
+		struct pollfd p[2] = { { .fd = sock, .events = POLLIN },
+				       { .fd = sig_fd, .events = POLLIN } };
+		char buf[256];
+		int fd;
+
+		if (poll(p, 2, -1) == -1) {
+			if (errno == EINTR)
+				continue;
+			stop(sock, listen_fd);
+		}
+		if (p[1].revents && stop_signalled())
+			stop(sock, listen_fd);
+		if (!p[0].revents)
+			continue;
+		if (recv_msg(sock, buf, sizeof(buf), &fd) > 0) {
+			if (fd >= 0)
+				close(fd);
+			/* The listener failed after startup: docker-proxy exits then. */
+			if (!strcmp(buf, "exit")) {
+				close(listen_fd);
+				_exit(0);
+			}
+			continue;  /* nothing else is expected while serving */
+		}
+		/* The engine is gone: the port stays bound by listen_fd. */
+		close(sock);
+		sock = adopt(argc, argv, listen_fd, log_fd);
+	}
+}

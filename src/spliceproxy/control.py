@@ -1,0 +1,217 @@
+"""The host engine's control socket: where it is, who may use it, what is said on it.
+
+One engine serves every published port of a user (root's under /run, a
+user's under $XDG_RUNTIME_DIR; SPLICEPROXY_ENGINE_SOCKET overrides it).  The
+socket is AF_UNIX SOCK_SEQPACKET: one request or reply is one message, so
+there is no framing to get wrong, and a peer that dies is a hang-up the
+engine sees at once.
+
+A message is a sequence of NUL-terminated fields.  The first is the command;
+the others start with a tag character:
+
+    a<argument>    one argv word, in order (argv[0] first)
+    e<NAME=VALUE>  one SPLICEPROXY_* environment variable of the sender
+    d<role>        one descriptor passed with SCM_RIGHTS, in the order of the
+                   array: "1", "2", "3", "4" (the stub's fds of those
+                   numbers), "log" (its SPLICEPROXY_LOG_FILE, opened with
+                   its privileges), "listen" (its duplicate of the listener)
+
+Requests (stub or status client to engine) and their replies:
+
+    map      a new mapping: argv, environment, fds 1-4 and log  ->  "ok" with
+             a duplicate of the listening socket, or "exit" <code> (the
+             engine has answered fd 3 and written any usage to fd 2)
+    adopt    the same mapping again, after the engine it was registered
+             with died: argv, environment, listen and log  ->  "ok" or "exit"
+    remove   end the sender's mapping  ->  "removed" once the listener is
+             closed
+    status   ->  "status" <JSON chunk>... then "end"
+
+Anything malformed gets "error" <text>, and the connection and every other
+mapping carry on.  The C side of this is csrc/stub/stub.c.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import stat
+
+__all__ = [
+    "MSG_MAX",
+    "ProtocolError",
+    "Request",
+    "check_dir",
+    "decode",
+    "encode",
+    "engine_enabled",
+    "resolve_socket",
+]
+
+MSG_MAX = 65536
+MAX_FDS = 8
+DEFAULT_ROOT_SOCKET = "/run/spliceproxy/engine.sock"
+FD_ROLES = ("1", "2", "3", "4", "log", "listen")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the format above."""
+
+
+def engine_enabled(env=None) -> bool:
+    """SPLICEPROXY_ENGINE set to anything but "" or "0" (as the launcher decides)."""
+    env = os.environ if env is None else env
+    return env.get("SPLICEPROXY_ENGINE", "") not in ("", "0")
+
+
+def resolve_socket(env=None, euid: int | None = None) -> str | None:
+    """The control socket path, as the stub resolves it; None when there is none."""
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    path = env.get("SPLICEPROXY_ENGINE_SOCKET", "")
+    if path:
+        return path
+    if euid == 0:
+        return DEFAULT_ROOT_SOCKET
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/"):
+        return os.path.join(runtime, "spliceproxy", "engine.sock")
+    return None
+
+
+def check_dir(path: str, create: bool = True) -> None:
+    """The socket's directory must be ours alone; OSError (with the reason) if not.
+
+    It is the socket's real protection: a directory owned by this uid, mode
+    0700, not a symbolic link.  Created so when missing.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    st = os.lstat(path)
+    euid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != euid or st.st_mode & 0o077:
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+                "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory")
+        raise PermissionError(
+            "refusing the engine socket directory %s: it must be a directory owned by uid %d "
+            "with mode 0700 (it is %s, uid %d, mode %04o)"
+            % (path, euid, kind, st.st_uid, stat.S_IMODE(st.st_mode)))
+
+
+class Request:
+    """A decoded message: the command, argv, environment and descriptors by role."""
+
+    __slots__ = ("command", "argv", "env", "fds")
+
+    def __init__(self, command: str, argv: list[str], env: dict[str, str],
+                 fds: dict[str, int]):
+        self.command = command
+        self.argv = argv
+        self.env = env
+        self.fds = fds
+
+    def take(self, role: str) -> int | None:
+        """Remove and return the descriptor of ``role`` (the caller owns it now)."""
+        return self.fds.pop(role, None)
+
+    def close_fds(self) -> None:
+        """Close every descriptor not taken."""
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+def encode(command: str, *fields: tuple[str, str]) -> bytes:
+    """A message: the command, then (tag, text) fields."""
+    out = [command.encode() + b"\0"]
+    for tag, text in fields:
+        out.append(tag.encode() + os.fsencode(text) + b"\0")
+    return b"".join(out)
+
+
+def decode(data: bytes, fds: list[int]) -> Request:
+    """Decode a message and attach its descriptors; ProtocolError if malformed.
+
+    On error the descriptors are closed, so a bad request leaks nothing.
+    """
+    try:
+        return _decode(data, fds)
+    except ProtocolError:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+
+
+def _decode(data: bytes, fds: list[int]) -> Request:
+    if not data:
+        raise ProtocolError("empty message")
+    if not data.endswith(b"\0"):
+        raise ProtocolError("message does not end with a NUL")
+    parts = data[:-1].split(b"\0")
+    try:
+        command = parts[0].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("command is not ASCII") from None
+    if not command.isidentifier():
+        raise ProtocolError("bad command %r" % command[:40])
+    argv: list[str] = []
+    env: dict[str, str] = {}
+    roles: list[str] = []
+    for part in parts[1:]:
+        if not part:
+            raise ProtocolError("empty field")
+        tag, text = part[:1], os.fsdecode(part[1:])
+        if tag == b"a":
+            argv.append(text)
+        elif tag == b"e":
+            name, eq, value = text.partition("=")
+            if not eq or not name.startswith("SPLICEPROXY_"):
+                raise ProtocolError("bad environment field %r" % text[:60])
+            env[name] = value
+        elif tag == b"d":
+            if text not in FD_ROLES or text in roles:
+                raise ProtocolError("bad descriptor role %r" % text[:20])
+            roles.append(text)
+        else:
+            raise ProtocolError("unknown field tag %r" % tag)
+    if len(roles) != len(fds):
+        raise ProtocolError("%d descriptor roles for %d descriptors" % (len(roles), len(fds)))
+    return Request(command, argv, env, dict(zip(roles, fds)))
+
+
+def recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """One message: (data, descriptors, truncated).  Descriptors are close-on-exec."""
+    data, fds, flags, _addr = socket.recv_fds(sock, MSG_MAX, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+    truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+    return data, list(fds), truncated
+
+
+def send(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """One message, with descriptors; never raises SIGPIPE."""
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                               array.array("i", fds).tobytes())], socket.MSG_NOSIGNAL)
+    else:
+        sock.send(data, socket.MSG_NOSIGNAL)
+
+
+def connect(path: str, timeout: float = 5.0) -> socket.socket:
+    """A client connection to the engine (status, tests)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except BaseException:
+        s.close()
+        raise
+    return s

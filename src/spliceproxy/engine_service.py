@@ -1,0 +1,1044 @@
+"""The host engine: one process and one epoll loop for every published port.
+
+In engine mode (SPLICEPROXY_ENGINE=1) the process dockerd starts per port is
+a small C stub (csrc/stub/stub.c) that hands its command line and
+descriptors to this service over the control socket (control.py) and waits.
+The service:
+
+* parses the flags with goflags.parse, exactly as the standalone proxy (usage on
+  the stub's stderr, its exit code sent back to the stub);
+* opens the listener or adopts dockerd's fd 4, adds it to its one
+  _engine.Engine, and answers fd 3 itself (``0\\n``, or ``1\\n<msg>``);
+* sends the stub a duplicate of the listening socket, which the stub keeps,
+  so that the port stays bound if this process dies: the stubs then start a
+  new engine and register the same sockets again ("adopt");
+* removes a mapping when its stub asks (dockerd stopped it) or hangs up
+  (the stub was killed), and exits after a grace period without mappings.
+
+One loop: the control socket and the stub connections live in a Python
+``select.epoll`` whose descriptor the C engine watches, so the engine's
+epoll_wait is the only place the process sleeps.
+"""
+
+from __future__ import annotations
+
+import _signal
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+from spliceproxy import _engine, control, goflags, settings
+from spliceproxy.log import Logger
+from spliceproxy.proxy import (
+    AF_INET,
+    AF_INET6,
+    SO_REUSEADDR,
+    SOCK_DGRAM,
+    SOCK_STREAM,
+    SOL_SOCKET,
+    Proxy,
+    StartupError,
+    _somaxconn,
+    configure_engine,
+    go_strerror,
+    hostport,
+)
+from spliceproxy.settings import ENV_PREFIX, Settings, parse_duration
+
+# --------------------------------------------------------------------------
+# The standalone front end's pieces, applied to one mapping's command line
+# and environment.  (The only place that knows how the front end parses
+# flags and settings.)
+
+
+def parse_flags(argv: list[str]):
+    return goflags.parse(argv)
+
+
+def load_settings(env: dict[str, str]) -> Settings:
+    """A mapping's SPLICEPROXY_* settings (as its stub's environment has them);
+    StartupError with the standalone proxy's message if one is invalid."""
+    raw = {k.encode(): os.fsencode(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    try:
+        return settings.load(raw)
+    except settings.SettingError as e:
+        raise StartupError(str(e)) from None
+
+
+_OPTION_VARS = {v.option: ENV_PREFIX + v.name for v in settings.VARIABLES if v.option}
+
+
+# What a UDP listener can have of its own (sp_engine_set_listener_option).
+PER_LISTENER_UDP = ("OPT_UDP_TIMEOUT_MS", "OPT_UDP_MAX_FLOWS", "OPT_UDP_MAX_FLOWS_PER_ADDR")
+
+
+def option_differences(mine: Settings, theirs: Settings) -> dict[str, object]:
+    """The engine options (by name) whose value in theirs differs from mine."""
+    a, b = dict(mine.engine_options()), dict(theirs.engine_options())
+    return {k: b.get(k, a.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def configure(engine: _engine.Engine, conf: Settings) -> None:
+    configure_engine(engine, conf)
+
+
+def new_proxy(config, conf: Settings, log: Logger) -> Proxy:
+    return Proxy(config, conf, log)
+
+
+def engine_identity(conf: Settings):
+    """Whom the engine becomes (an identity.Identity, or None to stay);
+    StartupError if SPLICEPROXY_USER names nobody."""
+    from spliceproxy import identity
+
+    try:
+        return identity.choose(conf.user, conf.keep_privileges)
+    except identity.IdentityError as e:
+        raise StartupError(str(e)) from None
+
+
+IDLE_EXIT_ENV = "SPLICEPROXY_ENGINE_IDLE_EXIT"
+DEFAULT_IDLE_EXIT_S = 5.0
+LOCK_WAIT_S = 3.0  # an engine that is exiting releases its lock within this
+ACCEPT_BACKOFF_S = 0.1  # control socket out of descriptors
+SEND_TIMEOUT_S = 1.0  # a status client that does not read its answer
+
+_EPOLLIN = select.EPOLLIN
+_HANGUP = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
+
+
+class EngineError(Exception):
+    """The service cannot start (another engine runs, the directory is foreign...)."""
+
+
+class Mapping:
+    """One published port served by the engine, and the stub that stands for it."""
+
+    __slots__ = ("id", "proxy", "conn", "stub_pid", "started", "started_wall", "log",
+                 "adopted", "host")
+
+    def __init__(self, lid: int, proxy: Proxy, conn: Conn, log: Logger, adopted: bool,
+                 port: int):
+        self.id = lid
+        # The port bound (-host-port 0 is any free one).
+        self.host = hostport(proxy.config.host_ip or "::", port)
+        self.proxy = proxy
+        self.conn = conn
+        self.stub_pid = conn.pid
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.log = log
+        self.adopted = adopted
+
+    def describe(self) -> dict:
+        c = self.proxy.config
+        return {
+            "id": self.id,
+            "proto": c.proto,
+            "host": self.host,
+            "container": self.proxy.backend_hostport,
+            "stub_pid": self.stub_pid,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "started": self.started_wall,
+            "adopted": self.adopted,
+        }
+
+
+class Conn:
+    """A connection on the control socket: a stub, or a status client."""
+
+    __slots__ = ("sock", "pid", "uid", "mapping", "refused")
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int):
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.mapping: Mapping | None = None
+        self.refused = False
+
+
+def idle_exit_seconds(env=None) -> float | None:
+    """SPLICEPROXY_ENGINE_IDLE_EXIT: seconds without mappings before exiting; None: never."""
+    env = os.environ if env is None else env
+    raw = env.get(IDLE_EXIT_ENV, "")
+    if not raw:
+        return DEFAULT_IDLE_EXIT_S
+    if raw.strip() == "never":
+        return None
+    try:
+        return parse_duration(raw)
+    except ValueError as e:
+        raise EngineError("invalid %s=%r: %s (a duration, or never)" % (IDLE_EXIT_ENV, raw, e)
+                          ) from None
+
+
+def _text_stream(fd: int | None):
+    """A stream on a stub's stdout/stderr that never blocks the loop (a full
+    pipe loses the text instead); None when there is nowhere to write."""
+    if fd is None:
+        return None
+    out = _nowait_output(os.dup(fd))
+    return _NoWaitText(out) if out is not None else None
+
+
+def _parse_flags(argv: list[str], out_fd: int | None, err_fd: int | None):
+    """goflags.parse with its output on the stub's descriptors: (config, None) or (None, code)."""
+    out, err = _text_stream(out_fd), _text_stream(err_fd)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        return parse_flags(argv), None
+    except SystemExit as e:
+        return None, e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.stdout, sys.stderr = saved
+        for stream in (out, err):
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+
+
+def _write_status(fd: int | None, payload: bytes) -> None:
+    """The answer on a stub's fd 3, in one write, then closed.  Non-blocking,
+    as docker-proxy 28+ sets it: dockerd reads it; nobody else may stall the
+    loop every port shares with a pipe that does not drain."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.set_blocking(fd, False)
+        os.write(fd, payload)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+class Service:
+    """The engine process: control socket, mappings, and the relay engine."""
+
+    def __init__(self, sock_path: str, idle_exit: float | None, log: Logger | None = None):
+        self.sock_path = os.path.abspath(sock_path)
+        self.dir = os.path.dirname(self.sock_path)
+        self.idle_exit = idle_exit
+        self.log = log if log is not None else Logger()
+        self.owner_uid = os.geteuid()
+        self.engine: _engine.Engine | None = None
+        self.listener: socket.socket | None = None
+        self.listener_ino = None
+        self.lock_fd = -1
+        self.ep = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.mappings: dict[int, Mapping] = {}
+        self.settings: Settings | None = None
+        self.identity = None  # held for the engine's life (a dynamic uid's lock)
+        self.dirty_logs: set = set()
+        self.started = time.monotonic()
+        self.idle_since: float | None = time.monotonic()
+        self.stopping = False
+        self.hup = False
+        self.sig_r = self.sig_w = -1
+        self.accept_resume: float | None = None
+
+    # -- setup -----------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        """engine.lock, held for the engine's life: one engine per socket."""
+        path = os.path.join(self.dir, "engine.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise EngineError("another engine serves %s" % self.sock_path) from None
+                time.sleep(0.02)
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.lock_fd = fd
+
+    def setup(self) -> None:
+        try:
+            control.check_dir(self.dir)
+        except OSError as e:
+            raise EngineError(str(e) if isinstance(e, PermissionError) and not e.filename
+                              else "engine socket directory %s: %s"
+                              % (self.dir, e.strerror or e)) from None
+        self._take_lock()
+        # A socket file left by an engine that died: nobody listens on it (we
+        # hold the lock every live engine holds).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock_path)
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            ls.bind(self.sock_path)
+        finally:
+            os.umask(old)
+        os.chmod(self.sock_path, 0o600)
+        ls.listen(512)
+        ls.setblocking(False)
+        self.listener = ls
+        self.listener_ino = os.stat(self.sock_path).st_ino
+
+        engine = _engine.Engine()
+        try:
+            self.settings = load_settings(dict(os.environ))
+        except StartupError as e:
+            # The environment of the stub that started this engine: its
+            # mapping fails on the same value with the standalone message,
+            # and the engine serves others with the defaults.
+            self.log.log("engine settings: %s; the defaults apply" % e)
+            self.settings = load_settings({})
+        configure(engine, self.settings)
+        try:
+            limit = _engine.raise_nofile()
+        except OSError:
+            limit = 0
+        engine.set_option(_engine.OPT_FD_LIMIT, min(limit, 1 << 40))
+        self.engine = engine
+
+        self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _signal.signal(_signal.SIGINT, self._on_signal)
+        _signal.signal(_signal.SIGTERM, self._on_signal)
+        _signal.signal(_signal.SIGHUP, self._on_hup)
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+        _signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
+        self.ep.register(self.listener.fileno(), _EPOLLIN)
+        self.ep.register(self.sig_r, _EPOLLIN)
+        engine.watch(self.ep.fileno())
+        self._drop_privileges()
+
+    def _drop_privileges(self) -> None:
+        """As the standalone proxy, but keeping the right to bind low ports."""
+        engine = self.engine
+        assert engine is not None
+        assert self.settings is not None
+        try:
+            who = engine_identity(self.settings)
+        except StartupError as e:
+            self.log.log("engine user: %s; the default applies" % e)
+            who = engine_identity(load_settings({}))
+        if who is None:
+            return
+        self.identity = who
+        target = (who.uid, who.gid)
+        if os.geteuid() == 0 and target[0] != 0:
+            # Pipes made now count against root's pipe-user-pages limits, not
+            # the small budget the unprivileged user shares (see proxy.main).
+            with contextlib.suppress(OSError):
+                engine.reserve_pipes(16)
+        try:
+            drop_privileges_keeping_bind(*target)
+        except OSError as e:
+            raise EngineError("cannot drop privileges to uid %d gid %d: %s: %s"
+                              % (target[0], target[1], e.filename, go_strerror(e.errno))
+                              ) from None
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _on_hup(self, signum, frame) -> None:
+        self.hup = True  # reopen the engine's log file (logrotate)
+
+    def _flush_logs(self) -> None:
+        """Lines a log could not take at once (a pipe, a slow disk) go out
+        when it takes them; the loop never waits for a log."""
+        if self.dirty_logs:
+            self.dirty_logs = {log for log in self.dirty_logs if not log.flush()}
+
+    def _logged(self, log: Logger) -> None:
+        if not log.flush():
+            self.dirty_logs.add(log)
+
+    # -- the loop --------------------------------------------------------
+
+    def run(self) -> int:
+        engine = self.engine
+        assert engine is not None
+        self.log.log("spliceproxy engine %d serving %s" % (os.getpid(), self.sock_path))
+        while not self.stopping:
+            now = time.monotonic()
+            deadlines = []
+            if self.accept_resume is not None:
+                if now >= self.accept_resume:
+                    self.accept_resume = None
+                    if self.listener is not None:
+                        self.ep.register(self.listener.fileno(), _EPOLLIN)
+                else:
+                    deadlines.append(self.accept_resume)
+            if self.idle_since is not None and self.idle_exit is not None:
+                at = self.idle_since + self.idle_exit
+                if now >= at:
+                    if self._may_exit_idle():
+                        break
+                    at = now + 0.05
+                deadlines.append(at)
+            timeout = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else -1
+            rc = engine.run(timeout)
+            if rc == _engine.RUN_EVENTS:
+                self._engine_events(engine.events())
+            for fd, ev in self.ep.poll(0):
+                if fd == self.sig_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self.sig_r, 512)
+                    if self.hup:
+                        self.hup = False
+                        self.log.reopen()
+                elif self.listener is not None and fd == self.listener.fileno():
+                    self._accept()
+                else:
+                    self._conn_event(fd, ev)
+            self._flush_logs()
+            self._logged(self.log)
+        self.shutdown()
+        return 0
+
+    def _may_exit_idle(self) -> bool:
+        """Exit only with no mapping and nobody waiting to register one."""
+        if self.mappings or self.conns:
+            self.idle_since = time.monotonic() if not self.mappings else None
+            return False
+        # Look once more at the backlog: a stub that connected meanwhile is
+        # served.  Then stop taking connections: a stub that connects after
+        # the close is refused (or hung up on, and tries again) and starts a
+        # new engine, which waits for this one's lock.  The file goes last
+        # (unprivileged, the engine cannot unlink it in root's directory; a
+        # refused connect means the same to a stub).
+        self._accept()
+        if self.conns:
+            return False
+        if self.listener is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        self._unlink_socket()
+        return True
+
+    def _unlink_socket(self) -> None:
+        try:
+            if os.stat(self.sock_path).st_ino == self.listener_ino:
+                os.unlink(self.sock_path)
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        """Close everything: listeners, connections, the control socket."""
+        self._unlink_socket()
+        for conn in list(self.conns.values()):
+            self._close_conn(conn, remove=False)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.engine is not None:
+            self.engine.close()
+        self.log.log("spliceproxy engine %d exiting" % os.getpid())
+
+    # -- control connections ---------------------------------------------
+
+    def _accept(self) -> None:
+        while self.listener is not None:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Level-triggered: stop watching it for a while rather
+                    # than spin; the stubs wait in the backlog.
+                    self.log.log("control socket: accept: %s; pausing for %d ms"
+                                 % (go_strerror(e.errno), ACCEPT_BACKOFF_S * 1000))
+                    with contextlib.suppress(OSError, ValueError):
+                        self.ep.unregister(self.listener.fileno())
+                    self.accept_resume = time.monotonic() + ACCEPT_BACKOFF_S
+                return
+            sock.setblocking(False)
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            conn = Conn(sock, pid, uid)
+            if uid not in (self.owner_uid, 0):
+                # Every request of this peer gets the error; the connection is
+                # closed when the peer hangs up (closing first could reset it
+                # before it reads the reason).
+                self.log.log("control socket: refused pid %d uid %d (this engine is uid %d's)"
+                             % (pid, uid, self.owner_uid))
+                conn.refused = True
+            self.conns[sock.fileno()] = conn
+            self.ep.register(sock.fileno(), _EPOLLIN | select.EPOLLRDHUP)
+            self.idle_since = None
+            # A stub sends its request right after connecting: serve it now
+            # rather than one loop round later (start-up latency).
+            self._conn_event(sock.fileno(), _EPOLLIN)
+
+    def _conn_event(self, fd: int, ev: int) -> None:
+        conn = self.conns.get(fd)
+        if conn is None:
+            return
+        if ev & _EPOLLIN:
+            # Read what is queued even on a hang-up: a stub's last request
+            # ("remove") may be there.
+            for _ in range(16):
+                try:
+                    data, fds, truncated = control.recv(conn.sock)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    self._close_conn(conn, remove=True)
+                    return
+                if not data and not fds:
+                    if ev & _HANGUP:
+                        break
+                    self._reply_error(conn, "empty message")
+                    break
+                self._request(conn, data, fds, truncated)
+                if conn.sock.fileno() < 0:
+                    return
+        if ev & _HANGUP:
+            self._close_conn(conn, remove=True)
+
+    def _close_conn(self, conn: Conn, remove: bool) -> None:
+        fd = conn.sock.fileno()
+        if fd >= 0:
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(fd)
+            self.conns.pop(fd, None)
+        if remove and conn.mapping is not None:
+            self._remove(conn.mapping, "its stub (pid %d) went away" % conn.pid)
+        conn.sock.close()
+        self._note_idle()
+
+    def _note_idle(self) -> None:
+        if not self.mappings and self.idle_since is None:
+            self.idle_since = time.monotonic()
+
+    def _send(self, conn: Conn, data: bytes, fds=()) -> None:
+        try:
+            control.send(conn.sock, data, fds)
+        except OSError:
+            pass  # its hang-up is handled when epoll reports it
+
+    def _reply_error(self, conn: Conn, text: str) -> None:
+        self._send(conn, b"error\0" + text.encode("utf-8", "replace") + b"\0")
+
+    def _request(self, conn: Conn, data: bytes, fds: list[int], truncated: bool) -> None:
+        if conn.refused:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._reply_error(conn, "permission denied: uid %d may not use the engine of uid %d"
+                              % (conn.uid, self.owner_uid))
+            return
+        if truncated:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._reply_error(conn, "message too long or too many descriptors")
+            return
+        try:
+            req = control.decode(data, fds)
+        except control.ProtocolError as e:
+            self._reply_error(conn, "malformed request: %s" % e)
+            return
+        try:
+            if req.command == "map" or req.command == "adopt":
+                if conn.mapping is not None:
+                    self._reply_error(conn, "this connection already has a mapping")
+                else:
+                    self._map(conn, req, adopt=req.command == "adopt")
+            elif req.command == "remove":
+                if conn.mapping is not None:
+                    self._remove(conn.mapping, "stopped by its stub (pid %d)" % conn.pid)
+                self._send(conn, b"removed\0")
+            elif req.command == "status":
+                self._status(conn)
+            else:
+                self._reply_error(conn, "unknown command %r" % req.command)
+        finally:
+            req.close_fds()
+
+    # -- mappings --------------------------------------------------------
+
+    def _map(self, conn: Conn, req: control.Request, adopt: bool) -> None:
+        status_fd = None if adopt else req.take("3")
+        err_fd = req.take("2")
+        config, code = _parse_flags(req.argv, req.fds.get("1"), err_fd)
+        if config is None:
+            # A flag error writes nothing on fd 3, as docker-proxy.
+            for fd in (err_fd, status_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._send(conn, b"exit\0%d\0" % code)
+            return
+        log_fd = req.take("log")
+        log = _mapping_logger(log_fd, err_fd, req.env)
+        try:
+            options = load_settings(req.env)
+        except StartupError as e:
+            _write_status(status_fd, b"1\n" + str(e).encode("utf-8", "replace"))
+            log.log(str(e))
+            log.close()
+            self._send(conn, b"exit\0" + b"1\0")
+            return
+        proxy = new_proxy(config, options, log)
+        try:
+            lid, dup, port = self._start_mapping(proxy, req, options, adopt)
+        except StartupError as e:
+            _write_status(status_fd, b"1\n" + str(e).encode("utf-8", "replace"))
+            log.log(str(e))
+            log.close()
+            self._send(conn, b"exit\0" + b"1\0")
+            return
+        mapping = Mapping(lid, proxy, conn, log, adopt, port)
+        conn.mapping = mapping
+        self.mappings[lid] = mapping
+        self.idle_since = None
+        _write_status(status_fd, b"0\n")
+        try:
+            self._send(conn, b"ok\0", [dup] if dup is not None else [])
+        finally:
+            if dup is not None:
+                os.close(dup)
+
+    def _start_mapping(self, proxy: Proxy, req: control.Request, options, adopt: bool):
+        """Validate, open or adopt the listener, add it: (listener id, dup for the
+        stub, bound port)."""
+        engine = self.engine
+        assert engine is not None
+        proxy.validate()
+        assert self.settings is not None
+        differ = option_differences(self.settings, options)
+        c = proxy.config
+        sock_type = SOCK_STREAM if c.proto == "tcp" else SOCK_DGRAM
+        if adopt:
+            fd = req.take("listen")
+            if fd is None:
+                raise StartupError("adopt: no listener passed")
+            fd = _adopt_socket(fd, sock_type, "listener")
+            dup = None
+        else:
+            if c.use_listen_fd:
+                fd = req.take("4")
+                if fd is None:
+                    raise StartupError("file file+net listen-sock: fcntl: bad file descriptor")
+                fd = _adopt_socket(fd, sock_type, "listener fd")
+            else:
+                fd, step = _engine.open_listener(sock_type, c.host_family, c.host_addr,
+                                                 c.host_port)
+                if fd < 0:
+                    where = proxy.listen_hostport
+                    raise StartupError("failed to listen on %s: listen %s %s: %s: %s"
+                                       % (where, proxy.net, where, step, go_strerror(-fd)))
+            dup = os.dup(fd)
+        port = _bound_port(fd, c.host_port)
+        try:
+            if c.proto == "tcp":
+                lid = engine.add_tcp(fd, c.container_family, c.container_addr, c.container_port)
+            else:
+                lid = engine.add_udp(fd, c.host_family, c.container_family, c.container_addr,
+                                     c.container_port)
+        except OSError as e:
+            if dup is not None:
+                os.close(dup)
+            raise StartupError("cannot serve %s: %s" % (proxy.front, go_strerror(e.errno))
+                               ) from None
+        # This mapping's own values where a listener can have them; the
+        # engine's for the rest, and the log says which.
+        for name in list(differ):
+            value = differ[name]
+            if c.proto == "udp" and name in PER_LISTENER_UDP and isinstance(value, int):
+                with contextlib.suppress(OSError):
+                    engine.set_listener_option(lid, getattr(_engine, name), value)
+                    del differ[name]
+        if differ:
+            proxy.log.log("%s: the engine's settings apply (%s differ from this mapping's "
+                          "environment)" % (proxy.front,
+                                            ", ".join(sorted(_OPTION_VARS[k] for k in differ))))
+        return lid, dup, port
+
+    def _remove(self, mapping: Mapping, why: str) -> None:
+        if self.mappings.pop(mapping.id, None) is None:
+            return
+        mapping.conn.mapping = None
+        assert self.engine is not None
+        try:
+            self.engine.remove(mapping.id)
+        except OSError as e:
+            self.log.log("removing %s: %s" % (mapping.proxy.front, go_strerror(e.errno)))
+        mapping.log.log("Stopping proxy on %s for %s (%s)" % (mapping.proxy.front,
+                                                             mapping.proxy.back, why))
+        mapping.log.close()
+        self._note_idle()
+
+    def _engine_events(self, events) -> None:
+        for kind, err, lid, count in events:
+            mapping = self.mappings.get(lid)
+            if mapping is None:
+                continue
+            if mapping.log.enabled:
+                mapping.log.log(mapping.proxy.describe(kind, err, count))
+                self._logged(mapping.log)
+            if kind == _engine.EV_LISTENER_FAILED:
+                # The engine dropped the listener; docker-proxy would exit 0.
+                # Removing it frees what is left (its connections, the slot).
+                self.mappings.pop(lid, None)
+                with contextlib.suppress(OSError):
+                    self.engine.remove(lid)
+                mapping.conn.mapping = None
+                self._send(mapping.conn, b"exit\0" + b"0\0")
+                mapping.log.close()
+                self._note_idle()
+
+    # -- status ----------------------------------------------------------
+
+    def status(self) -> dict:
+        engine = self.engine
+        assert engine is not None
+        per_listener = getattr(engine, "listener_stats", None)
+        maps = []
+        for m in sorted(self.mappings.values(), key=lambda m: m.id):
+            d = m.describe()
+            if per_listener is not None:
+                try:
+                    d["counters"] = per_listener(m.id)
+                except OSError:
+                    d["counters"] = None
+            else:
+                d["counters"] = None
+            maps.append(d)
+        return {
+            "engine": {
+                "pid": os.getpid(),
+                "uid": os.geteuid(),
+                "socket": self.sock_path,
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                "mappings": len(maps),
+                "counters": engine.stats(),
+            },
+            "mappings": maps,
+        }
+
+    def _status(self, conn: Conn) -> None:
+        text = json.dumps(self.status(), separators=(",", ":")).encode()
+        # One message per chunk, well below the socket's message size limit;
+        # sent blocking (briefly: the client reads as fast as it can), since
+        # a status of thousands of mappings is more than the socket buffers.
+        chunk = 32768
+        conn.sock.settimeout(SEND_TIMEOUT_S)
+        try:
+            for i in range(0, len(text), chunk):
+                control.send(conn.sock, b"status\0" + text[i:i + chunk])
+            control.send(conn.sock, b"end\0")
+        except OSError:
+            self._close_conn(conn, remove=True)
+            return
+        conn.sock.setblocking(False)
+
+
+class _NoWaitOutput:
+    """Writes to a stub's stdout or stderr that never block the loop.
+
+    The descriptor is the stub's (shared with dockerd or a terminal), so it
+    is not made O_NONBLOCK; each write asks for no waiting instead
+    (pwritev2 RWF_NOWAIT, which pipes honour): a pipe nobody reads drops
+    lines rather than stopping every port.  A terminal, which does not take
+    the flag, gets plain writes.  send() raises BlockingIOError like a
+    non-blocking descriptor, which Logger expects.
+    """
+
+    __slots__ = ("fd", "plain")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.plain = False
+
+    def send(self, data) -> int:
+        if not self.plain:
+            try:
+                return os.pwritev(self.fd, [data], -1, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                    raise
+                self.plain = True
+        return os.write(self.fd, data)
+
+
+def _nowait_output(fd: int) -> _NoWaitOutput | None:
+    """A writer for fd (owned from now on), or None (fd closed) for a socket,
+    which takes no such flag (under dockerd stdio is /dev/null anyway)."""
+    try:
+        kind = os.fstat(fd).st_mode & 0o170000
+    except OSError:
+        kind = 0o140000
+    if kind == 0o140000:
+        os.close(fd)
+        return None
+    return _NoWaitOutput(fd)
+
+
+class _NoWaitText:
+    """The text stream goflags writes usage and flag errors to (lost if the
+    output does not take them at once)."""
+
+    def __init__(self, out: _NoWaitOutput):
+        self.out = out
+        self.buffer = self
+
+    def write(self, data) -> int:
+        raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+        with contextlib.suppress(OSError):
+            self.out.send(raw)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.out.fd)
+
+
+def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str]) -> Logger:
+    """The mapping's log: the file its stub opened, else the stub's stderr."""
+    from spliceproxy.log import _is_devnull
+
+    if log_fd is not None and err_fd is not None:
+        os.close(err_fd)
+    fd = log_fd if log_fd is not None else err_fd
+    out = _nowait_output(fd) if fd is not None else None
+    log = Logger()  # then pointed at the stub's descriptor instead of ours
+    if log._own_fd:
+        os.close(log.fd)
+    log._own_fd = False
+    log._send = None
+    log.enabled = False
+    if out is not None:
+        log.fd = out.fd
+        log._own_fd = True
+        log._send = out.send
+        log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
+        log.enabled = not _is_devnull(os.fstat(out.fd))
+    return log
+
+
+def _bound_port(fd: int, default: int) -> int:
+    s = socket.socket(fileno=fd)
+    try:
+        return s.getsockname()[1]
+    except (OSError, IndexError):
+        return default
+    finally:
+        s.detach()
+
+
+def _adopt_socket(fd: int, sock_type: int, what: str) -> int:
+    """Check a passed socket like the standalone proxy checks fd 4; returns fd (owned)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        os.close(fd)
+        raise StartupError("file file+net listen-sock: fcntl: %s" % go_strerror(e.errno or 9)
+                           ) from None
+    try:
+        if sock.type != sock_type or sock.family not in (AF_INET, AF_INET6):
+            raise StartupError("unexpected socket type for %s: %s" % (
+                what, "stream" if sock.type == SOCK_STREAM else
+                "datagram" if sock.type == SOCK_DGRAM else "type %d" % sock.type))
+        if sock_type == SOCK_DGRAM:
+            # As the standalone proxy: dockerd before 29 bound it with
+            # SO_REUSEADDR, which would let any local user bind the same
+            # port and receive the clients' datagrams.
+            try:
+                sock.setsockopt(SOL_SOCKET, SO_REUSEADDR, 0)
+            except OSError as e:
+                raise StartupError("setsockopt on fd 4: %s" % go_strerror(e.errno)) from None
+        if sock_type == SOCK_STREAM:
+            try:
+                sock.listen(_somaxconn())
+            except OSError as e:
+                raise StartupError("listen on fd 4: %s" % go_strerror(e.errno)) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+# --------------------------------------------------------------------------
+# Privileges.
+
+_PR_SET_KEEPCAPS = 8
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAP_NET_BIND_SERVICE = 10
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def drop_privileges_keeping_bind(uid: int, gid: int) -> None:
+    """Become uid/gid keeping only CAP_NET_BIND_SERVICE; OSError (filename: the step).
+
+    The standalone proxy keeps no capability (sp_drop_privileges): it binds
+    its one port before dropping.  The engine opens listeners for mappings
+    that come later, and dockerd before 28.0 passes no socket, so binding a
+    port below 1024 is the one privilege its work needs.  Everything else
+    goes: the bounding set is cut to that one capability (nothing executed
+    can regain more), supplementary groups are dropped, no_new_privs is set.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def prctl(what, *args, step):
+        full = list(args) + [0] * (4 - len(args))
+        if libc.prctl(what, *[ctypes.c_ulong(a) for a in full]) == -1:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), step)
+
+    if os.geteuid() == 0 and uid != 0:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                last = int(f.read())
+        except (OSError, ValueError):
+            last = 40
+        for cap in range(last + 1):
+            if cap != CAP_NET_BIND_SERVICE:
+                prctl(_PR_CAPBSET_DROP, cap, step="prctl(PR_CAPBSET_DROP)")
+        with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
+            prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, step="prctl(PR_CAP_AMBIENT)")
+        prctl(_PR_SET_KEEPCAPS, 1, step="prctl(PR_SET_KEEPCAPS)")
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, "setresuid") from None
+        # The permitted set survived the uid change (KEEPCAPS); keep one.
+        header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+        bit = 1 << CAP_NET_BIND_SERVICE
+        data = (ctypes.c_uint32 * 6)(bit, bit, 0, 0, 0, 0)  # effective, permitted, inheritable
+        if libc.capset(header, data) == -1:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), "capset")
+        prctl(_PR_SET_KEEPCAPS, 0, step="prctl(PR_SET_KEEPCAPS)")
+    prctl(_PR_SET_NO_NEW_PRIVS, 1, step="prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+# --------------------------------------------------------------------------
+# `spliceproxy engine`
+
+USAGE = """\
+usage: spliceproxy engine [--socket PATH]
+
+Run the host engine in the foreground: one process serving every port that
+stubs (SPLICEPROXY_ENGINE=1) register on its control socket.  Stubs start it
+by themselves when none runs; run it under a service manager to keep it up.
+
+  --socket PATH   control socket (default: SPLICEPROXY_ENGINE_SOCKET, else
+                  /run/spliceproxy/engine.sock for root,
+                  $XDG_RUNTIME_DIR/spliceproxy/engine.sock for a user)
+
+SPLICEPROXY_ENGINE_IDLE_EXIT (default 5s; "never") is how long it stays up
+without mappings.  The SPLICEPROXY_* relay settings of its own environment
+apply to every mapping.
+"""
+
+
+def _tell_ready(fd: int | None, text: str) -> None:
+    """Answer the stub that started this engine ("ok", or why not)."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, text.encode("utf-8", "replace")[:500])
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    sock_path = None
+    ready_fd = None
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("-h", "--help", "-help"):
+            sys.stdout.write(USAGE)
+            return 0
+        if a == "--socket" and args:
+            sock_path = args.pop(0)
+        elif a.startswith("--socket="):
+            sock_path = a.split("=", 1)[1]
+        elif a == "--ready-fd" and args and args[0].isdigit():
+            # Internal: the stub that started this engine waits on it.
+            ready_fd = int(args.pop(0))
+            with contextlib.suppress(OSError):
+                os.set_inheritable(ready_fd, False)
+        else:
+            sys.stderr.write("spliceproxy engine: unknown argument %r\n%s" % (a, USAGE))
+            return 2
+    if sock_path is None:
+        sock_path = control.resolve_socket()
+    if not sock_path:
+        msg = "no control socket: set SPLICEPROXY_ENGINE_SOCKET or XDG_RUNTIME_DIR"
+        _tell_ready(ready_fd, msg)
+        sys.stderr.write("spliceproxy engine: %s\n" % msg)
+        return 1
+    sock_path = os.path.abspath(sock_path)
+    _help_footer()
+    log = _engine_logger()
+    # Started from a stub, the working directory is dockerd's; hold no mount.
+    with contextlib.suppress(OSError):
+        os.chdir("/")
+    try:
+        _engine.set_process_name("spliceproxy-eng")
+    except OSError:
+        pass
+    try:
+        service = Service(sock_path, idle_exit_seconds(), log)
+        service.setup()
+    except (EngineError, OSError) as e:
+        _tell_ready(ready_fd, str(e))
+        msg = "spliceproxy engine: %s" % e
+        log.log(msg)
+        if not log.enabled or log.fd != 2:
+            sys.stderr.write(msg + "\n")
+        return 1
+    _tell_ready(ready_fd, "ok\n")
+    return service.run()
+
+
+def _engine_logger() -> Logger:
+    """The engine's own log: SPLICEPROXY_LOG_FILE of its environment, else stderr."""
+    from spliceproxy import files
+
+    try:
+        path = settings.load().log_file
+    except settings.SettingError:
+        path = None
+    if path:
+        try:
+            return Logger(path)
+        except (OSError, files.FileRefused):
+            pass
+    return Logger()
+
+
+def _help_footer() -> None:
+    """-h in engine mode prints what it prints standalone."""
+    try:
+        from spliceproxy.__main__ import HELP_POINTER
+    except ImportError:
+        return
+    goflags.help_footer = HELP_POINTER
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
+
+
+__all__ = ["EngineError", "Mapping", "Service", "idle_exit_seconds", "main"]

@@ -1,0 +1,856 @@
+"""Engine mode (SPLICEPROXY_ENGINE=1): per-port stubs and one host engine.
+
+Every proxy here is the installed launcher started exactly as dockerd starts
+it (status pipe on fd 3, optional socket on fd 4, stdio on /dev/null), with
+SPLICEPROXY_ENGINE=1 and a control socket of the test's own.  The launcher
+execs the C stub, the first stub starts the engine, and the tests look at
+real sockets and processes: the port served, freed, bound again; the engine
+killed and replaced; the control socket abused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from spliceproxy import control
+from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+
+from support import servers as srv
+
+IO_TIMEOUT = 5.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+class EngineHost:
+    """A control socket of the test's own, the stubs started on it, and cleanup.
+
+    Teardown stops every stub, then kills the engine (whose pid is in
+    engine.lock) and checks that nothing of it is left running.
+    """
+
+    def __init__(self, proxy_path: str, idle_exit: str = "30s", extra_env: dict | None = None):
+        self.proxy_path = proxy_path
+        self.dir = tempfile.mkdtemp(prefix="en-")  # short: AF_UNIX paths are 108 bytes
+        os.chmod(self.dir, 0o700)
+        self.sock = os.path.join(self.dir, "engine.sock")
+        self.log_path = os.path.join(self.dir, "proxies.log")
+        self.env = dict(os.environ)
+        self.env.update({"SPLICEPROXY_ENGINE": "1", "SPLICEPROXY_ENGINE_SOCKET": self.sock,
+                         "SPLICEPROXY_ENGINE_IDLE_EXIT": idle_exit,
+                         "SPLICEPROXY_LOG_FILE": self.log_path})
+        self.env.update(extra_env or {})
+        self.stubs: list = []
+        self.engine_pids: set[int] = set()
+
+    def argv(self, proto: str, host_ip: str, host_port: int, container_ip: str,
+             container_port: int, use_listen_fd: bool = False) -> list[str]:
+        return proxy_argv(self.proxy_path, proto, host_ip, host_port, container_ip,
+                          container_port, use_listen_fd=use_listen_fd)
+
+    def start(self, proto: str, container_port: int, host_port: int | None = None,
+              host_ip: str = "127.0.0.1", container_ip: str = "127.0.0.1", listen_sock=None,
+              check: bool = True, env: dict | None = None, stderr=subprocess.DEVNULL):
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        port = host_port if host_port is not None else srv.free_port(host_ip, kind)
+        full_env = dict(self.env)
+        full_env.update(env or {})
+        lp = spawn(self.argv(proto, host_ip, port, container_ip, container_port,
+                             use_listen_fd=listen_sock is not None),
+                   listen_sock=listen_sock, env=full_env, stderr=stderr, check=check,
+                   timeout=15.0)
+        lp.port = port
+        self.stubs.append(lp)
+        self.note_engine()
+        return lp
+
+    def engine_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.dir, "engine.lock")) as f:
+                pid = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid and _alive(pid) else None
+
+    def note_engine(self) -> int | None:
+        pid = self.engine_pid()
+        if pid:
+            self.engine_pids.add(pid)
+        return pid
+
+    def status(self) -> dict:
+        out = subprocess.run([self.proxy_path, "status", "--json", "--socket", self.sock],
+                             capture_output=True, text=True, timeout=10, env=self.env)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def engine_processes(self) -> list[int]:
+        """Every live `spliceproxy engine` process of this socket (from /proc)."""
+        want = b"engine\0--socket\0" + self.sock.encode() + b"\0"
+        out = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % name, "rb") as f:
+                    if want in f.read() and _alive(int(name)):
+                        out.append(int(name))
+            except OSError:
+                continue
+        return out
+
+    def close(self) -> None:
+        for lp in self.stubs:
+            if lp.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    lp.proc.kill()
+        for lp in self.stubs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                lp.proc.wait(5.0)
+        self.note_engine()
+        # Then every engine of the socket, including one a stub had started
+        # just before it was killed (the engine outlives its stub).
+        quiet_since = time.monotonic()
+        deadline = quiet_since + 5.0
+        while time.monotonic() - quiet_since < 0.3 and time.monotonic() < deadline:
+            found = set(self.engine_processes()) | {p for p in self.engine_pids if _alive(p)}
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.engine_pids.add(pid)
+                quiet_since = time.monotonic()
+            time.sleep(0.02)
+        left = srv.wait_for(lambda: not any(_alive(p) for p in self.engine_pids), 5.0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        assert left, "engine processes left running: %r" % self.engine_pids
+
+
+@pytest.fixture
+def host(proxy_path):
+    h = EngineHost(proxy_path)
+    yield h
+    h.close()
+
+
+class UdpEcho:
+    """A UDP echo backend on a thread."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket(srv.family(host), socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except (socket.timeout, OSError):
+                continue
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, peer)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2.0)
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def udp_roundtrip(port: int, payload: bytes = b"dgram", host: str = "127.0.0.1") -> bytes:
+    with socket.socket(srv.family(host), socket.SOCK_DGRAM) as c:
+        c.settimeout(IO_TIMEOUT)
+        c.connect((host, port))
+        c.send(payload)
+        return c.recv(65535)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1", kind=socket.SOCK_STREAM) -> bool:
+    """Bind the port as dockerd would for the next container (SO_REUSEADDR)."""
+    s = socket.socket(srv.family(host), kind)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(1)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _stub_exe(pid: int) -> str:
+    return os.path.basename(os.readlink("/proc/%d/exe" % pid))
+
+
+# --------------------------------------------------------------------------
+# dockerd's contract, through the stub.
+
+
+def test_status_pipe_ok_and_tcp_relay(host):
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port)
+        assert lp.status == b"0\n"
+        assert _stub_exe(lp.pid) == "spliceproxy-stub"
+        srv.echo_roundtrip("127.0.0.1", lp.port, b"through the engine" * 1000)
+        assert host.engine_pid() not in (None, lp.pid)
+
+
+def test_udp_relay(host):
+    with UdpEcho() as echo:
+        lp = host.start("udp", echo.port)
+        assert udp_roundtrip(lp.port, b"hello udp") == b"hello udp"
+
+
+def test_startup_failure_is_reported_on_fd3_and_exits_1(host):
+    with srv.EchoServer() as echo, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ProxyStartError) as info:
+            host.start("tcp", echo.port, host_port=port)
+        assert info.value.returncode == 1
+        assert str(info.value) == (
+            "failed to listen on 127.0.0.1:%d: listen tcp4 127.0.0.1:%d: bind: address "
+            "already in use" % (port, port))
+        # An unsupported protocol, as the standalone proxy words it.
+        with pytest.raises(ProxyStartError) as info:
+            host.start("sctp", echo.port)
+        assert info.value.returncode == 1
+        assert str(info.value).startswith("unsupported protocol sctp")
+
+
+def _run_both(host, args: list[str]) -> tuple[tuple, tuple]:
+    """The same command line standalone and in engine mode: (rc, stdout, stderr) each."""
+    out = []
+    for engine in ("0", "1"):
+        env = dict(host.env, SPLICEPROXY_ENGINE=engine)
+        r = subprocess.run([host.proxy_path] + args, capture_output=True, env=env, timeout=15)
+        out.append((r.returncode, r.stdout, r.stderr))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("args", [
+    ["-proto", "tcp", "-bogus"],
+    ["-host-port", "x"],
+    ["-host-ip", "1.2.3"],
+    ["-use-listen-fd=maybe"],
+    ["-container-port"],
+    ["-h"],
+    ["-help"],
+    ["-v"],
+    ["--version"],
+])
+def test_flags_usage_and_version_as_standalone(host, args):
+    standalone, engine = _run_both(host, args)
+    assert engine == standalone
+    if args[0] in ("-h", "-help", "-v", "--version"):
+        assert engine[0] == 0
+    else:
+        assert engine[0] == 2 and b"Usage of " + host.proxy_path.encode() in engine[2]
+
+
+def test_flag_error_writes_nothing_on_fd3(host):
+    lp = spawn(host.argv("tcp", "127.0.0.1", 1, "127.0.0.1", 2) + ["-nope"], env=host.env,
+               check=False, timeout=15.0)
+    host.stubs.append(lp)
+    assert lp.proc.wait(10) == 2
+    assert lp.status == b""  # EOF without a status, as docker-proxy
+
+
+def test_engine_off_is_the_standalone_proxy(host):
+    with srv.EchoServer() as echo:
+        for value in ("0", ""):
+            env = dict(host.env, SPLICEPROXY_ENGINE=value)
+            lp = spawn(host.argv("tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", echo.port),
+                       env=env)
+            try:
+                assert _stub_exe(lp.pid).startswith("python")
+            finally:
+                assert lp.stop() == 0
+        assert not os.path.exists(host.sock)
+
+
+def test_use_listen_fd(host):
+    with srv.EchoServer() as echo, socket.socket() as ls:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(16)
+        port = ls.getsockname()[1]
+        lp = host.start("tcp", echo.port, host_port=port, listen_sock=ls)
+        ls.close()
+        srv.echo_roundtrip("127.0.0.1", port, b"adopted from fd 4")
+        assert lp.status == b"0\n"
+
+
+def test_udp_listen_fd_loses_reuseaddr_and_serves(host):
+    with UdpEcho() as echo, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ls:
+        # As dockerd before 29 passes it: SO_REUSEADDR and IP_PKTINFO set.
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO (not in the socket module)
+        ls.bind(("127.0.0.1", 0))
+        port = ls.getsockname()[1]
+        host.start("udp", echo.port, host_port=port, listen_sock=ls)
+        # The same socket: nobody else may bind the port beside it any more.
+        assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
+        assert udp_roundtrip(port, b"via fd 4") == b"via fd 4"
+
+
+@pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (::1) on this host")
+def test_ipv6_host_to_ipv4_container(host):
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port, host_ip="::1", container_ip="127.0.0.1")
+        srv.echo_roundtrip("::1", lp.port, b"6 to 4")
+        assert host.status()["mappings"][0]["host"] == "[::1]:%d" % lp.port
+
+
+def test_two_mappings_one_engine(host):
+    with srv.EchoServer() as echo, UdpEcho() as uecho:
+        a = host.start("tcp", echo.port)
+        b = host.start("udp", uecho.port)
+        srv.echo_roundtrip("127.0.0.1", a.port, b"a")
+        assert udp_roundtrip(b.port, b"b") == b"b"
+        assert len(host.engine_pids) == 1
+        doc = host.status()
+        assert doc["engine"]["pid"] in host.engine_pids
+        got = {(m["proto"], m["host"], m["stub_pid"]) for m in doc["mappings"]}
+        assert got == {("tcp", "127.0.0.1:%d" % a.port, a.pid),
+                       ("udp", "127.0.0.1:%d" % b.port, b.pid)}
+
+
+# --------------------------------------------------------------------------
+# Stopping.
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_frees_the_port_at_once(host, sig):
+    with srv.EchoServer() as echo:
+        keep = host.start("tcp", echo.port)
+        lp = host.start("tcp", echo.port)
+        with srv.connect("127.0.0.1", lp.port) as open_conn:
+            open_conn.sendall(b"x")
+            assert srv.recv_exact(open_conn, 1) == b"x"
+            assert lp.stop(sig, timeout=5.0) == 0
+            # Right after the stub exits, as dockerd restarting the container.
+            assert port_is_free(lp.port)
+        srv.echo_roundtrip("127.0.0.1", keep.port, b"the other mapping serves on")
+        assert {m["stub_pid"] for m in host.status()["mappings"]} == {keep.pid}
+
+
+def test_stop_frees_a_udp_port_at_once(host):
+    with UdpEcho() as echo:
+        lp = host.start("udp", echo.port)
+        assert udp_roundtrip(lp.port, b"u") == b"u"
+        assert lp.stop(signal.SIGINT, timeout=5.0) == 0
+        assert port_is_free(lp.port, kind=socket.SOCK_DGRAM)
+
+
+def test_sigkill_of_a_stub_removes_its_mapping(host):
+    with srv.EchoServer() as echo:
+        keep = host.start("tcp", echo.port)
+        lp = host.start("tcp", echo.port)
+        lp.proc.kill()
+        lp.proc.wait(5)
+        assert srv.wait_for(lambda: port_is_free(lp.port), 2.0)
+        assert [m["stub_pid"] for m in host.status()["mappings"]] == [keep.pid]
+        srv.echo_roundtrip("127.0.0.1", keep.port)
+
+
+# A stand-in for dockerd: starts proxies with the parent-death signal set
+# (as dockerd's os/exec does), prints their ports, then waits to be killed.
+FAKE_DOCKERD = r"""
+import ctypes, signal, sys
+from spliceproxy.bench.launch import proxy_argv, spawn
+libc = ctypes.CDLL(None, use_errno=True)
+def pdeathsig():
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+path, proto, backend, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lps = [spawn(proxy_argv(path, proto, "127.0.0.1", 0, "127.0.0.1", backend),
+             preexec_fn=pdeathsig, timeout=15.0) for _ in range(n)]
+print(" ".join(str(lp.pid) for lp in lps), flush=True)
+signal.pause()
+"""
+
+
+def test_dockerd_killed_no_stub_survives_and_every_port_is_free(host):
+    with srv.EchoServer() as echo:
+        fake = subprocess.Popen([sys.executable, "-c", FAKE_DOCKERD, host.proxy_path, "tcp",
+                                 str(echo.port), "3"], env=host.env, stdout=subprocess.PIPE)
+        try:
+            pids = [int(p) for p in fake.stdout.readline().split()]
+            assert len(pids) == 3
+            host.note_engine()
+            ports = [m["host"].rsplit(":", 1)[1] for m in host.status()["mappings"]]
+            assert len(ports) == 3
+            fake.kill()
+            fake.wait(5)
+            assert srv.wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
+            assert all(port_is_free(int(p)) for p in ports)
+            assert host.status()["mappings"] == []
+        finally:
+            fake.kill()
+            fake.wait()
+            fake.stdout.close()
+
+
+def test_stop_is_bounded_when_the_engine_hangs(host):
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port)
+        engine = host.engine_pid()
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            assert lp.stop(signal.SIGTERM, timeout=10.0) == 0
+            assert time.monotonic() - t0 < 3.0
+        finally:
+            os.kill(engine, signal.SIGCONT)
+
+
+def test_engine_exits_after_the_grace_period(proxy_path):
+    h = EngineHost(proxy_path, idle_exit="300ms")
+    try:
+        with srv.EchoServer() as echo:
+            lp = h.start("tcp", echo.port)
+            engine = h.engine_pid()
+            time.sleep(0.6)
+            assert _alive(engine), "exited while serving a mapping"
+            assert lp.stop() == 0
+            assert srv.wait_for(lambda: not _alive(engine), 3.0), "still running without mappings"
+            # The next stub starts a new one.
+            lp = h.start("tcp", echo.port)
+            srv.echo_roundtrip("127.0.0.1", lp.port)
+            assert h.engine_pid() not in (None, engine)
+    finally:
+        h.close()
+
+
+# --------------------------------------------------------------------------
+# Starting and crashing.
+
+
+def test_concurrent_first_stubs_start_exactly_one_engine(host):
+    with srv.EchoServer() as echo:
+        n = 12
+        results = srv.run_threads(*[lambda: host.start("tcp", echo.port) for _ in range(n)],
+                                  timeout=60.0)
+        assert all(r.status == b"0\n" for r in results)
+        engines = [int(p) for p in subprocess.run(
+            ["pgrep", "-f", "spliceproxy engine --socket %s" % host.sock],
+            capture_output=True, text=True).stdout.split()]
+        assert len(engines) == 1, engines
+        assert len(host.status()["mappings"]) == n
+        for r in results:
+            srv.echo_roundtrip("127.0.0.1", r.port)
+
+
+def test_engine_killed_under_load_every_mapping_serves_within_a_second(host):
+    with srv.EchoServer() as echo, UdpEcho() as uecho:
+        tcp = [host.start("tcp", echo.port) for _ in range(4)]
+        udp = host.start("udp", uecho.port)
+        stop = threading.Event()
+        errors: list = []
+
+        def load(port):
+            while not stop.is_set():
+                try:
+                    srv.echo_roundtrip("127.0.0.1", port, b"load", timeout=5.0)
+                except (OSError, EOFError) as e:
+                    errors.append(e)  # connections open at the kill are cut
+
+        threads = [threading.Thread(target=load, args=(lp.port,), daemon=True) for lp in tcp]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        old = host.engine_pid()
+        os.kill(old, signal.SIGKILL)
+        t0 = time.monotonic()
+        # New connections wait in the backlog of the stubs' sockets, and are
+        # served once a new engine has adopted them.
+        pending = {lp.port for lp in tcp}
+        while pending and time.monotonic() - t0 < 5.0:
+            for port in list(pending):
+                with contextlib.suppress(OSError):
+                    srv.echo_roundtrip("127.0.0.1", port, b"after", timeout=1.0)
+                    pending.discard(port)
+        assert udp_roundtrip(udp.port, b"udp after") == b"udp after"
+        elapsed = time.monotonic() - t0
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert not pending
+        print("every mapping served again %.3f s after the kill" % elapsed)
+        assert elapsed < 1.0, "mappings served again after %.2f s" % elapsed
+        new = host.note_engine()
+        assert new not in (None, old)
+        assert {m["stub_pid"] for m in host.status()["mappings"]} == {lp.pid for lp in tcp + [udp]}
+        assert all(lp.proc.poll() is None for lp in tcp + [udp])
+
+
+# --------------------------------------------------------------------------
+# The control socket.
+
+
+def test_socket_directory_must_be_private(host):
+    os.chmod(host.dir, 0o755)
+    with srv.EchoServer() as echo, pytest.raises(ProxyStartError) as info:
+        host.start("tcp", echo.port)
+    assert info.value.returncode == 1
+    assert "refusing the engine socket directory %s" % host.dir in str(info.value)
+    assert "mode 0755" in str(info.value)
+
+
+def test_an_engine_that_cannot_start_is_reported_at_once(host):
+    with srv.EchoServer() as echo, pytest.raises(ProxyStartError) as info:
+        t0 = time.monotonic()
+        host.start("tcp", echo.port, env={"SPLICEPROXY_ENGINE_IDLE_EXIT": "soon"})
+    assert time.monotonic() - t0 < 5.0
+    assert info.value.returncode == 1
+    assert str(info.value).startswith(
+        "cannot start the spliceproxy engine for %s: invalid SPLICEPROXY_ENGINE_IDLE_EXIT="
+        % host.sock)
+
+
+def test_invalid_settings_fail_the_mapping_as_standalone(host):
+    bad = {"SPLICEPROXY_UDP_TIMEOUT": "forever"}
+    with srv.EchoServer() as echo:
+        texts = []
+        for engine in ("0", "1"):
+            with pytest.raises(ProxyStartError) as info:
+                host.start("tcp", echo.port, env=dict(bad, SPLICEPROXY_ENGINE=engine))
+            assert info.value.returncode == 1
+            texts.append(str(info.value))
+        assert texts[0] == texts[1]
+        assert texts[0].startswith("invalid SPLICEPROXY_UDP_TIMEOUT='forever'")
+        # The engine the bad mapping started serves the next one.
+        lp = host.start("tcp", echo.port)
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+
+
+def test_socket_and_directory_modes(host):
+    with srv.EchoServer() as echo:
+        host.start("tcp", echo.port)
+    assert os.stat(host.dir).st_mode & 0o777 == 0o700
+    assert os.stat(host.sock).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_another_uid_is_refused_by_peer_credentials(host):
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port)
+        # Open the file modes so that only the SO_PEERCRED check stands.
+        os.chmod(host.dir, 0o711)
+        os.chmod(host.sock, 0o666)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                s = control.connect(host.sock)
+                s.send(control.encode("status"))
+                os.write(w, s.recv(4096))
+            except BaseException as e:  # noqa: BLE001
+                os.write(w, repr(e).encode())
+            os._exit(0)
+        os.close(w)
+        got = b""
+        while chunk := os.read(r, 4096):
+            got += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert got.startswith(b"error\0permission denied: uid 65534"), got
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+
+
+def test_malformed_requests_leave_other_mappings_serving(host):
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port)
+        bad = [b"", b"no-nul", b"map\0xoops\0", b"map\0eNOT_OURS=1\0", b"\xff\xfe\0",
+               b"map\0a-proto\0dnope\0", b"launch\0", b"map\0d3\0", b"remove\0",
+               b"map\0" + b"a" * 70000]
+        for msg in bad:
+            with control.connect(host.sock) as s:
+                try:
+                    s.send(msg)
+                except OSError:
+                    continue  # too long to send at all
+                reply = s.recv(4096)
+                assert reply.startswith((b"error\0", b"removed\0")), (msg[:20], reply)
+        # A map request with nonsense descriptors and arguments.
+        with control.connect(host.sock) as s, open(os.devnull) as null:
+            control.send(s, control.encode("map", ("a", "x"), ("a", "-host-port"),
+                                           ("a", "nope"), ("d", "2")), [null.fileno()])
+            assert s.recv(4096) == b"exit\x002\x00"
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+        assert [m["stub_pid"] for m in host.status()["mappings"]] == [lp.pid]
+
+
+# --------------------------------------------------------------------------
+# Status and privileges.
+
+
+def test_status_table_json_and_prometheus_during_traffic(host):
+    with srv.EchoServer() as echo, UdpEcho() as uecho:
+        t = host.start("tcp", echo.port)
+        u = host.start("udp", uecho.port)
+        held = srv.connect("127.0.0.1", t.port)
+        try:
+            held.sendall(b"12345")
+            assert srv.recv_exact(held, 5) == b"12345"
+            for _ in range(3):
+                srv.echo_roundtrip("127.0.0.1", t.port, b"abc")
+            assert udp_roundtrip(u.port, b"datagram") == b"datagram"
+            doc = host.status()
+            by = {m["proto"]: m for m in doc["mappings"]}
+            assert by["tcp"]["container"] == "127.0.0.1:%d" % echo.port
+            ct = by["tcp"]["counters"]
+            assert ct["tcp_accepted"] == 4 and ct["tcp_active"] == 1
+            assert ct["bytes_c2b"] == 5 + 9 and ct["bytes_b2c"] == 5 + 9
+            cu = by["udp"]["counters"]
+            assert cu["udp_flows_active"] == 1 and cu["udp_bytes_c2b"] == 8
+            assert ct["udp_flows_active"] == 0 and cu["tcp_accepted"] == 0
+
+            table = subprocess.run([host.proxy_path, "status", "--socket", host.sock],
+                                   capture_output=True, text=True, env=host.env, timeout=10)
+            assert table.returncode == 0
+            lines = table.stdout.splitlines()
+            assert lines[0].split()[:4] == ["PROTO", "HOST", "CONTAINER", "STUB"]
+            row = next(line for line in lines if line.startswith("tcp"))
+            assert "127.0.0.1:%d  ->  127.0.0.1:%d" % (t.port, echo.port) in row
+            assert row.split()[4:7] == [str(t.pid), "1", "4"]
+
+            prom = subprocess.run([host.proxy_path, "status", "--prometheus", "--socket",
+                                   host.sock], capture_output=True, text=True, env=host.env,
+                                  timeout=10).stdout
+            assert "# TYPE spliceproxy_mapping_active gauge" in prom
+            assert ('spliceproxy_mapping_total_total{proto="tcp",host="127.0.0.1:%d",'
+                    'container="127.0.0.1:%d",stub_pid="%d"} 4' % (t.port, echo.port, t.pid)
+                    ) in prom
+            assert "spliceproxy_engine_mappings 2" in prom
+        finally:
+            held.close()
+
+
+def test_status_without_an_engine(host):
+    out = subprocess.run([host.proxy_path, "status", "--socket", host.sock],
+                         capture_output=True, text=True, env=host.env, timeout=10)
+    assert out.returncode == 1
+    assert out.stderr == "spliceproxy status: no engine: %s does not exist\n" % host.sock
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop is only done as root")
+def test_engine_drops_privileges_keeping_only_low_port_binding(host):
+    from spliceproxy import identity
+
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port)
+        st = _proc_status(host.engine_pid())
+        uid = int(st["Uid"].split()[0])
+        # A uid of its own, as the standalone proxy's default.
+        assert identity.UID_RANGE[0] <= uid <= identity.UID_RANGE[1]
+        assert st["Uid"].split() == [str(uid)] * 4 and st["Groups"] == ""
+        assert int(st["CapEff"], 16) == 1 << 10 and int(st["CapBnd"], 16) == 1 << 10
+        assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
+        assert st["NoNewPrivs"] == "1"
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+        # A port below 1024 opened by the engine itself (dockerd before 28).
+        low = next((p for p in range(900, 1000) if port_is_free(p)), None)
+        assert low is not None
+        lp2 = host.start("tcp", echo.port, host_port=low)
+        srv.echo_roundtrip("127.0.0.1", lp2.port)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop is only done as root")
+def test_engine_becomes_the_user_its_environment_names(proxy_path):
+    h = EngineHost(proxy_path, extra_env={"SPLICEPROXY_USER": "nobody"})
+    try:
+        with srv.EchoServer() as echo:
+            lp = h.start("tcp", echo.port)
+            assert _proc_status(h.engine_pid())["Uid"].split() == ["65534"] * 4
+            srv.echo_roundtrip("127.0.0.1", lp.port)
+    finally:
+        h.close()
+
+
+def test_log_lines_name_their_mapping(host):
+    closed = srv.free_port()
+    lp = host.start("tcp", closed)
+    with srv.connect("127.0.0.1", lp.port) as s:
+        s.settimeout(IO_TIMEOUT)
+        with contextlib.suppress(OSError):
+            s.recv(1)
+    want = "Can't forward traffic to backend tcp/127.0.0.1:%d" % closed
+    assert srv.wait_for(lambda: want in host.log(), 5.0), host.log()
+
+
+# --------------------------------------------------------------------------
+# The stub run directly (userland-proxy-path pointing at it).
+
+
+def _stub_path(host) -> str:
+    return os.path.join(os.path.dirname(host.proxy_path), "spliceproxy-stub")
+
+
+def test_stub_run_directly_serves_through_the_engine(host):
+    with srv.EchoServer() as echo:
+        port = srv.free_port()
+        lp = spawn(proxy_argv(_stub_path(host), "tcp", "127.0.0.1", port, "127.0.0.1",
+                              echo.port), env=host.env)
+        host.stubs.append(lp)
+        host.note_engine()
+        srv.echo_roundtrip("127.0.0.1", port, b"direct")
+        assert [m["stub_pid"] for m in host.status()["mappings"]] == [lp.pid]
+
+
+def test_stub_run_directly_with_engine_off_is_the_standalone_proxy(host):
+    with srv.EchoServer() as echo:
+        for value in ("0", None):
+            env = dict(host.env)
+            if value is None:
+                del env["SPLICEPROXY_ENGINE"]
+            else:
+                env["SPLICEPROXY_ENGINE"] = value
+            port = srv.free_port()
+            lp = spawn(proxy_argv(_stub_path(host), "tcp", "127.0.0.1", port, "127.0.0.1",
+                                  echo.port), env=env)
+            try:
+                assert _stub_exe(lp.pid).startswith("python")
+                srv.echo_roundtrip("127.0.0.1", port, b"standalone")
+            finally:
+                assert lp.stop() == 0
+    assert not os.path.exists(host.sock)
+
+
+def test_stub_passes_subcommands_to_the_front_end(host):
+    out = subprocess.run([_stub_path(host), "status", "--socket", host.sock],
+                         capture_output=True, text=True, env=host.env, timeout=10)
+    assert out.returncode == 1
+    assert out.stderr == "spliceproxy status: no engine: %s does not exist\n" % host.sock
+
+
+def test_a_stub_stderr_nobody_reads_never_stalls_the_engine(host):
+    """Without a log file a mapping logs to its stub's stderr: a full pipe
+    there drops lines, it does not block the loop every port shares."""
+    env = {k: v for k, v in host.env.items() if k != "SPLICEPROXY_LOG_FILE"}
+    host.env = env
+    with srv.EchoServer() as echo:
+        good = host.start("tcp", echo.port)
+        closed = srv.free_port()
+        noisy = host.start("tcp", closed, stderr=subprocess.PIPE)  # never read
+        try:
+            for _ in range(1500):  # ~150 bytes of log line each: more than a pipe holds
+                try:
+                    with srv.connect("127.0.0.1", noisy.port, timeout=1.0) as s:
+                        s.recv(1)
+                except socket.timeout:
+                    break  # the engine stopped answering: the check below fails
+                except OSError:
+                    pass
+            srv.echo_roundtrip("127.0.0.1", good.port, b"still serving", timeout=2.0)
+        finally:
+            noisy.proc.kill()
+            noisy.proc.wait()
+            noisy.proc.stderr.close()
+
+
+def test_mappings_coming_and_going_leak_nothing_in_the_engine(host):
+    with srv.EchoServer() as echo, UdpEcho() as uecho:
+        keep = host.start("tcp", echo.port)
+        engine = host.engine_pid()
+
+        def cycle():
+            t = host.start("tcp", echo.port)
+            u = host.start("udp", uecho.port)
+            srv.echo_roundtrip("127.0.0.1", t.port)
+            assert udp_roundtrip(u.port) == b"dgram"
+            assert t.stop(signal.SIGTERM) == 0 and u.stop(signal.SIGINT) == 0
+            host.stubs.remove(t)
+            host.stubs.remove(u)
+
+        cycle()  # pools and tables at their working size
+        fds = len(os.listdir("/proc/%d/fd" % engine))
+        for _ in range(30):
+            cycle()
+        assert srv.wait_for(lambda: len(os.listdir("/proc/%d/fd" % engine)) <= fds, 3.0), \
+            (fds, sorted(os.listdir("/proc/%d/fd" % engine)))
+        doc = host.status()
+        assert [m["stub_pid"] for m in doc["mappings"]] == [keep.pid]
+        assert doc["engine"]["counters"]["tcp_active"] == 0
+        assert doc["engine"]["counters"]["udp_flows_active"] == 0
+        srv.echo_roundtrip("127.0.0.1", keep.port)
+
+
+def test_udp_settings_apply_per_mapping(host):
+    """One engine, two UDP mappings: each expires its clients after its own
+    SPLICEPROXY_UDP_TIMEOUT (the engine's default is the first stub's)."""
+    with UdpEcho() as echo:
+        slow = host.start("udp", echo.port)  # starts the engine: 90 s
+        fast = host.start("udp", echo.port, env={"SPLICEPROXY_UDP_TIMEOUT": "300ms"})
+        assert udp_roundtrip(slow.port) == b"dgram"
+        assert udp_roundtrip(fast.port) == b"dgram"
+
+        def counters():
+            return {m["stub_pid"]: m["counters"] for m in host.status()["mappings"]}
+
+        assert srv.wait_for(lambda: counters()[fast.pid]["udp_flows_expired"] == 1, 5.0)
+        got = counters()
+        assert got[fast.pid]["udp_flows_active"] == 0
+        assert got[slow.pid]["udp_flows_active"] == 1 and got[slow.pid]["udp_flows_expired"] == 0
+        assert "the engine's settings apply" not in host.log()
+
+
+def test_settings_an_engine_cannot_apply_per_mapping_are_logged(host):
+    with srv.EchoServer() as echo:
+        host.start("tcp", echo.port)
+        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "5s"})
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+        want = ("tcp/127.0.0.1:%d: the engine's settings apply (SPLICEPROXY_IDLE_TIMEOUT "
+                "differ from this mapping's environment)" % lp.port)
+        assert srv.wait_for(lambda: want in host.log(), 3.0), host.log()

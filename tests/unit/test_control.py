@@ -1,0 +1,93 @@
+"""The control protocol's messages: what decodes, and that nothing else does.
+
+A malformed request must be an error the engine can answer (ProtocolError)
+and must leak none of the descriptors that came with it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spliceproxy import control
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_roundtrip():
+    msg = control.encode("map", ("a", "/x/spliceproxy"), ("a", "-proto"), ("a", "udp"),
+                         ("e", "SPLICEPROXY_UDP_TIMEOUT=5s"), ("d", "3"), ("d", "log"))
+    r, w = os.pipe()
+    try:
+        req = control.decode(msg, [r, w])
+        assert req.command == "map"
+        assert req.argv == ["/x/spliceproxy", "-proto", "udp"]
+        assert req.env == {"SPLICEPROXY_UDP_TIMEOUT": "5s"}
+        assert req.fds == {"3": r, "log": w}
+        assert req.take("3") == r and "3" not in req.fds
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_non_utf8_arguments_survive():
+    req = control.decode(control.encode("map", ("a", "x\udcff")), [])
+    assert req.argv == ["x\udcff"]
+
+
+@pytest.mark.parametrize("data, fds, why", [
+    (b"", 0, "empty message"),
+    (b"map", 0, "does not end with a NUL"),
+    (b"\xff\0", 0, "not ASCII"),
+    (b"ma p\0", 0, "bad command"),
+    (b"map\0\0", 0, "empty field"),
+    (b"map\0zoops\0", 0, "unknown field tag"),
+    (b"map\0ePATH=/bin\0", 0, "bad environment field"),
+    (b"map\0eSPLICEPROXY_X\0", 0, "bad environment field"),
+    (b"map\0d7\0", 1, "bad descriptor role"),
+    (b"map\0d3\0d3\0", 2, "bad descriptor role"),
+    (b"map\0d3\0", 0, "1 descriptor roles for 0 descriptors"),
+    (b"map\0", 1, "0 descriptor roles for 1 descriptors"),
+])
+def test_malformed_messages_are_refused_and_leak_nothing(data, fds, why):
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(fds)]
+    with pytest.raises(control.ProtocolError, match=why):
+        control.decode(data, opened)
+    assert not any(_fd_open(fd) for fd in opened)
+
+
+@given(st.binary(max_size=300), st.integers(0, 3))
+def test_any_bytes_decode_or_are_a_protocol_error(data, nfds):
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
+    try:
+        req = control.decode(data, opened)
+    except control.ProtocolError:
+        assert not any(_fd_open(fd) for fd in opened)
+    else:
+        assert sorted(req.fds.values()) == sorted(opened)
+        req.close_fds()
+        assert not any(_fd_open(fd) for fd in opened)
+
+
+def test_resolve_socket():
+    assert control.resolve_socket({"SPLICEPROXY_ENGINE_SOCKET": "/a/b.sock"}, 1000) == "/a/b.sock"
+    assert control.resolve_socket({}, 0) == "/run/spliceproxy/engine.sock"
+    assert control.resolve_socket({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000) == \
+        "/run/user/1000/spliceproxy/engine.sock"
+    assert control.resolve_socket({"XDG_RUNTIME_DIR": "relative"}, 1000) is None
+    assert control.resolve_socket({}, 1000) is None
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_engine_enabled(value, on):
+    assert control.engine_enabled({"SPLICEPROXY_ENGINE": value}) is on
+    assert control.engine_enabled({}) is False

@@ -181,6 +181,20 @@ int64_t sp_now_ms(void)
 }
 
 /**
+ * sp_now_us() - the monotonic clock in microseconds
+ *
+ * The vDSO's fine clock: the coarse one of sp_now_ms() ticks every few ms,
+ * longer than any busy-poll window.
+ */
+int64_t sp_now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/**
  * sp_count_error() - classify a per-connection errno into the error counters
  * @e:   engine
  * @err: positive errno

@@ -285,6 +285,7 @@ int sp_epoll_mod(struct sp_engine *e, int fd, uint32_t events, union sp_ref ref)
 int sp_epoll_del(struct sp_engine *e, int fd);
 void sp_close(struct sp_engine *e, int fd);
 int64_t sp_now_ms(void);
+int64_t sp_now_us(void);
 int64_t sp_stats_flush(struct sp_engine *e, bool force);
 
 /* listener.c */

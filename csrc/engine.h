@@ -63,7 +63,9 @@ struct sp_engine;
 	X(ERR_OTHER)           D(COUNTER, "any other per-connection error")                       \
 	X(EVENTS_DROPPED)      D(COUNTER, "log events lost because the ring was full")            \
 	X(STATS_WRITE_ERRORS)  D(COUNTER, "failed or short writes of the counters file")          \
-	X(LOOP_WAKEUPS)        D(COUNTER, "epoll_wait returns")                                   \
+	X(LOOP_WAKEUPS)        D(COUNTER, "epoll_wait returns (empty spin polls not counted)")    \
+	X(SPIN_POLLS)          D(COUNTER, "epoll_wait(..., 0) calls of the busy-poll")            \
+	X(SPIN_HITS)           D(COUNTER, "busy-polls that found events (a wake-up saved)")       \
 	X(SYSCALLS)            D(COUNTER, "every system call the engine made")                    \
 	X(SYS_EPOLL_WAIT)      D(COUNTER, "epoll_wait system calls")                              \
 	X(SYS_EPOLL_CTL)       D(COUNTER, "epoll_ctl system calls")                               \
@@ -144,6 +146,9 @@ enum sp_option {
 				    * 30000; 0 = the kernel's own (about two minutes) */
 	SP_OPT_UDP_MAX_FLOWS_PER_ADDR, /* sizing: UDP entries per client address; 0 (default)
 					* = a sixteenth of SP_OPT_UDP_MAX_FLOWS */
+	SP_OPT_SPIN_US,            /* after a wake-up that moved bytes, poll without
+				    * blocking for up to this many microseconds
+				    * (at most 1000000); 0 (default) = off */
 	SP_OPT_COUNT
 };
 

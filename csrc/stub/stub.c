@@ -5,11 +5,11 @@
  * dockerd starts one userland proxy per published port and expects it to
  * live as long as the mapping.  In engine mode (SPLICEPROXY_ENGINE=1) that
  * process is this stub: it hands its command line, its SPLICEPROXY_*
- * environment and its descriptors 1, 2, 3 and 4 to the host engine over the
+ * environment and its descriptors 1, 2 and 4 to the host engine over the
  * engine's control socket (AF_UNIX SOCK_SEQPACKET, SCM_RIGHTS), then only
- * waits.  The engine parses the flags, answers fd 3 itself and serves the
- * port in its one epoll loop; the stub gets back its exit code on failure or
- * a duplicate of the listening socket on success.
+ * waits.  The engine parses the flags and serves the port in its one epoll
+ * loop; the stub gets back its exit code and error text on failure or a
+ * duplicate of the listening socket on success, and answers fd 3.
  *
  * Why the stub keeps that duplicate: if the engine dies, the port stays
  * bound (new connections wait in the backlog), and the stub registers the
@@ -63,6 +63,8 @@ static char sock_dir[sizeof(sock_path)];
 static char msg_buf[MSG_MAX];
 static int have_status;
 static int have_listen;
+static char prog[PATH_MAX];   /* argv[0] as the engine is told it */
+static const char *argv0;
 static int sig_fd = -1;
 
 static int64_t now_ms(void)
@@ -89,6 +91,24 @@ static void write_all(int fd, const char *buf, size_t len)
 	}
 }
 
+/* "1\n<msg>" in one write on fd 3 (no trailing newline, as docker-proxy),
+ * then fd 3 closed: dockerd reads the text up to EOF. */
+static void status_failed(const char *msg)
+{
+	char out[1024];
+	size_t len = strlen(msg);
+	size_t n = len < sizeof(out) - 2 ? len : sizeof(out) - 2;
+
+	if (!have_status)
+		return;
+	out[0] = '1';
+	out[1] = '\n';
+	memcpy(out + 2, msg, n);
+	write_all(STATUS_FD, out, n + 2);
+	close(STATUS_FD);
+	have_status = 0;
+}
+
 /**
  * fail() - report a startup failure the way dockerd reads it, and exit 1.
  * @msg: the error text
@@ -100,16 +120,7 @@ static void __attribute__((noreturn)) fail(const char *msg)
 {
 	size_t len = strlen(msg);
 
-	if (have_status) {
-		char out[1024];
-		size_t n = len < sizeof(out) - 2 ? len : sizeof(out) - 2;
-
-		out[0] = '1';
-		out[1] = '\n';
-		memcpy(out + 2, msg, n);
-		write_all(STATUS_FD, out, n + 2);
-		close(STATUS_FD);
-	}
+	status_failed(msg);
 	write_all(2, "spliceproxy: ", 13);
 	write_all(2, msg, len);
 	write_all(2, "\n", 1);
@@ -427,7 +438,7 @@ static ssize_t build_request(const char *cmd, int argc, char **argv, const char 
 	if (put_field(&len, 0, cmd))
 		return -E2BIG;
 	for (i = 0; i < argc; i++)
-		if (put_field(&len, 'a', argv[i]))
+		if (put_field(&len, 'a', i == 0 && argv0 ? argv0 : argv[i]))
 			return -E2BIG;
 	for (env = environ; *env; env++)
 		if (!strncmp(*env, ENV_PREFIX, sizeof(ENV_PREFIX) - 1) && put_field(&len, 'e', *env))
@@ -505,16 +516,17 @@ static int stop_signalled(void)
 	return read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si);
 }
 
-enum reply { REPLY_OK, REPLY_EXIT, REPLY_ERROR, REPLY_LOST, REPLY_SIGNAL };
+enum reply { REPLY_OK, REPLY_EXIT, REPLY_ERROR, REPLY_LOST, REPLY_SIGNAL, REPLY_TIMEOUT };
 
 /**
  * wait_reply() - wait for the engine's answer to a request.
  * @code: REPLY_EXIT: the exit code; REPLY_OK: the passed descriptor, or -1
  *
- * Also returns REPLY_SIGNAL when a stop signal arrives first and REPLY_LOST when the
+ * Also returns REPLY_SIGNAL when a stop signal arrives first, REPLY_TIMEOUT at
+ * deadline (the engine hangs), and REPLY_LOST when the
  * engine hung up (it died or was exiting): the caller then tries again.
  */
-static enum reply wait_reply(int sock, int *code, char *text, size_t text_cap)
+static enum reply wait_reply(int sock, int *code, char *text, size_t text_cap, int64_t deadline)
 {
 	struct pollfd p[2] = { { .fd = sock, .events = POLLIN }, { .fd = sig_fd, .events = POLLIN } };
 	char buf[1024];
@@ -522,7 +534,11 @@ static enum reply wait_reply(int sock, int *code, char *text, size_t text_cap)
 	int fd;
 
 	for (;;) {
-		if (poll(p, 2, -1) == -1) {
+		int64_t left = deadline - now_ms();
+
+		if (left <= 0)
+			return REPLY_TIMEOUT;
+		if (poll(p, 2, (int)left) == -1) {
 			if (errno == EINTR)
 				continue;
 			return REPLY_LOST;
@@ -541,7 +557,18 @@ static enum reply wait_reply(int sock, int *code, char *text, size_t text_cap)
 		if (fd >= 0)
 			close(fd);
 		if (!strcmp(buf, "exit") && (size_t)n > sizeof("exit")) {
-			*code = atoi(buf + sizeof("exit"));
+			/* "exit", the code, and for a startup failure its text. */
+			const char *c = buf + sizeof("exit");
+			size_t k = strlen(c) + 1;
+
+			*code = atoi(c);
+			text[0] = '\0';
+			if ((size_t)(c - buf) + k < (size_t)n) {
+				size_t m = strnlen(c + k, text_cap - 1);
+
+				memcpy(text, c + k, m);  /* truncated to fit, on purpose */
+				text[m] = '\0';
+			}
 			return REPLY_EXIT;
 		}
 		if (!strcmp(buf, "error")) {
@@ -628,7 +655,7 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 			close(sock);
 			continue;
 		}
-		r = wait_reply(sock, &code, text, sizeof(text));
+		r = wait_reply(sock, &code, text, sizeof(text), now_ms() + START_WAIT_MS);
 		if (r == REPLY_OK) {
 			if (code >= 0)
 				close(code);
@@ -702,7 +729,7 @@ int main(int argc, char **argv)
 	int fds[6], nfds = 0, log_fd = -1, sock = -1, listen_fd = -1, code;
 	int64_t deadline = now_ms() + START_WAIT_MS;
 	const char *log_path;
-	char text[512], msg[700];
+	char text[1000], msg[1200];
 	sigset_t set;
 	int i;
 
@@ -713,14 +740,18 @@ int main(int argc, char **argv)
 		standalone(argv, 0);
 
 	/* The launcher execs us as <dir>/spliceproxy-stub; flag errors and usage
-	 * name the command dockerd ran, as in standalone mode. */
+	 * name the command dockerd ran, as in standalone mode.  A copy: our own
+	 * command line (ps, /proc) stays as it was. */
 	if (argc > 0) {
 		size_t n = strlen(argv[0]);
 		size_t k = sizeof("spliceproxy-stub") - 1;
 
-		if (n >= k && !strcmp(argv[0] + n - k, "spliceproxy-stub") &&
-		    (n == k || argv[0][n - k - 1] == '/'))
-			argv[0][n - 5] = '\0';
+		if (n >= k && n < sizeof(prog) && !strcmp(argv[0] + n - k, "spliceproxy-stub") &&
+		    (n == k || argv[0][n - k - 1] == '/')) {
+			memcpy(prog, argv[0], n - 5);
+			prog[n - 5] = '\0';
+			argv0 = prog;
+		}
 	}
 
 	/* As docker-proxy 28+: the inherited descriptors do not leak into what
@@ -754,10 +785,9 @@ int main(int argc, char **argv)
 			fds[nfds++] = i;
 		}
 	}
-	if (have_status) {
-		roles[nfds] = "3";
-		fds[nfds++] = STATUS_FD;
-	}
+	/* fd 3 stays here: the engine answers in its reply, and this stub writes
+	 * it.  Passed on, a hung engine would hold dockerd's status pipe open in
+	 * an unread message, and dockerd would see no EOF after our failure. */
 	/* The log file is opened here, with dockerd's privileges, so that the
 	 * engine (which drops its own) can append to it. */
 	log_path = getenv(ENV_PREFIX "LOG_FILE");
@@ -795,10 +825,17 @@ int main(int argc, char **argv)
 			close(sock);
 			continue;
 		}
-		r = wait_reply(sock, &code, text, sizeof(text));
+		r = wait_reply(sock, &code, text, sizeof(text), deadline);
 		if (r == REPLY_OK) {
 			listen_fd = code;
 			break;
+		}
+		if (r == REPLY_EXIT && code == 1 && text[0])
+			status_failed(text);  /* the engine has logged it */
+		if (r == REPLY_TIMEOUT) {
+			snprintf(msg, sizeof(msg), "the spliceproxy engine at %s did not answer "
+				 "within %d s", sock_path, START_WAIT_MS / 1000);
+			fail(msg);
 		}
 		close(sock);
 		if (r == REPLY_SIGNAL)
@@ -815,8 +852,12 @@ int main(int argc, char **argv)
 	}
 	if (listen_fd < 0)
 		fail("the spliceproxy engine sent no listener");
-	/* The engine answered fd 3 and owns what it needs of fds 1, 2 and 4. */
-	close(STATUS_FD);
+	/* Ready: the listener is in the engine.  The engine owns what it needs
+	 * of fds 1, 2 and 4. */
+	if (have_status) {
+		write_all(STATUS_FD, "0\n", 2);
+		close(STATUS_FD);
+	}
 	close(LISTEN_FD);
 
 	for (;;) {

@@ -39,6 +39,7 @@ cdef extern from "engine.h" nogil:
         SP_OPT_FD_LIMIT
         SP_OPT_CONNECT_TIMEOUT_MS
         SP_OPT_UDP_MAX_FLOWS_PER_ADDR
+        SP_OPT_SPIN_US
         SP_OPT_COUNT
 
     enum sp_copy_mode:

@@ -12,15 +12,20 @@ the others start with a tag character:
     a<argument>    one argv word, in order (argv[0] first)
     e<NAME=VALUE>  one SPLICEPROXY_* environment variable of the sender
     d<role>        one descriptor passed with SCM_RIGHTS, in the order of the
-                   array: "1", "2", "3", "4" (the stub's fds of those
-                   numbers), "log" (its SPLICEPROXY_LOG_FILE, opened with
-                   its privileges), "listen" (its duplicate of the listener)
+                   array: "1", "2", "4" (the stub's fds of those numbers),
+                   "log" (its SPLICEPROXY_LOG_FILE, opened with its
+                   privileges), "listen" (its duplicate of the listener);
+                   "3", a status pipe the engine answers itself, for other
+                   clients (the stub keeps dockerd's: a hung engine would
+                   hold it open in an unread message)
 
 Requests (stub or status client to engine) and their replies:
 
-    map      a new mapping: argv, environment, fds 1-4 and log  ->  "ok" with
-             a duplicate of the listening socket, or "exit" <code> (the
-             engine has answered fd 3 and written any usage to fd 2)
+    map      a new mapping: argv, environment, fds 1, 2, 4 and log  ->  "ok"
+             with a duplicate of the listening socket (the stub writes
+             "0\\n" on fd 3), or "exit" <code> [<text>]: the stub exits with
+             code, after writing "1\\n<text>" on fd 3 for a startup failure
+             (usage and flag errors went to its fd 2)
     adopt    the same mapping again, after the engine it was registered
              with died: argv, environment, listen and log  ->  "ok" or "exit"
     remove   end the sender's mapping  ->  "removed" once the listener is

@@ -582,19 +582,13 @@ class Service:
         try:
             options = load_settings(req.env)
         except StartupError as e:
-            _write_status(status_fd, b"1\n" + str(e).encode("utf-8", "replace"))
-            log.log(str(e))
-            log.close()
-            self._send(conn, b"exit\0" + b"1\0")
+            self._startup_failed(conn, status_fd, log, str(e))
             return
         proxy = new_proxy(config, options, log)
         try:
             lid, dup, port = self._start_mapping(proxy, req, options, adopt)
         except StartupError as e:
-            _write_status(status_fd, b"1\n" + str(e).encode("utf-8", "replace"))
-            log.log(str(e))
-            log.close()
-            self._send(conn, b"exit\0" + b"1\0")
+            self._startup_failed(conn, status_fd, log, str(e))
             return
         mapping = Mapping(lid, proxy, conn, log, adopt, port)
         conn.mapping = mapping
@@ -606,6 +600,16 @@ class Service:
         finally:
             if dup is not None:
                 os.close(dup)
+
+    def _startup_failed(self, conn: Conn, status_fd: int | None, log: Logger, msg: str) -> None:
+        """Exit code 1 and the text for the stub to write on dockerd's fd 3
+        (or on a status fd a client passed), logged as standalone."""
+        text = msg.encode("utf-8", "replace")
+        _write_status(status_fd, b"1\n" + text)
+        log.log(msg)
+        log.close()
+        # Well below the stub's reply buffer; NULs would end the field.
+        self._send(conn, b"exit\0" + b"1\0" + text.replace(b"\0", b" ")[:900] + b"\0")
 
     def _start_mapping(self, proxy: Proxy, req: control.Request, options, adopt: bool):
         """Validate, open or adopt the listener, add it: (listener id, dup for the

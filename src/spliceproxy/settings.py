@@ -126,6 +126,20 @@ def duration_ms(lo_ms: int, hi_ms: int):
     return parse
 
 
+def duration_us(lo_us: int, hi_us: int):
+    """A duration (see parse_duration) in whole microseconds between lo_us and hi_us."""
+
+    def parse(text: str) -> int:
+        us = int(round(parse_duration(text) * 1e6))
+        if us < lo_us:
+            raise ValueError("must be at least %dus" % lo_us)
+        if us > hi_us:
+            raise ValueError("must be at most %dus" % hi_us)
+        return us
+
+    return parse
+
+
 def choice(**values):
     """One of the given words; the value is what the word maps to."""
 
@@ -218,6 +232,12 @@ VARIABLES = (
         help="readwrite copies through user space instead (slower, for comparisons)"),
     Var("COPY_BUF", integer(1, 64 << 20), 65536, "OPT_COPY_BUF", shown="65536",
         help="buffer bytes per direction in readwrite mode"),
+    # Off by default: measured in the benchmark (spliceproxy-spin path), see
+    # README "Busy-poll".
+    Var("SPIN", duration_us(0, 10_000), 0, "OPT_SPIN_US", shown="0 (off)",
+        help="after a wake-up that relayed bytes, keep polling without sleeping for this "
+             "long (Go duration, e.g. 50us; at most 10ms): lower request/response latency "
+             "for more CPU; 0 = off"),
     Var("USER", user, None, shown="a uid of its own",
         help="user (name or uid) a proxy started as root becomes once its sockets are set up"),
     Var("KEEP_PRIVILEGES", boolean, False, shown="false",

@@ -477,9 +477,7 @@ def test_concurrent_first_stubs_start_exactly_one_engine(host):
         results = srv.run_threads(*[lambda: host.start("tcp", echo.port) for _ in range(n)],
                                   timeout=60.0)
         assert all(r.status == b"0\n" for r in results)
-        engines = [int(p) for p in subprocess.run(
-            ["pgrep", "-f", "spliceproxy engine --socket %s" % host.sock],
-            capture_output=True, text=True).stdout.split()]
+        engines = host.engine_processes()
         assert len(engines) == 1, engines
         assert len(host.status()["mappings"]) == n
         for r in results:
@@ -854,3 +852,22 @@ def test_settings_an_engine_cannot_apply_per_mapping_are_logged(host):
         want = ("tcp/127.0.0.1:%d: the engine's settings apply (SPLICEPROXY_IDLE_TIMEOUT "
                 "differ from this mapping's environment)" % lp.port)
         assert srv.wait_for(lambda: want in host.log(), 3.0), host.log()
+
+
+@pytest.mark.slow
+def test_a_hung_engine_fails_a_new_mapping_within_dockerds_timeout(host):
+    with srv.EchoServer() as echo:
+        host.start("tcp", echo.port)
+        engine = host.engine_pid()
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ProxyStartError) as info:
+                host.start("tcp", echo.port)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        assert took < 15.0, (took, str(info.value))  # dockerd gives up after 16 s
+        assert info.value.returncode == 1
+        assert str(info.value) == ("the spliceproxy engine at %s did not answer within 12 s"
+                                   % host.sock)

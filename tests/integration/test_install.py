@@ -120,11 +120,14 @@ def test_build_makes_an_sdist_and_a_wheel_with_the_launcher_and_engine(dists):
     sdist, wheel, _ = dists
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".data/scripts/spliceproxy") for n in names), names
+    # Engine mode's per-port stub, installed beside the launcher.
+    assert any(n.endswith(".data/data/bin/spliceproxy-stub") for n in names), names
     assert any(n.startswith("spliceproxy/_engine") and n.endswith(".so") for n in names), names
     assert "manylinux" not in wheel.name  # a plain linux wheel: see cibuildwheel in pyproject
     # The wheel was built from the sdist, so it holds what a build needs.
     members = {m.split("/", 1)[-1] for m in tarfile.open(sdist).getnames()}
-    assert {"scripts/spliceproxy.in", "csrc/engine.h", "src/spliceproxy/_engine.pyx"} <= members
+    assert {"scripts/spliceproxy.in", "csrc/engine.h", "src/spliceproxy/_engine.pyx",
+            "csrc/stub/stub.c"} <= members
 
 
 def test_wheel_runs_in_a_fresh_venv_after_the_build_venv_is_gone(dists, installed):

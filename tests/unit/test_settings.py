@@ -126,6 +126,30 @@ def test_copy_mode():
         load(env(COPY_MODE="Splice"))
 
 
+def test_spin_is_a_duration_in_microseconds_off_by_default():
+    assert load({}).spin == 0
+    assert load(env(SPIN="50us")).spin == 50
+    assert load(env(SPIN="50\u00b5s")).spin == 50
+    assert load(env(SPIN="0.1ms")).spin == 100
+    assert load(env(SPIN="1ms500us")).spin == 1500
+    assert load(env(SPIN="0")).spin == 0
+    assert load(env(SPIN="10ms")).spin == 10_000
+    assert ("OPT_SPIN_US", 20) in Settings(spin=20).engine_options()
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("50", "must be at most 10000us"),       # a plain number is seconds
+    ("11ms", "must be at most 10000us"),
+    ("-5us", "invalid duration"),
+    ("50 us", "unknown unit"),
+    ("\u0665\u0660us", "invalid duration"),
+    ("fast", "invalid duration"),
+])
+def test_spin_rejects_bad_values(text, reason):
+    with pytest.raises(SettingError, match="invalid SPLICEPROXY_SPIN=.*%s" % reason):
+        load(env(SPIN=text))
+
+
 @pytest.mark.parametrize("name", [v.name for v in settings.VARIABLES])
 def test_non_utf8_value_is_an_error_for_every_variable(name):
     with pytest.raises(SettingError) as info:
@@ -160,7 +184,7 @@ def test_engine_options_name_real_engine_options():
     assert {name for name, _ in opts} == {
         "OPT_UDP_TIMEOUT_MS", "OPT_UDP_MAX_FLOWS", "OPT_UDP_MAX_FLOWS_PER_ADDR",
         "OPT_IDLE_TIMEOUT_MS", "OPT_CONNECT_TIMEOUT_MS", "OPT_PIPE_SIZE", "OPT_COPY_MODE",
-        "OPT_COPY_BUF"}
+        "OPT_COPY_BUF", "OPT_SPIN_US"}
     for name, value in opts:
         assert isinstance(getattr(_engine, name), int)
         if isinstance(value, str):

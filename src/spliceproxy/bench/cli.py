@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip haproxy and socat")
     p.add_argument("--paths", metavar="LIST",
                    help="comma-separated subset of native,iptables,spliceproxy,docker-proxy,"
-                        "haproxy,socat")
+                        "haproxy,socat,spliceproxy-spin")
     p.add_argument("--groups", metavar="LIST",
                    help="comma-separated subset of the metric groups (default all: %s)"
                         % ",".join(harness_groups()))
@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="external and/or loopback (default %(default)s)")
     p.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the proxies (repeatable)")
+    p.add_argument("--spin", default="50us", metavar="DURATION",
+                   help="SPLICEPROXY_SPIN of the spliceproxy-spin path (default %(default)s)")
     p.add_argument("--seed", type=int, metavar="N",
                    help="seed of the per-round path order (default: random, recorded in the "
                         "JSON and printed)")
@@ -126,11 +128,19 @@ def main(argv: list[str]) -> int:
     except topology.ConfigError as exc:
         print("spliceproxy bench: %s" % exc, file=sys.stderr)
         return 2
+    from spliceproxy.settings import duration_us
+
+    try:
+        duration_us(0, 10_000)(args.spin)
+    except ValueError as exc:
+        print("spliceproxy bench: --spin %s: %s" % (args.spin, exc), file=sys.stderr)
+        return 2
     show, done = _progress()
     h = harness.Harness("quick" if args.quick else "full", spliceproxy=args.spliceproxy,
                         docker_proxy=args.docker_proxy, peers=not args.no_peers,
                         proxy_env=env, only=only, variants=variants, progress=show,
-                        seed=args.seed, subnet=args.subnet, netns_prefix=args.netns_prefix)
+                        seed=args.seed, subnet=args.subnet, netns_prefix=args.netns_prefix,
+                        spin=args.spin)
     if args.rounds:
         h.p.rounds = h.p.lat_rounds = args.rounds
     if os.geteuid() != 0:

@@ -23,7 +23,7 @@ from spliceproxy.bench import procs
 from spliceproxy.bench import topology as topo_mod
 from spliceproxy.bench.launch import spawn
 from spliceproxy.bench.loadgen import check, load
-from spliceproxy.bench.paths import Paths, find_docker_proxy, find_spliceproxy
+from spliceproxy.bench.paths import SPIN, Paths, find_docker_proxy, find_spliceproxy
 
 GIB = 1 << 30
 
@@ -83,11 +83,13 @@ METRICS = {
     "rr_p99": ("us", "lower", "1-byte TCP ping-pong p99"),
     "rr_added_p50": ("us", "lower", "p50 latency added over native"),
     "rr_added_p99": ("us", "lower", "p99 latency added over native"),
+    "rr_cpu_us": ("us", "lower", "proxy CPU per 1-byte TCP round trip"),
     "crr_rate": ("conn/s", "higher", "connect, 1-byte exchange, close"),
     "syscalls_per_conn": ("calls", "lower", "proxy system calls per connection"),
     "udp_rr_p50": ("us", "lower", "64-byte UDP ping-pong p50"),
     "udp_rr_p99": ("us", "lower", "64-byte UDP ping-pong p99"),
     "udp_added_p50": ("us", "lower", "UDP p50 latency added over native"),
+    "udp_cpu_us": ("us", "lower", "proxy CPU per 64-byte UDP round trip"),
     "udp_pps": ("pkt/s", "higher", "64-byte datagrams echoed per second, 64 in flight"),
     "udp_loss_pct": ("%", "lower", "datagrams lost in the burst"),
     "scale_served_pct": ("%", "higher", "concurrent connections served"),
@@ -104,6 +106,9 @@ METRICS = {
     "strace_syscalls_per_conn": ("calls", "lower", "system calls per connection (strace -c)"),
 }
 REFS = ("native", "iptables", "docker-proxy")
+# The plain relay, reference of the same engine run with a setting changed
+# (spliceproxy-spin): its ratios to it are in every result too.
+PLAIN = "spliceproxy"
 # Figures that do not drift with timing: counted, not timed, so one round is
 # a measurement.  System calls per GiB are not among them: how much each
 # splice moves depends on scheduling.
@@ -229,7 +234,7 @@ class Results:
             for metric, per_path in metrics.items():
                 for path, vals in per_path.items():
                     stats = {ref: self.ratio_stats(variant, metric, path, ref)
-                             for ref in REFS + (BARE,)}
+                             for ref in REFS + (BARE, PLAIN)}
                     stats = {k: v for k, v in stats.items() if v is not None}
                     q1, _q2, q3 = quartiles(vals)
                     out["metrics"].setdefault(variant, {}).setdefault(metric, {})[path] = {
@@ -301,7 +306,9 @@ class Harness:
     def __init__(self, profile: str = "quick", *, spliceproxy=None, docker_proxy=None,
                  peers: bool = True, proxy_env=None, only=None, variants=None,
                  netns: bool | None = None, progress=None, seed: int | None = None,
-                 subnet: str = topo_mod.SUBNET, netns_prefix: str = topo_mod.PREFIX):
+                 subnet: str = topo_mod.SUBNET, netns_prefix: str = topo_mod.PREFIX,
+                 spin: str = SPIN):
+        self.spin = spin
         # A copy: callers tune rounds on it without changing the table.
         self.p = dataclasses.replace(PROFILES[profile])
         self.progress = progress or (lambda msg: None)
@@ -335,7 +342,8 @@ class Harness:
                 self.topo = topo_mod.Topology(subnet=self.subnet,
                                               prefix=self.netns_prefix).setup()
             self.paths = Paths(self.topo, spliceproxy=self.sp_exe, docker_proxy=self.dp_exe,
-                               peers=self.peers, proxy_env=self.proxy_env, only=self.only)
+                               peers=self.peers, proxy_env=self.proxy_env, only=self.only,
+                               spin=self.spin)
             self.paths.start(self.progress)
         except BaseException:
             self.__exit__()
@@ -559,6 +567,24 @@ class Harness:
             raise
         return socks
 
+    def _cpu(self, order, role: str) -> dict:
+        """CPU seconds now of each path's proxy process serving role."""
+        out = {}
+        for name, rt in order:
+            pid = rt.pid(role)
+            if pid:
+                with contextlib.suppress(OSError):
+                    out[name] = procs.cpu_seconds(pid, rt.tree)
+        return out
+
+    def _add_cpu(self, variant, metric, order, role, cpu0, exchanges, r) -> None:
+        """Proxy CPU per round trip (us) over the round: what a busy-poll costs shows
+        here, since its polls between one exchange and the next are counted too."""
+        cpu1 = self._cpu(order, role)
+        for name, c0 in cpu0.items():
+            if name in cpu1:
+                self.res.add(variant, metric, name, (cpu1[name] - c0) * 1e6 / exchanges, r)
+
     def _rr_round(self, variant, order, r) -> None:
         n, k = self.p.rr_iters, len(order)
         socks = self._multi_socks(variant, order, "echo")
@@ -566,7 +592,9 @@ class Harness:
         lat = self.ffi.new("double[]", n * k)
         try:
             check(self.lib.lg_rr_multi(fds, k, 200, 1, lat), "rr warmup")
+            cpu0 = self._cpu(order, "echo")
             check(self.lib.lg_rr_multi(fds, k, n, 1, lat), "rr")
+            self._add_cpu(variant, "rr_cpu_us", order, "echo", cpu0, n, r)
         finally:
             for s in socks:
                 s.close()
@@ -589,7 +617,9 @@ class Harness:
         lat = self.ffi.new("double[]", n * k)
         try:
             self.lib.lg_udp_rr_multi(fds, k, 50, 64, 200, lat)
+            cpu0 = self._cpu(order, "udp")
             check(self.lib.lg_udp_rr_multi(fds, k, n, 64, 200, lat), "udp rr")
+            self._add_cpu(variant, "udp_cpu_us", order, "udp", cpu0, n, r)
         finally:
             for s in socks:
                 s.close()

@@ -23,8 +23,10 @@ from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
 # TIME_WAIT sockets for 4-tuples), published ports on the host per path.
 ECHO, SINK, UDP = 7001, 7002, 7003
 PORT_BASE = {"iptables": 8100, "spliceproxy": 8200, "docker-proxy": 8300,
-             "haproxy": 8400, "socat": 8500}
-USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
+             "haproxy": 8400, "socat": 8500, "spliceproxy-spin": 8600}
+USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat", "spliceproxy-spin")
+# The busy-poll the spliceproxy-spin path runs with (SPLICEPROXY_SPIN).
+SPIN = "50us"
 # The path table: name -> the Paths method that starts it and returns its
 # PathRuntime (or None, with the reason in Paths.skipped).  A new path (e.g.
 # spliceproxy's fast path) is one entry here, one starter method and, for a
@@ -36,6 +38,7 @@ PATHS = {
     "docker-proxy": "_start_docker_proxy",
     "haproxy": "_start_haproxy",
     "socat": "_start_socat",
+    "spliceproxy-spin": "_start_spliceproxy_spin",
 }
 ALL_PATHS = tuple(PATHS)
 
@@ -105,7 +108,9 @@ class Paths:
     """Starts and stops every available path; knows each one's endpoints."""
 
     def __init__(self, topo, *, spliceproxy: str | None, docker_proxy: str | None,
-                 peers: bool = True, proxy_env: dict | None = None, only=None):
+                 peers: bool = True, proxy_env: dict | None = None, only=None,
+                 spin: str = SPIN):
+        self.spin = spin
         self.topo = topo  # None: no namespaces (loopback only, current netns)
         self.sp_exe = spliceproxy
         self.dp_exe = docker_proxy
@@ -238,19 +243,28 @@ class Paths:
         rt.external, rt.loopback = self._endpoints(ports)
         return rt
 
-    def _start_spliceproxy(self):
+    def _start_spliceproxy(self, name: str = "spliceproxy", extra_env=None):
         if not self.sp_exe:
-            self.skipped["spliceproxy"] = "spliceproxy is not installed (no console script)"
+            self.skipped[name] = "spliceproxy is not installed (no console script)"
             return None
 
         def env_for(rt, role):
             env = dict(self.proxy_env)
-            path = os.path.join(self.tmp, "stats-%d" % role)
+            env.update(extra_env or {})
+            path = os.path.join(self.tmp, "stats-%s-%d" % (name, role))
             env["SPLICEPROXY_STATS_FILE"] = path
             rt.stats_files[("echo", "sink", "udp")[role]] = path
             return env
 
-        return self._start_dockerish("spliceproxy", self.sp_exe, env_for)
+        return self._start_dockerish(name, self.sp_exe, env_for)
+
+    def _start_spliceproxy_spin(self):
+        """The same engine with the busy-poll on: compared with the plain relay
+        in the same run, ratio by ratio."""
+        rt = self._start_spliceproxy("spliceproxy-spin", {"SPLICEPROXY_SPIN": self.spin})
+        if rt is not None:
+            rt.note = "SPLICEPROXY_SPIN=%s" % self.spin
+        return rt
 
     def _start_docker_proxy(self):
         if not self.dp_exe:

@@ -6,10 +6,11 @@ import json
 import platform
 import time
 
-from spliceproxy.bench.harness import BARE, METRICS, REFS, Results
+from spliceproxy.bench.harness import BARE, METRICS, PLAIN, REFS, Results
 
 SUBJECT = "spliceproxy"
-ORDER = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat", BARE)
+ORDER = ("native", "iptables", "spliceproxy", "spliceproxy-spin", "docker-proxy", "haproxy",
+         "socat", BARE)
 
 
 def _fmt(v) -> str:
@@ -50,8 +51,11 @@ def table(res: Results, subject: str = SUBJECT) -> str:
         paths += sorted({p for m in metrics.values() for p in m} - set(paths))
         refs = [r for r in REFS + (BARE,) if r != subject and any(
             r in m and subject in m for m in metrics.values())]
+        # The same engine with a setting changed, against the plain relay.
+        variants_of = [p for p in paths if p.startswith(PLAIN + "-")] if subject == PLAIN else []
         head = ["%s metric" % variant, "unit"] + paths + ["%s/%s" % (subject[:6], r[:8])
                                                           for r in refs]
+        head += ["%s/plain" % p[len(PLAIN) + 1:][:6] for p in variants_of]
         rows = [head]
         for metric in METRICS:
             if metric not in metrics:
@@ -61,6 +65,8 @@ def table(res: Results, subject: str = SUBJECT) -> str:
                                                   for p in paths]
             for r in refs:
                 row.append(fmt_ratio(per.get(subject, {}).get("ratio_spread", {}).get(r)))
+            for p in variants_of:
+                row.append(fmt_ratio(per.get(p, {}).get("ratio_spread", {}).get(PLAIN)))
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         for i, row in enumerate(rows):
@@ -145,7 +151,7 @@ def write_json(res: Results, path: str) -> None:
 
 COLORS = {"native": "#888888", "iptables": "#bbbbbb", "spliceproxy": "#1f77b4",
           "docker-proxy": "#d62728", "haproxy": "#2ca02c", "socat": "#9467bd",
-          BARE: "#8c564b"}
+          "spliceproxy-spin": "#17becf", BARE: "#8c564b"}
 
 
 def chart_panels(res: Results) -> list[tuple[str, str, dict]]:

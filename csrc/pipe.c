@@ -36,7 +36,11 @@ struct sp_pipe_pool {
 	int64_t retry_at_ms;  /* F_SETPIPE_SZ refused: not asked again before */
 };
 
-/* Largest pipe size the kernel allows us, from /proc/sys/fs/pipe-max-size. */
+/**
+ * pipe_max_size() - the largest pipe size the kernel allows us
+ *
+ * Largest pipe size the kernel allows us, from /proc/sys/fs/pipe-max-size.
+ */
 static long pipe_max_size(void)
 {
 	FILE *f = fopen("/proc/sys/fs/pipe-max-size", "re");

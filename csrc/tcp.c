@@ -193,7 +193,11 @@ static int tcp_init(struct sp_engine *e)
 	return 0;
 }
 
-/* Grow the table by one chunk, threading its slots onto the free list. */
+/**
+ * table_grow() - add a chunk of slots to the free list
+ *
+ * Grow the table by one chunk, threading its slots onto the free list.
+ */
 static int table_grow(struct sp_conn_table *t)
 {
 	struct sp_conn **chunks;
@@ -272,7 +276,9 @@ static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t
 	t->n_half++;
 }
 
-/* Make close() send a reset instead of a FIN. */
+/**
+ * set_abortive() - make close() send a reset instead of a FIN
+ */
 static void set_abortive(struct sp_engine *e, int fd)
 {
 	struct linger lg = { .l_onoff = 1, .l_linger = 0 };
@@ -281,15 +287,21 @@ static void set_abortive(struct sp_engine *e, int fd)
 	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 }
 
-/* Whether there are descriptors to spare for one more connection. */
+/**
+ * fd_room() - whether there are descriptors to spare for one more connection
+ */
 static bool fd_room(struct sp_engine *e)
 {
 	return e->opt[SP_OPT_FD_LIMIT] <= 0 ||
 	       (int64_t)e->stats[SP_STAT_FDS_OPEN] + FD_HEADROOM < e->opt[SP_OPT_FD_LIMIT];
 }
 
-/* Listen on l again.  "Resumed" is logged only once the backlog has
- * drained, so a limit that is still being hit logs one line, not pairs. */
+/**
+ * resume_listener() - listen on l again
+ *
+ * Listen on l again.  "Resumed" is logged only once the backlog has
+ * drained, so a limit that is still being hit logs one line, not pairs.
+ */
 static void resume_listener(struct sp_engine *e, struct sp_listener *l)
 {
 	if (sp_epoll_mod(e, l->fd, EPOLLIN, listener_ref(l)) == 0) {
@@ -298,7 +310,11 @@ static void resume_listener(struct sp_engine *e, struct sp_listener *l)
 	}
 }
 
-/* Resume listeners paused for lack of descriptors: some were just freed. */
+/**
+ * resume_listeners() - resume listeners paused for lack of descriptors
+ *
+ * Resume listeners paused for lack of descriptors: some were just freed.
+ */
 static void resume_listeners(struct sp_engine *e)
 {
 	int i;
@@ -356,7 +372,9 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c, boo
 
 #define RECLAIM_BATCH 8
 
-/*
+/**
+ * reclaim_for_room() - reset abandoned half-closed pairs to make room for new clients
+ *
  * Make room for a new client by resetting the half-closed pairs that went
  * longest without progress.  A peer that half-closes and never finishes
  * costs two descriptors for as long as the other side keeps its half open;
@@ -556,21 +574,29 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, unsigned sidei, bool
 	return 0;
 }
 
-/* Reset both sides, as the NAT path would pass a reset on. */
+/**
+ * conn_reset() - reset both sides, as the NAT path would pass a reset on
+ */
 static void conn_reset(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	sp_lcount(e, c->listener, SP_STAT_TCP_RESETS, 1);
 	conn_close(e, idx, c, true);
 }
 
-/* Both sides broken, or the survivor of one would not take its data: reset. */
+/**
+ * conn_abort() - count the error and reset both sides
+ *
+ * Both sides broken, or the survivor of one would not take its data: reset.
+ */
 static void conn_abort(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
 {
 	sp_lcount_error(e, c->listener, err);
 	conn_reset(e, idx, c);
 }
 
-/* Queue a connection that could not get a pipe for a later retry. */
+/**
+ * starve() - queue a connection that could not get a pipe for a later retry
+ */
 static void starve(struct sp_engine *e, uint32_t idx)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -594,8 +620,12 @@ static void starve(struct sp_engine *e, uint32_t idx)
 
 static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c);
 
-/* Retry connections that were starved of pipes (descriptors were freed, or
- * the backoff elapsed).  Entries whose slot was recycled are skipped. */
+/**
+ * feed_starved() - retry the connections starved of pipes
+ *
+ * Retry connections that were starved of pipes (descriptors were freed, or
+ * the backoff elapsed).  Entries whose slot was recycled are skipped.
+ */
 static void feed_starved(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -615,8 +645,12 @@ static void feed_starved(struct sp_engine *e)
 	free(list);
 }
 
-/* Bytes the kernel still holds for the peer of fd (unsent or unacknowledged),
- * or -1 when it cannot say. */
+/**
+ * sock_outq() - bytes the kernel still holds for the peer of fd
+ *
+ * Bytes the kernel still holds for the peer of fd (unsent or unacknowledged),
+ * or -1 when it cannot say.
+ */
 static int sock_outq(struct sp_engine *e, int fd)
 {
 	int n;
@@ -627,7 +661,9 @@ static int sock_outq(struct sp_engine *e, int fd)
 	return n;
 }
 
-/*
+/**
+ * conn_drain() - a broken connection delivering what it holds
+ *
  * A broken connection delivering what it holds.  The broken side's receive
  * queue (Linux returns queued data before the error) and the pipe go to the
  * survivor; once the survivor's peer acknowledged all of it, both sides are
@@ -667,8 +703,12 @@ static void conn_drain(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 	c->draining = true;   /* the timer looks again */
 }
 
-/* Note a connection to finish draining (or to reset at its deadline);
- * false without memory. */
+/**
+ * dying_push() - note a broken connection for the timer
+ *
+ * Note a connection to finish draining (or to reset at its deadline);
+ * false without memory.
+ */
 static bool dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -686,7 +726,9 @@ static bool dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 	return true;
 }
 
-/*
+/**
+ * conn_fail() - one side failed: deliver what it sent, then pass the reset on
+ *
  * One side failed (err).  What the proxy already received from it is
  * delivered to the other side before the reset is passed on, as the
  * kernel's own path would have delivered it: before, uploads that ended
@@ -720,8 +762,12 @@ static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, unsi
 	conn_drain(e, idx, c);
 }
 
-/* Broken connections: finish those whose data was taken, reset those past
- * their deadline; ms until the next look, or -1 when none is left. */
+/**
+ * dying_timer() - finish or reset the broken connections
+ *
+ * Broken connections: finish those whose data was taken, reset those past
+ * their deadline; ms until the next look, or -1 when none is left.
+ */
 static int64_t dying_timer(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -760,7 +806,9 @@ static int64_t dying_timer(struct sp_engine *e)
 	return next;
 }
 
-/* Run both pumps; close the connection when done or broken. */
+/**
+ * conn_pump() - run both pumps; close the connection when done or broken
+ */
 static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	bool dst_failed;
@@ -795,28 +843,34 @@ static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 		halfclosed_link(e->tcp, c, idx);
 }
 
-/* Pause accepting on l for lack of descriptors (or memory). */
+/**
+ * pause_listener() - pause accepting on l for lack of descriptors (or memory)
+ */
 static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 {
-	struct sp_tcp_listener *t = tl(l);
+	struct sp_tcp_listener *tls = tl(l);
 
-	if (t->paused)
+	if (tls->paused)
 		return;
 	if (sp_epoll_mod(e, l->fd, 0, listener_ref(l)) < 0)
 		return;
-	t->paused = true;
-	t->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
+	tls->paused = true;
+	tls->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 	e->tcp->paused_listeners++;
 	sp_lcount(e, l->id, SP_STAT_ACCEPT_PAUSES, 1);
-	if (!t->pause_reported) {
-		t->pause_reported = true;
+	if (!tls->pause_reported) {
+		tls->pause_reported = true;
 		sp_emit(e, SP_EV_ACCEPT_PAUSED, err, l->id, 1);
 	}
 }
 
-/* A nonblocking backend socket, connect() started.  Returns the socket
+/**
+ * backend_socket() - a nonblocking backend socket, connect() started
+ *
+ * A nonblocking backend socket, connect() started.  Returns the socket
  * (connect in progress or done) or -errno; *connect_err is the connect()
- * errno when the socket was made but connect() failed at once. */
+ * errno when the socket was made but connect() failed at once.
+ */
 static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *connect_err,
 			  uint16_t *bound_port)
 {
@@ -860,8 +914,12 @@ again:
 	return fd;
 }
 
-/* Queue a connect for its timeout.  Connects start in time order and share
- * one timeout, so a FIFO holds them in deadline order. */
+/**
+ * connecting_push() - queue a connect for its timeout
+ *
+ * Queue a connect for its timeout.  Connects start in time order and share
+ * one timeout, so a FIFO holds them in deadline order.
+ */
 static void connecting_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -885,8 +943,12 @@ static void connecting_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 
 static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err);
 
-/* Give up connects older than the connect timeout; ms until the next
- * deadline, or -1 when none is pending. */
+/**
+ * connect_timeouts() - give up connects older than the connect timeout
+ *
+ * Give up connects older than the connect timeout; ms until the next
+ * deadline, or -1 when none is pending.
+ */
 static int64_t connect_timeouts(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -910,7 +972,11 @@ static int64_t connect_timeouts(struct sp_engine *e)
 	return -1;
 }
 
-/* Start relaying an accepted client: open and connect the backend socket. */
+/**
+ * conn_start() - start relaying an accepted client
+ *
+ * Start relaying an accepted client: open and connect the backend socket.
+ */
 static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -986,11 +1052,11 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
  */
 static void tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
 {
-	struct sp_tcp_listener *t = tl(l);
+	struct sp_tcp_listener *tls = tl(l);
 	int i;
 
 	(void)events;
-	for (i = 0; i < ACCEPT_BATCH && !t->paused; i++) {
+	for (i = 0; i < ACCEPT_BATCH && !tls->paused; i++) {
 		int cfd;
 
 		if (!fd_room(e) && (!reclaim_for_room(e, false) || !fd_room(e))) {
@@ -1008,9 +1074,9 @@ static void tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint3
 
 			switch (err) {
 			case EAGAIN:
-				if (t->pause_reported) {
+				if (tls->pause_reported) {
 					/* The backlog drained: the shortage is over. */
-					t->pause_reported = false;
+					tls->pause_reported = false;
 					sp_emit(e, SP_EV_ACCEPT_RESUMED, 0, l->id, 1);
 				}
 				return;
@@ -1054,8 +1120,12 @@ static void tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint3
 /* Forward: conn_connected() reads the result of the connect with it. */
 static int sock_error(struct sp_engine *e, int fd);
 
-/* The backend could not be reached: like docker-proxy, a plain close, so
- * the client sees FIN, or RST if it had already sent data. */
+/**
+ * conn_connect_failed() - the backend could not be reached: close as docker-proxy does
+ *
+ * The backend could not be reached: like docker-proxy, a plain close, so
+ * the client sees FIN, or RST if it had already sent data.
+ */
 static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
 {
 	sp_lcount(e, c->listener, SP_STAT_TCP_FAILED, 1);
@@ -1083,7 +1153,9 @@ static void conn_connected(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 	conn_pump(e, idx, c);
 }
 
-/* Fetch and clear a socket's pending error. */
+/**
+ * sock_error() - fetch and clear a socket's pending error
+ */
 static int sock_error(struct sp_engine *e, int fd)
 {
 	int err = 0;
@@ -1150,7 +1222,11 @@ static void tcp_flow_event(struct sp_engine *e, union sp_ref ref, uint32_t event
 	conn_event(e, ref.side, ref.index, c, events);
 }
 
-/* Reset half-closed pairs that saw no progress for the idle timeout. */
+/**
+ * reclaim_idle() - reset half-closed pairs idle for the idle timeout
+ *
+ * Reset half-closed pairs that saw no progress for the idle timeout.
+ */
 static void reclaim_idle(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -1191,23 +1267,23 @@ static int64_t tcp_timer(struct sp_engine *e)
 	if (t->paused_listeners) {
 		for (i = 0; i < e->n_listeners; i++) {
 			struct sp_listener *l = &e->listeners[i];
-			struct sp_tcp_listener *tcp;
+			struct sp_tcp_listener *tls;
 			int64_t left;
 
 			if (l->proto != &sp_tcp_proto || !l->state || l->fd < 0)
 				continue;
-			tcp = tl(l);
-			if (!tcp->paused)
+			tls = tl(l);
+			if (!tls->paused)
 				continue;
-			left = tcp->resume_at_ms - e->now_ms;
+			left = tls->resume_at_ms - e->now_ms;
 			if (left <= 0) {
 				if (fd_room(e)) {
 					resume_listener(e, l);
-					if (!tcp->paused)
+					if (!tls->paused)
 						continue;
 					/* epoll_ctl failed: try again after the backoff. */
 				}
-				tcp->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
+				tls->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 				left = e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 			}
 			if (next < 0 || left < next)

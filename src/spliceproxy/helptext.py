@@ -23,7 +23,7 @@ class Variable(NamedTuple):
     name: str
     default: str
     meaning: str
-    group: str = "proxy"  # proxy (read at start-up), engine (engine mode), build, or tests
+    group: str = "proxy"  # proxy (read at start-up), engine, build (and install), or tests
     note: str = ""
 
 
@@ -92,7 +92,7 @@ ENVIRONMENT = _proxy_rows() + (
 _GROUPS = (
     ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
               "value is a start-up failure reported on fd 3):"),
-    ("engine", "Engine mode (read by the launcher, the per-port stub and the host engine):"),
+    ("engine", "Engine mode (read by the stub and the engine; README, Engine mode):"),
     ("build", "Installing and building (scripts/install-venv, pip install):"),
     ("tests", "Test suite:"),
 )

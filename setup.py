@@ -25,8 +25,15 @@ def warning_flags():
     return [w for w in words if w != "-D_GNU_SOURCE"]
 
 
-CSRC = ["csrc/loop.c", "csrc/tcp.c", "csrc/udp.c", "csrc/pipe.c", "csrc/process.c", "csrc/stats.c",
-        "csrc/fastpath.c"]
+# The engine, floor by floor (csrc/core.h draws the picture).
+CSRC = [
+    "csrc/core.c", "csrc/listener.c", "csrc/pipe.c",     # ground floor
+    "csrc/mover_splice.c", "csrc/mover_copy.c",          # byte movers
+    "csrc/portreuse.c", "csrc/tcp.c", "csrc/udp.c",      # protocols
+    "csrc/protos.c", "csrc/loop.c",                      # the loop
+    "csrc/process.c", "csrc/stats.c",                    # beside the engine
+    "csrc/fastpath.c",                                   # the kernel fast path
+]
 
 
 STUB_SRC = "csrc/stub/stub.c"

@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "pipe.h"
 
 #define PIPE_DEFAULT_SIZE 65536   /* what pipe2() gives (16 pages) */
 #define RESIZE_RETRY_MS 1000       /* after a refused F_SETPIPE_SZ */
@@ -36,7 +36,11 @@ struct sp_pipe_pool {
 	int64_t retry_at_ms;  /* F_SETPIPE_SZ refused: not asked again before */
 };
 
-/* Largest pipe size the kernel allows us, from /proc/sys/fs/pipe-max-size. */
+/**
+ * pipe_max_size() - the largest pipe size the kernel allows us
+ *
+ * Largest pipe size the kernel allows us, from /proc/sys/fs/pipe-max-size.
+ */
 static long pipe_max_size(void)
 {
 	FILE *f = fopen("/proc/sys/fs/pipe-max-size", "re");
@@ -50,6 +54,12 @@ static long pipe_max_size(void)
 	return v;
 }
 
+/**
+ * sp_pipes_init() - the engine's empty pool
+ * @e: engine
+ *
+ * Return: 0 or -ENOMEM
+ */
 int sp_pipes_init(struct sp_engine *e)
 {
 	struct sp_pipe_pool *p = calloc(1, sizeof(*p));
@@ -61,6 +71,11 @@ int sp_pipes_init(struct sp_engine *e)
 	return 0;
 }
 
+/**
+ * pipe_close() - close both ends of a pipe
+ * @e:  engine
+ * @pp: pipe
+ */
 static void pipe_close(struct sp_engine *e, struct sp_pipe *pp)
 {
 	sp_close(e, pp->rd);
@@ -71,7 +86,11 @@ static void pipe_close(struct sp_engine *e, struct sp_pipe *pp)
 	e->pipes->retry_at_ms = 0;
 }
 
-/* Grow a pipe to the wanted size unless resizing was refused recently. */
+/**
+ * pipe_grow() - grow a pipe to the wanted size unless resizing was refused recently
+ * @e:  engine
+ * @pp: pipe
+ */
 static void pipe_grow(struct sp_engine *e, struct sp_pipe *pp)
 {
 	struct sp_pipe_pool *p = e->pipes;
@@ -91,6 +110,10 @@ static void pipe_grow(struct sp_engine *e, struct sp_pipe *pp)
 	pp->cap = (size_t)got;
 }
 
+/**
+ * sp_pipes_free() - close the pooled pipes and free the pool
+ * @e: engine
+ */
 void sp_pipes_free(struct sp_engine *e)
 {
 	struct sp_pipe_pool *p = e->pipes;
@@ -104,6 +127,13 @@ void sp_pipes_free(struct sp_engine *e)
 	e->pipes = NULL;
 }
 
+/**
+ * sp_pipe_get() - take a pipe from the pool, or create one
+ * @e:   engine
+ * @out: the pipe
+ *
+ * Return: 0 or -errno
+ */
 int sp_pipe_get(struct sp_engine *e, struct sp_pipe *out)
 {
 	struct sp_pipe_pool *p = e->pipes;
@@ -133,12 +163,21 @@ int sp_pipe_get(struct sp_engine *e, struct sp_pipe *out)
 	return 0;
 }
 
+/**
+ * sp_pipes_resize() - SP_OPT_PIPE_SIZE changed (before serving): size pipes anew
+ * @e: engine
+ */
 void sp_pipes_resize(struct sp_engine *e)
 {
 	e->pipes->want = 0;
 	e->pipes->retry_at_ms = 0;
 }
 
+/**
+ * sp_pipe_put() - return an empty pipe to the pool, or close it if the pool is full
+ * @e:  engine
+ * @pp: pipe, marked as none held afterwards
+ */
 void sp_pipe_put(struct sp_engine *e, struct sp_pipe *pp)
 {
 	struct sp_pipe_pool *p = e->pipes;
@@ -163,12 +202,24 @@ void sp_pipe_put(struct sp_engine *e, struct sp_pipe *pp)
 	pipe_close(e, pp);
 }
 
+/**
+ * sp_pipe_drop() - close a pipe that may still hold data
+ * @e:  engine
+ * @pp: pipe
+ */
 void sp_pipe_drop(struct sp_engine *e, struct sp_pipe *pp)
 {
 	sp_gauge_sub(e, SP_STAT_PIPES_IN_USE, 1);
 	pipe_close(e, pp);
 }
 
+/**
+ * sp_engine_reserve_pipes() - fill the pool with n pipes ahead of use (engine.h)
+ * @e: engine
+ * @n: pipes wanted in the pool
+ *
+ * Return: pipes now pooled, or -errno
+ */
 int sp_engine_reserve_pipes(struct sp_engine *e, int n)
 {
 	struct sp_pipe_pool *p = e->pipes;

@@ -1,7 +1,11 @@
 /* SPDX-License-Identifier: MIT
  *
- * tcp.c - the TCP relay: accept, nonblocking backend connect, and a splice(2)
- * pump per direction through a pooled kernel pipe.
+ * tcp.c - the TCP relay's connection state machine: accept, nonblocking
+ * backend connect, FIN and RST in each direction, half-close, delivering
+ * what a broken side sent before passing its reset on, reclaiming idle and
+ * abandoned pairs, and connections starved of pipes.  How bytes move is the
+ * engine's mover's (mover.h: splice through a pooled pipe, or read/write);
+ * backend ports in TIME_WAIT are reused by portreuse.c.
  *
  * Both sockets of a connection are registered once, edge-triggered, for
  * input and output; the events only set readiness hints and the pump finds
@@ -24,7 +28,9 @@
 #include <sys/socket.h>
 #include <linux/sockios.h>
 
-#include "internal.h"
+#include "mover.h"
+#include "portreuse.h"
+#include "proto.h"
 
 #define CONN_CHUNK 1024          /* connections per allocation chunk */
 #define ACCEPT_BATCH 64          /* accepts per listener wakeup (fairness) */
@@ -42,66 +48,72 @@
 
 enum conn_state { CONN_FREE = 0, CONN_CONNECTING, CONN_OPEN };
 
-/* One direction of a connection: src -> pipe (or buffer) -> dst. */
-struct sp_dir {
-	struct sp_pipe pipe;   /* rd/wr == -1 when none is held */
-	char *buf;             /* read/write copy mode: buffer held while in flight */
-	size_t buf_cap;        /* read/write mode: bytes buf was allocated with */
-	size_t buf_off;        /* read/write mode: bytes of buf already written */
-	size_t queued;         /* bytes read from src, not yet written to dst */
-	bool eof;              /* src gave EOF */
-	bool shut;             /* EOF passed on: shutdown(dst, SHUT_WR) done */
+/* The two sides of a connection, as indexes (sidei): side[SIDE_CLIENT] is
+ * the accepted socket, side[SIDE_BACKEND] the one we connect; dir[sidei]
+ * carries the bytes read from side sidei to the other side. */
+enum { SIDE_CLIENT = 0, SIDE_BACKEND = 1, SIDES = 2 };
+
+/* One socket of a connection and its readiness hints from edge-triggered
+ * events. */
+struct sp_side {
+	int fd;
+	bool rd, wr;
 };
 
 struct sp_conn {
-	int cfd, bfd;          /* client and backend sockets */
-	uint32_t gen;          /* slot generation, checked against epoll tags */
+	struct sp_side side[SIDES];
+	struct sp_dir dir[SIDES];  /* dir[sidei]: from side sidei to the other */
+	uint32_t gen;          /* slot generation, checked against epoll references */
 	uint32_t next;         /* free list / half-closed list links */
 	uint32_t prev;
 	int listener;
 	uint8_t state;
-	bool c_rd, c_wr, b_rd, b_wr;  /* readiness hints from edge-triggered events */
 	bool in_halfclosed;
 	bool want_pipe;        /* a pump found no pipe to be had */
 	bool fin_first;        /* we sent the backend FIN before it sent one:
 				* our backend socket ends in TIME_WAIT */
 	uint16_t bport;        /* backend local port (network order) if we chose it */
 	bool starved;          /* queued on the starved list for a retry */
-	uint8_t broken;        /* BROKEN_CLIENT/BACKEND: that side failed, the
-				* other gets what was received from it first */
+	bool broken;           /* broken_side failed: the other side gets what
+				* was received from it first */
+	uint8_t broken_side;
 	bool draining;         /* all of it written: waiting for the peer's ACKs */
 	int64_t linger_until;  /* broken: reset anyway at this time */
 	int64_t last_ms;       /* last progress, for the idle reclaim */
-	struct sp_dir c2b, b2c;
 };
 
 #define NIL UINT32_MAX
 
-enum { BROKEN_CLIENT = 1, BROKEN_BACKEND = 2 };
-
-/*
- * Backend ports left in TIME_WAIT.  When the client closes first, the proxy
- * is the side that sends the backend its FIN first, so every such backend
- * connection leaves a TIME_WAIT socket holding an ephemeral port towards the
- * one container address.  After ~28k connections in a minute the range is
- * exhausted: connect() scans in vain and the rate collapses to a few hundred
- * per second (moby #47537).  Linux lets a socket explicitly bound (with
- * SO_REUSEADDR) to such a port take over the TIME_WAIT 4-tuple when TCP
- * timestamps make it safe (PAWS), so those ports are kept on a stack and
- * reused, most recent first; the TIME_WAIT sockets are then recycled instead
- * of piling up.  If reuse fails repeatedly (e.g. a backend without
- * timestamps), it is switched off for a while.
- */
-#define PORT_POOL_MAX 65536
-#define PORT_REUSE_FAILS 8
-#define PORT_REUSE_BACKOFF_MS 10000
-
-struct sp_port_pool {
-	uint16_t *ports;
-	uint32_t n, cap;
-	uint32_t fails;
-	int64_t disabled_until;
+/* The bytes counter of each direction. */
+static const enum sp_stat dir_bytes[SIDES] = {
+	[SIDE_CLIENT] = SP_STAT_BYTES_C2B,
+	[SIDE_BACKEND] = SP_STAT_BYTES_B2C,
 };
+
+/**
+ * otheri() - the index of the other side
+ * @sidei: SIDE_CLIENT or SIDE_BACKEND
+ */
+static inline unsigned otheri(unsigned sidei)
+{
+	return !sidei;
+}
+
+/* A TCP listener's own state (l->state). */
+struct sp_tcp_listener {
+	bool paused;                  /* accept paused after EMFILE */
+	bool pause_reported;          /* "paused" logged, "resumed" not yet */
+	int64_t resume_at_ms;
+};
+
+/**
+ * tl() - the TCP state of listener l
+ * @l: a TCP listener
+ */
+static inline struct sp_tcp_listener *tl(const struct sp_listener *l)
+{
+	return l->state;
+}
 
 /* A slot and the generation it had: stale once the slot is recycled. */
 struct conn_ref {
@@ -121,13 +133,19 @@ struct sp_conn_table {
 	struct conn_ref *dying;       /* broken connections delivering what is left */
 	uint32_t n_dying, cap_dying;
 	int paused_listeners;
-	struct sp_port_pool *ports;  /* per listener id: backend ports in TIME_WAIT */
-	int n_ports;
+	struct sp_ports ports;  /* per listener id: backend ports in TIME_WAIT */
 	uint32_t *starved;      /* connections waiting for a pipe */
 	uint32_t n_starved, cap_starved;
 	int64_t starved_retry_ms;
 };
 
+/**
+ * conn_at() - slot to connection
+ * @t:   the table
+ * @idx: slot
+ *
+ * Return: the connection, or NULL out of range
+ */
 static struct sp_conn *conn_at(struct sp_conn_table *t, uint32_t idx)
 {
 	uint32_t chunk = idx / CONN_CHUNK;
@@ -137,12 +155,33 @@ static struct sp_conn *conn_at(struct sp_conn_table *t, uint32_t idx)
 	return &t->chunks[chunk][idx % CONN_CHUNK];
 }
 
-static uint64_t conn_tag(unsigned type, uint32_t idx, uint32_t gen)
+/**
+ * sock_ref() - the epoll reference of one socket of connection idx
+ * @idx:   slot
+ * @gen:   its generation
+ * @sidei: which socket
+ */
+static union sp_ref sock_ref(uint32_t idx, uint32_t gen, unsigned sidei)
 {
-	return ((uint64_t)type << 56) | ((uint64_t)(gen & 0xffffff) << 32) | idx;
+	return sp_ref(SP_REF_FLOW, SP_PROTO_TCP, sidei, idx, gen);
 }
 
-int sp_tcp_init(struct sp_engine *e)
+/**
+ * listener_ref() - the epoll reference of a TCP listener
+ * @l: listener
+ */
+static union sp_ref listener_ref(const struct sp_listener *l)
+{
+	return sp_ref(SP_REF_LISTENER, SP_PROTO_TCP, 0, (uint32_t)l->id, l->gen);
+}
+
+/**
+ * tcp_init() - the connection table, once per engine
+ * @e: engine
+ *
+ * Return: 0 or -ENOMEM
+ */
+static int tcp_init(struct sp_engine *e)
 {
 	struct sp_conn_table *t = calloc(1, sizeof(*t));
 
@@ -154,7 +193,11 @@ int sp_tcp_init(struct sp_engine *e)
 	return 0;
 }
 
-/* Grow the table by one chunk, threading its slots onto the free list. */
+/**
+ * table_grow() - add a chunk of slots to the free list
+ *
+ * Grow the table by one chunk, threading its slots onto the free list.
+ */
 static int table_grow(struct sp_conn_table *t)
 {
 	struct sp_conn **chunks;
@@ -173,33 +216,29 @@ static int table_grow(struct sp_conn_table *t)
 	base = t->n_chunks * CONN_CHUNK;
 	t->chunks[t->n_chunks++] = c;
 	for (i = CONN_CHUNK; i-- > 0;) {
-		c[i].cfd = c[i].bfd = -1;
+		c[i].side[SIDE_CLIENT].fd = c[i].side[SIDE_BACKEND].fd = -1;
 		c[i].next = t->free_head;
 		t->free_head = base + i;
 	}
 	return 0;
 }
 
-static void dir_init(struct sp_dir *d)
+/**
+ * dir_gave_back() - a direction gave back its pipe or buffer: a connection
+ * starved of one can have it
+ * @e: engine
+ */
+static void dir_gave_back(struct sp_engine *e)
 {
-	memset(d, 0, sizeof(*d));
-	d->pipe.rd = d->pipe.wr = -1;
+	if (e->tcp->n_starved)
+		e->tcp->starved_retry_ms = e->now_ms;
 }
 
-/* Release what a direction holds (pipe or buffer), even with data in it. */
-static void dir_release(struct sp_engine *e, struct sp_dir *d)
-{
-	if (d->pipe.rd >= 0) {
-		if (d->queued)
-			sp_pipe_drop(e, &d->pipe);
-		else
-			sp_pipe_put(e, &d->pipe);
-	}
-	free(d->buf);
-	d->buf = NULL;
-	d->queued = 0;
-}
-
+/**
+ * halfclosed_unlink() - take a connection off the half-closed list
+ * @t: the table
+ * @c: connection
+ */
 static void halfclosed_unlink(struct sp_conn_table *t, struct sp_conn *c)
 {
 	struct sp_conn *n;
@@ -218,6 +257,12 @@ static void halfclosed_unlink(struct sp_conn_table *t, struct sp_conn *c)
 	t->n_half--;
 }
 
+/**
+ * halfclosed_link() - put a connection on the half-closed list, newest first
+ * @t:   the table
+ * @c:   connection
+ * @idx: its slot
+ */
 static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t idx)
 {
 	if (c->in_halfclosed)
@@ -231,7 +276,9 @@ static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t
 	t->n_half++;
 }
 
-/* Make close() send a reset instead of a FIN. */
+/**
+ * set_abortive() - make close() send a reset instead of a FIN
+ */
 static void set_abortive(struct sp_engine *e, int fd)
 {
 	struct linger lg = { .l_onoff = 1, .l_linger = 0 };
@@ -240,24 +287,34 @@ static void set_abortive(struct sp_engine *e, int fd)
 	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 }
 
-/* Whether there are descriptors to spare for one more connection. */
+/**
+ * fd_room() - whether there are descriptors to spare for one more connection
+ */
 static bool fd_room(struct sp_engine *e)
 {
 	return e->opt[SP_OPT_FD_LIMIT] <= 0 ||
 	       (int64_t)e->stats[SP_STAT_FDS_OPEN] + FD_HEADROOM < e->opt[SP_OPT_FD_LIMIT];
 }
 
-/* Listen on l again.  "Resumed" is logged only once the backlog has
- * drained, so a limit that is still being hit logs one line, not pairs. */
+/**
+ * resume_listener() - listen on l again
+ *
+ * Listen on l again.  "Resumed" is logged only once the backlog has
+ * drained, so a limit that is still being hit logs one line, not pairs.
+ */
 static void resume_listener(struct sp_engine *e, struct sp_listener *l)
 {
-	if (sp_epoll_mod(e, l->fd, EPOLLIN, sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) == 0) {
-		l->paused = false;
+	if (sp_epoll_mod(e, l->fd, EPOLLIN, listener_ref(l)) == 0) {
+		tl(l)->paused = false;
 		e->tcp->paused_listeners--;
 	}
 }
 
-/* Resume listeners paused for lack of descriptors: some were just freed. */
+/**
+ * resume_listeners() - resume listeners paused for lack of descriptors
+ *
+ * Resume listeners paused for lack of descriptors: some were just freed.
+ */
 static void resume_listeners(struct sp_engine *e)
 {
 	int i;
@@ -267,81 +324,40 @@ static void resume_listeners(struct sp_engine *e)
 	for (i = 0; i < e->n_listeners; i++) {
 		struct sp_listener *l = &e->listeners[i];
 
-		if (l->type == SOCK_STREAM && l->paused && l->fd >= 0)
+		if (l->proto == &sp_tcp_proto && l->state && tl(l)->paused && l->fd >= 0)
 			resume_listener(e, l);
 	}
 }
 
-/* The port pool of listener id, created on first use; NULL without memory. */
-static struct sp_port_pool *port_pool(struct sp_engine *e, int id)
+/**
+ * conn_close() - close a connection and free its slot
+ * @e:     engine
+ * @idx:   slot
+ * @c:     connection
+ * @reset: both sides get RST instead of FIN
+ */
+static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c, bool reset)
 {
 	struct sp_conn_table *t = e->tcp;
+	int bfd = c->side[SIDE_BACKEND].fd;
+	unsigned sidei;
 
-	if (id >= t->n_ports) {
-		struct sp_port_pool *n = realloc(t->ports, sizeof(*n) * (id + 1));
-
-		if (!n)
-			return NULL;
-		memset(n + t->n_ports, 0, sizeof(*n) * (id + 1 - t->n_ports));
-		t->ports = n;
-		t->n_ports = id + 1;
+	if (reset) {
+		for (sidei = 0; sidei < SIDES; sidei++)
+			if (c->side[sidei].fd >= 0)
+				set_abortive(e, c->side[sidei].fd);
+	} else if (c->fin_first && bfd >= 0) {
+		sp_ports_keep(e, &t->ports, c->listener, bfd, c->bport);
 	}
-	return &t->ports[id];
-}
-
-/* Remember the local port of a backend socket about to enter TIME_WAIT. */
-static void port_release(struct sp_engine *e, struct sp_conn *c)
-{
-	struct sp_port_pool *pp = port_pool(e, c->listener);
-	struct sockaddr_storage ss;
-	socklen_t len = sizeof(ss);
-	uint16_t port;
-
-	if (!pp || e->now_ms < pp->disabled_until || pp->n >= PORT_POOL_MAX)
-		return;
-	port = c->bport;
-	if (!port) {
-		sp_sys(e, SP_STAT_SYS_OTHER);
-		if (getsockname(c->bfd, (struct sockaddr *)&ss, &len) == -1)
-			return;
-		port = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-						: ((struct sockaddr_in *)&ss)->sin_port;
+	for (sidei = 0; sidei < SIDES; sidei++) {
+		/* close() removes the descriptors from the epoll set. */
+		sp_close(e, c->side[sidei].fd);
+		c->side[sidei].fd = -1;
+		e->mover->release(e, &c->dir[sidei]);
 	}
-	if (!port)
-		return;
-	if (pp->n == pp->cap) {
-		uint32_t cap = pp->cap ? pp->cap * 2 : 256;
-		uint16_t *n = realloc(pp->ports, sizeof(*n) * cap);
-
-		if (!n)
-			return;
-		pp->ports = n;
-		pp->cap = cap;
-	}
-	pp->ports[pp->n++] = port;
-}
-
-/* Close a connection.  reset_client / reset_backend choose RST over FIN. */
-static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
-		       bool reset_client, bool reset_backend)
-{
-	struct sp_conn_table *t = e->tcp;
-
-	if (reset_client && c->cfd >= 0)
-		set_abortive(e, c->cfd);
-	if (reset_backend && c->bfd >= 0)
-		set_abortive(e, c->bfd);
-	else if (c->fin_first && c->bfd >= 0)
-		port_release(e, c);
-	/* close() removes the descriptors from the epoll set. */
-	sp_close(e, c->cfd);
-	sp_close(e, c->bfd);
-	c->cfd = c->bfd = -1;
-	dir_release(e, &c->c2b);
-	dir_release(e, &c->b2c);
 	halfclosed_unlink(t, c);
 	c->starved = c->want_pipe = c->fin_first = c->draining = false;
-	c->broken = 0;
+	c->broken = false;
 	c->state = CONN_FREE;
 	c->gen++;
 	c->next = t->free_head;
@@ -356,7 +372,9 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c,
 
 #define RECLAIM_BATCH 8
 
-/*
+/**
+ * reclaim_for_room() - reset abandoned half-closed pairs to make room for new clients
+ *
  * Make room for a new client by resetting the half-closed pairs that went
  * longest without progress.  A peer that half-closes and never finishes
  * costs two descriptors for as long as the other side keeps its half open;
@@ -394,7 +412,7 @@ static uint64_t reclaim_for_room(struct sp_engine *e, bool force)
 			struct sp_conn *c = conn_at(t, best[i]);
 
 			sp_lstat(e, c->listener, SP_STAT_HEADROOM_RECLAIMED, 1);
-			conn_close(e, best[i], c, true, true);
+			conn_close(e, best[i], c, true);
 			force = false;
 			n++;
 		}
@@ -406,6 +424,11 @@ static uint64_t reclaim_for_room(struct sp_engine *e, bool force)
 	return n;
 }
 
+/**
+ * set_sockopts() - no Nagle, and Go's keepalive settings, as docker-proxy's
+ * @e:  engine
+ * @fd: socket
+ */
 static void set_sockopts(struct sp_engine *e, int fd)
 {
 	int one = 1, idle = KEEPALIVE_S;
@@ -420,9 +443,15 @@ static void set_sockopts(struct sp_engine *e, int fd)
 	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &idle, sizeof(idle));
 }
 
-/* Options set on a listener are inherited by every accepted socket, which
- * saves five system calls per connection on the client side. */
-void sp_tcp_listener_setup(struct sp_engine *e, int fd)
+/**
+ * listener_setup() - socket options and O_NONBLOCK for a listener
+ * @e:  engine
+ * @fd: listening socket
+ *
+ * Options set on a listener are inherited by every accepted socket, which
+ * saves five system calls per connection on the client side.
+ */
+static void listener_setup(struct sp_engine *e, int fd)
 {
 	int fl;
 
@@ -435,133 +464,56 @@ void sp_tcp_listener_setup(struct sp_engine *e, int fd)
 	}
 }
 
-/* Give an emptied pipe back to the pool; a connection starved of pipes
- * can have it. */
-static void pipe_release(struct sp_engine *e, struct sp_dir *d)
-{
-	sp_pipe_put(e, &d->pipe);
-	if (e->tcp->n_starved)
-		e->tcp->starved_retry_ms = e->now_ms;
-}
-
-/* An empty direction holds nothing: give back its pipe or buffer. */
+/**
+ * dir_idle() - an empty direction holds nothing: give back its pipe or buffer
+ * @e: engine
+ * @d: direction
+ */
 static void dir_idle(struct sp_engine *e, struct sp_dir *d)
 {
-	if (d->queued)
+	if (d->queued || !e->mover->holds(d))
 		return;
-	if (d->pipe.rd >= 0)
-		pipe_release(e, d);
-	free(d->buf);
-	d->buf = NULL;
+	e->mover->idle(e, d);
+	dir_gave_back(e);
 }
 
-/* Whether a direction can take more bytes from its source: an empty one
- * holds no pipe or buffer yet and takes one on the next read. */
-static bool dir_room(const struct sp_dir *d)
-{
-	if (d->buf)
-		return d->queued < d->buf_cap;
-	if (d->pipe.rd >= 0)
-		return d->queued < d->pipe.cap;
-	return true;
-}
-
-/* The read half of a pump step: move bytes from src into the direction's
- * pipe (or buffer).  Returns >0 bytes, 0 on EOF, -EAGAIN, or -errno. */
-static ssize_t dir_read(struct sp_engine *e, struct sp_dir *d, int src)
-{
-	ssize_t n;
-
-	if (e->opt[SP_OPT_COPY_MODE] == SP_COPY_READWRITE) {
-		if (!d->buf) {
-			d->buf_cap = (size_t)e->opt[SP_OPT_COPY_BUF];
-			d->buf = malloc(d->buf_cap);
-			if (!d->buf)
-				return -ENOMEM;
-			d->buf_off = 0;
-		}
-		do {
-			sp_sys(e, SP_STAT_SYS_READ);
-			n = read(src, d->buf + d->queued, d->buf_cap - d->queued);
-		} while (n == -1 && errno == EINTR);
-		return n == -1 ? -errno : n;
-	}
-	if (d->pipe.rd < 0) {
-		int rc = sp_pipe_get(e, &d->pipe);
-
-		if (rc < 0)
-			return rc;
-	}
-	do {
-		sp_sys(e, SP_STAT_SYS_SPLICE);
-		n = splice(src, NULL, d->pipe.wr, NULL, d->pipe.cap - d->queued,
-			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-	} while (n == -1 && errno == EINTR);
-	if (n == -1)
-		return -errno;
-	return n;
-}
-
-/* The write half: move queued bytes to dst.  Returns bytes or -errno. */
-static ssize_t dir_write(struct sp_engine *e, struct sp_dir *d, int dst)
-{
-	ssize_t n;
-
-	if (d->buf) {
-		do {
-			sp_sys(e, SP_STAT_SYS_WRITE);
-			n = send(dst, d->buf + d->buf_off, d->queued - d->buf_off, MSG_NOSIGNAL);
-		} while (n == -1 && errno == EINTR);
-		if (n == -1)
-			return -errno;
-		d->buf_off += (size_t)n;
-		if (d->buf_off == d->queued) {
-			free(d->buf);
-			d->buf = NULL;
-			d->buf_off = 0;
-			d->queued = 0;
-		}
-		return n;
-	}
-	do {
-		sp_sys(e, SP_STAT_SYS_SPLICE);
-		n = splice(d->pipe.rd, NULL, dst, NULL, d->queued,
-			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-	} while (n == -1 && errno == EINTR);
-	if (n == -1)
-		return -errno;
-	d->queued -= (size_t)n;
-	if (!d->queued)
-		pipe_release(e, d);
-	return n;
-}
-
-/* Move as much as possible in one direction.  Returns 0, or -errno when the
- * connection is broken; *dst_failed tells which side the error came from.
- * draining: src has failed; whatever it still yields is delivered, its
- * errors and EOF end the direction, and no FIN is passed on. */
-static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, int src, int dst,
-		    bool *src_rd, bool *dst_wr, enum sp_stat bytes_stat, bool draining,
+/**
+ * dir_pump() - move as much as possible in one direction
+ * @e:          engine
+ * @c:          connection
+ * @sidei:      the side the direction reads from (dir[sidei])
+ * @draining:   that side has failed: whatever it still yields is delivered,
+ *              its errors and EOF end the direction, and no FIN is passed on
+ * @dst_failed: set to which side an error came from (true: the destination)
+ *
+ * Return: 0, or -errno when the connection is broken
+ */
+static int dir_pump(struct sp_engine *e, struct sp_conn *c, unsigned sidei, bool draining,
 		    bool *dst_failed)
 {
+	const struct sp_mover_ops *m = e->mover;
+	struct sp_dir *d = &c->dir[sidei];
+	struct sp_side *src = &c->side[sidei], *dst = &c->side[otheri(sidei)];
 	bool progress = true;
 
 	*dst_failed = true;
 	while (progress) {
 		progress = false;
-		if (d->queued && *dst_wr) {
+		if (d->queued && dst->wr) {
 			size_t before = d->queued;
-			ssize_t n = dir_write(e, d, dst);
+			ssize_t n = m->flush(e, d, dst->fd);
 
 			if (n == -EAGAIN) {
-				*dst_wr = false;
+				dst->wr = false;
 			} else if (n < 0) {
 				return (int)n;
 			} else {
-				sp_lcount(e, c->listener, bytes_stat, (uint64_t)n);
+				if (!d->queued)
+					dir_gave_back(e);
+				sp_lcount(e, c->listener, dir_bytes[sidei], (uint64_t)n);
 				c->last_ms = e->now_ms;
 				if ((size_t)n < before && d->queued)
-					*dst_wr = false;   /* socket buffer full */
+					dst->wr = false;   /* socket buffer full */
 				else
 					progress = true;
 			}
@@ -569,16 +521,16 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 		if (d->eof) {
 			if (!d->queued && !d->shut && !draining) {
 				sp_sys(e, SP_STAT_SYS_SHUTDOWN);
-				if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN)
+				if (shutdown(dst->fd, SHUT_WR) == -1 && errno != ENOTCONN)
 					return -errno;
 				d->shut = true;
-				if (d == &c->c2b && !c->b2c.eof)
+				if (sidei == SIDE_CLIENT && !c->dir[SIDE_BACKEND].eof)
 					c->fin_first = true;
 			}
 			break;
 		}
-		if (*src_rd && dir_room(d)) {
-			ssize_t n = dir_read(e, d, src);
+		if (src->rd && m->room(d)) {
+			ssize_t n = m->fill(e, d, src->fd);
 
 			if (n == -EMFILE || n == -ENFILE || n == -ENOMEM) {
 				/* No pipe to be had: leave the bytes in the socket,
@@ -588,15 +540,16 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 				sp_lcount_error(e, c->listener, (int)-n);
 				break;
 			} else if (n == -EAGAIN) {
-				if (d->queued && !d->buf) {
-					/* A drained socket or a pipe out of slots: only
-					 * an empty pipe tells them apart, so read again
-					 * once the write half has made room.  Taking it
-					 * for drained could leave bytes in a socket whose
+				if (d->queued && m->eagain_when_full) {
+					/* EAGAIN with a non-empty pipe means the pipe is
+					 * full as often as the socket is drained: only an
+					 * empty pipe tells them apart, so read again once
+					 * the write half has made room.  Taking it for
+					 * drained could leave bytes in a socket whose
 					 * sender waits for window: no edge would come. */
 					break;
 				}
-				*src_rd = false;
+				src->rd = false;
 				dir_idle(e, d);
 			} else if (n < 0 && !draining) {
 				*dst_failed = false;
@@ -605,7 +558,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 				/* EOF, or (draining) the error after the data the
 				 * broken side had queued. */
 				d->eof = true;
-				*src_rd = false;
+				src->rd = false;
 				dir_idle(e, d);
 				progress = true;   /* pass the EOF on */
 			} else {
@@ -621,21 +574,29 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, struct sp_dir *d, in
 	return 0;
 }
 
-/* Reset both sides, as the NAT path would pass a reset on. */
+/**
+ * conn_reset() - reset both sides, as the NAT path would pass a reset on
+ */
 static void conn_reset(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	sp_lcount(e, c->listener, SP_STAT_TCP_RESETS, 1);
-	conn_close(e, idx, c, true, true);
+	conn_close(e, idx, c, true);
 }
 
-/* Both sides broken, or the survivor of one would not take its data: reset. */
+/**
+ * conn_abort() - count the error and reset both sides
+ *
+ * Both sides broken, or the survivor of one would not take its data: reset.
+ */
 static void conn_abort(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
 {
 	sp_lcount_error(e, c->listener, err);
 	conn_reset(e, idx, c);
 }
 
-/* Queue a connection that could not get a pipe for a later retry. */
+/**
+ * starve() - queue a connection that could not get a pipe for a later retry
+ */
 static void starve(struct sp_engine *e, uint32_t idx)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -659,8 +620,12 @@ static void starve(struct sp_engine *e, uint32_t idx)
 
 static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c);
 
-/* Retry connections that were starved of pipes (descriptors were freed, or
- * the backoff elapsed).  Entries whose slot was recycled are skipped. */
+/**
+ * feed_starved() - retry the connections starved of pipes
+ *
+ * Retry connections that were starved of pipes (descriptors were freed, or
+ * the backoff elapsed).  Entries whose slot was recycled are skipped.
+ */
 static void feed_starved(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -680,8 +645,12 @@ static void feed_starved(struct sp_engine *e)
 	free(list);
 }
 
-/* Bytes the kernel still holds for the peer of fd (unsent or unacknowledged),
- * or -1 when it cannot say. */
+/**
+ * sock_outq() - bytes the kernel still holds for the peer of fd
+ *
+ * Bytes the kernel still holds for the peer of fd (unsent or unacknowledged),
+ * or -1 when it cannot say.
+ */
 static int sock_outq(struct sp_engine *e, int fd)
 {
 	int n;
@@ -692,7 +661,9 @@ static int sock_outq(struct sp_engine *e, int fd)
 	return n;
 }
 
-/*
+/**
+ * conn_drain() - a broken connection delivering what it holds
+ *
  * A broken connection delivering what it holds.  The broken side's receive
  * queue (Linux returns queued data before the error) and the pipe go to the
  * survivor; once the survivor's peer acknowledged all of it, both sides are
@@ -702,17 +673,15 @@ static int sock_outq(struct sp_engine *e, int fd)
  */
 static void conn_drain(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
-	bool from_client = c->broken == BROKEN_CLIENT, dst_failed;
-	struct sp_dir *d = from_client ? &c->c2b : &c->b2c;
-	int src = from_client ? c->cfd : c->bfd, dst = from_client ? c->bfd : c->cfd;
-	bool *src_rd = from_client ? &c->c_rd : &c->b_rd;
-	bool *dst_wr = from_client ? &c->b_wr : &c->c_wr;
+	unsigned sidei = c->broken_side;
+	struct sp_dir *d = &c->dir[sidei];
+	int dst = c->side[otheri(sidei)].fd;
+	bool dst_failed;
 	int rc, outq;
 
 	if (!d->eof)
-		*src_rd = true;  /* it will not signal again: read it to the end */
-	rc = dir_pump(e, c, d, src, dst, src_rd, dst_wr,
-		      from_client ? SP_STAT_BYTES_C2B : SP_STAT_BYTES_B2C, true, &dst_failed);
+		c->side[sidei].rd = true;  /* it will not signal again: read it to the end */
+	rc = dir_pump(e, c, sidei, true, &dst_failed);
 	if (rc < 0) {
 		conn_abort(e, idx, c, -rc);
 		return;
@@ -734,8 +703,12 @@ static void conn_drain(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 	c->draining = true;   /* the timer looks again */
 }
 
-/* Note a connection to finish draining (or to reset at its deadline);
- * false without memory. */
+/**
+ * dying_push() - note a broken connection for the timer
+ *
+ * Note a connection to finish draining (or to reset at its deadline);
+ * false without memory.
+ */
 static bool dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -753,7 +726,9 @@ static bool dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 	return true;
 }
 
-/*
+/**
+ * conn_fail() - one side failed: deliver what it sent, then pass the reset on
+ *
  * One side failed (err).  What the proxy already received from it is
  * delivered to the other side before the reset is passed on, as the
  * kernel's own path would have delivered it: before, uploads that ended
@@ -761,14 +736,13 @@ static bool dying_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
  * 0 of 20 direct).  The other direction cannot be delivered any more and is
  * dropped.  A second failure, or nothing left to deliver, resets at once.
  */
-static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, bool client_side,
+static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, unsigned sidei,
 		      int err)
 {
-	uint8_t side = client_side ? BROKEN_CLIENT : BROKEN_BACKEND;
-	struct sp_dir *d = client_side ? &c->c2b : &c->b2c;
-	struct sp_dir *back = client_side ? &c->b2c : &c->c2b;
+	struct sp_dir *d = &c->dir[sidei];
+	struct sp_dir *back = &c->dir[otheri(sidei)];
 
-	if (c->broken == side) {
+	if (c->broken && c->broken_side == sidei) {
 		conn_drain(e, idx, c);  /* the same side again: still delivering */
 		return;
 	}
@@ -778,20 +752,22 @@ static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, bool
 		return;
 	}
 	sp_lcount_error(e, c->listener, err);
-	c->broken = side;
+	c->broken = true;
+	c->broken_side = (uint8_t)sidei;
 	c->linger_until = e->now_ms + RESET_LINGER_MS;
-	dir_release(e, back);
+	e->mover->release(e, back);
 	back->eof = back->shut = true;
 	halfclosed_unlink(e->tcp, c);
-	if (client_side)
-		c->b_wr = true;
-	else
-		c->c_wr = true;
+	c->side[otheri(sidei)].wr = true;
 	conn_drain(e, idx, c);
 }
 
-/* Broken connections: finish those whose data was taken, reset those past
- * their deadline; ms until the next look, or -1 when none is left. */
+/**
+ * dying_timer() - finish or reset the broken connections
+ *
+ * Broken connections: finish those whose data was taken, reset those past
+ * their deadline; ms until the next look, or -1 when none is left.
+ */
 static int64_t dying_timer(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -812,7 +788,7 @@ static int64_t dying_timer(struct sp_engine *e)
 			continue;
 		}
 		if (c->draining) {
-			int outq = sock_outq(e, c->broken == BROKEN_CLIENT ? c->bfd : c->cfd);
+			int outq = sock_outq(e, c->side[otheri(c->broken_side)].fd);
 
 			if (outq <= 0) {
 				conn_reset(e, r.idx, c);
@@ -830,30 +806,28 @@ static int64_t dying_timer(struct sp_engine *e)
 	return next;
 }
 
-/* Run both pumps; close the connection when done or broken. */
+/**
+ * conn_pump() - run both pumps; close the connection when done or broken
+ */
 static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	bool dst_failed;
+	unsigned sidei;
 	int rc;
 
 	if (c->broken) {
 		conn_drain(e, idx, c);
 		return;
 	}
-	rc = dir_pump(e, c, &c->c2b, c->cfd, c->bfd, &c->c_rd, &c->b_wr, SP_STAT_BYTES_C2B,
-		      false, &dst_failed);
-	if (rc < 0) {
-		conn_fail(e, idx, c, !dst_failed, -rc);
-		return;
+	for (sidei = 0; sidei < SIDES; sidei++) {
+		rc = dir_pump(e, c, sidei, false, &dst_failed);
+		if (rc < 0) {
+			conn_fail(e, idx, c, dst_failed ? otheri(sidei) : sidei, -rc);
+			return;
+		}
 	}
-	rc = dir_pump(e, c, &c->b2c, c->bfd, c->cfd, &c->b_rd, &c->c_wr, SP_STAT_BYTES_B2C,
-		      false, &dst_failed);
-	if (rc < 0) {
-		conn_fail(e, idx, c, dst_failed, -rc);
-		return;
-	}
-	if (c->c2b.shut && c->b2c.shut) {
-		conn_close(e, idx, c, false, false);
+	if (c->dir[SIDE_CLIENT].shut && c->dir[SIDE_BACKEND].shut) {
+		conn_close(e, idx, c, false);
 		return;
 	}
 	if (c->want_pipe) {
@@ -865,49 +839,49 @@ static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 	}
 	/* Tracked even without an idle timeout: they are also what is
 	 * reclaimed first when descriptors run short. */
-	if (c->c2b.eof || c->b2c.eof)
+	if (c->dir[SIDE_CLIENT].eof || c->dir[SIDE_BACKEND].eof)
 		halfclosed_link(e->tcp, c, idx);
 }
 
-/* Pause accepting on l for lack of descriptors (or memory). */
+/**
+ * pause_listener() - pause accepting on l for lack of descriptors (or memory)
+ */
 static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 {
-	if (l->paused)
+	struct sp_tcp_listener *tls = tl(l);
+
+	if (tls->paused)
 		return;
-	if (sp_epoll_mod(e, l->fd, 0, sp_tag(SP_TAG_TCP_LISTENER, (uint32_t)l->id)) < 0)
+	if (sp_epoll_mod(e, l->fd, 0, listener_ref(l)) < 0)
 		return;
-	l->paused = true;
-	l->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
+	tls->paused = true;
+	tls->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 	e->tcp->paused_listeners++;
 	sp_lcount(e, l->id, SP_STAT_ACCEPT_PAUSES, 1);
-	if (!l->pause_reported) {
-		l->pause_reported = true;
+	if (!tls->pause_reported) {
+		tls->pause_reported = true;
 		sp_emit(e, SP_EV_ACCEPT_PAUSED, err, l->id, 1);
 	}
 }
 
-/* A nonblocking backend socket, connect() started.  Returns the socket
+/**
+ * backend_socket() - a nonblocking backend socket, connect() started
+ *
+ * A nonblocking backend socket, connect() started.  Returns the socket
  * (connect in progress or done) or -errno; *connect_err is the connect()
- * errno when the socket was made but connect() failed at once. */
+ * errno when the socket was made but connect() failed at once.
+ */
 static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *connect_err,
 			  uint16_t *bound_port)
 {
-	struct sp_port_pool *pp = NULL;
-	struct sockaddr_storage local;
-	socklen_t len;
-	int fd, rc, one = 1, tries;
+	struct sp_ports *ps = &e->tcp->ports;
+	bool reuse = true;
+	int fd, rc, one = 1;
 	uint16_t port;
 
 	*bound_port = 0;
-	if (e->tcp->n_ports > l->id && e->now_ms >= e->tcp->ports[l->id].disabled_until)
-		pp = &e->tcp->ports[l->id];
-	memset(&local, 0, sizeof(local));
-	local.ss_family = l->backend.ss_family;
-	len = local.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
-					  : sizeof(struct sockaddr_in);
 again:
 	*connect_err = 0;
-	port = 0;
 	sp_sys(e, SP_STAT_SYS_SOCKET);
 	fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd == -1)
@@ -918,23 +892,7 @@ again:
 	 * remnant does not block a later explicit bind to its port. */
 	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	/* A port also held by another program's socket (no SO_REUSEADDR) cannot
-	 * be bound: try the next one on the same socket, then let the kernel
-	 * choose.  Only a failed takeover of our own TIME_WAIT counts against
-	 * the pool. */
-	for (tries = 0; pp && pp->n && tries < 4; tries++) {
-		uint16_t p = pp->ports[--pp->n];
-
-		if (local.ss_family == AF_INET6)
-			((struct sockaddr_in6 *)&local)->sin6_port = p;
-		else
-			((struct sockaddr_in *)&local)->sin_port = p;
-		sp_sys(e, SP_STAT_SYS_BIND);
-		if (bind(fd, (struct sockaddr *)&local, len) == 0) {
-			port = p;
-			break;
-		}
-	}
+	port = reuse ? sp_ports_bind(e, ps, l->id, fd, l->backend.ss_family) : 0;
 	*bound_port = port;
 	do {
 		sp_sys(e, SP_STAT_SYS_CONNECT);
@@ -944,24 +902,24 @@ again:
 		if (port && (errno == EADDRNOTAVAIL || errno == EADDRINUSE)) {
 			/* That 4-tuple is not free to take over (e.g. a backend
 			 * without timestamps): use a port of the kernel's. */
+			sp_ports_result(e, ps, l->id, errno);
 			sp_close(e, fd);
-			if (++pp->fails >= PORT_REUSE_FAILS) {
-				pp->disabled_until = e->now_ms + PORT_REUSE_BACKOFF_MS;
-				pp->n = 0;
-				pp->fails = 0;
-			}
-			pp = NULL;
+			reuse = false;
 			goto again;
 		}
 		*connect_err = errno;
 	} else if (port) {
-		pp->fails = 0;
+		sp_ports_result(e, ps, l->id, 0);
 	}
 	return fd;
 }
 
-/* Queue a connect for its timeout.  Connects start in time order and share
- * one timeout, so a FIFO holds them in deadline order. */
+/**
+ * connecting_push() - queue a connect for its timeout
+ *
+ * Queue a connect for its timeout.  Connects start in time order and share
+ * one timeout, so a FIFO holds them in deadline order.
+ */
 static void connecting_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -985,8 +943,12 @@ static void connecting_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
 
 static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err);
 
-/* Give up connects older than the connect timeout; ms until the next
- * deadline, or -1 when none is pending. */
+/**
+ * connect_timeouts() - give up connects older than the connect timeout
+ *
+ * Give up connects older than the connect timeout; ms until the next
+ * deadline, or -1 when none is pending.
+ */
 static int64_t connect_timeouts(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -1010,7 +972,11 @@ static int64_t connect_timeouts(struct sp_engine *e)
 	return -1;
 }
 
-/* Start relaying an accepted client: open and connect the backend socket. */
+/**
+ * conn_start() - start relaying an accepted client
+ *
+ * Start relaying an accepted client: open and connect the backend socket.
+ */
 static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -1041,18 +1007,19 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	idx = t->free_head;
 	c = conn_at(t, idx);
 	t->free_head = c->next;
-	c->cfd = cfd;
-	c->bfd = bfd;
+	c->side[SIDE_CLIENT].fd = cfd;
+	c->side[SIDE_BACKEND].fd = bfd;
 	c->listener = l->id;
 	c->state = CONN_CONNECTING;
-	c->c_rd = c->c_wr = c->b_rd = c->b_wr = false;
+	c->side[SIDE_CLIENT].rd = c->side[SIDE_CLIENT].wr = false;
+	c->side[SIDE_BACKEND].rd = c->side[SIDE_BACKEND].wr = false;
 	c->in_halfclosed = c->starved = c->want_pipe = c->fin_first = false;
 	c->draining = false;
-	c->broken = 0;
+	c->broken = false;
 	c->bport = bport;
 	c->last_ms = e->now_ms;
-	dir_init(&c->c2b);
-	dir_init(&c->b2c);
+	sp_dir_init(&c->dir[SIDE_CLIENT]);
+	sp_dir_init(&c->dir[SIDE_BACKEND]);
 	sp_lcount(e, l->id, SP_STAT_TCP_ACTIVE, 1);
 
 	if (connect_err) {
@@ -1061,14 +1028,14 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		sp_emit(e, SP_EV_CONNECT_FAILED, connect_err, l->id, 1);
 		/* Like docker-proxy: a plain close, so the client sees FIN, or RST
 		 * if it had already sent data. */
-		conn_close(e, idx, c, false, false);
+		conn_close(e, idx, c, false);
 		return;
 	}
-	if (sp_epoll_add(e, cfd, SOCK_EVENTS, conn_tag(SP_TAG_TCP_CLIENT, idx, c->gen)) < 0 ||
-	    sp_epoll_add(e, bfd, SOCK_EVENTS, conn_tag(SP_TAG_TCP_BACKEND, idx, c->gen)) < 0) {
+	if (sp_epoll_add(e, cfd, SOCK_EVENTS, sock_ref(idx, c->gen, SIDE_CLIENT)) < 0 ||
+	    sp_epoll_add(e, bfd, SOCK_EVENTS, sock_ref(idx, c->gen, SIDE_BACKEND)) < 0) {
 		sp_lcount_error(e, l->id, errno);
 		sp_lcount(e, l->id, SP_STAT_TCP_FAILED, 1);
-		conn_close(e, idx, c, true, true);
+		conn_close(e, idx, c, true);
 		return;
 	}
 	/* An immediate success (possible on loopback) is completed like the
@@ -1077,12 +1044,19 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		connecting_push(e, idx, c->gen);
 }
 
-void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
+/**
+ * tcp_listener_event() - accept a batch of clients and start relaying each
+ * @e:      engine
+ * @l:      listener
+ * @events: EPOLL* mask (unused: accept4() says what happened)
+ */
+static void tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
 {
+	struct sp_tcp_listener *tls = tl(l);
 	int i;
 
 	(void)events;
-	for (i = 0; i < ACCEPT_BATCH && !l->paused; i++) {
+	for (i = 0; i < ACCEPT_BATCH && !tls->paused; i++) {
 		int cfd;
 
 		if (!fd_room(e) && (!reclaim_for_room(e, false) || !fd_room(e))) {
@@ -1100,9 +1074,9 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 
 			switch (err) {
 			case EAGAIN:
-				if (l->pause_reported) {
+				if (tls->pause_reported) {
 					/* The backlog drained: the shortage is over. */
-					l->pause_reported = false;
+					tls->pause_reported = false;
 					sp_emit(e, SP_EV_ACCEPT_RESUMED, 0, l->id, 1);
 				}
 				return;
@@ -1143,33 +1117,45 @@ void sp_tcp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 	}
 }
 
-/* The backend connect finished (or failed). */
+/* Forward: conn_connected() reads the result of the connect with it. */
 static int sock_error(struct sp_engine *e, int fd);
 
-/* The backend could not be reached: like docker-proxy, a plain close, so
- * the client sees FIN, or RST if it had already sent data. */
+/**
+ * conn_connect_failed() - the backend could not be reached: close as docker-proxy does
+ *
+ * The backend could not be reached: like docker-proxy, a plain close, so
+ * the client sees FIN, or RST if it had already sent data.
+ */
 static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err)
 {
 	sp_lcount(e, c->listener, SP_STAT_TCP_FAILED, 1);
 	sp_lcount_error(e, c->listener, err);
 	sp_emit(e, SP_EV_CONNECT_FAILED, err, c->listener, 1);
-	conn_close(e, idx, c, false, false);
+	conn_close(e, idx, c, false);
 }
 
+/**
+ * conn_connected() - the backend connect finished: relay, or fail it
+ * @e:   engine
+ * @idx: slot
+ * @c:   connection
+ */
 static void conn_connected(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
-	int err = sock_error(e, c->bfd);
+	int err = sock_error(e, c->side[SIDE_BACKEND].fd);
 
 	if (err) {
 		conn_connect_failed(e, idx, c, err);
 		return;
 	}
 	c->state = CONN_OPEN;
-	c->b_wr = true;
+	c->side[SIDE_BACKEND].wr = true;
 	conn_pump(e, idx, c);
 }
 
-/* Fetch and clear a socket's pending error. */
+/**
+ * sock_error() - fetch and clear a socket's pending error
+ */
 static int sock_error(struct sp_engine *e, int fd)
 {
 	int err = 0;
@@ -1181,53 +1167,66 @@ static int sock_error(struct sp_engine *e, int fd)
 	return err;
 }
 
-static void conn_event(struct sp_engine *e, unsigned type, uint32_t idx, struct sp_conn *c,
+/**
+ * conn_event() - an event on one socket of a connection
+ * @e:      engine
+ * @sidei:  which socket
+ * @idx:    slot
+ * @c:      connection
+ * @events: EPOLL* mask
+ */
+static void conn_event(struct sp_engine *e, unsigned sidei, uint32_t idx, struct sp_conn *c,
 		       uint32_t events)
 {
+	struct sp_side *s = &c->side[sidei];
+
 	if (c->state == CONN_FREE)
 		return;
 	/* Readiness hints; errors and hang-ups make both directions look ready
 	 * so that the next system call reports what really happened. */
-	if (type == SP_TAG_TCP_CLIENT) {
-		if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-			c->c_rd = true;
-		if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
-			c->c_wr = true;
-	} else {
-		if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-			c->b_rd = true;
-		if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
-			c->b_wr = true;
-	}
+	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		s->rd = true;
+	if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+		s->wr = true;
 	if (c->state == CONN_CONNECTING) {
-		if (type == SP_TAG_TCP_BACKEND && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+		if (sidei == SIDE_BACKEND && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
 			conn_connected(e, idx, c);
 		return;
 	}
 	if (events & EPOLLERR) {
 		/* A reset or an error on one side: the pump might not touch that
 		 * side again (finished reading, nothing to write), so look now. */
-		int err = sock_error(e, type == SP_TAG_TCP_CLIENT ? c->cfd : c->bfd);
+		int err = sock_error(e, s->fd);
 
 		if (err) {
-			conn_fail(e, idx, c, type == SP_TAG_TCP_CLIENT, err);
+			conn_fail(e, idx, c, sidei, err);
 			return;
 		}
 	}
 	conn_pump(e, idx, c);
 }
 
-/* Dispatch with the generation check: events for a recycled slot are stale. */
-void sp_tcp_dispatch(struct sp_engine *e, uint64_t tag, uint32_t events)
+/**
+ * tcp_flow_event() - dispatch a connection's event, with the stale check:
+ * events for a recycled slot are dropped
+ * @e:      engine
+ * @ref:    the event's reference
+ * @events: EPOLL* mask
+ */
+static void tcp_flow_event(struct sp_engine *e, union sp_ref ref, uint32_t events)
 {
-	struct sp_conn *c = conn_at(e->tcp, sp_tag_index(tag));
+	struct sp_conn *c = conn_at(e->tcp, ref.index);
 
-	if (!c || ((c->gen & 0xffffff) != ((tag >> 32) & 0xffffff)))
+	if (!c || !sp_ref_current(ref, c->gen))
 		return;
-	conn_event(e, sp_tag_type(tag), sp_tag_index(tag), c, events);
+	conn_event(e, ref.side, ref.index, c, events);
 }
 
-/* Reset half-closed pairs that saw no progress for the idle timeout. */
+/**
+ * reclaim_idle() - reset half-closed pairs idle for the idle timeout
+ *
+ * Reset half-closed pairs that saw no progress for the idle timeout.
+ */
 static void reclaim_idle(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
@@ -1241,7 +1240,7 @@ static void reclaim_idle(struct sp_engine *e)
 
 		if (e->now_ms - c->last_ms >= timeout) {
 			sp_lstat(e, c->listener, SP_STAT_IDLE_RECLAIMED, 1);
-			conn_close(e, idx, c, true, true);
+			conn_close(e, idx, c, true);
 			n++;
 		}
 		idx = next;
@@ -1252,7 +1251,14 @@ static void reclaim_idle(struct sp_engine *e)
 	}
 }
 
-int64_t sp_tcp_timer(struct sp_engine *e)
+/**
+ * tcp_timer() - accept resumption, pipe retries, broken pairs, connect
+ * timeouts and the idle reclaim
+ * @e: engine
+ *
+ * Return: ms until the next deadline, or -1
+ */
+static int64_t tcp_timer(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
 	int64_t next = -1;
@@ -1261,19 +1267,23 @@ int64_t sp_tcp_timer(struct sp_engine *e)
 	if (t->paused_listeners) {
 		for (i = 0; i < e->n_listeners; i++) {
 			struct sp_listener *l = &e->listeners[i];
+			struct sp_tcp_listener *tls;
 			int64_t left;
 
-			if (l->type != SOCK_STREAM || !l->paused || l->fd < 0)
+			if (l->proto != &sp_tcp_proto || !l->state || l->fd < 0)
 				continue;
-			left = l->resume_at_ms - e->now_ms;
+			tls = tl(l);
+			if (!tls->paused)
+				continue;
+			left = tls->resume_at_ms - e->now_ms;
 			if (left <= 0) {
 				if (fd_room(e)) {
 					resume_listener(e, l);
-					if (!l->paused)
+					if (!tls->paused)
 						continue;
 					/* epoll_ctl failed: try again after the backoff. */
 				}
-				l->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
+				tls->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 				left = e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 			}
 			if (next < 0 || left < next)
@@ -1323,7 +1333,49 @@ int64_t sp_tcp_timer(struct sp_engine *e)
 	return next;
 }
 
-void sp_tcp_listener_remove(struct sp_engine *e, struct sp_listener *l)
+/**
+ * tcp_add() - a new TCP listener: its state, socket options, registration
+ * @e: engine
+ * @l: listener, l->fd set
+ *
+ * Return: 0 or -errno (l->state left NULL)
+ */
+static int tcp_add(struct sp_engine *e, struct sp_listener *l)
+{
+	struct sp_tcp_listener *t = calloc(1, sizeof(*t));
+	int rc;
+
+	if (!t)
+		return -ENOMEM;
+	listener_setup(e, l->fd);
+	rc = sp_epoll_add(e, l->fd, EPOLLIN, listener_ref(l));
+	if (rc < 0) {
+		free(t);
+		return rc;
+	}
+	l->state = t;
+	return 0;
+}
+
+/**
+ * tcp_listener_free() - free a TCP listener's state
+ * @e: engine
+ * @l: listener
+ */
+static void tcp_listener_free(struct sp_engine *e, struct sp_listener *l)
+{
+	(void)e;
+	free(l->state);
+	l->state = NULL;
+}
+
+/**
+ * tcp_remove() - close every connection of listener l and forget its
+ * paused state and backend port pool
+ * @e: engine
+ * @l: listener
+ */
+static void tcp_remove(struct sp_engine *e, struct sp_listener *l)
 {
 	struct sp_conn_table *t = e->tcp;
 	uint32_t i, j;
@@ -1335,25 +1387,26 @@ void sp_tcp_listener_remove(struct sp_engine *e, struct sp_listener *l)
 			/* Reset, as on stop: a FIN would pass a cut transfer off
 			 * as complete. */
 			if (c->state != CONN_FREE && c->listener == l->id)
-				conn_close(e, i * CONN_CHUNK + j, c, true, true);
+				conn_close(e, i * CONN_CHUNK + j, c, true);
 		}
 	}
-	if (l->paused) {
-		l->paused = false;
+	if (l->state && tl(l)->paused) {
+		tl(l)->paused = false;
 		t->paused_listeners--;
 	}
-	if (l->id < t->n_ports) {
-		struct sp_port_pool *pp = &t->ports[l->id];
-
-		free(pp->ports);
-		memset(pp, 0, sizeof(*pp));
-	}
+	sp_ports_forget(&t->ports, l->id);
+	tcp_listener_free(e, l);
 }
 
-void sp_tcp_free(struct sp_engine *e)
+/**
+ * tcp_free() - close every connection (with a reset) and free the table
+ * @e: engine
+ */
+static void tcp_free(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
 	uint32_t i, j;
+	unsigned sidei;
 
 	if (!t)
 		return;
@@ -1366,25 +1419,50 @@ void sp_tcp_free(struct sp_engine *e)
 			/* The proxy is stopping with this connection open: a FIN
 			 * would tell both peers the transfer was complete (a cut
 			 * download would look whole), so they get a reset. */
-			if (c->cfd >= 0)
-				set_abortive(e, c->cfd);
-			if (c->bfd >= 0)
-				set_abortive(e, c->bfd);
-			sp_close(e, c->cfd);
-			sp_close(e, c->bfd);
-			dir_release(e, &c->c2b);
-			dir_release(e, &c->b2c);
+			for (sidei = 0; sidei < SIDES; sidei++)
+				if (c->side[sidei].fd >= 0)
+					set_abortive(e, c->side[sidei].fd);
+			for (sidei = 0; sidei < SIDES; sidei++) {
+				sp_close(e, c->side[sidei].fd);
+				e->mover->release(e, &c->dir[sidei]);
+			}
 			sp_gauge_sub(e, SP_STAT_TCP_ACTIVE, 1);
 		}
 		free(t->chunks[i]);
 	}
-	for (i = 0; i < (uint32_t)t->n_ports; i++)
-		free(t->ports[i].ports);
-	free(t->ports);
+	sp_ports_free(&t->ports);
 	free(t->starved);
 	free(t->connecting);
 	free(t->dying);
 	free(t->chunks);
 	free(t);
 	e->tcp = NULL;
+}
+
+const struct sp_proto sp_tcp_proto = {
+	.name = "tcp",
+	.id = SP_PROTO_TCP,
+	.init = tcp_init,
+	.free = tcp_free,
+	.add = tcp_add,
+	.listener_event = tcp_listener_event,
+	.flow_event = tcp_flow_event,
+	.timer = tcp_timer,
+	.remove = tcp_remove,
+	.listener_free = tcp_listener_free,
+};
+
+/**
+ * sp_engine_add_tcp() - relay connections accepted on listen_fd (engine.h)
+ * @e:           engine
+ * @listen_fd:   listening socket, owned from now on
+ * @backend:     where to connect
+ * @backend_len: length of @backend
+ *
+ * Return: the listener id, or -errno
+ */
+int sp_engine_add_tcp(struct sp_engine *e, int listen_fd, const struct sockaddr *backend,
+		      socklen_t backend_len)
+{
+	return sp_listener_add(e, &sp_tcp_proto, listen_fd, 0, backend, backend_len);
 }

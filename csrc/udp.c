@@ -43,15 +43,14 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 
-#include "internal.h"
+#include "proto.h"
 
 #define SP_UDP_BATCH      32       /* datagrams per recvmmsg/sendmmsg */
 #define SP_UDP_ROUNDS     4        /* batches per event before yielding */
 #define SP_UDP_BUF        65535    /* any UDP payload fits, even over IPv6 */
 #define SP_UDP_CMSG       256      /* receive control space per datagram */
 #define SP_UDP_CHUNK      256      /* flow slots per allocation */
-#define SP_UDP_SLOT_BITS  24       /* tag index: slot below, generation above */
-#define SP_UDP_MAX_SLOTS  (1u << SP_UDP_SLOT_BITS)
+#define SP_UDP_MAX_SLOTS  (1u << 24) /* entry slots at most */
 #define SP_UDP_MIN_BUCKETS 64
 #define SP_UDP_VICTIM_SCAN 32      /* LRU flows looked at for a table-full victim */
 
@@ -68,7 +67,7 @@ struct sp_udp_src;
 struct sp_udp_flow {
 	int fd;                        /* connected backend socket, -1 if free */
 	uint32_t slot;
-	uint8_t gen;                   /* bumped on free: stale events are ignored */
+	uint32_t gen;                  /* bumped on free: stale events are ignored */
 	uint8_t dst_kind;              /* enum sp_udp_dst_kind */
 	uint32_t hash;
 	struct sp_udp_listener *ul;
@@ -318,10 +317,10 @@ static struct sp_udp_flow *sp_udp_flow_at(struct sp_udp_engine *u, uint32_t slot
 	return &u->chunks[slot / SP_UDP_CHUNK][slot % SP_UDP_CHUNK];
 }
 
-/* sp_udp_flow_tag() - epoll tag of a flow: slot plus generation */
-static uint64_t sp_udp_flow_tag(const struct sp_udp_flow *f)
+/* sp_udp_flow_ref() - epoll reference of a flow: slot and generation */
+static union sp_ref sp_udp_flow_ref(const struct sp_udp_flow *f)
 {
-	return sp_tag(SP_TAG_UDP_FLOW, f->slot | ((uint32_t)f->gen << SP_UDP_SLOT_BITS));
+	return sp_ref(SP_REF_FLOW, SP_PROTO_UDP, 0, f->slot, f->gen);
 }
 
 /* sp_udp_grow() - add one chunk of free slots; 0 or -errno */
@@ -591,7 +590,7 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 	f = u->free_list;
 
 	src = sp_udp_src_get(u, ul, client);
-	rc = src ? sp_epoll_add(e, fd, EPOLLIN, sp_udp_flow_tag(f)) : -ENOMEM;
+	rc = src ? sp_epoll_add(e, fd, EPOLLIN, sp_udp_flow_ref(f)) : -ENOMEM;
 	if (rc < 0) {
 		if (src)
 			sp_udp_src_release(ul, src);  /* if made for this flow */
@@ -788,9 +787,11 @@ static void sp_udp_prep_recv(struct sp_udp_io *io, bool names)
 	}
 }
 
-/* sp_udp_listener_remove() - the listener socket is unusable: drop its
+static void sp_udp_listener_free(struct sp_engine *e, struct sp_listener *l);
+
+/* sp_udp_listener_failed() - the listener socket is unusable: drop its
  * flows, close it and tell the front end */
-static void sp_udp_listener_remove(struct sp_engine *e, struct sp_listener *l, int err)
+static void sp_udp_listener_failed(struct sp_engine *e, struct sp_listener *l, int err)
 {
 	sp_udp_listener_free(e, l);
 	sp_epoll_del(e, l->fd);
@@ -860,9 +861,9 @@ static bool sp_udp_fatal(int err)
 
 /* sp_udp_listener_event() - datagrams from clients: read a few batches and
  * forward them, creating entries for new clients */
-void sp_udp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
+static void sp_udp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t events)
 {
-	struct sp_udp_listener *ul = l->udp;
+	struct sp_udp_listener *ul = l->state;
 	struct sp_udp_io *io = e->udp->io;
 	int round;
 
@@ -887,7 +888,7 @@ void sp_udp_listener_event(struct sp_engine *e, struct sp_listener *l, uint32_t 
 				return;
 			}
 			if (sp_udp_fatal(err)) {
-				sp_udp_listener_remove(e, l, err);
+				sp_udp_listener_failed(e, l, err);
 				return;
 			}
 			/* Unexpected but not fatal: report and keep serving.
@@ -951,14 +952,14 @@ static void sp_udp_reply_batch(struct sp_engine *e, struct sp_udp_flow *f, unsig
 
 /* sp_udp_flow_event() - replies from the backend on one entry's socket:
  * relay them to the client through the listener */
-void sp_udp_flow_event(struct sp_engine *e, uint32_t idx, uint32_t events)
+static void sp_udp_flow_event(struct sp_engine *e, union sp_ref ref, uint32_t events)
 {
 	struct sp_udp_engine *u = e->udp;
-	struct sp_udp_flow *f = sp_udp_flow_at(u, idx & (SP_UDP_MAX_SLOTS - 1));
+	struct sp_udp_flow *f = sp_udp_flow_at(u, ref.index);
 	int round, soft = 0;
 
 	(void)events;
-	if (!f || f->fd < 0 || f->gen != (uint8_t)(idx >> SP_UDP_SLOT_BITS))
+	if (!f || f->fd < 0 || !sp_ref_current(ref, f->gen))
 		return;   /* freed earlier in this wakeup */
 
 	for (round = 0; round < SP_UDP_ROUNDS; round++) {
@@ -1016,7 +1017,7 @@ static int64_t sp_udp_granularity(int64_t timeout)
 
 /* sp_udp_timer() - expire entries idle in both directions for the timeout;
  * returns ms until the next check, or -1 when there is no entry */
-int64_t sp_udp_timer(struct sp_engine *e)
+static int64_t sp_udp_timer(struct sp_engine *e)
 {
 	struct sp_udp_engine *u = e->udp;
 	int64_t next = -1;
@@ -1064,7 +1065,7 @@ static struct sp_udp_io *sp_udp_io_new(void)
 
 /* sp_udp_init() - per-engine UDP state; buffers wait for the first listener
  * so TCP-only engines do not pay for them */
-int sp_udp_init(struct sp_engine *e)
+static int sp_udp_init(struct sp_engine *e)
 {
 	struct sp_udp_engine *u = calloc(1, sizeof(*u));
 
@@ -1129,7 +1130,7 @@ static int sp_udp_pktinfo(struct sp_engine *e, int fd, int family)
 
 /* sp_udp_listener_init() - set up a bound UDP socket as a listener and add
  * it to the epoll set; the socket itself stays owned by the listener slot */
-int sp_udp_listener_init(struct sp_engine *e, struct sp_listener *l)
+static int sp_udp_listener_init(struct sp_engine *e, struct sp_listener *l)
 {
 	struct sp_udp_engine *u = e->udp;
 	struct sp_udp_listener *ul;
@@ -1185,7 +1186,8 @@ int sp_udp_listener_init(struct sp_engine *e, struct sp_listener *l)
 	memcpy(&ul->backend, &l->backend, l->backend_len);
 	ul->backend_len = l->backend_len;
 
-	rc = sp_epoll_add(e, l->fd, EPOLLIN, sp_tag(SP_TAG_UDP_LISTENER, (uint32_t)l->id));
+	rc = sp_epoll_add(e, l->fd, EPOLLIN,
+			  sp_ref(SP_REF_LISTENER, SP_PROTO_UDP, 0, (uint32_t)l->id, l->gen));
 	if (rc < 0) {
 		free(ul->sbuckets);
 		free(ul->buckets);
@@ -1194,7 +1196,7 @@ int sp_udp_listener_init(struct sp_engine *e, struct sp_listener *l)
 	}
 	ul->pos = u->n_ls;
 	u->ls[u->n_ls++] = ul;
-	l->udp = ul;
+	l->state = ul;
 	return 0;
 }
 
@@ -1215,16 +1217,16 @@ static void sp_udp_listener_drop(struct sp_engine *e, struct sp_udp_listener *ul
 }
 
 /* sp_udp_listener_free() - close every entry of a listener (not its socket) */
-void sp_udp_listener_free(struct sp_engine *e, struct sp_listener *l)
+static void sp_udp_listener_free(struct sp_engine *e, struct sp_listener *l)
 {
-	if (!l->udp || !e->udp)
+	if (!l->state || !e->udp)
 		return;
-	sp_udp_listener_drop(e, l->udp);
-	l->udp = NULL;
+	sp_udp_listener_drop(e, l->state);
+	l->state = NULL;
 }
 
 /* sp_udp_free() - release everything udp.c holds, closing remaining entries */
-void sp_udp_free(struct sp_engine *e)
+static void sp_udp_free(struct sp_engine *e)
 {
 	struct sp_udp_engine *u = e->udp;
 	uint32_t i;
@@ -1242,4 +1244,28 @@ void sp_udp_free(struct sp_engine *e)
 	free(u->io);
 	free(u);
 	e->udp = NULL;
+}
+
+const struct sp_proto sp_udp_proto = {
+	.name = "udp",
+	.id = SP_PROTO_UDP,
+	.init = sp_udp_init,
+	.free = sp_udp_free,
+	.add = sp_udp_listener_init,
+	.listener_event = sp_udp_listener_event,
+	.flow_event = sp_udp_flow_event,
+	.timer = sp_udp_timer,
+	.remove = sp_udp_listener_free,
+	.listener_free = sp_udp_listener_free,
+};
+
+/* sp_engine_add_udp() - relay datagrams arriving on a bound socket fd
+ * (engine.h); family is the socket's, for the destination cmsg.  The
+ * listener id, or -errno */
+int sp_engine_add_udp(struct sp_engine *e, int fd, int family, const struct sockaddr *backend,
+		      socklen_t backend_len)
+{
+	if (backend && family != AF_INET && family != AF_INET6)
+		return -EAFNOSUPPORT;
+	return sp_listener_add(e, &sp_udp_proto, fd, family, backend, backend_len);
 }

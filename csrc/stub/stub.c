@@ -91,6 +91,12 @@ static void write_all(int fd, const char *buf, size_t len)
 	}
 }
 
+/* How to mend an install whose launcher is missing beside the stub. */
+#define REINSTALL_HINT                                                       \
+	"the spliceproxy launcher belongs beside this stub: reinstall "        \
+	"spliceproxy (README, Quick start) and give dockerd the path that "     \
+	"`spliceproxy install-path` prints"
+
 /* "1\n<msg>" in one write on fd 3 (no trailing newline, as docker-proxy),
  * then fd 3 closed: dockerd reads the text up to EOF. */
 static void status_failed(const char *msg)
@@ -317,6 +323,8 @@ static int spawn_engine(void)
 		dup2(ready[1], 3);
 		close(LISTEN_FD);
 		execve(launcher, args, environ);
+		/* Said on the ready pipe, so the stub can tell dockerd why. */
+		dprintf(3, "cannot run %s: %s; " REINSTALL_HINT, launcher, strerror(errno));
 		_exit(127);
 	}
 	close(ready[1]);
@@ -693,7 +701,7 @@ static int engine_wanted(int argc, char **argv)
 static void __attribute__((noreturn)) standalone(char **argv, int engine_off)
 {
 	char launcher[PATH_MAX];
-	char msg[PATH_MAX + 64];
+	char msg[PATH_MAX + 256];
 
 	if (launcher_path(launcher, sizeof(launcher)) == 0) {
 		if (engine_off) {
@@ -718,8 +726,8 @@ static void __attribute__((noreturn)) standalone(char **argv, int engine_off)
 		argv[0] = launcher;
 		execve(launcher, argv, environ);
 	}
-	snprintf(msg, sizeof(msg), "cannot start the standalone proxy %s: %s", launcher,
-		 strerror(errno));
+	snprintf(msg, sizeof(msg), "cannot start the standalone proxy %s: %s; " REINSTALL_HINT,
+		 launcher, strerror(errno));
 	fail(msg);
 }
 

@@ -871,3 +871,22 @@ def test_a_hung_engine_fails_a_new_mapping_within_dockerds_timeout(host):
         assert info.value.returncode == 1
         assert str(info.value) == ("the spliceproxy engine at %s did not answer within 12 s"
                                    % host.sock)
+
+
+@pytest.mark.parametrize("engine", ["0", "1"])
+def test_stub_without_its_launcher_says_why_on_fd3(host, tmp_path, engine):
+    """A broken install (the stub copied or left without the launcher beside
+    it) is reported where dockerd looks, never an empty "Error starting
+    userland proxy:"."""
+    lone = tmp_path / "spliceproxy-stub"
+    shutil.copy2(_stub_path(host), lone)
+    env = dict(host.env, SPLICEPROXY_ENGINE=engine,
+               SPLICEPROXY_ENGINE_SOCKET=str(tmp_path / "none" / "engine.sock"))
+    with srv.EchoServer() as echo, pytest.raises(ProxyStartError) as info:
+        spawn(proxy_argv(str(lone), "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1",
+                         echo.port), env=env, timeout=20.0)
+    assert info.value.returncode == 1
+    text = str(info.value)
+    assert text.startswith("cannot start"), text
+    assert str(tmp_path / "spliceproxy") in text, text  # the launcher it looked for
+    assert "reinstall spliceproxy" in text and "install-path" in text, text  # and the mend

@@ -32,6 +32,7 @@ CSRC = [
     "csrc/portreuse.c", "csrc/tcp.c", "csrc/udp.c",      # protocols
     "csrc/protos.c", "csrc/loop.c",                      # the loop
     "csrc/process.c", "csrc/stats.c",                    # beside the engine
+    "csrc/fastpath.c",                                   # the kernel fast path
 ]
 
 
@@ -94,7 +95,17 @@ def extensions():
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )
-    exts = cythonize([engine], language_level=3, compiler_directives={"binding": False})
+    # The kernel fast path (csrc/fastpath.c) has its own small binding, so
+    # it can be loaded and tested apart from the relay.
+    fastpath = Extension(
+        "spliceproxy._fastpath",
+        sources=["src/spliceproxy/_fastpath.pyx", "csrc/fastpath.c"],
+        include_dirs=["csrc"],
+        define_macros=[("_GNU_SOURCE", "1")],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+    exts = cythonize([engine, fastpath], language_level=3, compiler_directives={"binding": False})
     return exts
 
 

@@ -54,6 +54,10 @@ CASES += [("loopback", m, p) for m in ("bulk_1", "cpu_per_gb", "syscalls_per_gib
 CASES += [("loopback", m, p) for m in ("scale_served_pct", "rss_per_conn_kib", "fds_per_conn",
                                        "threads") for p in PER_METRIC[m]]
 CASES += [("process", m, p) for m, ps in PROCESS.items() for p in ps]
+# The kernel fast path serves host-local clients only (its relay is the spliceproxy path).
+# (crr and udp run on loopback in the full profile only, like every path's.)
+CASES += [("loopback", m, "fastpath") for m in ("bulk_1", "rr_p50", "rr_p99", "rr_added_p50",
+                                                "rr_added_p99")]
 
 
 def _probe(bench, variant, metric, path):

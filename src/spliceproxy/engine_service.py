@@ -298,6 +298,10 @@ class Service:
             self.log.log("engine settings: %s; the defaults apply" % e)
             self.settings = load_settings({})
         configure(engine, self.settings)
+        if self.settings.fastpath:
+            from spliceproxy.process import FASTPATH_OFF
+
+            self.log.log(FASTPATH_OFF)
         try:
             limit = _engine.raise_nofile()
         except OSError:

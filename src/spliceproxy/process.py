@@ -59,6 +59,10 @@ class _Signals:
             pass
 
 
+FASTPATH_OFF = ("fast path not active: SPLICEPROXY_FASTPATH is set, but this release does not "
+                "load the programs yet (the host engine will); every client takes the relay")
+
+
 def _start(argv: list[str], status: StatusPipe):
     """Everything up to a ready, unprivileged proxy; StartupError on failure."""
     from spliceproxy import files, identity
@@ -86,6 +90,10 @@ def _start(argv: list[str], status: StatusPipe):
             log.close()
             raise StartupError("cannot open counters file (SPLICEPROXY_STATS_FILE): %s"
                                % e) from None
+    if conf.fastpath:
+        # The programs are one set for the whole host, for the host engine
+        # to own; this release loads them nowhere yet.
+        log.log(FASTPATH_OFF)
     proxy = Proxy(config, conf, log, listen_fd_inherited=status.have_listen_fd)
     try:
         proxy.start(stats.fd if stats is not None else None)

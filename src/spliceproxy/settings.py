@@ -242,6 +242,9 @@ VARIABLES = (
         help="user (name or uid) a proxy started as root becomes once its sockets are set up"),
     Var("KEEP_PRIVILEGES", boolean, False, shown="false",
         help="true keeps root: no privilege drop"),
+    Var("FASTPATH", boolean, False, shown="false",
+        help="true will let host-local clients skip the relay through the kernel, served "
+        "by the host engine; this release logs that it is not active yet"),
 )
 
 

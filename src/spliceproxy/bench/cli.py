@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip haproxy and socat")
     p.add_argument("--paths", metavar="LIST",
                    help="comma-separated subset of native,iptables,spliceproxy,docker-proxy,"
-                        "haproxy,socat,spliceproxy-spin")
+                        "haproxy,socat,spliceproxy-spin,fastpath")
     p.add_argument("--groups", metavar="LIST",
                    help="comma-separated subset of the metric groups (default all: %s)"
                         % ",".join(harness_groups()))

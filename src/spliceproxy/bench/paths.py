@@ -23,7 +23,8 @@ from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
 # TIME_WAIT sockets for 4-tuples), published ports on the host per path.
 ECHO, SINK, UDP = 7001, 7002, 7003
 PORT_BASE = {"iptables": 8100, "spliceproxy": 8200, "docker-proxy": 8300,
-             "haproxy": 8400, "socat": 8500, "spliceproxy-spin": 8600}
+             "haproxy": 8400, "socat": 8500, "spliceproxy-spin": 8600,
+             "fastpath": 8700}
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat", "spliceproxy-spin")
 # The busy-poll the spliceproxy-spin path runs with (SPLICEPROXY_SPIN).
 SPIN = "50us"
@@ -39,6 +40,7 @@ PATHS = {
     "haproxy": "_start_haproxy",
     "socat": "_start_socat",
     "spliceproxy-spin": "_start_spliceproxy_spin",
+    "fastpath": "_start_fastpath",
 }
 ALL_PATHS = tuple(PATHS)
 
@@ -58,6 +60,7 @@ class PathRuntime:
     external: Endpoint | None = None
     loopback: Endpoint | None = None
     note: str = ""
+    fastpath: object = None  # the fastpath path's spliceproxy.fastpath.FastPath
 
     def pid(self, role: str) -> int | None:
         p = self.procs.get(role) or self.procs.get("all")
@@ -124,6 +127,7 @@ class Paths:
         self.skipped: dict[str, str] = {}
         self.tmp = tempfile.mkdtemp(prefix="spb-")
         self.server_procs: list = []
+        self.cleanups: list = []  # undo steps of paths that hold more than processes
 
     # -- addresses -----------------------------------------------------------
     @property
@@ -167,6 +171,8 @@ class Paths:
         for proc in self.server_procs:
             _stop(proc)
         self.server_procs.clear()
+        while self.cleanups:
+            self.cleanups.pop()()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _start_servers(self, index: int) -> None:
@@ -337,6 +343,90 @@ class Paths:
         time.sleep(0.05)
         rt.external, rt.loopback = self._endpoints(ports)
         return rt
+
+    def _start_fastpath(self):
+        """The relay with the kernel fast path in front (spliceproxy.fastpath).
+
+        The relay adopts listeners made here (-use-listen-fd, as dockerd 28
+        hands them over), which are tagged for the programs.  The programs
+        sit on a child cgroup that this process joins, since the loopback
+        clients run here; every path's clients then pay the hook, as every
+        process on a host with the fast path does.  Only host-local clients
+        are rewritten, so the path has no external endpoint; the relay's
+        processes are not measured (no traffic crosses them)."""
+        if not self.topo:
+            self.skipped["fastpath"] = "needs root and network namespaces"
+            return None
+        if not self.sp_exe:
+            self.skipped["fastpath"] = "spliceproxy is not installed (no console script)"
+            return None
+        from spliceproxy import fastpath
+
+        root = fastpath.default_cgroup_path()
+        if root is None:
+            self.skipped["fastpath"] = "cgroup v2 is not mounted"
+            return None
+        cg = os.path.join(root, "spb-fastpath-%d" % os.getpid())
+        os.mkdir(cg)
+        self.cleanups.append(lambda: _remove_cgroup(cg))
+        with topo_mod.in_netns(self.host_ns):
+            fp = fastpath.load(cg)
+        if not fp:
+            self.skipped["fastpath"] = str(fp)
+            return None
+        self.cleanups.append(fp.close)
+        ports = []
+        for role, proto, backend in ((0, "tcp", self.echo_port), (1, "tcp", self.sink_port),
+                                     (2, "udp", self.udp_port)):
+            port = self._port("fastpath", role)
+            kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+            with topo_mod.in_netns(self.host_ns):
+                ls = socket.socket(socket.AF_INET, kind)
+            self.cleanups.append(ls.close)
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind(("0.0.0.0", port))
+            if kind == socket.SOCK_STREAM:
+                ls.listen(4096)
+            pre = topo_mod.child_preexec(self.host_ns)
+            try:
+                relay = spawn(proxy_argv(self.sp_exe, proto, "0.0.0.0", port, self.backend_ip,
+                                         backend, use_listen_fd=True),
+                              listen_sock=ls, env=self.proxy_env, preexec_fn=pre)
+            finally:
+                if pre.fd >= 0:
+                    os.close(pre.fd)
+            self.cleanups.append(lambda r=relay: _stop(r))
+            with topo_mod.in_netns(self.host_ns):
+                m = fp.add_mapping(proto, "0.0.0.0", port, self.backend_ip, backend, ls)
+            if "127.0.0.1" not in m.addresses:
+                raise RuntimeError("fast path: no entry for 127.0.0.1 (%s)" % m.reason)
+            ports.append(port)
+        home = _join_cgroup(root, cg)
+        self.cleanups.append(lambda: _join_cgroup(root, home))
+        return PathRuntime("fastpath", loopback=self._endpoints(ports)[1], fastpath=fp,
+                           note="kernel fast path; host-local clients only")
+
+
+def _join_cgroup(root: str, path: str) -> str:
+    """Move this process into cgroup v2 directory ``path``; return where it was."""
+    with open("/proc/self/cgroup") as f:
+        here = next(ln.split(":", 2)[2].strip() for ln in f if ln.startswith("0::"))
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    return os.path.join(root, here.lstrip("/"))
+
+
+def _remove_cgroup(path: str) -> None:
+    # Processes started while this one was inside are gone by now; a moment
+    # may pass before the kernel lets the directory go.
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
 
 
 def _stop(p) -> None:

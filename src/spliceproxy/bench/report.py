@@ -9,8 +9,10 @@ import time
 from spliceproxy.bench.harness import BARE, METRICS, PLAIN, REFS, Results
 
 SUBJECT = "spliceproxy"
-ORDER = ("native", "iptables", "spliceproxy", "spliceproxy-spin", "docker-proxy", "haproxy",
-         "socat", BARE)
+ORDER = ("native", "iptables", "spliceproxy", "spliceproxy-spin", "fastpath", "docker-proxy",
+         "haproxy", "socat", BARE)
+# Paths whose ratios get columns of their own beside the subject's.
+ALSO = ("fastpath",)
 
 
 def _fmt(v) -> str:
@@ -49,12 +51,14 @@ def table(res: Results, subject: str = SUBJECT) -> str:
     for variant, metrics in d.items():
         paths = [p for p in ORDER if any(p in m for m in metrics.values())]
         paths += sorted({p for m in metrics.values() for p in m} - set(paths))
-        refs = [r for r in REFS + (BARE,) if r != subject and any(
-            r in m and subject in m for m in metrics.values())]
+        cols = []  # (path, reference) ratio columns
+        for who in (subject,) + tuple(a for a in ALSO if a != subject):
+            cols += [(who, r) for r in REFS + (BARE,) if r != who and any(
+                r in m and who in m for m in metrics.values())]
         # The same engine with a setting changed, against the plain relay.
         variants_of = [p for p in paths if p.startswith(PLAIN + "-")] if subject == PLAIN else []
-        head = ["%s metric" % variant, "unit"] + paths + ["%s/%s" % (subject[:6], r[:8])
-                                                          for r in refs]
+        head = ["%s metric" % variant, "unit"] + paths + [
+            "%s/%s" % (w[:6] if w == subject else w, r[:8]) for w, r in cols]
         head += ["%s/plain" % p[len(PLAIN) + 1:][:6] for p in variants_of]
         rows = [head]
         for metric in METRICS:
@@ -63,8 +67,8 @@ def table(res: Results, subject: str = SUBJECT) -> str:
             per = metrics[metric]
             row = [metric, METRICS[metric][0]] + [_fmt(per[p]["median"]) if p in per else "-"
                                                   for p in paths]
-            for r in refs:
-                row.append(fmt_ratio(per.get(subject, {}).get("ratio_spread", {}).get(r)))
+            for w, r in cols:
+                row.append(fmt_ratio(per.get(w, {}).get("ratio_spread", {}).get(r)))
             for p in variants_of:
                 row.append(fmt_ratio(per.get(p, {}).get("ratio_spread", {}).get(PLAIN)))
             rows.append(row)

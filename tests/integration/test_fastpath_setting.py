@@ -1,0 +1,85 @@
+"""SPLICEPROXY_FASTPATH through the real process (no root needed).
+
+A bad value is a startup error like any other setting's; a true one on a
+proxy serving its port alone says once, in its log, that the fast path is
+not active and why, and the proxy relays as before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+
+from support import servers as srv
+
+
+def _env(extra: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLICEPROXY_")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "enable", "tRUE"])
+def test_bad_value_is_a_status_pipe_error(proxy_path, value):
+    argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", 9)
+    with pytest.raises(ProxyStartError) as info:
+        spawn(argv, env=_env({"SPLICEPROXY_FASTPATH": value}), stderr=subprocess.DEVNULL,
+              timeout=10.0).stop()
+    msg = str(info.value)
+    assert info.value.returncode == 1, msg
+    assert msg.startswith("invalid SPLICEPROXY_FASTPATH=%r: not a boolean" % value), msg
+
+
+@pytest.mark.parametrize("value", ["1", "true", "0", ""])
+def test_standalone_proxy_relays_and_says_why_the_fast_path_is_off(proxy_path, tmp_path,
+                                                                     value):
+    with srv.EchoServer("127.0.0.1") as echo, \
+            srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", echo.port,
+                      env={"SPLICEPROXY_FASTPATH": value}) as p:
+        srv.echo_roundtrip("127.0.0.1", p.port, b"x" * 4096)
+        lines = [ln for ln in p.log().splitlines() if "fast path" in ln]
+    if value in ("1", "true"):
+        assert len(lines) == 1 and "does not load the programs yet" in lines[0], lines
+    else:
+        assert lines == []
+
+
+def test_host_engine_says_once_that_the_fast_path_is_not_active(proxy_path):
+
+    d = tempfile.mkdtemp(prefix="fps-")  # short: AF_UNIX paths are 108 bytes
+    os.chmod(d, 0o700)
+    log = os.path.join(d, "proxies.log")
+    env = _env({"SPLICEPROXY_ENGINE": "1", "SPLICEPROXY_ENGINE_SOCKET": os.path.join(d, "e.sock"),
+                "SPLICEPROXY_ENGINE_IDLE_EXIT": "1s", "SPLICEPROXY_LOG_FILE": log,
+                "SPLICEPROXY_FASTPATH": "1"})
+    engine_pid = None
+    try:
+        with srv.EchoServer("127.0.0.1") as echo:
+            port = srv.free_port()
+            stub = spawn(proxy_argv(proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1",
+                                    echo.port), env=env, stderr=subprocess.DEVNULL, timeout=15.0)
+            try:
+                with open(os.path.join(d, "engine.lock")) as f:
+                    engine_pid = int(f.read().strip() or 0) or None
+                srv.echo_roundtrip("127.0.0.1", port, b"x" * 64)  # served through the relay
+            finally:
+                stub.stop()
+        assert srv.wait_for(lambda: "fast path not active" in open(log).read(), 5.0)
+        with open(log) as f:
+            lines = [ln for ln in f.read().splitlines() if "fast path" in ln]
+        assert len(lines) == 1 and "does not load the programs yet" in lines[0], lines
+    finally:
+        if engine_pid:
+            deadline = time.monotonic() + 10
+            while os.path.exists("/proc/%d" % engine_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if os.path.exists("/proc/%d" % engine_pid):
+                os.kill(engine_pid, 9)
+        shutil.rmtree(d, ignore_errors=True)

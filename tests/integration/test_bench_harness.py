@@ -88,3 +88,17 @@ def test_namespaces_use_the_chosen_subnet_and_prefix():
     assert len(res.variants["external"]["udp_added_p50"]["spliceproxy"]) == 3
     left = os.listdir(topology.NETNS_DIR) if os.path.isdir(topology.NETNS_DIR) else []
     assert not [n for n in left if n.startswith(prefix)]
+
+
+def test_latency_rounds_shorter_than_their_warm_up():
+    """A profile with fewer exchanges than the warm-up must not overrun the
+    latency buffer the warm-up shares (it aborted the process)."""
+    h = _small(harness.Harness("quick", netns=False, only=("native", "spliceproxy"),
+                               peers=False, variants=("loopback",), seed=5), rounds=1)
+    h.p.rr_iters = harness.RR_WARMUP // 10
+    h.p.udp_iters = harness.UDP_WARMUP // 5
+    with h:
+        res = h.run_all(("rr", "udp"))
+    m = res.variants["loopback"]
+    assert len(m["rr_p50"]["spliceproxy"]) == 1 and len(m["rr_p50"]["native"]) == 1
+    assert any(metric.startswith("udp") for metric in m), sorted(m)

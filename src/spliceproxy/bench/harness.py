@@ -27,6 +27,10 @@ from spliceproxy.bench.paths import SPIN, Paths, find_docker_proxy, find_splicep
 
 GIB = 1 << 30
 
+# Exchanges per path before each latency round is measured.
+RR_WARMUP = 200
+UDP_WARMUP = 50
+
 
 @dataclass
 class Profile:
@@ -589,9 +593,10 @@ class Harness:
         n, k = self.p.rr_iters, len(order)
         socks = self._multi_socks(variant, order, "echo")
         fds = self.ffi.new("int[]", [s.fileno() for s in socks])
-        lat = self.ffi.new("double[]", n * k)
+        # The warm-up writes its latencies into the same buffer: room for both.
+        lat = self.ffi.new("double[]", max(n, RR_WARMUP) * k)
         try:
-            check(self.lib.lg_rr_multi(fds, k, 200, 1, lat), "rr warmup")
+            check(self.lib.lg_rr_multi(fds, k, RR_WARMUP, 1, lat), "rr warmup")
             cpu0 = self._cpu(order, "echo")
             check(self.lib.lg_rr_multi(fds, k, n, 1, lat), "rr")
             self._add_cpu(variant, "rr_cpu_us", order, "echo", cpu0, n, r)
@@ -614,9 +619,9 @@ class Harness:
         n, k = self.p.udp_iters, len(order)
         socks = self._multi_socks(variant, order, "udp", socket.SOCK_DGRAM)
         fds = self.ffi.new("int[]", [s.fileno() for s in socks])
-        lat = self.ffi.new("double[]", n * k)
+        lat = self.ffi.new("double[]", max(n, UDP_WARMUP) * k)
         try:
-            self.lib.lg_udp_rr_multi(fds, k, 50, 64, 200, lat)
+            self.lib.lg_udp_rr_multi(fds, k, UDP_WARMUP, 64, 200, lat)
             cpu0 = self._cpu(order, "udp")
             check(self.lib.lg_udp_rr_multi(fds, k, n, 64, 200, lat), "udp rr")
             self._add_cpu(variant, "udp_cpu_us", order, "udp", cpu0, n, r)

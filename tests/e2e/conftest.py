@@ -806,8 +806,8 @@ def pytest_report_collectionfinish(config, start_path, items):
     if why is None:
         path, _ = _proxy_path()
         return [f"e2e: starts private dockerd and containerd daemons (own data-root, socket and "
-                f"network namespace {NETNS_PREFIX}*, all removed afterwards; the host's dockerd is not "
-                f"used), userland proxy {path}"]
+                f"network namespace {NETNS_PREFIX}*, all removed afterwards; the host's dockerd "
+                f"is not used), userland proxy {path}, standalone and in engine mode"]
     if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
         return [f"e2e: will fail, prerequisites missing (SPLICEPROXY_E2E_REQUIRE=1): {why}"]
     return [f"e2e: skipped, starts no daemon: {why}"]

@@ -341,6 +341,9 @@ class Daemon:
     dockerd: subprocess.Popen | None = None
     containerd: subprocess.Popen | None = None
     leaks: list[str] = field(default_factory=list)
+    #: more dockerd flags (e.g. --iptables=false) and environment for the proxies
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     # paths
     @property
@@ -398,6 +401,7 @@ class Daemon:
             env["SPLICEPROXY_ENGINE_IDLE_EXIT"] = "1s"
         else:
             env["SPLICEPROXY_ENGINE"] = "0"
+        env.update(self.extra_env)
         argv = self.netns.cmd([
             shutil.which("dockerd"),
             "--config-file", w / "daemon.json",
@@ -410,6 +414,7 @@ class Daemon:
             "--userland-proxy=true",
             "--userland-proxy-path", self.proxy.path,
             "--shutdown-timeout", "2",
+            *self.extra_args,
         ])
         with open(self.log, "ab") as logf:
             self.dockerd = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,

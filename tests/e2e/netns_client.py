@@ -15,6 +15,9 @@ Commands:
   bind PROTO PORT             try to bind 0.0.0.0:PORT and [::]:PORT
   bind-many PROTO HOST[,HOST] PORT [PORT ...]
                               bind each address and port; list those taken
+  wait-accept HOST PORT [PORT ...]
+                              print ready; after a line on stdin, the time
+                              until every port accepts a connection
   tcp-states PORT             TCP states of sockets whose local port is PORT
   kill-under-load HOST[,HOST] PID PORT [PORT ...]
                               GETs in a loop on every port, SIGKILL PID, and
@@ -208,6 +211,28 @@ def cmd_bind_many(args: argparse.Namespace) -> dict:
     return {"taken": taken}
 
 
+def cmd_wait_accept(args: argparse.Namespace) -> dict:
+    """After `go` on stdin: the time until every port accepts a TCP connection."""
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.monotonic()
+    left = list(args.ports)
+    deadline = t0 + args.deadline
+    while left and time.monotonic() < deadline:
+        still = []
+        for port in left:
+            with socket.socket(family_of(args.host), socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                try:
+                    s.connect((args.host, port))
+                except OSError:
+                    still.append(port)
+        left = still
+        if left:
+            time.sleep(0.002)
+    return {"elapsed": time.monotonic() - t0, "left": left}
+
+
 def cmd_tcp_states(args: argparse.Namespace) -> dict:
     states = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -314,6 +339,12 @@ def main() -> int:
     p.add_argument("hosts", help="comma-separated")
     p.add_argument("ports", type=int, nargs="+")
     p.set_defaults(func=cmd_bind_many)
+
+    p = sub.add_parser("wait-accept")
+    p.add_argument("host")
+    p.add_argument("ports", type=int, nargs="+")
+    p.add_argument("--deadline", type=float, default=60.0)
+    p.set_defaults(func=cmd_wait_accept)
 
     p = sub.add_parser("tcp-states")
     p.add_argument("port", type=int)

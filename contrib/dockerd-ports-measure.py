@@ -6,9 +6,11 @@ engine mode against docker-proxy, in the same run.
         [--subnet 198.18.224.0/20] [--netns-prefix po-] [--docker-proxy PATH]
 
 As root, with what tests/e2e needs (dockerd, containerd, busybox-static).
-Starts four private daemons at once (tests/e2e/conftest.py's Daemon: own
-data-root, socket, network namespace), docker-proxy and spliceproxy with
-SPLICEPROXY_ENGINE=1, each with default iptables and with --iptables=false
+Starts six private daemons at once (tests/e2e/conftest.py's Daemon: own
+data-root, socket, network namespace): docker-proxy, spliceproxy with
+SPLICEPROXY_ENGINE=1 ("engine", userland-proxy-path the installed command) and
+the same with the stub as userland-proxy-path ("engine-stub"), each with
+default iptables and with --iptables=false
 (BENCHMARKING.md: with iptables most of a range's start is dockerd's own
 work).  Each round, in an order shuffled per round, every daemon runs
 `docker run -d -p 127.0.0.1:A-B:C-D` and then `docker rm -f`; measured:
@@ -129,7 +131,7 @@ def main() -> int:
     if why:
         sys.exit(f"cannot measure: {why}")
     ours, _ = e2e._proxy_path()
-    nets = list(ipaddress.ip_network(args.subnet).subnets(prefixlen_diff=2))
+    nets = list(ipaddress.ip_network(args.subnet).subnets(prefixlen_diff=3))
     bips = [f"{next(n.hosts())}/{n.prefixlen}" for n in nets]
 
     tmp = Path(tempfile.mkdtemp(prefix=f"{args.netns_prefix}measure-"))
@@ -138,9 +140,12 @@ def main() -> int:
         rootfs = build_rootfs(tmp)
         kinds = []
         for ipt in ("iptables", "no-iptables"):
+            stub = os.path.join(os.path.dirname(ours), "spliceproxy-stub")
             for name, proxy in (
                     ("docker-proxy", e2e.ProxyUnderTest(args.docker_proxy, "docker-proxy")),
-                    ("engine", e2e.ProxyUnderTest(ours, "spliceproxy", engine=True))):
+                    ("engine", e2e.ProxyUnderTest(ours, "spliceproxy", engine=True)),
+                    ("engine-stub", e2e.ProxyUnderTest(stub, "spliceproxy-stu",
+                                                       engine=True))):
                 key = f"{name}/{ipt}"
                 i = len(kinds)
                 kinds.append(key)
@@ -174,14 +179,16 @@ def main() -> int:
                ("uss_per_kib", "USS per port (stub / docker-proxy), KiB", 1.0),
                ("engine_kib", "USS of the engine, KiB", 1.0),
                ("uss_total_kib", "USS of all proxy processes, KiB", 1.0)]
-    for ipt in ("iptables", "no-iptables"):
-        dp, en = results[f"docker-proxy/{ipt}"], results[f"engine/{ipt}"]
-        print(f"\n-- dockerd {'default iptables' if ipt == 'iptables' else '--iptables=false'}")
+    for ipt, kind in [(i, k) for i in ("iptables", "no-iptables")
+                      for k in ("engine", "engine-stub")]:
+        dp, en = results[f"docker-proxy/{ipt}"], results[f"{kind}/{ipt}"]
+        print(f"\n-- {kind}, dockerd "
+              f"{'default iptables' if ipt == 'iptables' else '--iptables=false'}")
         for key, label, _ in figures:
             a = [x[key] for x in dp]
             b = [x[key] for x in en]
             line = f"{label:<44} docker-proxy {statistics.median(a):9.3f} " \
-                   f"[{min(a):.3f}-{max(a):.3f}]  engine {statistics.median(b):9.3f} " \
+                   f"[{min(a):.3f}-{max(a):.3f}]  {kind} {statistics.median(b):9.3f} " \
                    f"[{min(b):.3f}-{max(b):.3f}]"
             if key != "engine_kib":
                 ratios = [y / x for x, y in zip(a, b) if x]
@@ -189,7 +196,7 @@ def main() -> int:
                 line += f"  ratio {med:.3f} ({q1:.3f}-{q3:.3f})"
             print(line)
         first = en[0]
-        print(f"   engine's first round (engine started cold): accepting "
+        print(f"   first round (engine started cold): accepting "
               f"{first['accept_s']:.3f}s, docker run {first['run_s']:.3f}s")
     return 0
 

@@ -321,7 +321,10 @@ class ProxyUnderTest:
     @property
     def programs(self) -> tuple[str, ...]:
         """Program paths a per-port process of this proxy shows in its argv."""
-        return (self.path, self.stub) if self.engine else (self.path,)
+        if not self.engine:
+            return (self.path,)
+        launcher = os.path.join(os.path.dirname(self.path), "spliceproxy")
+        return tuple(dict.fromkeys((self.path, self.stub, launcher)))
 
     @property
     def comms(self) -> tuple[str, ...]:

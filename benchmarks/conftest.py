@@ -30,6 +30,9 @@ def pytest_addoption(parser):
                 help="IPv4 range for the benchmark's veth links (default 198.18.1.0/24)")
     g.addoption("--bench-netns-prefix", default=None, metavar="PREFIX",
                 help="name prefix of the benchmark's network namespaces (default spb-)")
+    g.addoption("--bench-groups", default=None, metavar="LIST",
+                help="comma-separated subset of the harness's metric groups (default all); "
+                     "select the matching tests with -k")
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +50,8 @@ def bench(request):
         if cfg.getoption("--bench-rounds"):
             h.p.rounds = h.p.lat_rounds = cfg.getoption("--bench-rounds")
         with h:
-            h.run_all()
+            groups = cfg.getoption("--bench-groups")
+            h.run_all(tuple(g for g in groups.split(",") if g) if groups else None)
             _RUN["summary"] = {k: v for k, v in h.res.to_dict().items() if k != "metrics"}
             yield h
     except topology.ConfigError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spliceproxy.bench.gate import gate_entries
-from spliceproxy.bench.harness import BARE, METRICS, PLAIN, REFS
+from spliceproxy.bench.harness import BARE, METRICS, PLAIN, PORTS_STUB, REFS
 
 TIMING = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat")
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
@@ -37,7 +37,13 @@ PER_METRIC = {
     "churn_time_wait": ("spliceproxy", "docker-proxy"),
 }
 PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
-           "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE)}
+           "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE),
+           # The ports group: engine mode (through the launcher, and the stub
+           # given to dockerd directly) against docker-proxy.
+           "port_spawn_ms": ("spliceproxy", PORTS_STUB, "docker-proxy"),
+           "port_uss_kib": ("spliceproxy", PORTS_STUB, "docker-proxy"),
+           "ports100_uss_mib": ("spliceproxy", "docker-proxy"),
+           "ports1000_uss_mib": ("spliceproxy", "docker-proxy")}
 GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "cpu_per_gb_n": "bulk",
          "syscalls_per_gib": "bulk",
          "strace_syscalls_per_gib": "bulk", "crr_rate": "crr", "syscalls_per_conn": "crr",
@@ -79,7 +85,7 @@ def _probe(bench, variant, metric, path):
                          ids=["%s-%s-%s" % c for c in CASES])
 def test_metric(benchmark, bench, variant, metric, path):
     res = bench.res
-    if path != BARE and path not in bench.paths.runtimes:
+    if path != BARE and path != PORTS_STUB and path not in bench.paths.runtimes:
         pytest.skip("%s not measured: %s" % (path, bench.paths.skipped.get(path, "unavailable")))
     if variant not in res.variants:
         pytest.skip("%s variant not measured (%s)" % (variant, "; ".join(res.notes)))
@@ -88,6 +94,10 @@ def test_metric(benchmark, bench, variant, metric, path):
             and bench.p.name == "quick":
         pytest.skip("docker-proxy's churn runs in the full profile only: past ~28k "
                     "connections it drops to a few hundred per second")
+    if not vals and metric.startswith("ports") and metric[5:-8].isdigit() \
+            and int(metric[5:-8]) not in bench.p.ports_ranges:
+        pytest.skip("%s mappings are measured in the full profile only (%s here)"
+                    % (metric[5:-8], ", ".join(map(str, bench.p.ports_ranges))))
     benchmark.group = "%s:%s" % (variant, metric)
     benchmark.pedantic(_probe(bench, variant, metric, path), rounds=3, iterations=1)
     assert vals, "no %s figure for %s (%s): %s" % (metric, path, variant, res.notes)

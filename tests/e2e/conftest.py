@@ -15,9 +15,13 @@ and the directory, also when the test failed.
 
 Which proxy: ``shutil.which("spliceproxy")`` by default, or the absolute path
 in ``SPLICEPROXY_E2E_PROXY`` (e.g. ``/usr/sbin/docker-proxy`` to run the same
-scenarios against the reference). Prerequisites that are missing skip the
-suite with the reason, unless ``SPLICEPROXY_E2E_REQUIRE=1`` (CI), which turns
-them into errors.
+scenarios against the reference). spliceproxy runs every scenario twice:
+standalone (``SPLICEPROXY_ENGINE=0`` in dockerd's environment) and in engine
+mode (``SPLICEPROXY_ENGINE=1``, each daemon with its own
+``SPLICEPROXY_ENGINE_SOCKET`` in its private directory and a 1 s idle exit,
+so an engine never outlives its daemon's last mapping by more than that).
+Prerequisites that are missing skip the suite with the reason, unless
+``SPLICEPROXY_E2E_REQUIRE=1`` (CI), which turns them into errors.
 """
 
 from __future__ import annotations
@@ -228,6 +232,17 @@ class Netns:
             raise AssertionError(f"could not hold port {port} in {self.name}: {line!r}")
         return p
 
+    def open_request(self, host: str, port: int) -> subprocess.Popen:
+        """A connection through the port left open mid-request; close stdin to end it."""
+        p = subprocess.Popen(self.cmd([sys.executable, CLIENT, "open-request", host, port]),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = _readline_with_timeout(p, 15.0)
+        if line.strip() != "ready":
+            p.kill()
+            p.wait(5)
+            raise AssertionError(f"no connection to {host}:{port} in {self.name}: {line!r}")
+        return p
+
     def ino(self) -> tuple[int, int]:
         st = os.stat(self.path)
         return st.st_dev, st.st_ino
@@ -292,10 +307,29 @@ class ProxyUnderTest:
     path: str
     #: what `ps -o comm` shows for it
     name: str
+    #: engine mode: the launcher execs the per-port stub beside it
+    engine: bool = False
 
     @property
     def is_reference(self) -> bool:
         return self.name == "docker-proxy"
+
+    @property
+    def stub(self) -> str:
+        return os.path.join(os.path.dirname(self.path), "spliceproxy-stub")
+
+    @property
+    def programs(self) -> tuple[str, ...]:
+        """Program paths a per-port process of this proxy shows in its argv."""
+        if not self.engine:
+            return (self.path,)
+        launcher = os.path.join(os.path.dirname(self.path), "spliceproxy")
+        return tuple(dict.fromkeys((self.path, self.stub, launcher)))
+
+    @property
+    def comms(self) -> tuple[str, ...]:
+        """What `ps -o comm` shows for a per-port process (the stub, in engine mode)."""
+        return (self.name, "spliceproxy-stub"[:15]) if self.engine else (self.name,)
 
 
 @dataclass
@@ -310,6 +344,9 @@ class Daemon:
     dockerd: subprocess.Popen | None = None
     containerd: subprocess.Popen | None = None
     leaks: list[str] = field(default_factory=list)
+    #: more dockerd flags (e.g. --iptables=false) and environment for the proxies
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     # paths
     @property
@@ -327,6 +364,11 @@ class Daemon:
     @property
     def proxy_log(self) -> Path:
         return self.workdir / "proxy.log"
+
+    @property
+    def engine_socket(self) -> Path:
+        """The engine's control socket (engine mode); the 0700 work directory holds it."""
+        return self.workdir / "engine.sock"
 
     @property
     def gateway(self) -> str:
@@ -351,6 +393,18 @@ class Daemon:
         w = self.workdir
         env = dict(os.environ)
         env["SPLICEPROXY_LOG_FILE"] = str(self.proxy_log)
+        for k in ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET",
+                  "SPLICEPROXY_ENGINE_IDLE_EXIT"):
+            env.pop(k, None)
+        if self.proxy.engine:
+            env["SPLICEPROXY_ENGINE"] = "1"
+            env["SPLICEPROXY_ENGINE_SOCKET"] = str(self.engine_socket)
+            # Teardown waits 5 s for the namespace to empty: the engine's
+            # default grace (5 s) would count as a leak.
+            env["SPLICEPROXY_ENGINE_IDLE_EXIT"] = "1s"
+        else:
+            env["SPLICEPROXY_ENGINE"] = "0"
+        env.update(self.extra_env)
         argv = self.netns.cmd([
             shutil.which("dockerd"),
             "--config-file", w / "daemon.json",
@@ -363,6 +417,7 @@ class Daemon:
             "--userland-proxy=true",
             "--userland-proxy-path", self.proxy.path,
             "--shutdown-timeout", "2",
+            *self.extra_args,
         ])
         with open(self.log, "ab") as logf:
             self.dockerd = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
@@ -511,14 +566,32 @@ class Daemon:
             subprocess.run(["umount", "-l", point], capture_output=True, timeout=10)
 
     # views
+    def _ours(self) -> list[PsEntry]:
+        progs = self.proxy.programs
+        return [e for e in self.netns.ps() if any(p in e.args.split()[:4] for p in progs)]
+
     def proxies(self) -> list[PsEntry]:
-        """Processes of the proxy under test in the daemon's namespace, as ps shows them.
+        """Per-port processes of the proxy under test in the daemon's namespace, as ps
+        shows them (in engine mode the stubs, not the engine).
 
         The program path is argv[0], or comes after the interpreter and its
         flags when a script is run by it (spliceproxy's launcher shows as
         `/usr/bin/python3 -I -S /path/spliceproxy ...`).
         """
-        return [e for e in self.netns.ps() if self.proxy.path in e.args.split()[:4]]
+        return [e for e in self._ours() if not _is_engine(e)]
+
+    def engines(self) -> list[PsEntry]:
+        """The host engine(s) serving this daemon's mappings (engine mode)."""
+        return [e for e in self._ours() if _is_engine(e)]
+
+    def status(self) -> dict:
+        """`spliceproxy status --json` against this daemon's engine."""
+        env = dict(os.environ)
+        env["SPLICEPROXY_ENGINE_SOCKET"] = str(self.engine_socket)
+        r = subprocess.run([self.proxy.path, "status", "--json"], capture_output=True,
+                           text=True, timeout=20, env=env)
+        assert r.returncode == 0, f"spliceproxy status rc={r.returncode}: {r.stderr}"
+        return json.loads(r.stdout)
 
     def container_ip(self, name: str) -> str:
         r = self.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)
@@ -548,6 +621,10 @@ class Daemon:
         )
 
 
+def _is_engine(e: PsEntry) -> bool:
+    return " engine --socket " in f" {e.args} "
+
+
 _LIVE_DAEMONS: list[Daemon] = []
 
 
@@ -555,12 +632,26 @@ _LIVE_DAEMONS: list[Daemon] = []
 # fixtures
 
 
-@pytest.fixture(scope="session")
-def proxy_under_test() -> ProxyUnderTest:
+@pytest.fixture(scope="session", params=["standalone", "engine"])
+def proxy_under_test(request) -> ProxyUnderTest:
     _require_prerequisites()
     path, _ = _proxy_path()
     assert path is not None
-    return ProxyUnderTest(path=path, name=os.path.basename(path)[:15])
+    proxy = ProxyUnderTest(path=path, name=os.path.basename(path)[:15],
+                           engine=request.param == "engine")
+    if proxy.engine and proxy.is_reference:
+        pytest.skip("engine mode is spliceproxy's; the reference runs standalone only")
+    if proxy.engine and not os.access(proxy.stub, os.X_OK):
+        pytest.fail(f"engine mode: no executable {proxy.stub} beside {path}", pytrace=False)
+    return proxy
+
+
+@pytest.fixture
+def engine_mode(proxy_under_test) -> ProxyUnderTest:
+    """For scenarios of engine mode alone."""
+    if not proxy_under_test.engine:
+        pytest.skip("engine mode only")
+    return proxy_under_test
 
 
 def _e2e_network() -> tuple[str, str]:
@@ -723,8 +814,8 @@ def pytest_report_collectionfinish(config, start_path, items):
     if why is None:
         path, _ = _proxy_path()
         return [f"e2e: starts private dockerd and containerd daemons (own data-root, socket and "
-                f"network namespace spe2e-*, all removed afterwards; the host's dockerd is not "
-                f"used), userland proxy {path}"]
+                f"network namespace {NETNS_PREFIX}*, all removed afterwards; the host's dockerd "
+                f"is not used), userland proxy {path}, standalone and in engine mode"]
     if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
         return [f"e2e: will fail, prerequisites missing (SPLICEPROXY_E2E_REQUIRE=1): {why}"]
     return [f"e2e: skipped, starts no daemon: {why}"]

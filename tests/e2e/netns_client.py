@@ -13,15 +13,29 @@ Commands:
                               interleaved datagrams and check each echo
   hold PORT                   listen on 0.0.0.0:PORT (TCP) until stdin closes
   bind PROTO PORT             try to bind 0.0.0.0:PORT and [::]:PORT
+  bind-many PROTO HOST[,HOST] PORT [PORT ...]
+                              bind each address and port; list those taken
+  wait-accept HOST PORT [PORT ...]
+                              print ready; after a line on stdin, the time
+                              until every port accepts a connection
   tcp-states PORT             TCP states of sockets whose local port is PORT
+  kill-under-load HOST[,HOST] PID PORT [PORT ...]
+                              GETs in a loop on every port, SIGKILL PID, and
+                              per port the time from the kill until a GET
+                              started after it is answered
+  open-request HOST PORT      connect, send part of a request, print ready and
+                              keep the connection open until stdin closes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
 import sys
+import threading
 import time
 
 # /proc/net/tcp state codes (include/net/tcp_states.h).
@@ -181,6 +195,44 @@ def cmd_bind(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_bind_many(args: argparse.Namespace) -> dict:
+    """Bind (and release) each HOST:PORT; list the ones that are still taken."""
+    kind = socket.SOCK_STREAM if args.proto == "tcp" else socket.SOCK_DGRAM
+    taken = []
+    for host in args.hosts.split(","):
+        for port in args.ports:
+            with socket.socket(family_of(host), kind) as s:
+                if kind == socket.SOCK_STREAM:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                except OSError as e:
+                    taken.append(f"{host} {port}: {e.strerror or e}")
+    return {"taken": taken}
+
+
+def cmd_wait_accept(args: argparse.Namespace) -> dict:
+    """After `go` on stdin: the time until every port accepts a TCP connection."""
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.monotonic()
+    left = list(args.ports)
+    deadline = t0 + args.deadline
+    while left and time.monotonic() < deadline:
+        still = []
+        for port in left:
+            with socket.socket(family_of(args.host), socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                try:
+                    s.connect((args.host, port))
+                except OSError:
+                    still.append(port)
+        left = still
+        if left:
+            time.sleep(0.002)
+    return {"elapsed": time.monotonic() - t0, "left": left}
+
+
 def cmd_tcp_states(args: argparse.Namespace) -> dict:
     states = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -192,6 +244,65 @@ def cmd_tcp_states(args: argparse.Namespace) -> dict:
                 if local_port == args.port:
                     states.append(TCP_STATES.get(fields[3], fields[3]))
     return {"port": args.port, "states": states}
+
+
+def cmd_kill_under_load(args: argparse.Namespace) -> dict:
+    targets = [(h, p) for h in args.hosts.split(",") for p in args.ports]
+    killed_at: list[float] = []
+    stop = threading.Event()
+    before = dict.fromkeys(targets, 0)
+    recovered: dict[tuple[str, int], float] = {}
+    errors: dict[tuple[str, int], list[str]] = {t: [] for t in targets}
+
+    def worker(target: tuple[str, int]) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status, _ = http_get_once(*target, args.timeout)
+                ok = status == 200
+            except OSError as e:
+                ok = False
+                if len(errors[target]) < 5:
+                    errors[target].append(repr(e))
+            done = time.monotonic()
+            if not ok:
+                time.sleep(0.005)
+                continue
+            if not killed_at:
+                before[target] += 1
+            elif started >= killed_at[0]:
+                recovered[target] = done - killed_at[0]
+                return
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + args.deadline
+    # Load first: every mapping has answered a few times before the kill.
+    while min(before.values()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed_at.append(time.monotonic())
+    os.kill(args.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stop.set()
+
+    def key(t: tuple[str, int]) -> str:
+        return f"{t[0]} {t[1]}"
+
+    return {"before": {key(t): n for t, n in before.items()},
+            "recovered": {key(t): v for t, v in recovered.items()},
+            "missing": [key(t) for t in targets if t not in recovered],
+            "errors": {key(t): v for t, v in errors.items() if v}}
+
+
+def cmd_open_request(args: argparse.Namespace) -> None:
+    with socket.create_connection((args.host, args.port), timeout=10) as s:
+        # An unfinished request: the server waits for the rest, the
+        # connection stays open with bytes already relayed.
+        s.sendall(b"GET / HTTP/1.0\r\nX-Filler: " + b"x" * 4000 + b"\r\n")
+        print("ready", flush=True)
+        sys.stdin.read()
 
 
 def main() -> int:
@@ -223,9 +334,34 @@ def main() -> int:
     p.add_argument("port", type=int)
     p.set_defaults(func=cmd_bind)
 
+    p = sub.add_parser("bind-many")
+    p.add_argument("proto", choices=("tcp", "udp"))
+    p.add_argument("hosts", help="comma-separated")
+    p.add_argument("ports", type=int, nargs="+")
+    p.set_defaults(func=cmd_bind_many)
+
+    p = sub.add_parser("wait-accept")
+    p.add_argument("host")
+    p.add_argument("ports", type=int, nargs="+")
+    p.add_argument("--deadline", type=float, default=60.0)
+    p.set_defaults(func=cmd_wait_accept)
+
     p = sub.add_parser("tcp-states")
     p.add_argument("port", type=int)
     p.set_defaults(func=cmd_tcp_states)
+
+    p = sub.add_parser("kill-under-load")
+    p.add_argument("hosts", help="comma-separated")
+    p.add_argument("pid", type=int)
+    p.add_argument("ports", type=int, nargs="+")
+    p.add_argument("--timeout", type=float, default=3.0, help="per-request socket timeout")
+    p.add_argument("--deadline", type=float, default=20.0)
+    p.set_defaults(func=cmd_kill_under_load)
+
+    p = sub.add_parser("open-request")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.set_defaults(func=cmd_open_request)
 
     args = parser.parse_args()
     result = args.func(args)

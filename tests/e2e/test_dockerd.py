@@ -7,6 +7,7 @@ that are free again after a container goes away.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -57,11 +58,11 @@ def test_http_through_ipv4_and_ipv6(docker, proxy_under_test, page_token):
     for host_ip in ("0.0.0.0", "::"):
         tail = argv_tail("tcp", host_ip, port, ip, 80)
         started = [p for p in procs
-                   if p.args.endswith(tail) and proxy_under_test.path in p.args.split()[:4]
-                   and p.ppid == d.pid]
+                   if p.args.endswith(tail) and p.ppid == d.pid
+                   and any(x in p.args.split()[:4] for x in proxy_under_test.programs)]
         assert started, f"no proxy child of dockerd with `{tail}`:\n{listing}"
-        assert any(p.comm == proxy_under_test.name for p in started), (
-            f"ps does not show {proxy_under_test.name!r} for `{tail}`:\n{listing}")
+        assert any(p.comm in proxy_under_test.comms for p in started), (
+            f"ps does not show {proxy_under_test.comms} for `{tail}`:\n{listing}")
     if not proxy_under_test.is_reference:
         stray = [p for p in procs if p.comm == "docker-proxy" or "docker-proxy" in p.args]
         assert not stray, f"docker-proxy is running although {proxy_under_test.path} is set:\n" \
@@ -216,6 +217,11 @@ def test_daemon_stop_leaves_no_proxy(scratch_dockerd, page_token, how):
     watched = [p for p in d.netns.ps()
                if p.pid not in others and p.comm not in ("containerd-shim", "containerd")]
     assert {p.pid for p in proxies} <= {p.pid for p in watched}
+    if d.proxy.engine:
+        # The engine runs in the daemon's namespace too: it must go as well.
+        engines = d.engines()
+        assert len(engines) == 1, d.diagnostics()
+        assert engines[0].pid in {p.pid for p in watched}
 
     d.dockerd.send_signal(getattr(signal, how))
     try:
@@ -236,6 +242,149 @@ def test_daemon_stop_leaves_no_proxy(scratch_dockerd, page_token, how):
         # The containers outlived their daemon; a restarted dockerd reaps them
         # (no live-restore), so teardown finds the usual state.
         d.start_dockerd()
+
+
+def _range_script(first: int, last: int) -> list[str]:
+    return ["/bin/sh", "-c", f"for p in $(seq {first} {last}); do httpd -p $p -h /www || exit 1;"
+            " done; echo started; exec sleep 3600"]
+
+
+def test_port_range_100_ipv4_and_ipv6_twins(docker, page_token):
+    """-p 127.0.0.1:A-B:C-D and the same on [::1]: 200 mappings, every one answers,
+    and `docker rm -f` ends every proxy and frees every port."""
+    d = docker
+    first, cfirst, count = 21000, 22000, 100
+    last, clast = first + count - 1, cfirst + count - 1
+    ports = list(range(first, last + 1))
+    spec = f"{first}-{last}:{cfirst}-{clast}"
+    t0 = time.monotonic()
+    d.docker("run", "-d", "--name", "range100", "-p", f"127.0.0.1:{spec}", "-p", f"[::1]:{spec}",
+             "local/spe2e-busybox:test", *_range_script(cfirst, clast), timeout=120)
+    took_run = time.monotonic() - t0
+    d.wait_log("range100", "started")
+    ip = d.container_ip("range100")
+
+    procs = d.proxies()
+    assert len(procs) == 2 * count, (
+        f"{len(procs)} proxies for {count} ports on two addresses\n"
+        + "\n".join(map(str, procs)))
+    for i in range(count):
+        for host_ip in ("127.0.0.1", "::1"):
+            tail = argv_tail("tcp", host_ip, first + i, ip, cfirst + i)
+            assert any(p.args.endswith(tail) for p in procs), tail
+    if d.proxy.engine:
+        assert len(d.engines()) == 1, d.diagnostics()
+        assert len(d.status()["mappings"]) == 2 * count
+    assert_pages(d, "127.0.0.1", ports, page_token)
+    assert_pages(d, "::1", ports, page_token)
+
+    pids = [p.pid for p in procs]
+    t0 = time.monotonic()
+    d.docker("rm", "-f", "range100", timeout=60)
+    took_rm = time.monotonic() - t0
+    alive = _settled(lambda: [p for p in d.proxies() if p.pid in pids])
+    assert not alive, f"after docker rm -f: {alive}\n{d.diagnostics()}"
+    res = d.netns.client("bind-many", "tcp", "127.0.0.1,::1", *ports)
+    assert not res["taken"], f"ports still taken after rm -f: {res}\n{d.diagnostics()}"
+    print(f"2x{count} ports: docker run {took_run:.2f}s, docker rm -f {took_rm:.2f}s")
+
+
+def test_engine_killed_under_load_every_mapping_serves_within_1s(docker, engine_mode,
+                                                                 page_token):
+    """kill -9 the engine while every mapping carries requests: the stubs keep the
+    ports bound, start a new engine and register again; each mapping answers a
+    request made after the kill within one second."""
+    d = docker
+    first, count = 21200, 8
+    last = first + count - 1
+    ports = list(range(first, last + 1))
+    d.docker("run", "-d", "--name", "load", "-p", f"{first}-{last}:{first}-{last}",
+             "local/spe2e-busybox:test", *_range_script(first, last))
+    d.wait_log("load", "started")
+    assert_pages(d, "127.0.0.1", ports, page_token)
+    stubs = {p.pid for p in d.proxies()}
+    assert len(stubs) == 2 * count, d.diagnostics()
+    (engine,) = d.engines()
+
+    res = d.netns.client("kill-under-load", "127.0.0.1,::1", engine.pid, *ports, timeout=60)
+    assert not res["missing"], f"mappings that did not serve again: {res}\n{d.diagnostics()}"
+    worst = max(res["recovered"].values())
+    assert worst <= 1.0, f"slowest mapping served again after {worst:.3f}s: {res}"
+    print(f"engine kill -9 under load: every mapping served again within {worst:.3f}s")
+
+    new = d.engines()
+    assert len(new) == 1 and new[0].pid != engine.pid, d.diagnostics()
+    # The same stubs, still dockerd's children: dockerd saw nothing.
+    assert {p.pid for p in d.proxies()} == stubs, d.diagnostics()
+    assert len(d.status()["mappings"]) == 2 * count
+
+
+def test_two_dockerds_on_one_host_have_separate_engines(docker, scratch_dockerd, engine_mode,
+                                                        page_token):
+    """Two daemons, each with its own SPLICEPROXY_ENGINE_SOCKET, publishing the same
+    port in their own namespaces: two engines, each with its own daemon's
+    mappings only; killing one leaves the other alone."""
+    a, b = docker, scratch_dockerd
+    port = 18130
+    for d in (a, b):
+        d.docker("run", "-d", "--name", "twin", "-p", f"{port}:80", "local/spe2e-busybox:test",
+                 *HTTPD)
+        assert_pages(d, "127.0.0.1", [port], page_token)
+    (ea,), (eb,) = a.engines(), b.engines()
+    assert ea.pid != eb.pid
+    assert str(a.engine_socket) in ea.args and str(b.engine_socket) in eb.args
+    for d in (a, b):
+        st = d.status()
+        assert st["engine"]["socket"] == str(d.engine_socket)
+        assert {m["stub_pid"] for m in st["mappings"]} == {p.pid for p in d.proxies()}, st
+
+    a.netns.run(["kill", "-9", ea.pid], check=True)
+    assert_pages(a, "127.0.0.1", [port], page_token)
+    assert [e.pid for e in b.engines()] == [eb.pid], b.diagnostics()
+    assert_pages(b, "::1", [port], page_token)
+    assert [e.pid for e in a.engines()] != [ea.pid], a.diagnostics()
+
+
+def test_status_during_traffic(docker, engine_mode, page_token):
+    """`spliceproxy status` while a connection is open: the mapping, its stub, an
+    active connection, the totals and bytes so far; table and Prometheus too."""
+    d = docker
+    port = 18140
+    d.docker("run", "-d", "--name", "stat", "-p", f"{port}:80", "local/spe2e-busybox:test",
+             *HTTPD)
+    assert_pages(d, "127.0.0.1", [port, port, port], page_token)
+    held = d.netns.open_request("127.0.0.1", port)
+    try:
+        deadline = time.monotonic() + 5.0
+        while True:
+            doc = d.status()
+            mine = [m for m in doc["mappings"] if m["host"].endswith(f":{port}")]
+            v4 = [m for m in mine if m["host"].startswith("0.0.0.0")]
+            c = v4[0].get("counters") if v4 else None
+            if c and c.get("tcp_active", 0) >= 1 and c.get("bytes_c2b", 0) >= 4000:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status never showed the open connection: {doc}")
+            time.sleep(0.05)
+        assert len(mine) == 2, doc
+        stubs = {p.pid: p for p in d.proxies()}
+        assert {m["stub_pid"] for m in mine} <= set(stubs), (doc, stubs)
+        assert all(m["proto"] == "tcp" for m in mine)
+        assert c["tcp_accepted"] >= 4 and c["bytes_b2c"] > 3 * len(page_token), c
+
+        env = dict(os.environ, SPLICEPROXY_ENGINE_SOCKET=str(d.engine_socket))
+        table = subprocess.run([d.proxy.path, "status"], capture_output=True, text=True,
+                               timeout=20, env=env)
+        assert table.returncode == 0, table.stderr
+        assert f"0.0.0.0:{port}" in table.stdout and str(v4[0]["stub_pid"]) in table.stdout, \
+            table.stdout
+        prom = subprocess.run([d.proxy.path, "status", "--prometheus"], capture_output=True,
+                              text=True, timeout=20, env=env)
+        assert prom.returncode == 0, prom.stderr
+        assert f":{port}" in prom.stdout and "# TYPE" in prom.stdout, prom.stdout
+    finally:
+        held.stdin.close()
+        held.wait(10)
 
 
 def _settled(probe, timeout: float = 3.0):

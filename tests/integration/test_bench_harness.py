@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from spliceproxy.bench import harness, report, topology
+from spliceproxy.bench import harness, paths, report, topology
 
 
 def _small(h: harness.Harness, rounds: int = 3) -> harness.Harness:
@@ -102,3 +102,34 @@ def test_latency_rounds_shorter_than_their_warm_up():
     m = res.variants["loopback"]
     assert len(m["rr_p50"]["spliceproxy"]) == 1 and len(m["rr_p50"]["native"]) == 1
     assert any(metric.startswith("udp") for metric in m), sorted(m)
+
+
+@pytest.mark.skipif(paths.find_docker_proxy() is None,
+                    reason="needs docker-proxy (apt-get install docker.io)")
+def test_ports_group_engine_against_docker_proxy():
+    """The ports group in miniature: real stubs with their own engine and real
+    docker-proxy processes, per-port USS, spawn and a whole range's USS, each a
+    same-run ratio with its spread; the engine and every proxy gone afterwards."""
+    h = harness.Harness("quick", netns=False, only=("spliceproxy", "docker-proxy"),
+                        peers=False, variants=("loopback",), seed=5)
+    h.p.spawns, h.p.ports_rounds, h.p.ports_ranges = 3, 2, (100,)
+    with h:
+        res = h.run_all(("ports",))
+    assert not [n for n in res.notes if "ports" in n], res.notes
+    m = res.variants["process"]
+    for metric in ("port_spawn_ms", "port_uss_kib"):
+        for path in ("spliceproxy", harness.PORTS_STUB, "docker-proxy"):
+            assert len(m[metric][path]) == 3, (metric, path, m.get(metric))
+    assert len(m["ports100_uss_mib"]["spliceproxy"]) == 2
+    assert len(m["ports100_uss_mib"]["docker-proxy"]) == 2
+    assert sorted(res.orders["process:ports"][0]) == sorted(
+        ["spliceproxy", harness.PORTS_STUB, "docker-proxy"])
+    # A stub is a small static program: far below a Go process.
+    uss = res.ratio_stats("process", "port_uss_kib", "spliceproxy", "docker-proxy")
+    assert uss.count and uss.value < 0.25 and uss.q1 <= uss.value <= uss.q3, uss
+    whole = res.ratio_stats("process", "ports100_uss_mib", "spliceproxy", "docker-proxy")
+    assert whole.n == 2 and whole.value > 0, whole
+    # Nothing outlives the group: no stub, no docker-proxy, no engine.
+    left = subprocess.run(["pgrep", "-f", "spliceproxy-bench-engine-"], capture_output=True,
+                          text=True).stdout.split()
+    assert not left, left

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from spliceproxy.bench import procs
 from spliceproxy.bench import topology as topo_mod
-from spliceproxy.bench.launch import spawn
+from spliceproxy.bench.launch import proxy_argv, spawn
 from spliceproxy.bench.loadgen import check, load
 from spliceproxy.bench.paths import SPIN, Paths, find_docker_proxy, find_spliceproxy
 
@@ -47,6 +47,8 @@ class Profile:
     scale_conns: int
     churn_count: int
     spawns: int
+    ports_rounds: int  # rounds of the ports group's many-mapping figures
+    ports_ranges: tuple  # mapping counts measured all alive at once (ports group)
     strace_bytes: int
     strace_conns: int
     strace_rounds: int
@@ -65,13 +67,15 @@ PROFILES = {
     "quick": Profile("quick", rounds=13, lat_rounds=11, bulk_bytes=128 << 20, streams=4,
                      stream_bytes=32 << 20,
                      rr_iters=1000, crr_count=200, udp_iters=1000, burst_count=10000,
-                     scale_conns=1000, churn_count=30000, spawns=8, strace_bytes=64 << 20,
+                     scale_conns=1000, churn_count=30000, spawns=8, ports_rounds=3,
+                     ports_ranges=(100,), strace_bytes=64 << 20,
                      strace_conns=100, strace_rounds=3,
                      loopback_groups=("bulk", "rr")),
     "full": Profile("full", rounds=15, lat_rounds=15, bulk_bytes=512 << 20, streams=4,
                     stream_bytes=128 << 20,
                     rr_iters=5000, crr_count=400, udp_iters=3000, burst_count=50000,
-                    scale_conns=10000, churn_count=100000, spawns=20, strace_bytes=256 << 20,
+                    scale_conns=10000, churn_count=100000, spawns=20, ports_rounds=3,
+                    ports_ranges=(100, 1000), strace_bytes=256 << 20,
                     strace_conns=500, strace_rounds=3,
                     loopback_groups=("bulk", "rr", "crr", "udp")),
 }
@@ -106,6 +110,10 @@ METRICS = {
     "churn_time_wait": ("sockets", "lower", "TIME_WAIT sockets the churn left behind"),
     "spawn_ms": ("ms", "lower", "spawn to ready (status pipe)"),
     "idle_rss_mib": ("MiB", "lower", "idle RSS of one process"),
+    "port_uss_kib": ("KiB", "lower", "private memory (USS) of one published port's process"),
+    "port_spawn_ms": ("ms", "lower", "spawn to ready (status pipe), engine running"),
+    "ports100_uss_mib": ("MiB", "lower", "USS of every proxy process, 100 mappings"),
+    "ports1000_uss_mib": ("MiB", "lower", "USS of every proxy process, 1,000 mappings"),
     "strace_syscalls_per_gib": ("calls", "lower", "system calls per GiB (strace -c)"),
     "strace_syscalls_per_conn": ("calls", "lower", "system calls per connection (strace -c)"),
 }
@@ -118,7 +126,8 @@ PLAIN = "spliceproxy"
 # splice moves depends on scheduling.
 COUNTS = frozenset(("syscalls_per_conn", "udp_loss_pct", "scale_served_pct",
                     "rss_per_conn_kib", "fds_per_conn", "threads", "churn_done_pct",
-                    "churn_time_wait", "idle_rss_mib", "strace_syscalls_per_conn"))
+                    "churn_time_wait", "idle_rss_mib", "strace_syscalls_per_conn",
+                    "port_uss_kib", "ports100_uss_mib", "ports1000_uss_mib"))
 MIN_TIMING_ROUNDS = 3
 # Groups measured exchange by exchange over all paths at once, pinned to one CPU.
 INTERLEAVED = ("rr", "crr", "udp")
@@ -284,7 +293,12 @@ GROUPS = {
     "scale": Group(lambda h, g, v: h.run_scale(v), phase=1, quick_loopback_only=False),
     "spawn": Group(lambda h, g, v: h.run_spawn(), phase=2, variants=("process",)),
     "churn": Group(lambda h, g, v: h.run_churn(v), phase=3, variants=("external",)),
+    "ports": Group(lambda h, g, v: h.run_ports(), phase=2, variants=("process",)),
 }
+# The ports group's paths: engine mode as dockerd gets it from `spliceproxy
+# install-path` (the launcher, which execs the stub), and the stub given to
+# dockerd directly.
+PORTS_STUB = "spliceproxy-stub"
 
 
 def raise_nofile() -> int:
@@ -762,10 +776,118 @@ class Harness:
                 finally:
                     lp.stop()
 
-    def _spawn_measured(self, argv):
+    def run_ports(self) -> None:
+        """The host engine's cost per published port, against docker-proxy (issue 12).
+
+        Every proxy is started as dockerd starts it (status pipe on fd 3,
+        stdio on /dev/null) on 127.0.0.1 with the TCP backend; nothing is
+        relayed.  spliceproxy runs in engine mode with an engine of its own
+        (private socket, never idle-exits during the group, stopped at the
+        end) that is already running, as on a host with published ports:
+        - port_spawn_ms, port_uss_kib: one start after the other, the paths
+          shuffled per round; the USS of the stub (private memory, what a
+          port adds) against docker-proxy's process;
+        - portsN_uss_mib: N mappings alive at once, every proxy process
+          (stubs and the engine) summed, against N docker-proxy processes,
+          the two alternated per round.
+        """
+        import shutil
+        import tempfile
+
+        from spliceproxy import engine_status
+
+        if not self.sp_exe or not self.dp_exe:
+            self.res.notes.append("ports group: needs spliceproxy and docker-proxy")
+            return
+        stub = os.path.join(os.path.dirname(self.sp_exe), "spliceproxy-stub")
+        if not os.access(stub, os.X_OK):
+            self.res.notes.append("ports group: no %s beside %s" % (stub, self.sp_exe))
+            return
+        sockdir = tempfile.mkdtemp(prefix="spliceproxy-bench-engine-")
+        sock = os.path.join(sockdir, "engine.sock")
+        env = dict(self.paths.proxy_env if self.paths.proxy_env is not None else os.environ)
+        env.update(SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_SOCKET=sock,
+                   SPLICEPROXY_ENGINE_IDLE_EXIT="never")
+        kinds = {"spliceproxy": (self.sp_exe, env), PORTS_STUB: (stub, env),
+                 "docker-proxy": (self.dp_exe, None)}
+        alive: list = []
+
+        def start(name):
+            # A port the kernel says is free now (the host namespace may be
+            # the machine's own, with other listeners).
+            with topo_mod.in_netns(self.paths.host_ns):
+                probe = socket.socket()
+            with probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            exe, e = kinds[name]
+            argv = proxy_argv(exe, "tcp", "127.0.0.1", port, self.paths.backend_ip,
+                              self.paths.echo_port)
+            lp = self._spawn_measured(argv, env=e)
+            alive.append(lp)
+            return lp
+
+        def stop_all():
+            for lp in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    lp.proc.send_signal(2)
+            for lp in alive:
+                with contextlib.suppress(Exception):
+                    lp.stop()
+            alive.clear()
+
+        engine_pid = None
+        try:
+            warm = start("spliceproxy")  # starts the engine; not measured
+            engine_pid = engine_status.query(sock)["engine"]["pid"]
+            for i in range(self.p.spawns):
+                order = list(kinds)
+                self.rng.shuffle(order)
+                self.res.orders.setdefault("process:ports", []).append(order)
+                for name in order:
+                    self.progress("ports spawn %d/%d: %s" % (i + 1, self.p.spawns, name))
+                    lp = start(name)
+                    self.res.add("process", "port_spawn_ms", name, lp.ready_s * 1e3, i)
+                    time.sleep(0.05)
+                    self.res.add("process", "port_uss_kib", name, procs.uss_bytes(lp.pid) / 1024,
+                                 i)
+                    lp.stop()
+                    alive.remove(lp)
+            warm.stop()
+            alive.remove(warm)
+            for n in self.p.ports_ranges:
+                metric = "ports%d_uss_mib" % n
+                for r in range(self.p.ports_rounds):
+                    order = ["spliceproxy", "docker-proxy"]
+                    self.rng.shuffle(order)
+                    self.res.orders.setdefault("process:%s" % metric, []).append(order)
+                    for name in order:
+                        self.progress("ports %d mappings, round %d/%d: %s"
+                                      % (n, r + 1, self.p.ports_rounds, name))
+                        pids = [start(name).pid for _ in range(n)]
+                        time.sleep(0.2)
+                        if name != "docker-proxy":
+                            pids.append(engine_pid)
+                        self.res.add("process", metric, name,
+                                     sum(procs.uss_bytes(p) for p in pids) / 2**20, r)
+                        stop_all()
+        except (OSError, RuntimeError, engine_status.StatusError) as exc:
+            self.res.notes.append("ports group failed: %s" % exc)
+        finally:
+            stop_all()
+            if engine_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(engine_pid, 15)
+                deadline = time.monotonic() + 5
+                while procs.alive(engine_pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+    def _spawn_measured(self, argv, env=None):
         pre = topo_mod.child_preexec(self.paths.host_ns)
         try:
-            return spawn(argv, preexec_fn=pre, env=self.paths.proxy_env)
+            return spawn(argv, preexec_fn=pre,
+                         env=env if env is not None else self.paths.proxy_env)
         finally:
             if pre.fd >= 0:
                 os.close(pre.fd)

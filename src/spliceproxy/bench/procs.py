@@ -84,6 +84,17 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def uss_bytes(pid: int) -> int:
+    """Private memory (Private_Clean + Private_Dirty of smaps_rollup): what the process
+    alone costs, shared libraries and the shared engine left out."""
+    total = 0
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total * 1024
+
+
 def alive(pid: int) -> bool:
     """Whether pid runs (a zombie does not)."""
     try:

@@ -40,14 +40,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            out[key] = value.strip()
-    return out
-
 
 class EngineHost:
     """A control socket of the test's own, the stubs started on it, and cleanup.
@@ -688,7 +680,7 @@ def test_engine_drops_privileges_keeping_only_low_port_binding(host):
 
     with srv.EchoServer() as echo:
         lp = host.start("tcp", echo.port)
-        st = _proc_status(host.engine_pid())
+        st = srv.proc_status(host.engine_pid())
         uid = int(st["Uid"].split()[0])
         # A uid of its own, as the standalone proxy's default.
         assert identity.UID_RANGE[0] <= uid <= identity.UID_RANGE[1]
@@ -711,7 +703,7 @@ def test_engine_becomes_the_user_its_environment_names(proxy_path):
     try:
         with srv.EchoServer() as echo:
             lp = h.start("tcp", echo.port)
-            assert _proc_status(h.engine_pid())["Uid"].split() == ["65534"] * 4
+            assert srv.proc_status(h.engine_pid())["Uid"].split() == ["65534"] * 4
             srv.echo_roundtrip("127.0.0.1", lp.port)
     finally:
         h.close()

@@ -151,7 +151,7 @@ def test_sighup_reopens_the_log_file(proxy_path, tmp_path, how, cleanup):
     else:
         if os.geteuid() != 0:
             pytest.skip("needs root to start a proxy that becomes another user")
-        uid = next(u for u in range(23456, 23556) if not _has_uid(u))
+        uid = next(u for u in range(23456, 23556) if not srv.has_uid(u))
         # pytest's own directories are root's alone: one the user can reach.
         tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="hp-log-", dir="/tmp"))
         cleanup.append(tmp_path)
@@ -182,15 +182,6 @@ def test_sighup_that_cannot_reopen_keeps_the_old_file(proxy_path, tmp_path):
         if lp.proc.poll() is None:
             lp.stop(signal.SIGKILL)
 
-
-def _has_uid(uid: int) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
 
 
 def test_sighup_with_stderr_logging_keeps_running(proxy_path):

@@ -36,14 +36,6 @@ pytestmark = [
 IO_TIMEOUT = 5.0
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            out[key] = value.strip()
-    return out
-
 
 def ids(value: str) -> list[int]:
     return [int(x) for x in value.split()]
@@ -77,12 +69,12 @@ DYNAMIC = None  # "a uid of its own": any uid of identity.UID_RANGE, gid the sam
 
 def assert_unprivileged(pid: int, uid: int | None, gid: int | None) -> int:
     """Check the process's ids and capabilities; returns its uid."""
-    st = proc_status(pid)
+    st = srv.proc_status(pid)
     if uid is DYNAMIC:
         uid = gid = ids(st["Uid"])[0]
         lo, hi = identity.UID_RANGE
         assert lo <= uid <= hi, uid
-        assert not _has_uid(uid)
+        assert not srv.has_uid(uid)
     assert ids(st["Uid"]) == [uid] * 4, st["Uid"]
     assert ids(st["Gid"]) == [gid] * 4, st["Gid"]
     assert st["Groups"] == "", st["Groups"]
@@ -102,17 +94,10 @@ def _user_cases():
     except KeyError:
         pass
     # A numeric uid with no passwd entry: that uid and the same gid.
-    unused = next(u for u in range(23456, 23556) if not _has_uid(u))  # fmt: skip
+    unused = next(u for u in range(23456, 23556) if not srv.has_uid(u))  # fmt: skip
     cases.append(pytest.param({"SPLICEPROXY_USER": str(unused)}, unused, unused, id="numeric"))
     return cases
 
-
-def _has_uid(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
 
 
 @pytest.mark.parametrize("env,uid,gid", _user_cases())
@@ -156,7 +141,7 @@ def test_keep_privileges_stays_root(proxy_path):
     with srv.EchoServer("127.0.0.1") as echo, \
             launched(proxy_path, "tcp", srv.free_port(), echo.port,
                      {"SPLICEPROXY_KEEP_PRIVILEGES": "1"}) as lp:
-        st = proc_status(lp.pid)
+        st = srv.proc_status(lp.pid)
         assert ids(st["Uid"]) == [0] * 4
         assert int(st["CapEff"], 16) != 0
         port = int(lp.argv[lp.argv.index("-host-port") + 1])
@@ -309,7 +294,7 @@ def test_inheritable_capabilities_do_not_survive_the_drop(proxy_path, env):
         port = srv.free_port()
         argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1", echo.port)
         with spawn(argv, env=full_env, timeout=10.0, preexec_fn=_set_inheritable_caps) as lp:
-            st = proc_status(lp.pid)
+            st = srv.proc_status(lp.pid)
             for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
                 assert int(st[key], 16) == 0, (key, st[key])
             srv.echo_roundtrip("127.0.0.1", port)

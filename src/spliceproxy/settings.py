@@ -256,8 +256,9 @@ VARIABLES = (
     Var("KEEP_PRIVILEGES", boolean, False, shown="false",
         help="true keeps root: no privilege drop"),
     Var("FASTPATH", boolean, False, shown="false",
-        help="true will let host-local clients skip the relay through the kernel, served "
-        "by the host engine; this release logs that it is not active yet"),
+        help="true lets host-local clients skip the relay through the kernel; in engine "
+        "mode only (the host engine loads the programs), a standalone proxy logs that it "
+        "is not active"),
     # For tests and special setups: the programs affect every process below
     # the cgroup they are attached to, the whole host by default.
     Var("FASTPATH_CGROUP", cgroup2_dir, None, shown="the cgroup v2 root",

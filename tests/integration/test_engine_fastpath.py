@@ -411,3 +411,30 @@ def test_engine_exit_leaves_nothing_attached(container, engine, cgroup):
     assert srv.wait_for(lambda: not _alive(pid), TIMEOUT)
     assert srv.wait_for(lambda: sum(fastpath.attached(cgroup).values()) == 0, TIMEOUT)
     assert "spliceproxy engine %d exiting" % pid in engine.log()
+
+
+def test_wildcard_mapping_follows_local_addresses(container, engine, cgroup):
+    extra = "198.18.249.1"
+    stub = engine.start(host_ip="0.0.0.0")
+    _active(engine)
+    for host in ("127.0.0.1", HOST4):
+        got = client(cgroup, host, stub.port, size=4096)
+        assert got["echo"] and got["peer"] == [host, stub.port], got
+        assert got["sock"][0] == HOST4, got
+    m = _mapping(engine.status("--json"), stub.port)
+    assert "0.0.0.0" not in m["fastpath"]["addresses"]
+    assert extra not in m["fastpath"]["addresses"]
+    try:
+        # An address that appears gets an entry from the address events...
+        ip("addr", "add", extra + "/32", "dev", VETH_HOST)
+        assert srv.wait_for(lambda: extra in _mapping(engine.status("--json"), stub.port)
+                            ["fastpath"]["addresses"], TIMEOUT)
+        got = client(cgroup, extra, stub.port, size=64)
+        assert got["echo"] and got["sock"][0] == HOST4, got
+    finally:
+        ip("addr", "del", extra + "/32", "dev", VETH_HOST, check=False)
+    # ...and loses it when it goes: the next connect to it is refused (no
+    # address), never rewritten.
+    assert srv.wait_for(lambda: extra not in _mapping(engine.status("--json"), stub.port)
+                        ["fastpath"]["addresses"], TIMEOUT)
+    assert _mapping(engine.status("--json"), stub.port)["fastpath"]["connections"] == 3

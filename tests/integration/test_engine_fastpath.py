@@ -93,15 +93,31 @@ class Container:
             s.bind((CONT4, CPORT))
             s.listen(64)
             out["s"] = s
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind((CONT4, CPORT))
+            out["u"] = u
 
         t = threading.Thread(target=make)
         t.start()
         t.join(TIMEOUT)
         if "e" in out:
             raise out["e"]
-        self.sock = out["s"]
+        self.sock, self.udp = out["s"], out["u"]
         self.accepted = 0
+        self.datagrams: list = []  # (source address, port) of each datagram
         threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._udp_echo, daemon=True).start()
+
+    def _udp_echo(self) -> None:
+        while True:
+            try:
+                d, peer = self.udp.recvfrom(1 << 16)
+                if peer is None:  # shut down
+                    return
+                self.datagrams.append(peer)
+                self.udp.sendto(d, peer)
+            except OSError:
+                return
 
     def _accept(self) -> None:
         while True:
@@ -125,9 +141,10 @@ class Container:
                     return
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        for s in (self.sock, self.udp):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +220,10 @@ class Engine:
         self.stubs: list = []
         self.pids: set[int] = set()
 
-    def start(self, host_ip: str = "127.0.0.1"):
-        port = srv.free_port(host_ip)
-        lp = spawn(proxy_argv(self.proxy_path, "tcp", host_ip, port, CONT4, CPORT),
+    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp"):
+        port = srv.free_port(host_ip, socket.SOCK_STREAM if proto == "tcp" else
+                             socket.SOCK_DGRAM)
+        lp = spawn(proxy_argv(self.proxy_path, proto, host_ip, port, CONT4, CPORT),
                    env=self.env, timeout=15.0)
         lp.port = port
         self.stubs.append(lp)
@@ -284,6 +302,22 @@ try:
             break
         got += d
     out["echo"] = bytes(got) == payload
+except OSError as e:
+    out["error"] = e.errno
+print(json.dumps(out))
+"""
+
+UDP_CLIENT = r"""
+import json, os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+payload = os.urandom(1200)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+out = {}
+try:
+    s.sendto(payload, (host, port))
+    d, src = s.recvfrom(1 << 16)
+    out = {"echo": d == payload, "from": list(src), "sock": list(s.getsockname())}
 except OSError as e:
     out["error"] = e.errno
 print(json.dumps(out))
@@ -438,3 +472,25 @@ def test_wildcard_mapping_follows_local_addresses(container, engine, cgroup):
     assert srv.wait_for(lambda: extra not in _mapping(engine.status("--json"), stub.port)
                         ["fastpath"]["addresses"], TIMEOUT)
     assert _mapping(engine.status("--json"), stub.port)["fastpath"]["connections"] == 3
+
+
+def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, engine, cgroup):
+    stub = engine.start(proto="udp")
+    _active(engine)
+    before = len(container.datagrams)
+    r = subprocess.run(["sh", "-c", LAUNCH, cgroup, sys.executable, "-c", UDP_CLIENT,
+                        "127.0.0.1", str(stub.port)], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    got = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    assert got.get("echo"), got
+    assert got["from"] == ["127.0.0.1", stub.port]  # the address the client sent to
+    # From the client's own port (its route's source address), not the relay's.
+    assert [list(p) for p in container.datagrams[before:]] == [[HOST4, got["sock"][1]]], \
+        (container.datagrams[before:], got)
+    m = _mapping(engine.status("--json"), stub.port)
+    assert m["fastpath"]["datagrams"] == 1, m
+    assert m["counters"]["udp_flows_created"] == 0, m
+    table = engine.status()
+    head, row = table.splitlines()[0], [ln for ln in table.splitlines()
+                                       if ":%d" % stub.port in ln][0]
+    assert row[head.index("FAST PATH"):].split()[0] == "1", table

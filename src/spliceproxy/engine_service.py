@@ -122,11 +122,13 @@ class Mapping:
     """One published port served by the engine, and the stub that stands for it."""
 
     __slots__ = ("id", "proxy", "conn", "stub_pid", "started", "started_wall", "log",
-                 "adopted", "host")
+                 "adopted", "host", "fd", "fp_id")
 
     def __init__(self, lid: int, proxy: Proxy, conn: Conn, log: Logger, adopted: bool,
-                 port: int):
+                 port: int, fd: int = -1):
         self.id = lid
+        self.fd = fd  # the listener, owned by the engine until it is removed
+        self.fp_id: int | None = None  # its fast-path mapping, when it has one
         # The port bound (-host-port 0 is any free one).
         self.host = hostport(proxy.config.host_ip or "::", port)
         self.proxy = proxy
@@ -243,6 +245,10 @@ class Service:
         self.hup = False
         self.sig_r = self.sig_w = -1
         self.accept_resume: float | None = None
+        self.fastpath = None  # fastpath.FastPath while the programs are attached
+        self.fastpath_reason = "SPLICEPROXY_FASTPATH is not set"
+        self.fastpath_cgroup: str | None = None
+        self.addr_watch = None  # fastpath.AddressWatch, for wildcard mappings
 
     # -- setup -----------------------------------------------------------
 
@@ -299,9 +305,8 @@ class Service:
             self.settings = load_settings({})
         configure(engine, self.settings)
         if self.settings.fastpath:
-            from spliceproxy.process import FASTPATH_OFF
-
-            self.log.log(FASTPATH_OFF)
+            # Loading and attaching need privilege: before the drop, once.
+            self._load_fastpath()
         try:
             limit = _engine.raise_nofile()
         except OSError:
@@ -317,8 +322,93 @@ class Service:
         _signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
         self.ep.register(self.listener.fileno(), _EPOLLIN)
         self.ep.register(self.sig_r, _EPOLLIN)
+        if self.addr_watch is not None:
+            self.ep.register(self.addr_watch.fileno(), _EPOLLIN)
         engine.watch(self.ep.fileno())
         self._drop_privileges()
+
+    def _load_fastpath(self) -> None:
+        """Load and attach the fast path's programs; one log line says whether
+        it is active and, if not, why (every client takes the relay then)."""
+        from spliceproxy import fastpath
+
+        assert self.settings is not None
+        path = fastpath.cgroup_path(self.settings)
+        got = fastpath.load(path) if path is not None else fastpath.Unavailable(
+            "cgroup", "cgroup v2 is not mounted (looked at %s)"
+            % ", ".join(fastpath.CGROUP_CANDIDATES))
+        if got:
+            try:
+                watch = fastpath.AddressWatch()
+            except OSError as e:
+                got.close()
+                got = fastpath.Unavailable("other", "address events: %s" % go_strerror(e.errno))
+            else:
+                self.fastpath, self.addr_watch = got, watch
+                self.fastpath_cgroup = path
+                self.fastpath_reason = ""
+                self.log.log("fast path active: host-local clients of the published ports "
+                             "skip the relay (programs attached to cgroup %s)" % path)
+                return
+        self.fastpath_reason = "%s: %s" % (got.kind, got.reason)
+        detail = ""
+        if got.log:
+            last = [ln for ln in got.log.splitlines() if ln.strip()]
+            if last:
+                detail = " (verifier: %s)" % last[-1].strip()
+        self.log.log("fast path not active (%s): %s%s; every client takes the relay"
+                     % (got.kind, got.reason, detail))
+
+    def _fastpath_add(self, mapping: Mapping) -> None:
+        """Give a mapping its entries and tag its listener; a refusal (a
+        kernel before 6.5 refuses bpf() once the capabilities are gone)
+        leaves that mapping on the relay, with one log line."""
+        fp = self.fastpath
+        if fp is None or mapping.fd < 0:
+            return
+        c = mapping.proxy.config
+        try:
+            host_ip = socket.inet_ntop(c.host_family, c.host_addr)
+            container = socket.inet_ntop(c.container_family, c.container_addr)
+            port = _bound_port(mapping.fd, c.host_port)
+            m = fp.add_mapping(c.proto, host_ip, port, container, c.container_port, mapping.fd)
+        except (OSError, ValueError) as e:
+            why = go_strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
+            mapping.log.log("%s: fast path not serving this mapping (%s); its clients take "
+                            "the relay" % (mapping.proxy.front, why))
+            self._logged(mapping.log)
+            return
+        mapping.fp_id = m.id
+        if not m.addresses:
+            mapping.log.log("%s: fast path not serving this mapping (%s); its clients take "
+                            "the relay" % (mapping.proxy.front, m.reason))
+            self._logged(mapping.log)
+
+    def _fastpath_remove(self, mapping: Mapping, listener_open: bool = True) -> None:
+        """Entries first, then the tag, while the listener is still open."""
+        fp, fid = self.fastpath, mapping.fp_id
+        if fp is None or fid is None:
+            return
+        mapping.fp_id = None
+        if not listener_open:
+            # Its descriptor number may be another socket's by now: never untag it.
+            for m in fp.mappings():
+                if m.id == fid:
+                    m.listener_fd = -1
+        try:
+            fp.remove_mapping(fid)
+        except OSError as e:
+            self.log.log("%s: removing its fast-path entries: %s"
+                         % (mapping.proxy.front, go_strerror(e.errno)))
+
+    def _address_events(self) -> None:
+        fp, watch = self.fastpath, self.addr_watch
+        if fp is None or watch is None:
+            return
+        try:
+            fp.apply(watch.read())
+        except OSError as e:
+            self.log.log("fast path: following local addresses: %s" % go_strerror(e.errno))
 
     def _drop_privileges(self) -> None:
         """As the standalone proxy, but keeping the right to bind low ports."""
@@ -398,6 +488,8 @@ class Service:
                         self.log.reopen()
                 elif self.listener is not None and fd == self.listener.fileno():
                     self._accept()
+                elif self.addr_watch is not None and fd == self.addr_watch.fileno():
+                    self._address_events()
                 else:
                     self._conn_event(fd, ev)
             self._flush_logs()
@@ -442,8 +534,14 @@ class Service:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        if self.fastpath is not None:
+            self.fastpath.close()  # detach: every connect goes where it is addressed
+            self.fastpath = None
         if self.engine is not None:
             self.engine.close()
+        if self.addr_watch is not None:
+            self.addr_watch.close()
+            self.addr_watch = None
         self.log.log("spliceproxy engine %d exiting" % os.getpid())
 
     # -- control connections ---------------------------------------------
@@ -590,13 +688,14 @@ class Service:
             return
         proxy = new_proxy(config, options, log)
         try:
-            lid, dup, port = self._start_mapping(proxy, req, options, adopt)
+            lid, dup, port, fd = self._start_mapping(proxy, req, options, adopt)
         except StartupError as e:
             self._startup_failed(conn, status_fd, log, str(e))
             return
-        mapping = Mapping(lid, proxy, conn, log, adopt, port)
+        mapping = Mapping(lid, proxy, conn, log, adopt, port, fd)
         conn.mapping = mapping
         self.mappings[lid] = mapping
+        self._fastpath_add(mapping)
         self.idle_since = None
         _write_status(status_fd, b"0\n")
         try:
@@ -669,13 +768,14 @@ class Service:
             proxy.log.log("%s: the engine's settings apply (%s differ from this mapping's "
                           "environment)" % (proxy.front,
                                             ", ".join(sorted(_OPTION_VARS[k] for k in differ))))
-        return lid, dup, port
+        return lid, dup, port, fd
 
     def _remove(self, mapping: Mapping, why: str) -> None:
         if self.mappings.pop(mapping.id, None) is None:
             return
         mapping.conn.mapping = None
         assert self.engine is not None
+        self._fastpath_remove(mapping)
         try:
             self.engine.remove(mapping.id)
         except OSError as e:
@@ -697,6 +797,7 @@ class Service:
                 # The engine dropped the listener; docker-proxy would exit 0.
                 # Removing it frees what is left (its connections, the slot).
                 self.mappings.pop(lid, None)
+                self._fastpath_remove(mapping, listener_open=False)
                 with contextlib.suppress(OSError):
                     self.engine.remove(lid)
                 mapping.conn.mapping = None
@@ -710,9 +811,22 @@ class Service:
         engine = self.engine
         assert engine is not None
         per_listener = getattr(engine, "listener_stats", None)
+        fp_stats = {}
+        if self.fastpath is not None:
+            try:
+                fp_stats = self.fastpath.stats()
+            except OSError:
+                fp_stats = {}
         maps = []
         for m in sorted(self.mappings.values(), key=lambda m: m.id):
             d = m.describe()
+            st = fp_stats.get(m.fp_id) if m.fp_id is not None else None
+            # Connects (UDP: connected sockets) and unconnected datagrams
+            # that went straight to the container; None: not on the fast path.
+            d["fastpath"] = None if st is None or not st["addresses"] and not any(
+                (st["connections"], st["datagrams"])) else {
+                    "connections": st["connections"], "datagrams": st["datagrams"],
+                    "addresses": st["addresses"]}
             if per_listener is not None:
                 try:
                     d["counters"] = per_listener(m.id)
@@ -729,6 +843,9 @@ class Service:
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "mappings": len(maps),
                 "counters": engine.stats(),
+                "fastpath": {"active": self.fastpath is not None,
+                             "reason": self.fastpath_reason,
+                             "cgroup": self.fastpath_cgroup},
             },
             "mappings": maps,
         }

@@ -19,7 +19,9 @@ usage: spliceproxy status [--socket PATH] [--json | --prometheus]
 
 Print every mapping the host engine serves: protocol, host address:port ->
 container address:port, stub pid, active and total connections (UDP: client
-entries), bytes each way, UDP clients, errors, uptime.
+entries), bytes each way, UDP clients, errors, uptime, and how many
+connections took the kernel fast path (UDP: connects and datagrams; "-" when
+the fast path does not serve the mapping).
 """
 
 # Counters that are levels, not running totals (Prometheus gauges).
@@ -89,6 +91,15 @@ def summary(counters: dict | None) -> dict:
     }
 
 
+def fastpath_count(m: dict) -> int | None:
+    """Connections that skipped the relay (UDP: connects and unconnected
+    datagrams); None when the fast path does not serve the mapping."""
+    fp = m.get("fastpath")
+    if not fp:
+        return None
+    return fp.get("connections", 0) + (fp.get("datagrams", 0) if m["proto"] == "udp" else 0)
+
+
 def _human_bytes(n) -> str:
     if n is None:
         return "-"
@@ -113,7 +124,7 @@ def _duration(s: float) -> str:
 def table(doc: dict) -> str:
     eng = doc["engine"]
     head = ("PROTO", "HOST", "", "CONTAINER", "STUB", "ACTIVE", "TOTAL", "IN", "OUT",
-            "UDP CLIENTS", "ERRORS", "UPTIME")
+            "UDP CLIENTS", "ERRORS", "FAST PATH", "UPTIME")
     rows = [head]
     for m in doc["mappings"]:
         s = summary(m.get("counters"))
@@ -125,9 +136,9 @@ def table(doc: dict) -> str:
                      num(s["active"]), num(s["total"]), _human_bytes(s["bytes_in"]),
                      _human_bytes(s["bytes_out"]),
                      num(s["udp_clients"]) if m["proto"] == "udp" else "-",
-                     num(s["errors"]), _duration(m["uptime_s"])))
+                     num(s["errors"]), num(fastpath_count(m)), _duration(m["uptime_s"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    right = {5, 6, 7, 8, 9, 10}
+    right = {5, 6, 7, 8, 9, 10, 11}
     lines = []
     for r in rows:
         cells = [r[i].rjust(widths[i]) if i in right else r[i].ljust(widths[i])
@@ -137,6 +148,11 @@ def table(doc: dict) -> str:
     lines.append("engine pid %d (uid %d), %s, up %s, %d mapping%s"
                  % (eng["pid"], eng["uid"], eng["socket"], _duration(eng["uptime_s"]),
                     eng["mappings"], "" if eng["mappings"] == 1 else "s"))
+    fp = eng.get("fastpath")
+    if fp and fp.get("active"):
+        lines.append("fast path active (cgroup %s)" % fp.get("cgroup"))
+    elif fp:
+        lines.append("fast path not active: %s" % fp.get("reason"))
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +169,11 @@ def prometheus(doc: dict) -> str:
            ("bytes_out", "counter", "Bytes relayed container to client."),
            ("udp_clients", "gauge", "UDP client entries now."),
            ("errors", "counter", "Failed connects, dropped datagrams and connection errors."),
-           ("uptime_seconds", "gauge", "Seconds since the mapping was registered.")]
+           ("uptime_seconds", "gauge", "Seconds since the mapping was registered."),
+           ("fastpath_connections", "counter",
+            "Connects that went straight to the container (kernel fast path)."),
+           ("fastpath_datagrams", "counter",
+            "Unconnected UDP datagrams sent straight to the container (kernel fast path).")]
     samples = []
     for m in doc["mappings"]:
         labels = 'proto="%s",host="%s",container="%s",stub_pid="%s"' % (
@@ -161,6 +181,9 @@ def prometheus(doc: dict) -> str:
             _label(m["stub_pid"]))
         s = summary(m.get("counters"))
         s["uptime_seconds"] = m["uptime_s"]
+        fp = m.get("fastpath")
+        s["fastpath_connections"] = fp.get("connections") if fp else None
+        s["fastpath_datagrams"] = fp.get("datagrams") if fp else None
         samples.append((labels, s))
     for name, kind, help_text in per:
         metric = "spliceproxy_mapping_" + name + ("_total" if kind == "counter" else "")
@@ -172,6 +195,12 @@ def prometheus(doc: dict) -> str:
     out.append("# HELP spliceproxy_engine_mappings Mappings the engine serves.")
     out.append("# TYPE spliceproxy_engine_mappings gauge")
     out.append("spliceproxy_engine_mappings %d" % doc["engine"]["mappings"])
+    fp = doc["engine"].get("fastpath")
+    if fp is not None:
+        out.append("# HELP spliceproxy_engine_fastpath_active Whether the kernel fast path "
+                   "is attached (1) or not (0).")
+        out.append("# TYPE spliceproxy_engine_fastpath_active gauge")
+        out.append("spliceproxy_engine_fastpath_active %d" % bool(fp.get("active")))
     for name, value in sorted(doc["engine"].get("counters", {}).items()):
         kind = "gauge" if name in GAUGES else "counter"
         metric = "spliceproxy_engine_" + name + ("_total" if kind == "counter" else "")

@@ -87,6 +87,13 @@ def default_cgroup_path() -> str | None:
     return None
 
 
+def cgroup_path(conf) -> str | None:
+    """The cgroup the host engine attaches to: SPLICEPROXY_FASTPATH_CGROUP
+    (settings.Settings, checked there to be a cgroup v2 directory), else the
+    cgroup v2 root; None when cgroup v2 is not mounted."""
+    return conf.fastpath_cgroup or default_cgroup_path()
+
+
 def load(cgroup_path: str | None = None) -> FastPath | Unavailable:
     """Load and attach the programs for this process's network namespace.
 

@@ -59,8 +59,9 @@ class _Signals:
             pass
 
 
-FASTPATH_OFF = ("fast path not active: SPLICEPROXY_FASTPATH is set, but this release does not "
-                "load the programs yet (the host engine will); every client takes the relay")
+FASTPATH_OFF = ("fast path not active: SPLICEPROXY_FASTPATH needs the host engine "
+                "(SPLICEPROXY_ENGINE=1), which owns the programs; every client of this proxy "
+                "takes the relay")
 
 
 def _start(argv: list[str], status: StatusPipe):
@@ -91,8 +92,8 @@ def _start(argv: list[str], status: StatusPipe):
             raise StartupError("cannot open counters file (SPLICEPROXY_STATS_FILE): %s"
                                % e) from None
     if conf.fastpath:
-        # The programs are one set for the whole host, for the host engine
-        # to own; this release loads them nowhere yet.
+        # The programs are one set for the whole host, owned by the host
+        # engine; a standalone proxy never loads them.
         log.log(FASTPATH_OFF)
     proxy = Proxy(config, conf, log, listen_fd_inherited=status.have_listen_fd)
     try:

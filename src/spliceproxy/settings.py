@@ -156,6 +156,19 @@ def path(text: str) -> str:
     return text
 
 
+def cgroup2_dir(text: str) -> str:
+    """An absolute path to a cgroup v2 directory (one with cgroup.controllers,
+    which only cgroup v2 has): the programs attach there, so a typo must not
+    leave the fast path silently attached nowhere, or somewhere else."""
+    if not text.startswith("/"):
+        raise ValueError("not an absolute path")
+    if not os.path.isdir(text):
+        raise ValueError("not a directory")
+    if not os.path.exists(os.path.join(text, "cgroup.controllers")):
+        raise ValueError("not a cgroup v2 directory (no cgroup.controllers)")
+    return text
+
+
 _UID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to setresuid
 
 
@@ -243,8 +256,14 @@ VARIABLES = (
     Var("KEEP_PRIVILEGES", boolean, False, shown="false",
         help="true keeps root: no privilege drop"),
     Var("FASTPATH", boolean, False, shown="false",
-        help="true will let host-local clients skip the relay through the kernel, served "
-        "by the host engine; this release logs that it is not active yet"),
+        help="true lets host-local clients skip the relay through the kernel; in engine "
+        "mode only (the host engine loads the programs), a standalone proxy logs that it "
+        "is not active"),
+    # For tests and special setups: the programs affect every process below
+    # the cgroup they are attached to, the whole host by default.
+    Var("FASTPATH_CGROUP", cgroup2_dir, None, shown="the cgroup v2 root",
+        help="cgroup v2 directory the host engine attaches the fast path to (only processes "
+             "in it and below are rewritten); for tests and special setups"),
 )
 
 

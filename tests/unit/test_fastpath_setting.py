@@ -61,3 +61,33 @@ def test_local_addresses_are_concrete():
         addrs = fastpath.local_addresses(fam)
         assert wild not in addrs
         assert all(not a.lower().startswith("fe80") for a in addrs)
+
+
+# SPLICEPROXY_FASTPATH_CGROUP: where the host engine attaches the programs.
+
+def test_cgroup_setting_defaults_to_the_cgroup_v2_root():
+    assert settings.load({}).fastpath_cgroup is None  # the engine uses default_cgroup_path()
+    root = fastpath.default_cgroup_path()
+    if root is None:
+        pytest.skip("cgroup v2 is not mounted here")
+    assert fastpath.cgroup_path(settings.load({})) == root
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("sys/fs/cgroup", "not an absolute path"),
+    ("/nonexistent-cgroup-dir", "not a directory"),
+    ("/proc/self", "not a cgroup v2 directory"),
+])
+def test_cgroup_setting_must_name_a_cgroup2_directory(value, reason):
+    with pytest.raises(settings.SettingError) as e:
+        settings.load({b"SPLICEPROXY_FASTPATH_CGROUP": value.encode()})
+    assert str(e.value).startswith("invalid SPLICEPROXY_FASTPATH_CGROUP=%r: %s" % (value, reason))
+
+
+def test_cgroup_setting_takes_a_cgroup2_directory():
+    root = fastpath.default_cgroup_path()
+    if root is None:
+        pytest.skip("cgroup v2 is not mounted here")
+    conf = settings.load({b"SPLICEPROXY_FASTPATH_CGROUP": root.encode()})
+    assert conf.fastpath_cgroup == root
+    assert fastpath.cgroup_path(conf) == root

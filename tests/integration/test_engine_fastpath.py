@@ -1,0 +1,496 @@
+"""The fast path wired into the host engine (SPLICEPROXY_FASTPATH in engine mode).
+
+The engine is the installed launcher's, started by its first stub exactly as
+dockerd starts proxies, with SPLICEPROXY_FASTPATH=1 and
+SPLICEPROXY_FASTPATH_CGROUP naming a child cgroup made for each test: only
+the client -- a process of its own, moved into that cgroup before exec -- is
+ever rewritten, nothing else on the host.  The "container" is a network
+namespace behind a veth pair (198.18.248.1 here, 198.18.248.2 there) with a
+TCP echo server in a thread that entered it.
+
+Whether a connection went straight to the container or through the relay is
+read from the client's own address: the relay's listener is on 127.0.0.1, so
+a relayed client's getsockname() is 127.0.0.1, a rewritten one's is the
+host's address on the container network.
+
+Needs root, cgroup v2 and a kernel with the hooks; skips with the reason
+otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from spliceproxy import fastpath
+from spliceproxy.bench.launch import proxy_argv, spawn
+
+from support import servers as srv
+
+pytestmark = pytest.mark.root
+
+TAG = "%d" % os.getpid()
+NS = "fw-c-" + TAG
+VETH_HOST, VETH_CONT = "fw-h" + TAG, "fw-c" + TAG
+HOST4, CONT4 = "198.18.248.1", "198.18.248.2"
+CPORT = 7017
+TIMEOUT = 10.0
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, cgroups, bpf)"
+    if fastpath.default_cgroup_path() is None:
+        return "cgroup v2 is not mounted"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip"
+    return None
+
+
+if _skip_reason():
+    pytest.skip(_skip_reason(), allow_module_level=True)
+
+CGROOT = fastpath.default_cgroup_path()
+
+
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL if not check else None)
+
+
+class Container:
+    """A TCP echo server on CONT4:CPORT inside the container namespace."""
+
+    def __init__(self):
+        out: dict = {}
+
+        def make():
+            fd = os.open("/run/netns/" + NS, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    out["e"] = OSError(ctypes.get_errno(), "setns")
+                    return
+            finally:
+                os.close(fd)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((CONT4, CPORT))
+            s.listen(64)
+            out["s"] = s
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind((CONT4, CPORT))
+            out["u"] = u
+
+        t = threading.Thread(target=make)
+        t.start()
+        t.join(TIMEOUT)
+        if "e" in out:
+            raise out["e"]
+        self.sock, self.udp = out["s"], out["u"]
+        self.accepted = 0
+        self.datagrams: list = []  # (source address, port) of each datagram
+        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._udp_echo, daemon=True).start()
+
+    def _udp_echo(self) -> None:
+        while True:
+            try:
+                d, peer = self.udp.recvfrom(1 << 16)
+                if peer is None:  # shut down
+                    return
+                self.datagrams.append(peer)
+                self.udp.sendto(d, peer)
+            except OSError:
+                return
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _echo(c: socket.socket) -> None:
+        with c:
+            while True:
+                try:
+                    d = c.recv(1 << 16)
+                    if not d:
+                        return
+                    c.sendall(d)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        for s in (self.sock, self.udp):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def container():
+    ip("netns", "add", NS)
+    try:
+        ip("link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CONT)
+        ip("link", "set", VETH_CONT, "netns", NS)
+        ip("addr", "add", HOST4 + "/24", "dev", VETH_HOST)
+        ip("link", "set", VETH_HOST, "up")
+        ip("-n", NS, "addr", "add", CONT4 + "/24", "dev", VETH_CONT)
+        ip("-n", NS, "link", "set", VETH_CONT, "up")
+        ip("-n", NS, "link", "set", "lo", "up")
+        c = Container()
+        try:
+            yield c
+        finally:
+            c.close()
+    finally:
+        ip("link", "del", VETH_HOST, check=False)
+        ip("netns", "del", NS, check=False)
+
+
+@pytest.fixture
+def cgroup():
+    path = os.path.join(CGROOT, "fw-test-%s-%d" % (TAG, time.monotonic_ns()))
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                os.rmdir(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def nothing_left_behind():
+    yield
+    assert not [n for n in os.listdir(CGROOT) if n.startswith("fw-test-%s-" % TAG)]
+    left = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    assert NS not in left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+class Engine:
+    """A control socket of the test's own; its stubs; the engines they start."""
+
+    def __init__(self, proxy_path: str, cgroup: str):
+        self.proxy_path = proxy_path
+        self.cgroup = cgroup
+        self.dir = tempfile.mkdtemp(prefix="fw-")  # short: AF_UNIX paths are 108 bytes
+        os.chmod(self.dir, 0o700)
+        self.sock = os.path.join(self.dir, "engine.sock")
+        self.log_path = os.path.join(self.dir, "proxies.log")
+        self.env = dict(os.environ)
+        self.env.update({"SPLICEPROXY_ENGINE": "1", "SPLICEPROXY_ENGINE_SOCKET": self.sock,
+                         "SPLICEPROXY_ENGINE_IDLE_EXIT": "1s",
+                         "SPLICEPROXY_LOG_FILE": self.log_path,
+                         "SPLICEPROXY_FASTPATH": "1", "SPLICEPROXY_FASTPATH_CGROUP": cgroup})
+        self.stubs: list = []
+        self.pids: set[int] = set()
+
+    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp"):
+        port = srv.free_port(host_ip, socket.SOCK_STREAM if proto == "tcp" else
+                             socket.SOCK_DGRAM)
+        lp = spawn(proxy_argv(self.proxy_path, proto, host_ip, port, CONT4, CPORT),
+                   env=self.env, timeout=15.0)
+        lp.port = port
+        self.stubs.append(lp)
+        self.pid()
+        return lp
+
+    def pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.dir, "engine.lock")) as f:
+                pid = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return None
+        if pid and _alive(pid):
+            self.pids.add(pid)
+            return pid
+        return None
+
+    def status(self, *flags: str):
+        out = subprocess.run([self.proxy_path, "status", "--socket", self.sock, *flags],
+                             capture_output=True, text=True, timeout=10, env=self.env)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout) if flags == ("--json",) else out.stdout
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        for lp in self.stubs:
+            if lp.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    lp.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                lp.proc.wait(5.0)
+        self.pid()
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        gone = srv.wait_for(lambda: not any(_alive(p) for p in self.pids), 5.0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        assert gone, "engine processes left running: %r" % self.pids
+
+
+@pytest.fixture
+def engine(proxy_path, cgroup):
+    e = Engine(proxy_path, cgroup)
+    yield e
+    e.close()
+    # The programs go with their holder: nothing stays attached to the cgroup.
+    assert srv.wait_for(lambda: sum(fastpath.attached(cgroup).values()) == 0, TIMEOUT), \
+        fastpath.attached(cgroup)
+
+
+# The client: one connection in its own process, moved into the test's
+# cgroup before exec.  Prints one JSON line.
+CLIENT = r"""
+import json, os, socket, sys
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+payload = os.urandom(size)
+out = {}
+try:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect((host, port))
+    out["peer"] = list(s.getpeername())
+    out["sock"] = list(s.getsockname())
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while True:
+        d = s.recv(1 << 16)
+        if not d:
+            break
+        got += d
+    out["echo"] = bytes(got) == payload
+except OSError as e:
+    out["error"] = e.errno
+print(json.dumps(out))
+"""
+
+UDP_CLIENT = r"""
+import json, os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+payload = os.urandom(1200)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+out = {}
+try:
+    s.sendto(payload, (host, port))
+    d, src = s.recvfrom(1 << 16)
+    out = {"echo": d == payload, "from": list(src), "sock": list(s.getsockname())}
+except OSError as e:
+    out["error"] = e.errno
+print(json.dumps(out))
+"""
+
+LAUNCH = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+
+
+def client(cgroup: str | None, host: str, port: int, size: int = 1) -> dict:
+    argv = [sys.executable, "-c", CLIENT, host, str(port), str(size)]
+    if cgroup is not None:
+        argv = ["sh", "-c", LAUNCH, cgroup] + argv
+    r = subprocess.run(argv, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout.decode().strip().splitlines()[-1])
+
+
+def _mapping(doc: dict, port: int) -> dict:
+    found = [m for m in doc["mappings"] if m["host"].endswith(":%d" % port)]
+    assert len(found) == 1, doc
+    return found[0]
+
+
+def _active(e: Engine) -> None:
+    """The engine's one line about the fast path says it is active (or skip)."""
+    assert srv.wait_for(lambda: "fast path" in e.log(), 5.0), e.log()
+    lines = [ln for ln in e.log().splitlines() if "fast path" in ln]
+    if "fast path not active" in lines[0]:
+        if any(k in lines[0] for k in ("(kernel)", "(permission)", "(cgroup)", "(module)")):
+            pytest.skip(lines[0])
+        pytest.fail(lines[0])
+    assert "fast path active" in lines[0] and e.cgroup in lines[0], lines
+
+
+def test_client_in_the_cgroup_goes_straight_to_the_container_and_is_counted(
+        container, engine, cgroup):
+    stub = engine.start()
+    _active(engine)
+    before = container.accepted
+    got = client(cgroup, "127.0.0.1", stub.port, size=1 << 20)
+    assert "error" not in got, got
+    assert got["echo"], "data was not echoed by the container: %r" % got
+    assert got["peer"] == ["127.0.0.1", stub.port]   # the address dialled
+    assert got["sock"][0] == HOST4                     # not the relay's loopback listener
+    assert container.accepted == before + 1
+    doc = engine.status("--json")
+    assert doc["engine"]["fastpath"] == {"active": True, "reason": "", "cgroup": cgroup}
+    m = _mapping(doc, stub.port)
+    assert m["fastpath"]["connections"] == 1, m
+    assert m["counters"]["tcp_accepted"] == 0, m  # the relay never saw it
+    got = client(cgroup, "127.0.0.1", stub.port, size=4096)
+    assert got["echo"] and got["sock"][0] == HOST4, got
+    assert _mapping(engine.status("--json"), stub.port)["fastpath"]["connections"] == 2
+
+    # A process outside the cgroup (this one) is relayed, and not counted.
+    got = client(None, "127.0.0.1", stub.port, size=4096)
+    assert got["echo"] and got["sock"][0] == "127.0.0.1", got
+    m = _mapping(engine.status("--json"), stub.port)
+    assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (2, 1), m
+
+    # The table and the exposition format show the count too.
+    table = engine.status()
+    head, row = table.splitlines()[0], [ln for ln in table.splitlines()
+                                       if ":%d" % stub.port in ln][0]
+    col = head.index("FAST PATH")
+    assert row[col:].split()[0] == "2", table
+    prom = engine.status("--prometheus")
+    assert [ln for ln in prom.splitlines()
+            if ln.startswith("spliceproxy_mapping_fastpath_connections_total{")
+            and ('host="127.0.0.1:%d"' % stub.port) in ln][0].endswith(" 2"), prom
+    lines = [ln for ln in engine.log().splitlines() if "fast path" in ln]
+    assert len(lines) == 1, lines
+
+
+def test_removed_mapping_is_refused_never_rewritten(container, engine, cgroup):
+    stub = engine.start()
+    _active(engine)
+    assert client(cgroup, "127.0.0.1", stub.port, size=64)["sock"][0] == HOST4
+    before = container.accepted
+    assert stub.stop(signal.SIGTERM) == 0
+    got = client(cgroup, "127.0.0.1", stub.port, size=64)
+    assert got.get("error") == errno.ECONNREFUSED, got
+    assert container.accepted == before
+
+
+def test_killed_engine_never_leaves_a_stale_rewrite(container, engine, cgroup):
+    stub = engine.start()
+    _active(engine)
+    assert client(cgroup, "127.0.0.1", stub.port, size=64)["sock"][0] == HOST4
+    old = engine.pid()
+    assert old
+    os.kill(old, signal.SIGKILL)
+    assert srv.wait_for(lambda: not _alive(old), TIMEOUT)
+    # At once: the programs went with the engine; the connect waits in the
+    # backlog of the listener the stub kept, for the engine it starts.
+    before = container.accepted
+    got = client(cgroup, "127.0.0.1", stub.port, size=4096)
+    assert "error" not in got and got["echo"], got
+    assert got["peer"] == ["127.0.0.1", stub.port]
+    new = srv.wait_for(lambda: engine.pid() not in (None, old) and engine.pid(), TIMEOUT)
+    assert new, "no new engine"
+    m = srv.wait_for(lambda: _mapping(engine.status("--json"), stub.port), TIMEOUT)
+    fast = (m["fastpath"] or {}).get("connections", 0)
+    relayed = m["counters"]["tcp_accepted"]
+    # Either the relay took it, or the new engine's own programs rewrote it
+    # (then counted there): never the dead engine's entries.
+    if got["sock"][0] == "127.0.0.1":
+        assert (fast, relayed) == (0, 1), m
+    else:
+        assert (fast, relayed) == (1, 0), m
+    assert container.accepted == before + 1
+    # The new engine serves the fast path again, for its own mapping.
+    got = client(cgroup, "127.0.0.1", stub.port, size=64)
+    assert got["echo"] and got["sock"][0] == HOST4, got
+    assert stub.stop(signal.SIGTERM) == 0
+
+
+def test_engine_exit_leaves_nothing_attached(container, engine, cgroup):
+    stub = engine.start()
+    _active(engine)
+    pid = engine.pid()
+    assert set(fastpath.attached(cgroup).values()) == {1}
+    assert stub.stop(signal.SIGTERM) == 0
+    # Idle for SPLICEPROXY_ENGINE_IDLE_EXIT (1s), it exits on its own.
+    assert srv.wait_for(lambda: not _alive(pid), TIMEOUT)
+    assert srv.wait_for(lambda: sum(fastpath.attached(cgroup).values()) == 0, TIMEOUT)
+    assert "spliceproxy engine %d exiting" % pid in engine.log()
+
+
+def test_wildcard_mapping_follows_local_addresses(container, engine, cgroup):
+    extra = "198.18.249.1"
+    stub = engine.start(host_ip="0.0.0.0")
+    _active(engine)
+    for host in ("127.0.0.1", HOST4):
+        got = client(cgroup, host, stub.port, size=4096)
+        assert got["echo"] and got["peer"] == [host, stub.port], got
+        assert got["sock"][0] == HOST4, got
+    m = _mapping(engine.status("--json"), stub.port)
+    assert "0.0.0.0" not in m["fastpath"]["addresses"]
+    assert extra not in m["fastpath"]["addresses"]
+    try:
+        # An address that appears gets an entry from the address events...
+        ip("addr", "add", extra + "/32", "dev", VETH_HOST)
+        assert srv.wait_for(lambda: extra in _mapping(engine.status("--json"), stub.port)
+                            ["fastpath"]["addresses"], TIMEOUT)
+        got = client(cgroup, extra, stub.port, size=64)
+        assert got["echo"] and got["sock"][0] == HOST4, got
+    finally:
+        ip("addr", "del", extra + "/32", "dev", VETH_HOST, check=False)
+    # ...and loses it when it goes: the next connect to it is refused (no
+    # address), never rewritten.
+    assert srv.wait_for(lambda: extra not in _mapping(engine.status("--json"), stub.port)
+                        ["fastpath"]["addresses"], TIMEOUT)
+    assert _mapping(engine.status("--json"), stub.port)["fastpath"]["connections"] == 3
+
+
+def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, engine, cgroup):
+    stub = engine.start(proto="udp")
+    _active(engine)
+    before = len(container.datagrams)
+    r = subprocess.run(["sh", "-c", LAUNCH, cgroup, sys.executable, "-c", UDP_CLIENT,
+                        "127.0.0.1", str(stub.port)], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    got = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    assert got.get("echo"), got
+    assert got["from"] == ["127.0.0.1", stub.port]  # the address the client sent to
+    # From the client's own port (its route's source address), not the relay's.
+    assert [list(p) for p in container.datagrams[before:]] == [[HOST4, got["sock"][1]]], \
+        (container.datagrams[before:], got)
+    m = _mapping(engine.status("--json"), stub.port)
+    assert m["fastpath"]["datagrams"] == 1, m
+    assert m["counters"]["udp_flows_created"] == 0, m
+    table = engine.status()
+    head, row = table.splitlines()[0], [ln for ln in table.splitlines()
+                                       if ":%d" % stub.port in ln][0]
+    assert row[head.index("FAST PATH"):].split()[0] == "1", table

@@ -25,7 +25,9 @@ def test_launcher_runs_isolated_without_site_and_keeps_its_name(proxy_path):
             comm = f.read().strip()
         # The interpreter runs with -I -S, then the script, then dockerd's argv untouched.
         assert argv[1:3] == [b"-I", b"-S"]
-        assert os.path.samefile(argv[3], proxy_path)
+        # The launcher the `spliceproxy` stub execs, beside it.
+        assert os.path.samefile(argv[3], os.path.join(os.path.dirname(proxy_path),
+                                                      "spliceproxy-front"))
         assert [a.decode() for a in argv[4:]] == proxy_argv(
             proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1", 9)[1:]
         assert comm == "spliceproxy"

@@ -321,8 +321,10 @@ class ProxyUnderTest:
     @property
     def programs(self) -> tuple[str, ...]:
         """Program paths a per-port process of this proxy shows in its argv."""
-        if not self.engine:
+        if self.is_reference:
             return (self.path,)
+        # The stub execs the launcher beside it, as the interpreter's script,
+        # outside engine mode; in engine mode the stub itself stays.
         launcher = os.path.join(os.path.dirname(self.path), "spliceproxy-front")
         return tuple(dict.fromkeys((self.path, self.stub, launcher)))
 

@@ -1,9 +1,9 @@
 """Engine mode (SPLICEPROXY_ENGINE=1): per-port stubs and one host engine.
 
-Every proxy here is the installed launcher started exactly as dockerd starts
-it (status pipe on fd 3, optional socket on fd 4, stdio on /dev/null), with
-SPLICEPROXY_ENGINE=1 and a control socket of the test's own.  The launcher
-execs the C stub, the first stub starts the engine, and the tests look at
+Every proxy here is the installed command, the C stub, started exactly as
+dockerd starts it (status pipe on fd 3, optional socket on fd 4, stdio on
+/dev/null), with SPLICEPROXY_ENGINE=1 and a control socket of the test's
+own.  The first stub starts the engine, and the tests look at
 real sockets and processes: the port served, freed, bound again; the engine
 killed and replaced; the control socket abused.
 """

@@ -37,7 +37,10 @@ CSRC = [
 
 
 STUB_SRC = "csrc/stub/stub.c"
-STUB_OUT = os.path.join("build", "stub", "spliceproxy-stub")
+# The stub is the installed `spliceproxy` command (what dockerd is given):
+# an engine-mode port then starts no shell and no interpreter, and anything
+# else is exec'd to the Python launcher beside it, spliceproxy-front.
+STUB_OUT = os.path.join("build", "stub", "spliceproxy")
 
 
 def build_stub():
@@ -110,8 +113,9 @@ def extensions():
 
 
 def launcher():
-    """The `spliceproxy` command: a /bin/sh-and-Python file that starts the
-    interpreter of the environment it is installed in with -I -S (see
+    """The Python front end, `spliceproxy-front`, which the `spliceproxy`
+    stub execs: a /bin/sh-and-Python file that starts the interpreter of
+    the environment it is installed in with -I -S (see
     scripts/spliceproxy.in).
 
     A plain console-script wrapper cannot pass interpreter flags, and site
@@ -124,7 +128,7 @@ def launcher():
         text = f.read()
     text = text.replace("@PYTHON@", shlex.quote(sys.executable))
     text = text.replace("@PLATLIB@", repr(sysconfig.get_path("platlib")))
-    out = os.path.join("build", "launcher", "spliceproxy")
+    out = os.path.join("build", "launcher", "spliceproxy-front")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
@@ -134,7 +138,7 @@ def launcher():
 
 setup(
     scripts=launcher(),
-    # Installed beside the launcher, which execs it in engine mode.
+    # The `spliceproxy` command, beside the launcher it execs.
     data_files=[("bin", [STUB_OUT])],
     ext_modules=extensions(),
     cmdclass={"build_ext": LoudBuildExt},

@@ -140,11 +140,11 @@ def main() -> int:
         rootfs = build_rootfs(tmp)
         kinds = []
         for ipt in ("iptables", "no-iptables"):
-            stub = os.path.join(os.path.dirname(ours), "spliceproxy-stub")
+            stub = ours  # the installed command is the stub
             for name, proxy in (
                     ("docker-proxy", e2e.ProxyUnderTest(args.docker_proxy, "docker-proxy")),
                     ("engine", e2e.ProxyUnderTest(ours, "spliceproxy", engine=True)),
-                    ("engine-stub", e2e.ProxyUnderTest(stub, "spliceproxy-stu",
+                    ("engine-stub", e2e.ProxyUnderTest(stub, "spliceproxy",
                                                        engine=True))):
                 key = f"{name}/{ipt}"
                 i = len(kinds)

@@ -1,6 +1,13 @@
 /* SPDX-License-Identifier: MIT
  *
- * stub.c - the per-port process of the host engine mode.
+ * stub.c - the installed `spliceproxy` command, and the per-port process of
+ * the host engine mode.
+ *
+ * It is the entry dockerd is given (userland-proxy-path).  A proxy command
+ * line in engine mode is served here, with no shell and no interpreter
+ * started; anything else (standalone proxy, -h, -v, subcommands) is exec'd
+ * to the Python front end installed beside it, spliceproxy-front, with the
+ * same arguments, descriptors and signal state.
  *
  * dockerd starts one userland proxy per published port and expects it to
  * live as long as the mapping.  In engine mode (SPLICEPROXY_ENGINE=1) that
@@ -22,8 +29,8 @@
  * not answer within STOP_WAIT_MS the stub exits anyway.
  *
  * The first stub that finds no engine starts one (`spliceproxy engine`, the
- * launcher next to this binary) in its own session, under a lock so that
- * concurrent first stubs start exactly one.
+ * Python front end next to this binary) in its own session, under a lock so
+ * that concurrent first stubs start exactly one.
  *
  * Plain C, no Python, built static: it is one process per published port,
  * so what it costs is multiplied by the number of ports.  Messages are
@@ -55,6 +62,10 @@
 #define START_WAIT_MS 12000     /* dockerd gives up after 16 s */
 #define STOP_WAIT_MS 2000       /* longest a stop waits for the engine */
 #define ENV_PREFIX "SPLICEPROXY_"
+#define LAUNCHER_NAME "spliceproxy-front"  /* the Python front end, beside us */
+/* How the front end learns the name it was run by (shown_name()); not a
+ * SPLICEPROXY_* setting, so never forwarded to the engine. */
+#define PROG_ENV "_SPLICEPROXY_PROG"
 
 extern char **environ;
 
@@ -63,7 +74,7 @@ static char sock_dir[sizeof(sock_path)];
 static char msg_buf[MSG_MAX];
 static int have_status;
 static int have_listen;
-static char prog[PATH_MAX];   /* argv[0] as the engine is told it */
+static char prog[PATH_MAX];   /* shown_name()'s buffer */
 static const char *argv0;
 static int sig_fd = -1;
 
@@ -93,9 +104,9 @@ static void write_all(int fd, const char *buf, size_t len)
 
 /* How to mend an install whose launcher is missing beside the stub. */
 #define REINSTALL_HINT                                                       \
-	"the spliceproxy launcher belongs beside this stub: reinstall "        \
-	"spliceproxy (README, Quick start) and give dockerd the path that "     \
-	"`spliceproxy install-path` prints"
+	"the spliceproxy launcher (" LAUNCHER_NAME ") belongs beside this "   \
+	"stub: reinstall spliceproxy (README, Quick start) and give dockerd "   \
+	"the path that `spliceproxy install-path` prints"
 
 /* "1\n<msg>" in one write on fd 3 (no trailing newline, as docker-proxy),
  * then fd 3 closed: dockerd reads the text up to EOF. */
@@ -155,8 +166,9 @@ static void reserve_fd(int fd)
 	}
 }
 
-/* The launcher installed next to this binary: the stub's own real path with
- * its last component replaced by "spliceproxy". */
+/* The Python launcher installed next to this binary: the stub's own real
+ * path (/proc/self/exe, so a pipx or uv symlink resolves) with its last
+ * component replaced by LAUNCHER_NAME. */
 static int launcher_path(char *out, size_t cap)
 {
 	ssize_t n = readlink("/proc/self/exe", out, cap - 1);
@@ -166,10 +178,33 @@ static int launcher_path(char *out, size_t cap)
 		return -errno;
 	out[n] = '\0';
 	slash = strrchr(out, '/');
-	if (!slash || (size_t)(slash - out) + sizeof("/spliceproxy") > cap)
+	if (!slash || (size_t)(slash - out) + sizeof("/" LAUNCHER_NAME) > cap)
 		return -ENAMETOOLONG;
-	strcpy(slash, "/spliceproxy");
+	strcpy(slash, "/" LAUNCHER_NAME);
 	return 0;
+}
+
+/**
+ * shown_name() - the command's name as usage and flag errors show it.
+ *
+ * What a script's $0 was when the installed command was the launcher itself:
+ * the path it was run by, except that a symbolic link (pipx, uv) or a bare
+ * name looked up on PATH shows the real path.  Engine mode sends it to the
+ * engine as argv[0]; the front end gets it in PROG_ENV, since a script's
+ * interpreter sees the script's path, never the argv[0] it was exec'd with.
+ */
+static const char *shown_name(const char *arg0)
+{
+	struct stat st;
+	ssize_t n;
+
+	if (arg0 && strchr(arg0, '/') && (lstat(arg0, &st) == -1 || !S_ISLNK(st.st_mode)))
+		return arg0;
+	n = readlink("/proc/self/exe", prog, sizeof(prog) - 1);
+	if (n == -1)
+		return arg0 ? arg0 : "spliceproxy";
+	prog[n] = '\0';
+	return prog;
 }
 
 /**
@@ -686,9 +721,9 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
  *
  * SPLICEPROXY_ENGINE set and not "0", and the first argument a flag (dockerd
  * never passes anything else first; subcommands such as `status` are not
- * flags).  The launcher's shell part asks the same question before it execs
- * this program; the stub asks again because dockerd may run it directly
- * (userland-proxy-path pointing here saves the shell's start-up).
+ * flags).  This is the one place that decides: the stub is the installed
+ * `spliceproxy` that dockerd runs, so an engine-mode port costs no shell and
+ * no interpreter; everything else is exec'd to the Python front end.
  */
 static int engine_wanted(int argc, char **argv)
 {
@@ -697,16 +732,53 @@ static int engine_wanted(int argc, char **argv)
 	return v && *v && strcmp(v, "0") && argc > 1 && argv[1][0] == '-';
 }
 
-/* Run the Python front end in this process, with the same argv and fds. */
-static void __attribute__((noreturn)) standalone(char **argv, int engine_off)
+/**
+ * exec_front() - exec the launcher, skipping its shell part when possible.
+ *
+ * What the shell part does first (about 0.9 ms of start-up) is find the
+ * interpreter beside it: when <dir>/python3 is there, run it the same way
+ * the shell would, `python3 -I -S <launcher> args...`.  Anything else (no
+ * such interpreter: the build's fallback, the broken-install message) is
+ * the launcher's to handle.  Returns only if the launcher cannot be run.
+ */
+static void exec_front(char *launcher, int argc, char **argv)
+{
+	char py[PATH_MAX];
+	char **args;
+	size_t n = strrchr(launcher, '/') - launcher;
+	int i;
+
+	if (n + sizeof("/python3") <= sizeof(py)) {
+		memcpy(py, launcher, n);
+		strcpy(py + n, "/python3");
+		args = calloc((size_t)argc + 4, sizeof(*args));
+		if (args && access(py, X_OK) == 0 && access(launcher, R_OK) == 0) {
+			args[0] = py;
+			args[1] = "-I";
+			args[2] = "-S";
+			args[3] = launcher;
+			for (i = 1; i < argc; i++)
+				args[i + 3] = argv[i];
+			execve(py, args, environ);
+		}
+		free(args);
+	}
+	argv[0] = launcher;
+	execve(launcher, argv, environ);
+}
+
+/* Run the Python front end in this process, with the same arguments and fds
+ * (and signals, when engine_off is 0: nothing was changed yet). */
+static void __attribute__((noreturn)) standalone(int argc, char **argv, int engine_off)
 {
 	char launcher[PATH_MAX];
 	char msg[PATH_MAX + 256];
+	const char *name = shown_name(argv[0]);
 
 	if (launcher_path(launcher, sizeof(launcher)) == 0) {
 		if (engine_off) {
-			/* Undo what main() set up, fds 3 and 4 as inherited; and the
-			 * launcher must not exec us again. */
+			/* Undo what main() set up, fds 3 and 4 as inherited; and
+			 * the front end serves the port itself. */
 			sigset_t set;
 
 			if (have_status)
@@ -723,8 +795,8 @@ static void __attribute__((noreturn)) standalone(char **argv, int engine_off)
 			sigaddset(&set, SIGTERM);
 			sigprocmask(SIG_UNBLOCK, &set, NULL);
 		}
-		argv[0] = launcher;
-		execve(launcher, argv, environ);
+		setenv(PROG_ENV, name, 1);
+		exec_front(launcher, argc, argv);
 	}
 	snprintf(msg, sizeof(msg), "cannot start the standalone proxy %s: %s; " REINSTALL_HINT,
 		 launcher, strerror(errno));
@@ -744,23 +816,15 @@ int main(int argc, char **argv)
 	/* Not for the engine: the front end, untouched (fds 3 and 4 are still
 	 * as inherited, no signal is blocked yet). */
 	have_status = fd_is_open(STATUS_FD);
+	if (argc < 1)
+		fail("started with no program name (an empty argv)");
 	if (!engine_wanted(argc, argv))
-		standalone(argv, 0);
+		standalone(argc, argv, 0);
 
-	/* The launcher execs us as <dir>/spliceproxy-stub; flag errors and usage
-	 * name the command dockerd ran, as in standalone mode.  A copy: our own
-	 * command line (ps, /proc) stays as it was. */
-	if (argc > 0) {
-		size_t n = strlen(argv[0]);
-		size_t k = sizeof("spliceproxy-stub") - 1;
-
-		if (n >= k && n < sizeof(prog) && !strcmp(argv[0] + n - k, "spliceproxy-stub") &&
-		    (n == k || argv[0][n - k - 1] == '/')) {
-			memcpy(prog, argv[0], n - 5);
-			prog[n - 5] = '\0';
-			argv0 = prog;
-		}
-	}
+	/* Flag errors and usage name the command as the front end would.  A
+	 * copy: our own command line (ps, /proc) stays as it was. */
+	if (argc > 0)
+		argv0 = shown_name(argv[0]);
 
 	/* As docker-proxy 28+: the inherited descriptors do not leak into what
 	 * we start. */
@@ -784,7 +848,7 @@ int main(int argc, char **argv)
 		fail("signalfd failed");
 
 	if (resolve_socket() < 0)
-		standalone(argv, 1);
+		standalone(argc, argv, 1);
 	check_dir();
 
 	for (i = 1; i <= 2; i++) {

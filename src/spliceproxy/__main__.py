@@ -61,22 +61,41 @@ def _is_launcher(path: str) -> bool:
     return head.startswith(b"#!/bin/sh\n''':'\n# spliceproxy launcher.")
 
 
+def _is_entry(path: str) -> bool:
+    """Is path the installed `spliceproxy` command: the C stub (an ELF
+    executable) with the Python launcher, spliceproxy-front, beside it?"""
+    import os
+
+    if os.path.basename(path) != "spliceproxy" or not os.access(path, os.X_OK):
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return False
+    except OSError:
+        return False
+    return _is_launcher(os.path.join(os.path.dirname(path), "spliceproxy-front"))
+
+
 def install_path(argv0: str) -> "str | None":
     """The real path of the `spliceproxy` command of this environment.
 
-    Run through the command, argv[0] is the launcher itself (pipx's and uv's
-    symlinks and pyenv's shims already resolved); run as `python -m
+    Run through the command, argv[0] is the name the stub was run by (it
+    passes it on; pipx's and uv's symlinks already resolved), or the
+    launcher beside it when that is run itself; run as `python -m
     spliceproxy`, it is the command in this interpreter's scripts directory.
     """
     import os
 
     path = os.path.realpath(argv0)
     if _is_launcher(path):
+        path = os.path.join(os.path.dirname(path), "spliceproxy")
+    if _is_entry(path):
         return path
     import sysconfig
 
     path = os.path.realpath(os.path.join(sysconfig.get_path("scripts"), "spliceproxy"))
-    return path if _is_launcher(path) else None
+    return path if _is_entry(path) else None
 
 
 def _install_path(argv0: str) -> int:
@@ -93,7 +112,7 @@ def _install_path(argv0: str) -> int:
     if on_path and os.path.realpath(on_path) != path:
         sys.stderr.write(
             "note: `spliceproxy` on PATH is %s, %s; give dockerd the path above\n"
-            % (on_path, "another install" if _is_launcher(os.path.realpath(on_path))
+            % (on_path, "another install" if _is_entry(os.path.realpath(on_path))
                else "a wrapper (shim) that costs a shell and more per start"))
     return 0
 

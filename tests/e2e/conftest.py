@@ -307,7 +307,7 @@ class ProxyUnderTest:
     path: str
     #: what `ps -o comm` shows for it
     name: str
-    #: engine mode: the launcher execs the per-port stub beside it
+    #: engine mode: the installed command, a C stub, hands ports to the engine
     engine: bool = False
 
     @property
@@ -316,20 +316,22 @@ class ProxyUnderTest:
 
     @property
     def stub(self) -> str:
-        return os.path.join(os.path.dirname(self.path), "spliceproxy-stub")
+        return self.path
 
     @property
     def programs(self) -> tuple[str, ...]:
         """Program paths a per-port process of this proxy shows in its argv."""
-        if not self.engine:
+        if self.is_reference:
             return (self.path,)
-        launcher = os.path.join(os.path.dirname(self.path), "spliceproxy")
+        # The stub execs the launcher beside it, as the interpreter's script,
+        # outside engine mode; in engine mode the stub itself stays.
+        launcher = os.path.join(os.path.dirname(self.path), "spliceproxy-front")
         return tuple(dict.fromkeys((self.path, self.stub, launcher)))
 
     @property
     def comms(self) -> tuple[str, ...]:
         """What `ps -o comm` shows for a per-port process (the stub, in engine mode)."""
-        return (self.name, "spliceproxy-stub"[:15]) if self.engine else (self.name,)
+        return (self.name, "spliceproxy") if self.engine else (self.name,)
 
 
 @dataclass

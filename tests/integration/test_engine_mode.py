@@ -1,9 +1,9 @@
 """Engine mode (SPLICEPROXY_ENGINE=1): per-port stubs and one host engine.
 
-Every proxy here is the installed launcher started exactly as dockerd starts
-it (status pipe on fd 3, optional socket on fd 4, stdio on /dev/null), with
-SPLICEPROXY_ENGINE=1 and a control socket of the test's own.  The launcher
-execs the C stub, the first stub starts the engine, and the tests look at
+Every proxy here is the installed command, the C stub, started exactly as
+dockerd starts it (status pipe on fd 3, optional socket on fd 4, stdio on
+/dev/null), with SPLICEPROXY_ENGINE=1 and a control socket of the test's
+own.  The first stub starts the engine, and the tests look at
 real sockets and processes: the port served, freed, bound again; the engine
 killed and replaced; the control socket abused.
 """
@@ -226,7 +226,8 @@ def test_status_pipe_ok_and_tcp_relay(host):
     with srv.EchoServer() as echo:
         lp = host.start("tcp", echo.port)
         assert lp.status == b"0\n"
-        assert _stub_exe(lp.pid) == "spliceproxy-stub"
+        # The installed command is the stub: no shell or interpreter ran first.
+        assert os.readlink("/proc/%d/exe" % lp.pid) == os.path.realpath(host.proxy_path)
         srv.echo_roundtrip("127.0.0.1", lp.port, b"through the engine" * 1000)
         assert host.engine_pid() not in (None, lp.pid)
 
@@ -721,11 +722,12 @@ def test_log_lines_name_their_mapping(host):
 
 
 # --------------------------------------------------------------------------
-# The stub run directly (userland-proxy-path pointing at it).
+# The stub run directly (userland-proxy-path pointing at it): it is the
+# installed command itself.
 
 
 def _stub_path(host) -> str:
-    return os.path.join(os.path.dirname(host.proxy_path), "spliceproxy-stub")
+    return host.proxy_path
 
 
 def test_stub_run_directly_serves_through_the_engine(host):
@@ -865,12 +867,31 @@ def test_a_hung_engine_fails_a_new_mapping_within_dockerds_timeout(host):
                                    % host.sock)
 
 
+def test_an_engine_mode_port_needs_no_shell_and_no_interpreter(host, tmp_path):
+    """The installed command is the stub and decides by itself: a copy with
+    no launcher and no interpreter beside it serves a port through the
+    running engine, so no shell or Python started on the way."""
+    with srv.EchoServer() as echo:
+        first = host.start("tcp", echo.port)  # the engine, started as usual
+        assert first.status == b"0\n"
+        lone = tmp_path / "spliceproxy"
+        shutil.copy2(host.proxy_path, lone)
+        port = srv.free_port()
+        lp = spawn(proxy_argv(str(lone), "tcp", "127.0.0.1", port, "127.0.0.1", echo.port),
+                   env=host.env)
+        host.stubs.append(lp)
+        assert lp.status == b"0\n"
+        assert os.readlink("/proc/%d/exe" % lp.pid) == str(lone)
+        srv.echo_roundtrip("127.0.0.1", port, b"no shell on the way")
+        assert lp.stop() == 0
+
+
 @pytest.mark.parametrize("engine", ["0", "1"])
 def test_stub_without_its_launcher_says_why_on_fd3(host, tmp_path, engine):
     """A broken install (the stub copied or left without the launcher beside
     it) is reported where dockerd looks, never an empty "Error starting
     userland proxy:"."""
-    lone = tmp_path / "spliceproxy-stub"
+    lone = tmp_path / "spliceproxy"
     shutil.copy2(_stub_path(host), lone)
     env = dict(host.env, SPLICEPROXY_ENGINE=engine,
                SPLICEPROXY_ENGINE_SOCKET=str(tmp_path / "none" / "engine.sock"))
@@ -880,5 +901,5 @@ def test_stub_without_its_launcher_says_why_on_fd3(host, tmp_path, engine):
     assert info.value.returncode == 1
     text = str(info.value)
     assert text.startswith("cannot start"), text
-    assert str(tmp_path / "spliceproxy") in text, text  # the launcher it looked for
+    assert str(tmp_path / "spliceproxy-front") in text, text  # the launcher it looked for
     assert "reinstall spliceproxy" in text and "install-path" in text, text  # and the mend

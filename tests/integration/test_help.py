@@ -30,6 +30,24 @@ def test_dash_h_is_docker_proxys_usage_plus_one_line(proxy_path, flag):
     assert r.stderr == goflags.usage_text(proxy_path) + POINTER
 
 
+def test_dash_h_names_the_command_as_it_was_run(proxy_path, tmp_path):
+    """The stub execs the Python front end, yet usage shows the name the
+    command was run by, as when the command was a script: the path given,
+    the real path for a symlink (pipx, uv) or a name found on PATH."""
+    real = os.path.realpath(proxy_path)
+    link = tmp_path / "spliceproxy"
+    link.symlink_to(real)
+    bindir = os.path.dirname(real)
+    for argv, cwd, env, shown in (
+            ([str(link), "-h"], None, None, real),
+            (["spliceproxy", "-h"], None, {"PATH": bindir + ":/usr/bin:/bin"}, real),
+            (["./spliceproxy", "-h"], bindir, None, "./spliceproxy")):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd, env=env,
+                           stdin=subprocess.DEVNULL)
+        assert (r.returncode, r.stdout) == (0, ""), argv
+        assert r.stderr == goflags.usage_text(shown) + POINTER, argv
+
+
 def test_flag_error_usage_is_unchanged(proxy_path):
     r = _run(proxy_path, "-bogus")
     assert r.returncode == 2

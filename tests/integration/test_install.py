@@ -119,9 +119,9 @@ def _serve_echo(command: str) -> None:
 def test_build_makes_an_sdist_and_a_wheel_with_the_launcher_and_engine(dists):
     sdist, wheel, _ = dists
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.endswith(".data/scripts/spliceproxy") for n in names), names
-    # Engine mode's per-port stub, installed beside the launcher.
-    assert any(n.endswith(".data/data/bin/spliceproxy-stub") for n in names), names
+    assert any(n.endswith(".data/scripts/spliceproxy-front") for n in names), names
+    # The `spliceproxy` command is the C stub, installed beside the launcher.
+    assert any(n.endswith(".data/data/bin/spliceproxy") for n in names), names
     assert any(n.startswith("spliceproxy/_engine") and n.endswith(".so") for n in names), names
     assert "manylinux" not in wheel.name  # a plain linux wheel: see cibuildwheel in pyproject
     # The wheel was built from the sdist, so it holds what a build needs.
@@ -142,7 +142,8 @@ def test_wheel_runs_in_a_fresh_venv_after_the_build_venv_is_gone(dists, installe
     assert len(engines) == 1 and next(iter(engines)).startswith(str(_site(installed))), engines
     # The launcher names the build's interpreter (pip's isolated build
     # environment, gone as well) as its fallback only.
-    fallback = re.search(r'^for py in "\$dir/python3" (\S+); do$', Path(command).read_text(), re.M)
+    launcher = (installed / "bin" / "spliceproxy-front").read_text()
+    fallback = re.search(r'^for py in "\$dir/python3" (\S+); do$', launcher, re.M)
     assert fallback and not os.path.exists(fallback.group(1)), fallback
 
 

@@ -5,6 +5,7 @@ Set SPLICEPROXY_CFLAGS to add compiler flags (e.g. the sanitizer build) and
 SPLICEPROXY_WERROR=1 to make C warnings errors.
 """
 
+import glob
 import os
 import shlex
 import sys
@@ -130,6 +131,12 @@ def launcher():
     text = text.replace("@PLATLIB@", repr(sysconfig.get_path("platlib")))
     out = os.path.join("build", "launcher", "spliceproxy-front")
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    # A tree built before the stub became the command still holds the old
+    # launcher as build/scripts-X.Y/spliceproxy, and install_scripts would
+    # install it over the stub (a re-run of scripts/install-venv after an
+    # update): the name is the stub's now.
+    for stale in glob.glob(os.path.join("build", "scripts-*", "spliceproxy")):
+        os.remove(stale)
     with open(out, "w") as f:
         f.write(text)
     os.chmod(out, 0o755)

@@ -40,7 +40,7 @@ def test_dash_h_names_the_command_as_it_was_run(proxy_path, tmp_path):
     bindir = os.path.dirname(real)
     for argv, cwd, env, shown in (
             ([str(link), "-h"], None, None, real),
-            (["spliceproxy", "-h"], None, {"PATH": bindir + ":/usr/bin:/bin"}, real),
+            (["spliceproxy", "-h"], None, dict(os.environ, PATH=bindir + ":/usr/bin:/bin"), real),
             (["./spliceproxy", "-h"], bindir, None, "./spliceproxy")):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd, env=env,
                            stdin=subprocess.DEVNULL)

@@ -839,13 +839,19 @@ def test_udp_settings_apply_per_mapping(host):
 
 
 def test_settings_an_engine_cannot_apply_per_mapping_are_logged(host):
+    """The busy-poll is the engine's loop, whom it runs as its process's: a
+    mapping that asks otherwise is told, and what it can have is applied."""
     with srv.EchoServer() as echo:
         host.start("tcp", echo.port)
-        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "5s"})
+        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "5s",
+                                               "SPLICEPROXY_SPIN": "50us",
+                                               "SPLICEPROXY_KEEP_PRIVILEGES": "1"})
         srv.echo_roundtrip("127.0.0.1", lp.port)
-        want = ("tcp/127.0.0.1:%d: the engine's settings apply (SPLICEPROXY_IDLE_TIMEOUT "
-                "differ from this mapping's environment)" % lp.port)
+        want = ("tcp/127.0.0.1:%d: the engine's settings apply (SPLICEPROXY_KEEP_PRIVILEGES, "
+                "SPLICEPROXY_SPIN differ from this mapping's environment)" % lp.port)
         assert srv.wait_for(lambda: want in host.log(), 3.0), host.log()
+        mine = [m for m in host.status()["mappings"] if m["stub_pid"] == lp.pid][0]
+        assert mine["options"]["idle_timeout_ms"] == 5000
 
 
 @pytest.mark.slow

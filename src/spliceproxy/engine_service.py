@@ -1113,8 +1113,10 @@ by themselves when none runs; run it under a service manager to keep it up.
                   $XDG_RUNTIME_DIR/spliceproxy/engine.sock for a user)
 
 SPLICEPROXY_ENGINE_IDLE_EXIT (default 5s; "never") is how long it stays up
-without mappings.  The SPLICEPROXY_* relay settings of its own environment
-apply to every mapping.
+without mappings.  The SPLICEPROXY_* settings of its own environment are
+the defaults of every mapping, which has its own relay settings from its
+stub's environment; the busy-poll, the user and the fast path are the
+engine's alone.
 """
 
 
@@ -1128,27 +1130,23 @@ def _tell_ready(fd: int | None, text: str) -> None:
         os.close(fd)
 
 
+def _descriptor(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError("not a descriptor number")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
-    sock_path = None
-    ready_fd = None
-    args = list(argv)
-    while args:
-        a = args.pop(0)
-        if a in ("-h", "--help", "-help"):
-            sys.stdout.write(USAGE)
-            return 0
-        if a == "--socket" and args:
-            sock_path = args.pop(0)
-        elif a.startswith("--socket="):
-            sock_path = a.split("=", 1)[1]
-        elif a == "--ready-fd" and args and args[0].isdigit():
-            # Internal: the stub that started this engine waits on it.
-            ready_fd = int(args.pop(0))
-            with contextlib.suppress(OSError):
-                os.set_inheritable(ready_fd, False)
-        else:
-            sys.stderr.write("spliceproxy engine: unknown argument %r\n%s" % (a, USAGE))
-            return 2
+    args = control.parse_args(argv, "spliceproxy engine", USAGE,
+                              values={"--ready-fd": _descriptor})
+    if isinstance(args, int):
+        return args
+    sock_path = args["socket"]
+    # Internal: the stub that started this engine waits on it.
+    ready_fd = args.get("ready_fd")
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(ready_fd, False)
     if sock_path is None:
         sock_path = control.resolve_socket()
     if not sock_path:

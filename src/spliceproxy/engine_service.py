@@ -1113,10 +1113,9 @@ by themselves when none runs; run it under a service manager to keep it up.
                   $XDG_RUNTIME_DIR/spliceproxy/engine.sock for a user)
 
 SPLICEPROXY_ENGINE_IDLE_EXIT (default 5s; "never") is how long it stays up
-without mappings.  The SPLICEPROXY_* settings of its own environment are
-the defaults of every mapping, which has its own relay settings from its
-stub's environment; the busy-poll, the user and the fast path are the
-engine's alone.
+without mappings.  Each mapping has the relay settings of its stub's
+environment (SPLICEPROXY_*, unset ones their defaults); the busy-poll, the
+user and the fast path are the engine's alone, from its own environment.
 """
 
 

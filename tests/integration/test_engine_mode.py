@@ -931,6 +931,10 @@ def test_idle_timeout_applies_per_mapping(host):
         short = host.start("tcp", sink.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "300ms"})
         never = host.start("tcp", sink.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "0"})
         assert _mapping(host, never)["options"]["idle_timeout_ms"] == 0
+        # Unset is the default, as standalone, not the engine's value.
+        unset = host.start("tcp", sink.port)
+        assert _mapping(host, unset)["options"]["idle_timeout_ms"] == 120000
+        assert host.status()["engine"]["options"]["idle_timeout_ms"] == 300
         pairs = []
         try:
             for lp in (short, never):

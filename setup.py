@@ -5,7 +5,6 @@ Set SPLICEPROXY_CFLAGS to add compiler flags (e.g. the sanitizer build) and
 SPLICEPROXY_WERROR=1 to make C warnings errors.
 """
 
-import glob
 import os
 import shlex
 import sys
@@ -131,19 +130,21 @@ def launcher():
     text = text.replace("@PLATLIB@", repr(sysconfig.get_path("platlib")))
     out = os.path.join("build", "launcher", "spliceproxy-front")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    # A tree built before the stub became the command still holds the old
-    # launcher as build/scripts-X.Y/spliceproxy, and install_scripts would
-    # install it over the stub (a re-run of scripts/install-venv after an
-    # update): the name is the stub's now.
-    for stale in glob.glob(os.path.join("build", "scripts-*", "spliceproxy")):
-        os.remove(stale)
     with open(out, "w") as f:
         f.write(text)
     os.chmod(out, 0o755)
     return [out]
 
 
+# install_scripts installs everything in the scripts build directory, not
+# just what this build lists.  setuptools' default, build/scripts-X.Y, still
+# holds the old launcher named `spliceproxy` in a tree built before the stub
+# became the command, and would install it over the stub; a directory of its
+# own holds exactly the launcher.
+SCRIPTS_BUILD_DIR = os.path.join("build", "front-scripts")
+
 setup(
+    options={"build": {"build_scripts": SCRIPTS_BUILD_DIR}},
     scripts=launcher(),
     # The `spliceproxy` command, beside the launcher it execs.
     data_files=[("bin", [STUB_OUT])],

@@ -119,7 +119,8 @@ def _serve_echo(command: str) -> None:
 def test_build_makes_an_sdist_and_a_wheel_with_the_launcher_and_engine(dists):
     sdist, wheel, _ = dists
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.endswith(".data/scripts/spliceproxy-front") for n in names), names
+    scripts = [n.rsplit("/", 1)[-1] for n in names if ".data/scripts/" in n]
+    assert scripts == ["spliceproxy-front"], names
     # The `spliceproxy` command is the C stub, installed beside the launcher.
     assert any(n.endswith(".data/data/bin/spliceproxy") for n in names), names
     assert any(n.startswith("spliceproxy/_engine") and n.endswith(".so") for n in names), names
@@ -145,6 +146,27 @@ def test_wheel_runs_in_a_fresh_venv_after_the_build_venv_is_gone(dists, installe
     launcher = (installed / "bin" / "spliceproxy-front").read_text()
     fallback = re.search(r'^for py in "\$dir/python3" (\S+); do$', launcher, re.M)
     assert fallback and not os.path.exists(fallback.group(1)), fallback
+
+
+def test_a_tree_built_before_the_stub_still_installs_the_stub(workdir, dists):
+    # A source tree updated in place keeps its build/ directory; before the
+    # stub became the command, build/scripts-X.Y/spliceproxy was the old
+    # launcher, and a re-run of scripts/install-venv must not install it.
+    tree = workdir / "updated-tree"
+    with tarfile.open(dists[0]) as tar:
+        tar.extractall(tree, filter="data")
+    (src,) = tree.iterdir()
+    old = src / "build" / ("scripts-%d.%d" % sys.version_info[:2]) / "spliceproxy"
+    old.parent.mkdir(parents=True)
+    old.write_text("#!/bin/sh\necho 'the old launcher' >&2\nexit 7\n")
+    old.chmod(0o755)
+    venv = _venv(workdir / "updated-venv")
+    _pip(venv, "--no-deps", str(src))
+    command = venv / "bin" / "spliceproxy"
+    assert command.read_bytes()[:4] == b"\x7fELF", "the old launcher was installed"
+    r = _run([str(command), "-v"], env=DOCKERD_ENV)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    shutil.rmtree(tree)
 
 
 def test_symlinked_command_uses_its_target_environment(workdir, installed):

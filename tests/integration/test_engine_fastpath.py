@@ -5,12 +5,13 @@ dockerd starts proxies, with SPLICEPROXY_FASTPATH=1 and
 SPLICEPROXY_FASTPATH_CGROUP naming a child cgroup made for each test: only
 the client -- a process of its own, moved into that cgroup before exec -- is
 ever rewritten, nothing else on the host.  The "container" is a network
-namespace behind a veth pair (198.18.248.1 here, 198.18.248.2 there) with a
-TCP echo server in a thread that entered it.
+namespace behind a veth pair (198.18.248.1 here, 198.18.248.2 there;
+2001:2:0:f8::1 and ::2, from the IPv6 benchmarking block) with TCP echo
+servers on both addresses and a UDP echo, made in a thread that entered it.
 
 Whether a connection went straight to the container or through the relay is
-read from the client's own address: the relay's listener is on 127.0.0.1, so
-a relayed client's getsockname() is 127.0.0.1, a rewritten one's is the
+read from the client's own address: the relay's listener is on 127.0.0.1 (or
+::1), so a relayed client's getsockname() is that, a rewritten one's is the
 host's address on the container network.
 
 Needs root, cgroup v2 and a kernel with the hooks; skips with the reason
@@ -46,6 +47,7 @@ TAG = "%d" % os.getpid()
 NS = "fw-c-" + TAG
 VETH_HOST, VETH_CONT = "fw-h" + TAG, "fw-c" + TAG
 HOST4, CONT4 = "198.18.248.1", "198.18.248.2"
+HOST6, CONT6 = "2001:2:0:f8::1", "2001:2:0:f8::2"
 CPORT = 7017
 TIMEOUT = 10.0
 CLONE_NEWNET = 0x40000000
@@ -60,6 +62,8 @@ def _skip_reason() -> str | None:
         return "cgroup v2 is not mounted"
     if shutil.which("ip") is None:
         return "needs iproute2's ip"
+    if not os.path.exists("/proc/net/if_inet6"):
+        return "needs IPv6"
     return None
 
 
@@ -93,6 +97,11 @@ class Container:
             s.bind((CONT4, CPORT))
             s.listen(64)
             out["s"] = s
+            s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s6.bind((CONT6, CPORT))
+            s6.listen(64)
+            out["s6"] = s6
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.bind((CONT4, CPORT))
             out["u"] = u
@@ -102,10 +111,11 @@ class Container:
         t.join(TIMEOUT)
         if "e" in out:
             raise out["e"]
-        self.sock, self.udp = out["s"], out["u"]
+        self.sock, self.sock6, self.udp = out["s"], out["s6"], out["u"]
         self.accepted = 0
         self.datagrams: list = []  # (source address, port) of each datagram
         threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._accept, args=(self.sock6,), daemon=True).start()
         threading.Thread(target=self._udp_echo, daemon=True).start()
 
     def _udp_echo(self) -> None:
@@ -119,10 +129,11 @@ class Container:
             except OSError:
                 return
 
-    def _accept(self) -> None:
+    def _accept(self, ls: socket.socket | None = None) -> None:
+        ls = ls or self.sock
         while True:
             try:
-                c, _ = self.sock.accept()
+                c, _ = ls.accept()
             except OSError:
                 return
             self.accepted += 1
@@ -141,7 +152,7 @@ class Container:
                     return
 
     def close(self) -> None:
-        for s in (self.sock, self.udp):
+        for s in (self.sock, self.sock6, self.udp):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
@@ -154,8 +165,10 @@ def container():
         ip("link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CONT)
         ip("link", "set", VETH_CONT, "netns", NS)
         ip("addr", "add", HOST4 + "/24", "dev", VETH_HOST)
+        ip("addr", "add", HOST6 + "/64", "dev", VETH_HOST, "nodad")
         ip("link", "set", VETH_HOST, "up")
         ip("-n", NS, "addr", "add", CONT4 + "/24", "dev", VETH_CONT)
+        ip("-n", NS, "addr", "add", CONT6 + "/64", "dev", VETH_CONT, "nodad")
         ip("-n", NS, "link", "set", VETH_CONT, "up")
         ip("-n", NS, "link", "set", "lo", "up")
         c = Container()
@@ -220,10 +233,10 @@ class Engine:
         self.stubs: list = []
         self.pids: set[int] = set()
 
-    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp"):
+    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp", container: str = CONT4):
         port = srv.free_port(host_ip, socket.SOCK_STREAM if proto == "tcp" else
                              socket.SOCK_DGRAM)
-        lp = spawn(proxy_argv(self.proxy_path, proto, host_ip, port, CONT4, CPORT),
+        lp = spawn(proxy_argv(self.proxy_path, proto, host_ip, port, container, CPORT),
                    env=self.env, timeout=15.0)
         lp.port = port
         self.stubs.append(lp)
@@ -288,11 +301,11 @@ host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 payload = os.urandom(size)
 out = {}
 try:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect((host, port))
-    out["peer"] = list(s.getpeername())
-    out["sock"] = list(s.getsockname())
+    out["peer"] = list(s.getpeername()[:2])
+    out["sock"] = list(s.getsockname()[:2])
     s.sendall(payload)
     s.shutdown(socket.SHUT_WR)
     got = bytearray()
@@ -494,3 +507,56 @@ def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, e
     head, row = table.splitlines()[0], [ln for ln in table.splitlines()
                                        if ":%d" % stub.port in ln][0]
     assert row[head.index("FAST PATH"):].split()[0] == "1", table
+
+
+# ---------------------------------------------------------------------------
+# IPv6 through the engine
+
+
+@pytest.mark.parametrize("host_ip,dial", [("::1", "::1"), ("::", "::1"), ("::", HOST6)])
+def test_ipv6_mapping_to_an_ipv6_container_takes_the_fast_path(container, engine, cgroup,
+                                                               host_ip, dial):
+    stub = engine.start(host_ip=host_ip, container=CONT6)
+    _active(engine)
+    before = container.accepted
+    got = client(cgroup, dial, stub.port, size=1 << 20)
+    assert "error" not in got, got
+    assert got["echo"], "data was not echoed by the container: %r" % got
+    assert got["peer"] == [dial, stub.port]   # the address dialled
+    assert got["sock"][0] == HOST6             # the route's source: not the relay's listener
+    assert container.accepted == before + 1
+    m = _mapping(engine.status("--json"), stub.port)
+    assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (1, 0), m
+    if host_ip == "::":
+        # One entry per local IPv6 address, never the wildcard, no link-local.
+        addrs = m["fastpath"]["addresses"]
+        assert "::1" in addrs and HOST6 in addrs and "::" not in addrs, addrs
+        assert not any(a.startswith("fe80") for a in addrs), addrs
+    # The same client outside the cgroup is relayed: the relay still serves it.
+    got = client(None, dial, stub.port, size=4096)
+    assert got["echo"] and got["peer"] == [dial, stub.port], got
+    if dial == "::1":
+        assert got["sock"][0] == "::1", got
+    m = _mapping(engine.status("--json"), stub.port)
+    assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (1, 1), m
+
+
+def test_ipv6_listener_to_an_ipv4_container_stays_on_the_relay(container, engine, cgroup):
+    stub = engine.start(host_ip="::1", container=CONT4)
+    _active(engine)
+    before = container.accepted
+    got = client(cgroup, "::1", stub.port, size=1 << 16)
+    assert "error" not in got and got["echo"], got
+    assert got["peer"] == ["::1", stub.port]
+    assert got["sock"][0] == "::1", got        # it reached the relay's listener
+    assert container.accepted == before + 1    # which dialled the IPv4 container
+    m = _mapping(engine.status("--json"), stub.port)
+    # Counted as relayed; the fast path does not serve this mapping at all.
+    assert m["counters"]["tcp_accepted"] == 1, m
+    assert m["fastpath"] is None, m
+    table = engine.status()
+    head, row = table.splitlines()[0], [ln for ln in table.splitlines()
+                                       if ":%d" % stub.port in ln][0]
+    assert row[head.index("FAST PATH"):].split()[0] == "-", table
+    assert srv.wait_for(lambda: "IPv6 clients to an IPv4 container stay on the relay"
+                        in engine.log(), 5.0), engine.log()

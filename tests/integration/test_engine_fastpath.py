@@ -39,6 +39,7 @@ import pytest
 from spliceproxy import fastpath
 from spliceproxy.bench.launch import proxy_argv, spawn
 
+from support import cc as cc_flags
 from support import servers as srv
 
 pytestmark = pytest.mark.root
@@ -233,10 +234,12 @@ class Engine:
         self.stubs: list = []
         self.pids: set[int] = set()
 
-    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp", container: str = CONT4):
+    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp", container: str = CONT4,
+              wrap: tuple[str, ...] = ()):
+        """A stub for one mapping (argv prefixed by wrap, e.g. a seccomp launcher)."""
         port = srv.free_port(host_ip, socket.SOCK_STREAM if proto == "tcp" else
                              socket.SOCK_DGRAM)
-        lp = spawn(proxy_argv(self.proxy_path, proto, host_ip, port, container, CPORT),
+        lp = spawn([*wrap, *proxy_argv(self.proxy_path, proto, host_ip, port, container, CPORT)],
                    env=self.env, timeout=15.0)
         lp.port = port
         self.stubs.append(lp)
@@ -560,3 +563,62 @@ def test_ipv6_listener_to_an_ipv4_container_stays_on_the_relay(container, engine
     assert row[head.index("FAST PATH"):].split()[0] == "-", table
     assert srv.wait_for(lambda: "IPv6 clients to an IPv4 container stay on the relay"
                         in engine.log(), 5.0), engine.log()
+
+
+# ---------------------------------------------------------------------------
+# A refused map update: the mapping stays on the relay
+
+
+@pytest.fixture(scope="module")
+def refuse_map_update(tmp_path_factory) -> str:
+    """refuse_map_update.c built now: runs a command with bpf(BPF_MAP_UPDATE_ELEM)
+    failing with EPERM, as kernels before 6.5 fail it after the privilege drop."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("gcc is not installed: the seccomp launcher cannot be built")
+    out = tmp_path_factory.mktemp("refuse") / "refuse_map_update"
+    src = os.path.join(os.path.dirname(__file__), "refuse_map_update.c")
+    r = subprocess.run([cc, *cc_flags.cflags(), "-O2", "-o", str(out), src],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, "building refuse_map_update.c failed:\n" + r.stderr
+    return str(out)
+
+
+def _seccomp_mode(pid: int) -> str:
+    return srv.proc_status(pid).get("Seccomp", "?")
+
+
+def test_refused_map_update_leaves_the_mapping_on_the_relay(container, engine, cgroup,
+                                                            refuse_map_update):
+    stubs = [engine.start(wrap=(refuse_map_update,)),
+             engine.start(host_ip="0.0.0.0", wrap=(refuse_map_update,))]
+    _active(engine)  # the programs loaded and attached: no map update needed for that
+    pid = engine.pid()
+    assert pid and _seccomp_mode(pid) == "2", "premise: the engine runs under the filter"
+    for stub in stubs:
+        before = container.accepted
+        got = client(cgroup, "127.0.0.1", stub.port, size=1 << 16)
+        assert "error" not in got and got["echo"], got
+        assert got["peer"] == ["127.0.0.1", stub.port]
+        assert got["sock"][0] == "127.0.0.1", got  # the relay's listener, not rewritten
+        assert container.accepted == before + 1
+        m = _mapping(engine.status("--json"), stub.port)
+        assert m["fastpath"] is None and m["counters"]["tcp_accepted"] == 1, m
+    doc = engine.status("--json")
+    assert doc["engine"]["fastpath"]["active"] is True, doc["engine"]
+    # One line per mapping says so, with the reason; nothing else about it.
+    log = engine.log()
+    for stub in stubs:
+        lines = [ln for ln in log.splitlines()
+                 if "fast path" in ln and ":%d" % stub.port in ln]
+        assert len(lines) == 1, log
+        assert "not serving this mapping (operation not permitted)" in lines[0], lines
+        assert "take the relay" in lines[0], lines
+    assert "Traceback" not in log, log
+    # Gone: refused at once, never rewritten to the container.
+    before = container.accepted
+    for stub in stubs:
+        assert stub.stop(signal.SIGTERM) == 0
+        got = client(cgroup, "127.0.0.1", stub.port, size=64)
+        assert got.get("error") == errno.ECONNREFUSED, got
+    assert container.accepted == before

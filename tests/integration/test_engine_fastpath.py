@@ -6,8 +6,9 @@ SPLICEPROXY_FASTPATH_CGROUP naming a child cgroup made for each test: only
 the client -- a process of its own, moved into that cgroup before exec -- is
 ever rewritten, nothing else on the host.  The "container" is a network
 namespace behind a veth pair (198.18.248.1 here, 198.18.248.2 there;
-2001:2:0:f8::1 and ::2, from the IPv6 benchmarking block) with TCP echo
-servers on both addresses and a UDP echo, made in a thread that entered it.
+2001:2:0:f8::1 and ::2, from the IPv6 benchmarking block) with TCP and UDP
+echo servers on both addresses, made in a thread that entered it
+(support.fastpath_env).
 
 Whether a connection went straight to the container or through the relay is
 read from the client's own address: the relay's listener is on 127.0.0.1 (or
@@ -21,7 +22,6 @@ otherwise.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -31,8 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 import pytest
 
@@ -40,164 +38,36 @@ from spliceproxy import fastpath
 from spliceproxy.bench.launch import proxy_argv, spawn
 
 from support import cc as cc_flags
+from support import fastpath_env as fe
 from support import servers as srv
 
 pytestmark = pytest.mark.root
 
 TAG = "%d" % os.getpid()
-NS = "fw-c-" + TAG
-VETH_HOST, VETH_CONT = "fw-h" + TAG, "fw-c" + TAG
-HOST4, CONT4 = "198.18.248.1", "198.18.248.2"
-HOST6, CONT6 = "2001:2:0:f8::1", "2001:2:0:f8::2"
 CPORT = 7017
-TIMEOUT = 10.0
-CLONE_NEWNET = 0x40000000
+# The container: fw-c-<pid>.
+NET = fe.Container("fw", "198.18.248", "2001:2:0:f8", CPORT)
+NS, VETH_HOST = NET.ns, NET.veth_host
+HOST4, CONT4, HOST6, CONT6 = NET.host4, NET.cont4, NET.host6, NET.cont6
+TIMEOUT = fe.TIMEOUT
+ip = fe.ip
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, cgroups, bpf)"
-    if fastpath.default_cgroup_path() is None:
-        return "cgroup v2 is not mounted"
-    if shutil.which("ip") is None:
-        return "needs iproute2's ip"
-    if not os.path.exists("/proc/net/if_inet6"):
-        return "needs IPv6"
-    return None
-
-
-if _skip_reason():
-    pytest.skip(_skip_reason(), allow_module_level=True)
+if fe.skip_reason():
+    pytest.skip(fe.skip_reason(), allow_module_level=True)
 
 CGROOT = fastpath.default_cgroup_path()
 
 
-def ip(*args: str, check: bool = True) -> None:
-    subprocess.run(["ip", *args], check=check, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL if not check else None)
-
-
-class Container:
-    """A TCP echo server on CONT4:CPORT inside the container namespace."""
-
-    def __init__(self):
-        out: dict = {}
-
-        def make():
-            fd = os.open("/run/netns/" + NS, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    out["e"] = OSError(ctypes.get_errno(), "setns")
-                    return
-            finally:
-                os.close(fd)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((CONT4, CPORT))
-            s.listen(64)
-            out["s"] = s
-            s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s6.bind((CONT6, CPORT))
-            s6.listen(64)
-            out["s6"] = s6
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            u.bind((CONT4, CPORT))
-            out["u"] = u
-
-        t = threading.Thread(target=make)
-        t.start()
-        t.join(TIMEOUT)
-        if "e" in out:
-            raise out["e"]
-        self.sock, self.sock6, self.udp = out["s"], out["s6"], out["u"]
-        self.accepted = 0
-        self.datagrams: list = []  # (source address, port) of each datagram
-        threading.Thread(target=self._accept, daemon=True).start()
-        threading.Thread(target=self._accept, args=(self.sock6,), daemon=True).start()
-        threading.Thread(target=self._udp_echo, daemon=True).start()
-
-    def _udp_echo(self) -> None:
-        while True:
-            try:
-                d, peer = self.udp.recvfrom(1 << 16)
-                if peer is None:  # shut down
-                    return
-                self.datagrams.append(peer)
-                self.udp.sendto(d, peer)
-            except OSError:
-                return
-
-    def _accept(self, ls: socket.socket | None = None) -> None:
-        ls = ls or self.sock
-        while True:
-            try:
-                c, _ = ls.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def _echo(c: socket.socket) -> None:
-        with c:
-            while True:
-                try:
-                    d = c.recv(1 << 16)
-                    if not d:
-                        return
-                    c.sendall(d)
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        for s in (self.sock, self.sock6, self.udp):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def container():
-    ip("netns", "add", NS)
-    try:
-        ip("link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CONT)
-        ip("link", "set", VETH_CONT, "netns", NS)
-        ip("addr", "add", HOST4 + "/24", "dev", VETH_HOST)
-        ip("addr", "add", HOST6 + "/64", "dev", VETH_HOST, "nodad")
-        ip("link", "set", VETH_HOST, "up")
-        ip("-n", NS, "addr", "add", CONT4 + "/24", "dev", VETH_CONT)
-        ip("-n", NS, "addr", "add", CONT6 + "/64", "dev", VETH_CONT, "nodad")
-        ip("-n", NS, "link", "set", VETH_CONT, "up")
-        ip("-n", NS, "link", "set", "lo", "up")
-        c = Container()
-        try:
-            yield c
-        finally:
-            c.close()
-    finally:
-        ip("link", "del", VETH_HOST, check=False)
-        ip("netns", "del", NS, check=False)
+    with NET as c:
+        yield c
 
 
 @pytest.fixture
 def cgroup():
-    path = os.path.join(CGROOT, "fw-test-%s-%d" % (TAG, time.monotonic_ns()))
-    os.mkdir(path)
-    try:
+    with fe.child_cgroup("fw-test") as path:
         yield path
-    finally:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -339,16 +209,11 @@ except OSError as e:
 print(json.dumps(out))
 """
 
-LAUNCH = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+LAUNCH = fe.LAUNCH
 
 
 def client(cgroup: str | None, host: str, port: int, size: int = 1) -> dict:
-    argv = [sys.executable, "-c", CLIENT, host, str(port), str(size)]
-    if cgroup is not None:
-        argv = ["sh", "-c", LAUNCH, cgroup] + argv
-    r = subprocess.run(argv, capture_output=True, timeout=30)
-    assert r.returncode == 0, r.stderr.decode()
-    return json.loads(r.stdout.decode().strip().splitlines()[-1])
+    return fe.run_client(CLIENT, (host, port, size), cgroup)
 
 
 def _mapping(doc: dict, port: int) -> dict:
@@ -493,7 +358,7 @@ def test_wildcard_mapping_follows_local_addresses(container, engine, cgroup):
 def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, engine, cgroup):
     stub = engine.start(proto="udp")
     _active(engine)
-    before = len(container.datagrams)
+    before = container.udp4.count
     r = subprocess.run(["sh", "-c", LAUNCH, cgroup, sys.executable, "-c", UDP_CLIENT,
                         "127.0.0.1", str(stub.port)], capture_output=True, timeout=30)
     assert r.returncode == 0, r.stderr.decode()
@@ -501,8 +366,8 @@ def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, e
     assert got.get("echo"), got
     assert got["from"] == ["127.0.0.1", stub.port]  # the address the client sent to
     # From the client's own port (its route's source address), not the relay's.
-    assert [list(p) for p in container.datagrams[before:]] == [[HOST4, got["sock"][1]]], \
-        (container.datagrams[before:], got)
+    sources = [list(a) for a, _ in container.udp4.snapshot()[before:]]
+    assert sources == [[HOST4, got["sock"][1]]], (sources, got)
     m = _mapping(engine.status("--json"), stub.port)
     assert m["fastpath"]["datagrams"] == 1, m
     assert m["counters"]["udp_flows_created"] == 0, m

@@ -435,17 +435,17 @@ def test_ipv6_listener_to_an_ipv4_container_stays_on_the_relay(container, engine
 
 
 @pytest.fixture(scope="module")
-def refuse_map_update(tmp_path_factory) -> str:
-    """refuse_map_update.c built now: runs a command with bpf(BPF_MAP_UPDATE_ELEM)
-    failing with EPERM, as kernels before 6.5 fail it after the privilege drop."""
+def refuse_bpf(tmp_path_factory) -> str:
+    """refuse_bpf.c built now: runs a command with bpf() map operations failing
+    with EPERM, as kernels before 6.5 fail them after the privilege drop."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         pytest.skip("gcc is not installed: the seccomp launcher cannot be built")
-    out = tmp_path_factory.mktemp("refuse") / "refuse_map_update"
-    src = os.path.join(os.path.dirname(__file__), "refuse_map_update.c")
+    out = tmp_path_factory.mktemp("refuse") / "refuse_bpf"
+    src = os.path.join(os.path.dirname(__file__), "refuse_bpf.c")
     r = subprocess.run([cc, *cc_flags.cflags(), "-O2", "-o", str(out), src],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, "building refuse_map_update.c failed:\n" + r.stderr
+    assert r.returncode == 0, "building refuse_bpf.c failed:\n" + r.stderr
     return str(out)
 
 
@@ -453,10 +453,13 @@ def _seccomp_mode(pid: int) -> str:
     return srv.proc_status(pid).get("Seccomp", "?")
 
 
+# update: only map updates are refused; after-load: every bpf() command but
+# those loading and attaching need (lookups for the status too), as before 6.5.
+@pytest.mark.parametrize("refused", ["update", "after-load"])
 def test_refused_map_update_leaves_the_mapping_on_the_relay(container, engine, cgroup,
-                                                            refuse_map_update):
-    stubs = [engine.start(wrap=(refuse_map_update,)),
-             engine.start(host_ip="0.0.0.0", wrap=(refuse_map_update,))]
+                                                            refuse_bpf, refused):
+    wrap = (refuse_bpf, refused)
+    stubs = [engine.start(wrap=wrap), engine.start(host_ip="0.0.0.0", wrap=wrap)]
     _active(engine)  # the programs loaded and attached: no map update needed for that
     pid = engine.pid()
     assert pid and _seccomp_mode(pid) == "2", "premise: the engine runs under the filter"

@@ -475,13 +475,6 @@ def test_engine_killed_under_load_every_mapping_serves_within_1s(docker, engine_
 
     new = d.engines()
     assert len(new) == 1 and new[0].pid != engine.pid, d.diagnostics()
-    if d.proxy.fastpath:
-        # The dead engine's programs went with it: the IPv4 clients that
-        # connected before the new engine had loaded its own waited in the
-        # stubs' listeners and were relayed by the new engine.
-        counts = route_counts(d, ports)
-        relayed = sum(r for (host, _), (_, r) in counts.items() if host == "0.0.0.0")
-        assert relayed >= 1, counts
     # The same stubs, still dockerd's children: dockerd saw nothing.
     assert {p.pid for p in d.proxies()} == stubs, d.diagnostics()
     assert len(d.status()["mappings"]) == 2 * count

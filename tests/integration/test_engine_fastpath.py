@@ -483,6 +483,8 @@ def test_refused_map_update_leaves_the_mapping_on_the_relay(container, engine, c
         assert "not serving this mapping (operation not permitted)" in lines[0], lines
         assert "take the relay" in lines[0], lines
     assert "Traceback" not in log, log
+    # ...and nothing more about the fast path than that and the engine's line.
+    assert len([ln for ln in log.splitlines() if "fast path" in ln]) == 1 + len(stubs), log
     # Gone: refused at once, never rewritten to the container.
     before = container.accepted
     for stub in stubs:

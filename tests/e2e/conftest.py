@@ -54,6 +54,7 @@ import pytest
 from spliceproxy import fastpath as fastpath_mod
 
 from support import cc as cc_flags
+from support import fastpath_env
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "netns_client.py"
@@ -720,22 +721,6 @@ def _fastpath_prerequisite() -> str | None:
     return None
 
 
-def _fastpath_elsewhere(root: str) -> dict[str, int]:
-    """Cgroups right below root, not this run's, with fast-path hooks attached."""
-    out = {}
-    mine = f"{NETNS_PREFIX}{os.getpid()}"
-    for entry in os.scandir(root):
-        if not entry.is_dir() or entry.name.startswith(mine):
-            continue
-        try:
-            n = sum(fastpath_mod.attached(entry.path).values())
-        except OSError:
-            continue
-        if n:
-            out[entry.name] = n
-    return out
-
-
 @pytest.fixture(scope="session", params=["standalone", "engine", "fastpath"])
 def proxy_under_test(request) -> ProxyUnderTest:
     _require_prerequisites()
@@ -770,7 +755,7 @@ def proxy_under_test(request) -> ProxyUnderTest:
     if now > loaded:
         # More than before: ours, unless other work on the machine (a
         # benchmark's fast path, another test run) attached some meanwhile.
-        others = _fastpath_elsewhere(root)
+        others = fastpath_env.attached_elsewhere((f"{NETNS_PREFIX}{os.getpid()}",))
         assert others, (f"fast-path programs loaded: {loaded} before the fast-path mode, "
                         f"{now} after, and no other cgroup holds any")
 

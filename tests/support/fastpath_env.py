@@ -178,6 +178,27 @@ def child_cgroup(prefix: str):
                 time.sleep(0.05)
 
 
+def attached_elsewhere(exclude: tuple[str, ...]) -> dict[str, int]:
+    """Cgroups right below the cgroup v2 root whose names start with none of
+    ``exclude`` (this run's) and that have fast-path hooks attached: other work
+    on the host (a benchmark's fast path, another test run) holding programs,
+    which a check of fastpath.programs_loaded() must not count as ours."""
+    root = fastpath.default_cgroup_path()
+    out: dict[str, int] = {}
+    if root is None:
+        return out
+    for entry in os.scandir(root):
+        if not entry.is_dir() or entry.name.startswith(exclude):
+            continue
+        try:
+            n = sum(fastpath.attached(entry.path).values())
+        except OSError:
+            continue
+        if n:
+            out[entry.name] = n
+    return out
+
+
 def run_client(script: str, args, cgroup: str | None, netns: str | None = None) -> dict:
     """Run ``python -c script args`` -- in the cgroup when one is given, in netns
     when named -- and return the JSON of its last line of output."""

@@ -15,17 +15,26 @@ and the directory, also when the test failed.
 
 Which proxy: ``shutil.which("spliceproxy")`` by default, or the absolute path
 in ``SPLICEPROXY_E2E_PROXY`` (e.g. ``/usr/sbin/docker-proxy`` to run the same
-scenarios against the reference). spliceproxy runs every scenario twice:
-standalone (``SPLICEPROXY_ENGINE=0`` in dockerd's environment) and in engine
+scenarios against the reference). spliceproxy runs every scenario three times:
+standalone (``SPLICEPROXY_ENGINE=0`` in dockerd's environment), in engine
 mode (``SPLICEPROXY_ENGINE=1``, each daemon with its own
 ``SPLICEPROXY_ENGINE_SOCKET`` in its private directory and a 1 s idle exit,
-so an engine never outlives its daemon's last mapping by more than that).
+so an engine never outlives its daemon's last mapping by more than that), and
+in engine mode with the kernel fast path on (``fastpath``:
+``SPLICEPROXY_FASTPATH=1``, ``SPLICEPROXY_FASTPATH_CGROUP`` a child cgroup
+``<prefix><pid>[-suffix]-fp`` made for each daemon). In that mode the
+host-local clients (netns_client.py run in the daemon's namespace) are moved
+into their daemon's cgroup before they exec, so they are the only processes
+on the machine the programs ever rewrite; teardown checks that nothing is
+attached to that cgroup any more, removes it, and at the end of the mode that
+the cgroup v2 root carries no more programs than before.
 Prerequisites that are missing skip the suite with the reason, unless
 ``SPLICEPROXY_E2E_REQUIRE=1`` (CI), which turns them into errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,7 +51,10 @@ from pathlib import Path
 
 import pytest
 
+from spliceproxy import fastpath as fastpath_mod
+
 from support import cc as cc_flags
+from support import fastpath_env
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "netns_client.py"
@@ -50,6 +62,8 @@ UDP_ECHO_SRC = HERE / "udp_echo.c"
 BUSYBOX = Path("/bin/busybox")
 IMAGE = "local/spe2e-busybox:test"
 NETNS_DIR = Path("/var/run/netns")
+# Moves the shell into the cgroup ($0), then becomes the command.
+CGROUP_LAUNCH = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 
 # Bridge subnets, one per daemon, from the benchmarking range; with
 # SPLICEPROXY_E2E_SUBNET set, the first address of each half of it.
@@ -189,11 +203,14 @@ def _tail(path: Path, lines: int) -> str:
 
 
 class Netns:
-    """A named network namespace with loopback up and IPv6 enabled on it."""
+    """A named network namespace with loopback up and IPv6 enabled on it.
+
+    ``cgroup`` (fast-path mode): the cgroup every client started here joins."""
 
     def __init__(self, name: str):
         self.name = name
         self.path = NETNS_DIR / name
+        self.cgroup: Path | None = None
 
     def create(self) -> None:
         subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=10,
@@ -205,13 +222,28 @@ class Netns:
     def cmd(self, argv) -> list[str]:
         return ["nsenter", f"--net={self.path}", *map(str, argv)]
 
+    def in_cgroup(self, argv, cgroup: bool = True) -> list[str]:
+        """argv, run from the clients' cgroup when there is one (and cgroup is true)."""
+        argv = list(map(str, argv))
+        if self.cgroup is None or not cgroup:
+            return argv
+        return ["sh", "-c", CGROUP_LAUNCH, str(self.cgroup), *argv]
+
     def run(self, argv, timeout: float = 30.0, check: bool = False, **kw):
         return subprocess.run(self.cmd(argv), timeout=timeout, check=check,
                               capture_output=True, text=True, **kw)
 
-    def client(self, *args, timeout: float = 60.0) -> dict:
-        """Run netns_client.py inside the namespace and return its JSON result."""
-        r = self.run([sys.executable, CLIENT, *args], timeout=timeout)
+    def client(self, *args, timeout: float = 60.0, cgroup: bool = True,
+               netns_path: str | None = None) -> dict:
+        """Run netns_client.py inside the namespace (or the one at netns_path)
+        and return its JSON result. cgroup=False keeps it out of the clients'
+        cgroup: the fast path leaves it alone, the relay serves it."""
+        argv = self.in_cgroup([sys.executable, CLIENT, *args], cgroup)
+        if netns_path is None:
+            r = self.run(argv, timeout=timeout)
+        else:
+            r = subprocess.run(["nsenter", f"--net={netns_path}", *argv], timeout=timeout,
+                               capture_output=True, text=True)
         if r.returncode != 0:
             raise AssertionError(
                 f"netns client {args} failed rc={r.returncode}\n{r.stderr}{r.stdout}")
@@ -232,9 +264,10 @@ class Netns:
             raise AssertionError(f"could not hold port {port} in {self.name}: {line!r}")
         return p
 
-    def open_request(self, host: str, port: int) -> subprocess.Popen:
+    def open_request(self, host: str, port: int, cgroup: bool = True) -> subprocess.Popen:
         """A connection through the port left open mid-request; close stdin to end it."""
-        p = subprocess.Popen(self.cmd([sys.executable, CLIENT, "open-request", host, port]),
+        p = subprocess.Popen(self.cmd(self.in_cgroup([sys.executable, CLIENT, "open-request",
+                                                      host, port], cgroup)),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = _readline_with_timeout(p, 15.0)
         if line.strip() != "ready":
@@ -309,6 +342,8 @@ class ProxyUnderTest:
     name: str
     #: engine mode: the installed command, a C stub, hands ports to the engine
     engine: bool = False
+    #: engine mode with the kernel fast path on (SPLICEPROXY_FASTPATH=1)
+    fastpath: bool = False
 
     @property
     def is_reference(self) -> bool:
@@ -383,6 +418,8 @@ class Daemon:
                   "docker-config"):
             (w / d).mkdir(parents=True, exist_ok=True)
         self.netns.create()
+        if self.proxy.fastpath:
+            self._make_cgroup()
         self._start_containerd()
         # An empty daemon.json so the machine's /etc/docker/daemon.json is never read.
         (w / "daemon.json").write_text("{}\n")
@@ -396,7 +433,8 @@ class Daemon:
         env = dict(os.environ)
         env["SPLICEPROXY_LOG_FILE"] = str(self.proxy_log)
         for k in ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET",
-                  "SPLICEPROXY_ENGINE_IDLE_EXIT"):
+                  "SPLICEPROXY_ENGINE_IDLE_EXIT", "SPLICEPROXY_FASTPATH",
+                  "SPLICEPROXY_FASTPATH_CGROUP"):
             env.pop(k, None)
         if self.proxy.engine:
             env["SPLICEPROXY_ENGINE"] = "1"
@@ -406,6 +444,10 @@ class Daemon:
             env["SPLICEPROXY_ENGINE_IDLE_EXIT"] = "1s"
         else:
             env["SPLICEPROXY_ENGINE"] = "0"
+        if self.proxy.fastpath:
+            assert self.netns.cgroup is not None
+            env["SPLICEPROXY_FASTPATH"] = "1"
+            env["SPLICEPROXY_FASTPATH_CGROUP"] = str(self.netns.cgroup)
         env.update(self.extra_env)
         argv = self.netns.cmd([
             shutil.which("dockerd"),
@@ -437,6 +479,44 @@ class Daemon:
                 raise RuntimeError(f"dockerd not ready after {START_TIMEOUT}s\n"
                                    f"{r.stderr}\n{self.diagnostics()}")
             time.sleep(0.2)
+
+    @property
+    def cgroup_path(self) -> Path:
+        """The clients' cgroup (fast-path mode), named after the namespace."""
+        root = fastpath_mod.default_cgroup_path()
+        assert root is not None
+        return Path(root) / f"{self.netns.name}-fp"
+
+    def _make_cgroup(self) -> None:
+        self.cgroup_path.mkdir()
+        self.netns.cgroup = self.cgroup_path
+
+    def _remove_cgroup(self) -> None:
+        """Once every engine is gone: nothing attached, no process left, removed."""
+        cg = self.netns.cgroup
+        if cg is None or not cg.exists():
+            return
+        deadline = time.monotonic() + 10.0
+        while sum(fastpath_mod.attached(str(cg)).values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = fastpath_mod.attached(str(cg))
+        if sum(left.values()):
+            self.leaks.append(f"fast-path programs still attached to {cg}: {left}")
+        while True:
+            try:
+                cg.rmdir()
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    procs = (cg / "cgroup.procs").read_text().split()
+                    self.leaks.append(f"cannot remove {cg}: {e.strerror}; processes {procs}")
+                    for pid in procs:
+                        _signal(int(pid), signal.SIGKILL)
+                    _wait_gone([int(p) for p in procs], 5.0)
+                    with contextlib.suppress(OSError):
+                        cg.rmdir()
+                    break
+                time.sleep(0.05)
 
     def _start_containerd(self) -> None:
         c = self.workdir / "containerd"
@@ -555,6 +635,7 @@ class Daemon:
                     _signal(pid, signal.SIGKILL)
                 _wait_gone(left, 5.0)
         finally:
+            self._remove_cgroup()
             self._unmount_all()
             self.netns.delete()
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -634,23 +715,54 @@ _LIVE_DAEMONS: list[Daemon] = []
 # fixtures
 
 
-@pytest.fixture(scope="session", params=["standalone", "engine"])
+def _fastpath_prerequisite() -> str | None:
+    if fastpath_mod.default_cgroup_path() is None:
+        return "cgroup v2 is not mounted"
+    return None
+
+
+@pytest.fixture(scope="session", params=["standalone", "engine", "fastpath"])
 def proxy_under_test(request) -> ProxyUnderTest:
     _require_prerequisites()
     path, _ = _proxy_path()
     assert path is not None
     proxy = ProxyUnderTest(path=path, name=os.path.basename(path)[:15],
-                           engine=request.param == "engine")
+                           engine=request.param in ("engine", "fastpath"),
+                           fastpath=request.param == "fastpath")
     if proxy.engine and proxy.is_reference:
         pytest.skip("engine mode is spliceproxy's; the reference runs standalone only")
     if proxy.engine and not os.access(proxy.stub, os.X_OK):
         pytest.fail(f"engine mode: no executable {proxy.stub} beside {path}", pytrace=False)
-    return proxy
+    if not proxy.fastpath:
+        yield proxy
+        return
+    why = _fastpath_prerequisite()
+    if why is not None:
+        if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
+            pytest.fail(f"fast-path mode with SPLICEPROXY_E2E_REQUIRE=1: {why}", pytrace=False)
+        pytest.skip(f"e2e fast-path mode: {why}")
+    root = fastpath_mod.default_cgroup_path()
+    on_root = fastpath_mod.attached(root)
+    loaded = fastpath_mod.programs_loaded()
+    yield proxy
+    # The engines attached to their daemons' cgroups only, and went with them.
+    assert fastpath_mod.attached(root) == on_root, (
+        f"programs on the cgroup v2 root changed: {on_root} -> {fastpath_mod.attached(root)}")
+    deadline = time.monotonic() + 10.0
+    while fastpath_mod.programs_loaded() > loaded and time.monotonic() < deadline:
+        time.sleep(0.05)
+    now = fastpath_mod.programs_loaded()
+    if now > loaded:
+        # More than before: ours, unless other work on the machine (a
+        # benchmark's fast path, another test run) attached some meanwhile.
+        others = fastpath_env.attached_elsewhere((f"{NETNS_PREFIX}{os.getpid()}",))
+        assert others, (f"fast-path programs loaded: {loaded} before the fast-path mode, "
+                        f"{now} after, and no other cgroup holds any")
 
 
 @pytest.fixture
 def engine_mode(proxy_under_test) -> ProxyUnderTest:
-    """For scenarios of engine mode alone."""
+    """For scenarios of engine mode alone (with or without the fast path)."""
     if not proxy_under_test.engine:
         pytest.skip("engine mode only")
     return proxy_under_test
@@ -817,7 +929,9 @@ def pytest_report_collectionfinish(config, start_path, items):
         path, _ = _proxy_path()
         return [f"e2e: starts private dockerd and containerd daemons (own data-root, socket and "
                 f"network namespace {NETNS_PREFIX}*, all removed afterwards; the host's dockerd "
-                f"is not used), userland proxy {path}, standalone and in engine mode"]
+                f"is not used), userland proxy {path}, standalone, in engine mode and in "
+                f"engine mode with the fast path (attached to child cgroups "
+                f"{NETNS_PREFIX}*-fp only)"]
     if os.environ.get("SPLICEPROXY_E2E_REQUIRE") == "1":
         return [f"e2e: will fail, prerequisites missing (SPLICEPROXY_E2E_REQUIRE=1): {why}"]
     return [f"e2e: skipped, starts no daemon: {why}"]

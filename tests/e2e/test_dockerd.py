@@ -3,6 +3,14 @@
 Each scenario drives the docker CLI and checks what a user would see: pages
 served through published ports, `ps` output, errors from `docker run`, ports
 that are free again after a container goes away.
+
+With the fast path on (the `fastpath` mode), each scenario also checks which
+way its host-local clients went, from the per-mapping counts of `spliceproxy
+status --json`: a client dialling a host address of an IPv4 mapping goes
+straight to the container (the mapping's fast-path count grows, its relay's
+does not); a `::1` client of dockerd's `::` binding (an IPv4 container: 6->4),
+a client outside the clients' cgroup or in another network namespace is
+relayed; a stopped mapping is refused, never rewritten.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import subprocess
 import time
 
 import pytest
+
+from spliceproxy import fastpath
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
 
@@ -36,6 +46,86 @@ def assert_pages(d, host: str, ports, token: str) -> None:
     assert not bad, f"via {host}: {bad}\n{d.diagnostics()}"
 
 
+def route_counts(d, ports) -> dict[tuple[str, int], tuple[int, int]]:
+    """(mapping's host address, port) -> (fast-path connects + datagrams, relayed
+    connections + UDP flows), from the engine's status."""
+    want = set(ports)
+    out = {}
+    doc = d.status()
+    assert doc["engine"]["fastpath"]["active"], f"fast path not active: {doc['engine']}"
+    for m in doc["mappings"]:
+        host, _, port = m["host"].rpartition(":")
+        if int(port) not in want:
+            continue
+        fp = m.get("fastpath") or {}
+        c = m.get("counters") or {}
+        out[(host.strip("[]"), int(port))] = (
+            fp.get("connections", 0) + fp.get("datagrams", 0),
+            c.get("tcp_accepted", 0) + c.get("udp_flows_created", 0))
+    return out
+
+
+class Routes:
+    """Which way clients went (fast-path mode; a no-op in the other modes).
+
+        with Routes(d, [port]) as r:
+            assert_pages(d, "127.0.0.1", [port], token)
+        r.expect(fast=[("0.0.0.0", port)])
+    """
+
+    def __init__(self, d, ports):
+        self.d, self.ports = d, list(ports)
+        self.on = d.proxy.fastpath
+        self.before: dict = {}
+        self.after: dict = {}
+
+    def __enter__(self):
+        if self.on:
+            self.before = route_counts(self.d, self.ports)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on and exc[0] is None:
+            self.after = route_counts(self.d, self.ports)
+
+    def delta(self, key) -> tuple[int, int]:
+        b, a = self.before.get(key, (0, 0)), self.after.get(key, (0, 0))
+        return a[0] - b[0], a[1] - b[1]
+
+    def expect(self, fast=(), relay=()) -> None:
+        """Each mapping in fast took the fast path (at least once) and none of
+        its clients was relayed; each in relay the other way round."""
+        if not self.on:
+            return
+        for key in fast:
+            assert key in self.after, (key, self.after)
+            f, r = self.delta(key)
+            assert f >= 1 and r == 0, (
+                f"{key}: {f} fast-path connect(s), {r} relayed; want fast only\n"
+                f"{self.before} -> {self.after}\n{self.d.diagnostics()}")
+        for key in relay:
+            assert key in self.after, (key, self.after)
+            f, r = self.delta(key)
+            assert f == 0 and r >= 1, (
+                f"{key}: {f} fast-path connect(s), {r} relayed; want the relay only\n"
+                f"{self.before} -> {self.after}\n{self.d.diagnostics()}")
+
+
+def assert_refused(d, host: str, port: int) -> None:
+    """A connect to a port nobody serves any more is refused at once, as with no
+    proxy at all: never rewritten to the address the container had."""
+    res = d.netns.client("http", host, port, "--deadline", "0.5", "--timeout", "2")
+    (r,) = res["results"]
+    assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), (
+        f"{host}:{port}: {r}\n{d.diagnostics()}")
+
+
+def assert_pages_outside_cgroup(d, host: str, ports, token: str) -> None:
+    res = d.netns.client("http", host, *ports, cgroup=False)
+    bad = [r for r in res["results"] if not r["ok"] or r.get("body", "").strip() != token]
+    assert not bad, f"via {host}: {bad}\n{d.diagnostics()}"
+
+
 def assert_port_free(d, proto: str, port: int) -> None:
     res = d.netns.client("bind", proto, port)
     assert res == {"0.0.0.0": "ok", "::": "ok"}, (
@@ -49,9 +139,28 @@ def test_http_through_ipv4_and_ipv6(docker, proxy_under_test, page_token):
              *HTTPD)
     ip = d.container_ip("web")
 
-    assert_pages(d, "127.0.0.1", [port], page_token)
+    with Routes(d, [port]) as v4:
+        assert_pages(d, "127.0.0.1", [port], page_token)
+        assert_pages(d, d.gateway, [port], page_token)
+    v4.expect(fast=[("0.0.0.0", port)])
     # dockerd gives the `::` binding the container's IPv4 address: 6->4 proxying.
-    assert_pages(d, "::1", [port], page_token)
+    with Routes(d, [port]) as v6:
+        assert_pages(d, "::1", [port], page_token)
+    v6.expect(relay=[("::", port)])
+    if d.proxy.fastpath:
+        # A client in another network namespace (the container's own, dialling
+        # the gateway: the hairpin docker-proxy exists for), although in the
+        # clients' cgroup, is never rewritten: the relay serves it.
+        pid = d.docker("inspect", "-f", "{{.State.Pid}}", "web").stdout.strip()
+        with Routes(d, [port]) as other:
+            res = d.netns.client("http", d.gateway, port, netns_path=f"/proc/{pid}/ns/net")
+            assert all(r["ok"] and r["body"].strip() == page_token for r in res["results"]), res
+        other.expect(relay=[("0.0.0.0", port)])
+        # A client outside the cgroup is relayed too.
+        with Routes(d, [port]) as outside:
+            res = d.netns.client("http", "127.0.0.1", port, cgroup=False)
+            assert all(r["ok"] for r in res["results"]), res
+        outside.expect(relay=[("0.0.0.0", port)])
 
     procs = d.netns.ps()
     listing = "\n".join(map(str, procs))
@@ -77,11 +186,20 @@ def test_udp_echo_several_clients(docker):
     d.wait_log("echo", "ready 5353")
     ip = d.container_ip("echo")
 
-    for host in ("127.0.0.1", "::1"):
-        res = d.netns.client("udp", host, port, "--clients", "4", "--count", "5")
+    for host, mapping in (("127.0.0.1", "0.0.0.0"), ("::1", "::")):
+        with Routes(d, [port]) as routes:
+            res = d.netns.client("udp", host, port, "--clients", "4", "--count", "5")
         assert len(set(res["source_ports"])) == 4, res
         assert res["echoed"] == res["sent"] == 20 and not res["failures"], (
             f"via {host}: {res}\n{d.diagnostics()}")
+        # Connected UDP sockets: the IPv4 ones go straight to the container
+        # (counted per connect); ::1 to this IPv4 container is relayed.
+        if mapping == "0.0.0.0":
+            routes.expect(fast=[(mapping, port)])
+            assert not routes.on or routes.delta((mapping, port))[0] == 4, (
+                routes.before, routes.after)
+        else:
+            routes.expect(relay=[(mapping, port)])
 
     listing = [p.args for p in d.proxies()]
     for host_ip in ("0.0.0.0", "::"):
@@ -96,7 +214,9 @@ def test_stop_and_rm_end_every_proxy_and_free_the_port(docker, page_token):
              "local/spe2e-busybox:test", *HTTPD)
     d.docker("run", "-d", "--name", "bravo", "-p", f"{b_tcp}:80", "local/spe2e-busybox:test",
              *HTTPD)
-    assert_pages(d, "127.0.0.1", [a_tcp, b_tcp], page_token)
+    with Routes(d, [a_tcp, b_tcp]) as routes:
+        assert_pages(d, "127.0.0.1", [a_tcp, b_tcp], page_token)
+    routes.expect(fast=[("0.0.0.0", a_tcp), ("0.0.0.0", b_tcp)])
 
     a_pids = [p.pid for p in proxies_for_port(d, a_tcp) + proxies_for_port(d, a_udp)]
     b_pids = [p.pid for p in proxies_for_port(d, b_tcp)]
@@ -111,14 +231,19 @@ def test_stop_and_rm_end_every_proxy_and_free_the_port(docker, page_token):
     assert not alive, f"after docker stop ({took:.1f}s): {alive}\n{d.diagnostics()}"
     assert_port_free(d, "tcp", a_tcp)
     assert_port_free(d, "udp", a_udp)
+    # The stopped mapping is refused, never rewritten to alpha's old address.
+    assert_refused(d, "127.0.0.1", a_tcp)
     # The other container is untouched.
-    assert_pages(d, "127.0.0.1", [b_tcp], page_token)
+    with Routes(d, [b_tcp]) as routes:
+        assert_pages(d, "127.0.0.1", [b_tcp], page_token)
+    routes.expect(fast=[("0.0.0.0", b_tcp)])
     assert all(p.pid in {q.pid for q in d.proxies()} for p in proxies_for_port(d, b_tcp))
 
     d.docker("rm", "-f", "bravo", timeout=30)
     alive = _settled(lambda: [p for p in d.proxies() if p.pid in b_pids])
     assert not alive, f"after docker rm -f: {alive}\n{d.diagnostics()}"
     assert_port_free(d, "tcp", b_tcp)
+    assert_refused(d, "127.0.0.1", b_tcp)
 
     d.docker("rm", "alpha", timeout=30)
     assert not d.proxies(), d.diagnostics()
@@ -131,15 +256,33 @@ def test_recreate_on_same_port_while_time_wait(docker, page_token):
              *HTTPD)
     # The client reads to EOF, so the closing starts at httpd and the
     # proxy's accepted socket on the host port is the one left in TIME_WAIT.
-    assert_pages(d, "127.0.0.1", [port], page_token)
+    # (Outside the clients' cgroup: a fast-path client's connection is to the
+    # container's port, and the premise is about the relay's.)
+    with Routes(d, [port]) as routes:
+        assert_pages_outside_cgroup(d, "127.0.0.1", [port], page_token)
+    routes.expect(relay=[("0.0.0.0", port)])
     states = d.netns.client("tcp-states", port)["states"]
     assert "TIME_WAIT" in states, f"premise: no TIME_WAIT on port {port}: {states}"
+    first_ip = d.container_ip("first")
 
     d.docker("rm", "-f", "first", timeout=30)
     d.docker("run", "-d", "--name", "second", "-p", f"{port}:80", "local/spe2e-busybox:test",
              *HTTPD)
-    assert_pages(d, "127.0.0.1", [port], page_token)
-    assert_pages(d, "::1", [port], page_token)
+    # The mapping made again (for a container that may have the same address)
+    # is served by the fast path again, with the new container's page.
+    with Routes(d, [port]) as routes:
+        assert_pages(d, "127.0.0.1", [port], page_token)
+    routes.expect(fast=[("0.0.0.0", port)])
+    with Routes(d, [port]) as routes:
+        assert_pages(d, "::1", [port], page_token)
+    routes.expect(relay=[("::", port)])
+    # Restarted: dockerd stops the mapping and starts it again; the fast path
+    # serves the new one, to wherever the container is now.
+    d.docker("restart", "-t", "1", "second", timeout=30)
+    with Routes(d, [port]) as routes:
+        assert_pages(d, "127.0.0.1", [port], page_token)
+    routes.expect(fast=[("0.0.0.0", port)])
+    print(f"first container {first_ip}, second {d.container_ip('second')}")
 
 
 def test_port_in_use_fails_fast_with_proxy_error(docker, page_token):
@@ -166,7 +309,9 @@ def test_port_in_use_fails_fast_with_proxy_error(docker, page_token):
 
     # Once the other listener is gone, the same container starts.
     d.docker("start", "clash", timeout=30)
-    assert_pages(d, "127.0.0.1", [port], page_token)
+    with Routes(d, [port]) as routes:
+        assert_pages(d, "127.0.0.1", [port], page_token)
+    routes.expect(fast=[("0.0.0.0", port)])
 
 
 def test_port_range_every_port_answers(docker, page_token):
@@ -191,8 +336,12 @@ def test_port_range_every_port_answers(docker, page_token):
         for host_ip in ("0.0.0.0", "::"):
             tail = argv_tail("tcp", host_ip, port, ip, port)
             assert any(p.args.endswith(tail) for p in procs), tail
-    assert_pages(d, "127.0.0.1", ports, page_token)
-    assert_pages(d, "::1", ports, page_token)
+    with Routes(d, ports) as routes:
+        assert_pages(d, "127.0.0.1", ports, page_token)
+    routes.expect(fast=[("0.0.0.0", p) for p in ports])
+    with Routes(d, ports) as routes:
+        assert_pages(d, "::1", ports, page_token)
+    routes.expect(relay=[("::", p) for p in ports])
     print(f"docker run with {count} published ports took {took:.2f}s")
 
 
@@ -208,7 +357,11 @@ def test_daemon_stop_leaves_no_proxy(scratch_dockerd, page_token, how):
              "-p", "18121:5353/udp", "local/spe2e-busybox:test", *HTTPD)
     d.docker("run", "-d", "--stop-timeout", "1", "--name", "echo", "-p", "18122:5353/udp",
              "local/spe2e-busybox:test", "/bin/udp_echo", "5353")
-    assert_pages(d, "127.0.0.1", [18120], page_token)
+    with Routes(d, [18120, 18122]) as routes:
+        assert_pages(d, "127.0.0.1", [18120], page_token)
+        res = d.netns.client("udp", "127.0.0.1", 18122, "--clients", "2", "--count", "2")
+        assert res["echoed"] == res["sent"] == 4, res
+    routes.expect(fast=[("0.0.0.0", 18120), ("0.0.0.0", 18122)])
     proxies = d.proxies()
     assert len(proxies) >= 6, d.diagnostics()
     # Everything that runs in the namespace besides the daemons themselves:
@@ -237,6 +390,11 @@ def test_daemon_stop_leaves_no_proxy(scratch_dockerd, page_token, how):
         assert_port_free(d, "tcp", port)
     for port in (18121, 18122):
         assert_port_free(d, "udp", port)
+    if d.proxy.fastpath:
+        # The engine went with its daemon, and its programs with it.
+        attached = fastpath.attached(str(d.netns.cgroup))
+        assert sum(attached.values()) == 0, attached
+        assert_refused(d, "127.0.0.1", 18120)
 
     if how == "SIGKILL":
         # The containers outlived their daemon; a restarted dockerd reaps them
@@ -275,8 +433,11 @@ def test_port_range_100_ipv4_and_ipv6_twins(docker, page_token):
     if d.proxy.engine:
         assert len(d.engines()) == 1, d.diagnostics()
         assert len(d.status()["mappings"]) == 2 * count
-    assert_pages(d, "127.0.0.1", ports, page_token)
-    assert_pages(d, "::1", ports, page_token)
+    with Routes(d, ports) as routes:
+        assert_pages(d, "127.0.0.1", ports, page_token)
+        assert_pages(d, "::1", ports, page_token)
+    # [::1] to this IPv4 container is 6->4: the relay's.
+    routes.expect(fast=[("127.0.0.1", p) for p in ports], relay=[("::1", p) for p in ports])
 
     pids = [p.pid for p in procs]
     t0 = time.monotonic()
@@ -317,6 +478,10 @@ def test_engine_killed_under_load_every_mapping_serves_within_1s(docker, engine_
     # The same stubs, still dockerd's children: dockerd saw nothing.
     assert {p.pid for p in d.proxies()} == stubs, d.diagnostics()
     assert len(d.status()["mappings"]) == 2 * count
+    # The new engine serves the fast path again, with its own programs.
+    with Routes(d, ports) as routes:
+        assert_pages(d, "127.0.0.1", ports, page_token)
+    routes.expect(fast=[("0.0.0.0", p) for p in ports])
 
 
 def test_two_dockerds_on_one_host_have_separate_engines(docker, scratch_dockerd, engine_mode,
@@ -329,7 +494,10 @@ def test_two_dockerds_on_one_host_have_separate_engines(docker, scratch_dockerd,
     for d in (a, b):
         d.docker("run", "-d", "--name", "twin", "-p", f"{port}:80", "local/spe2e-busybox:test",
                  *HTTPD)
-        assert_pages(d, "127.0.0.1", [port], page_token)
+        # Each engine's programs rewrite its own namespace's connects only.
+        with Routes(d, [port]) as routes:
+            assert_pages(d, "127.0.0.1", [port], page_token)
+        routes.expect(fast=[("0.0.0.0", port)])
     (ea,), (eb,) = a.engines(), b.engines()
     assert ea.pid != eb.pid
     assert str(a.engine_socket) in ea.args and str(b.engine_socket) in eb.args
@@ -352,8 +520,12 @@ def test_status_during_traffic(docker, engine_mode, page_token):
     port = 18140
     d.docker("run", "-d", "--name", "stat", "-p", f"{port}:80", "local/spe2e-busybox:test",
              *HTTPD)
-    assert_pages(d, "127.0.0.1", [port, port, port], page_token)
-    held = d.netns.open_request("127.0.0.1", port)
+    with Routes(d, [port]) as routes:
+        assert_pages(d, "127.0.0.1", [port, port, port], page_token)
+    routes.expect(fast=[("0.0.0.0", port)])
+    # Held open by a relayed client (outside the clients' cgroup): the relay's
+    # counters are what this scenario reads.
+    held = d.netns.open_request("127.0.0.1", port, cgroup=False)
     try:
         deadline = time.monotonic() + 5.0
         while True:
@@ -370,7 +542,12 @@ def test_status_during_traffic(docker, engine_mode, page_token):
         stubs = {p.pid: p for p in d.proxies()}
         assert {m["stub_pid"] for m in mine} <= set(stubs), (doc, stubs)
         assert all(m["proto"] == "tcp" for m in mine)
-        assert c["tcp_accepted"] >= 4 and c["bytes_b2c"] > 3 * len(page_token), c
+        if d.proxy.fastpath:
+            # The three pages went straight to the container, uncounted here.
+            assert c["tcp_accepted"] >= 1, c
+            assert v4[0]["fastpath"]["connections"] >= 3, v4[0]
+        else:
+            assert c["tcp_accepted"] >= 4 and c["bytes_b2c"] > 3 * len(page_token), c
 
         env = dict(os.environ, SPLICEPROXY_ENGINE_SOCKET=str(d.engine_socket))
         table = subprocess.run([d.proxy.path, "status"], capture_output=True, text=True,

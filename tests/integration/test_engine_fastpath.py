@@ -5,12 +5,14 @@ dockerd starts proxies, with SPLICEPROXY_FASTPATH=1 and
 SPLICEPROXY_FASTPATH_CGROUP naming a child cgroup made for each test: only
 the client -- a process of its own, moved into that cgroup before exec -- is
 ever rewritten, nothing else on the host.  The "container" is a network
-namespace behind a veth pair (198.18.248.1 here, 198.18.248.2 there) with a
-TCP echo server in a thread that entered it.
+namespace behind a veth pair (198.18.248.1 here, 198.18.248.2 there;
+2001:2:0:f8::1 and ::2, from the IPv6 benchmarking block) with TCP and UDP
+echo servers on both addresses, made in a thread that entered it
+(support.fastpath_env).
 
 Whether a connection went straight to the container or through the relay is
-read from the client's own address: the relay's listener is on 127.0.0.1, so
-a relayed client's getsockname() is 127.0.0.1, a rewritten one's is the
+read from the client's own address: the relay's listener is on 127.0.0.1 (or
+::1), so a relayed client's getsockname() is that, a rewritten one's is the
 host's address on the container network.
 
 Needs root, cgroup v2 and a kernel with the hooks; skips with the reason
@@ -20,7 +22,6 @@ otherwise.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -30,160 +31,43 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 import pytest
 
 from spliceproxy import fastpath
 from spliceproxy.bench.launch import proxy_argv, spawn
 
+from support import cc as cc_flags
+from support import fastpath_env as fe
 from support import servers as srv
 
 pytestmark = pytest.mark.root
 
 TAG = "%d" % os.getpid()
-NS = "fw-c-" + TAG
-VETH_HOST, VETH_CONT = "fw-h" + TAG, "fw-c" + TAG
-HOST4, CONT4 = "198.18.248.1", "198.18.248.2"
 CPORT = 7017
-TIMEOUT = 10.0
-CLONE_NEWNET = 0x40000000
+# The container: fw-c-<pid>.
+NET = fe.Container("fw", "198.18.248", "2001:2:0:f8", CPORT)
+NS, VETH_HOST = NET.ns, NET.veth_host
+HOST4, CONT4, HOST6, CONT6 = NET.host4, NET.cont4, NET.host6, NET.cont6
+TIMEOUT = fe.TIMEOUT
+ip = fe.ip
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, cgroups, bpf)"
-    if fastpath.default_cgroup_path() is None:
-        return "cgroup v2 is not mounted"
-    if shutil.which("ip") is None:
-        return "needs iproute2's ip"
-    return None
-
-
-if _skip_reason():
-    pytest.skip(_skip_reason(), allow_module_level=True)
+if fe.skip_reason():
+    pytest.skip(fe.skip_reason(), allow_module_level=True)
 
 CGROOT = fastpath.default_cgroup_path()
 
 
-def ip(*args: str, check: bool = True) -> None:
-    subprocess.run(["ip", *args], check=check, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL if not check else None)
-
-
-class Container:
-    """A TCP echo server on CONT4:CPORT inside the container namespace."""
-
-    def __init__(self):
-        out: dict = {}
-
-        def make():
-            fd = os.open("/run/netns/" + NS, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    out["e"] = OSError(ctypes.get_errno(), "setns")
-                    return
-            finally:
-                os.close(fd)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((CONT4, CPORT))
-            s.listen(64)
-            out["s"] = s
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            u.bind((CONT4, CPORT))
-            out["u"] = u
-
-        t = threading.Thread(target=make)
-        t.start()
-        t.join(TIMEOUT)
-        if "e" in out:
-            raise out["e"]
-        self.sock, self.udp = out["s"], out["u"]
-        self.accepted = 0
-        self.datagrams: list = []  # (source address, port) of each datagram
-        threading.Thread(target=self._accept, daemon=True).start()
-        threading.Thread(target=self._udp_echo, daemon=True).start()
-
-    def _udp_echo(self) -> None:
-        while True:
-            try:
-                d, peer = self.udp.recvfrom(1 << 16)
-                if peer is None:  # shut down
-                    return
-                self.datagrams.append(peer)
-                self.udp.sendto(d, peer)
-            except OSError:
-                return
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def _echo(c: socket.socket) -> None:
-        with c:
-            while True:
-                try:
-                    d = c.recv(1 << 16)
-                    if not d:
-                        return
-                    c.sendall(d)
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        for s in (self.sock, self.udp):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def container():
-    ip("netns", "add", NS)
-    try:
-        ip("link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CONT)
-        ip("link", "set", VETH_CONT, "netns", NS)
-        ip("addr", "add", HOST4 + "/24", "dev", VETH_HOST)
-        ip("link", "set", VETH_HOST, "up")
-        ip("-n", NS, "addr", "add", CONT4 + "/24", "dev", VETH_CONT)
-        ip("-n", NS, "link", "set", VETH_CONT, "up")
-        ip("-n", NS, "link", "set", "lo", "up")
-        c = Container()
-        try:
-            yield c
-        finally:
-            c.close()
-    finally:
-        ip("link", "del", VETH_HOST, check=False)
-        ip("netns", "del", NS, check=False)
+    with NET as c:
+        yield c
 
 
 @pytest.fixture
 def cgroup():
-    path = os.path.join(CGROOT, "fw-test-%s-%d" % (TAG, time.monotonic_ns()))
-    os.mkdir(path)
-    try:
+    with fe.child_cgroup("fw-test") as path:
         yield path
-    finally:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -220,10 +104,12 @@ class Engine:
         self.stubs: list = []
         self.pids: set[int] = set()
 
-    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp"):
+    def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp", container: str = CONT4,
+              wrap: tuple[str, ...] = ()):
+        """A stub for one mapping (argv prefixed by wrap, e.g. a seccomp launcher)."""
         port = srv.free_port(host_ip, socket.SOCK_STREAM if proto == "tcp" else
                              socket.SOCK_DGRAM)
-        lp = spawn(proxy_argv(self.proxy_path, proto, host_ip, port, CONT4, CPORT),
+        lp = spawn([*wrap, *proxy_argv(self.proxy_path, proto, host_ip, port, container, CPORT)],
                    env=self.env, timeout=15.0)
         lp.port = port
         self.stubs.append(lp)
@@ -288,11 +174,11 @@ host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 payload = os.urandom(size)
 out = {}
 try:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect((host, port))
-    out["peer"] = list(s.getpeername())
-    out["sock"] = list(s.getsockname())
+    out["peer"] = list(s.getpeername()[:2])
+    out["sock"] = list(s.getsockname()[:2])
     s.sendall(payload)
     s.shutdown(socket.SHUT_WR)
     got = bytearray()
@@ -323,16 +209,11 @@ except OSError as e:
 print(json.dumps(out))
 """
 
-LAUNCH = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+LAUNCH = fe.LAUNCH
 
 
 def client(cgroup: str | None, host: str, port: int, size: int = 1) -> dict:
-    argv = [sys.executable, "-c", CLIENT, host, str(port), str(size)]
-    if cgroup is not None:
-        argv = ["sh", "-c", LAUNCH, cgroup] + argv
-    r = subprocess.run(argv, capture_output=True, timeout=30)
-    assert r.returncode == 0, r.stderr.decode()
-    return json.loads(r.stdout.decode().strip().splitlines()[-1])
+    return fe.run_client(CLIENT, (host, port, size), cgroup)
 
 
 def _mapping(doc: dict, port: int) -> dict:
@@ -477,7 +358,7 @@ def test_wildcard_mapping_follows_local_addresses(container, engine, cgroup):
 def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, engine, cgroup):
     stub = engine.start(proto="udp")
     _active(engine)
-    before = len(container.datagrams)
+    before = container.udp4.count
     r = subprocess.run(["sh", "-c", LAUNCH, cgroup, sys.executable, "-c", UDP_CLIENT,
                         "127.0.0.1", str(stub.port)], capture_output=True, timeout=30)
     assert r.returncode == 0, r.stderr.decode()
@@ -485,8 +366,8 @@ def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, e
     assert got.get("echo"), got
     assert got["from"] == ["127.0.0.1", stub.port]  # the address the client sent to
     # From the client's own port (its route's source address), not the relay's.
-    assert [list(p) for p in container.datagrams[before:]] == [[HOST4, got["sock"][1]]], \
-        (container.datagrams[before:], got)
+    sources = [list(a) for a, _ in container.udp4.snapshot()[before:]]
+    assert sources == [[HOST4, got["sock"][1]]], (sources, got)
     m = _mapping(engine.status("--json"), stub.port)
     assert m["fastpath"]["datagrams"] == 1, m
     assert m["counters"]["udp_flows_created"] == 0, m
@@ -494,3 +375,120 @@ def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, e
     head, row = table.splitlines()[0], [ln for ln in table.splitlines()
                                        if ":%d" % stub.port in ln][0]
     assert row[head.index("FAST PATH"):].split()[0] == "1", table
+
+
+# ---------------------------------------------------------------------------
+# IPv6 through the engine
+
+
+@pytest.mark.parametrize("host_ip,dial", [("::1", "::1"), ("::", "::1"), ("::", HOST6)])
+def test_ipv6_mapping_to_an_ipv6_container_takes_the_fast_path(container, engine, cgroup,
+                                                               host_ip, dial):
+    stub = engine.start(host_ip=host_ip, container=CONT6)
+    _active(engine)
+    before = container.accepted
+    got = client(cgroup, dial, stub.port, size=1 << 20)
+    assert "error" not in got, got
+    assert got["echo"], "data was not echoed by the container: %r" % got
+    assert got["peer"] == [dial, stub.port]   # the address dialled
+    assert got["sock"][0] == HOST6             # the route's source: not the relay's listener
+    assert container.accepted == before + 1
+    m = _mapping(engine.status("--json"), stub.port)
+    assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (1, 0), m
+    if host_ip == "::":
+        # One entry per local IPv6 address, never the wildcard, no link-local.
+        addrs = m["fastpath"]["addresses"]
+        assert "::1" in addrs and HOST6 in addrs and "::" not in addrs, addrs
+        assert not any(a.startswith("fe80") for a in addrs), addrs
+    # The same client outside the cgroup is relayed: the relay still serves it.
+    got = client(None, dial, stub.port, size=4096)
+    assert got["echo"] and got["peer"] == [dial, stub.port], got
+    if dial == "::1":
+        assert got["sock"][0] == "::1", got
+    m = _mapping(engine.status("--json"), stub.port)
+    assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (1, 1), m
+
+
+def test_ipv6_listener_to_an_ipv4_container_stays_on_the_relay(container, engine, cgroup):
+    stub = engine.start(host_ip="::1", container=CONT4)
+    _active(engine)
+    before = container.accepted
+    got = client(cgroup, "::1", stub.port, size=1 << 16)
+    assert "error" not in got and got["echo"], got
+    assert got["peer"] == ["::1", stub.port]
+    assert got["sock"][0] == "::1", got        # it reached the relay's listener
+    assert container.accepted == before + 1    # which dialled the IPv4 container
+    m = _mapping(engine.status("--json"), stub.port)
+    # Counted as relayed; the fast path does not serve this mapping at all.
+    assert m["counters"]["tcp_accepted"] == 1, m
+    assert m["fastpath"] is None, m
+    table = engine.status()
+    head, row = table.splitlines()[0], [ln for ln in table.splitlines()
+                                       if ":%d" % stub.port in ln][0]
+    assert row[head.index("FAST PATH"):].split()[0] == "-", table
+    assert srv.wait_for(lambda: "IPv6 clients to an IPv4 container stay on the relay"
+                        in engine.log(), 5.0), engine.log()
+
+
+# ---------------------------------------------------------------------------
+# A refused map update: the mapping stays on the relay
+
+
+@pytest.fixture(scope="module")
+def refuse_bpf(tmp_path_factory) -> str:
+    """refuse_bpf.c built now: runs a command with bpf() map operations failing
+    with EPERM, as kernels before 6.5 fail them after the privilege drop."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("gcc is not installed: the seccomp launcher cannot be built")
+    out = tmp_path_factory.mktemp("refuse") / "refuse_bpf"
+    src = os.path.join(os.path.dirname(__file__), "refuse_bpf.c")
+    r = subprocess.run([cc, *cc_flags.cflags(), "-O2", "-o", str(out), src],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, "building refuse_bpf.c failed:\n" + r.stderr
+    return str(out)
+
+
+def _seccomp_mode(pid: int) -> str:
+    return srv.proc_status(pid).get("Seccomp", "?")
+
+
+# update: only map updates are refused; after-load: every bpf() command but
+# those loading and attaching need (lookups for the status too), as before 6.5.
+@pytest.mark.parametrize("refused", ["update", "after-load"])
+def test_refused_map_update_leaves_the_mapping_on_the_relay(container, engine, cgroup,
+                                                            refuse_bpf, refused):
+    wrap = (refuse_bpf, refused)
+    stubs = [engine.start(wrap=wrap), engine.start(host_ip="0.0.0.0", wrap=wrap)]
+    _active(engine)  # the programs loaded and attached: no map update needed for that
+    pid = engine.pid()
+    assert pid and _seccomp_mode(pid) == "2", "premise: the engine runs under the filter"
+    for stub in stubs:
+        before = container.accepted
+        got = client(cgroup, "127.0.0.1", stub.port, size=1 << 16)
+        assert "error" not in got and got["echo"], got
+        assert got["peer"] == ["127.0.0.1", stub.port]
+        assert got["sock"][0] == "127.0.0.1", got  # the relay's listener, not rewritten
+        assert container.accepted == before + 1
+        m = _mapping(engine.status("--json"), stub.port)
+        assert m["fastpath"] is None and m["counters"]["tcp_accepted"] == 1, m
+    doc = engine.status("--json")
+    assert doc["engine"]["fastpath"]["active"] is True, doc["engine"]
+    # One line per mapping says so, with the reason; nothing else about it.
+    log = engine.log()
+    for stub in stubs:
+        lines = [ln for ln in log.splitlines()
+                 if "fast path" in ln and ":%d" % stub.port in ln]
+        assert len(lines) == 1, log
+        assert "not serving this mapping (operation not permitted)" in lines[0], lines
+        assert "take the relay" in lines[0], lines
+    assert "Traceback" not in log, log
+    # ...and nothing more about the fast path than that and the engine's line.
+    assert len([ln for ln in log.splitlines() if "fast path" in ln]) == 1 + len(stubs), log
+    # Gone: refused at once, never rewritten to the container.
+    before = container.accepted
+    for stub in stubs:
+        assert stub.stop(signal.SIGTERM) == 0
+        got = client(cgroup, "127.0.0.1", stub.port, size=64)
+        assert got.get("error") == errno.ECONNREFUSED, got
+    assert container.accepted == before

@@ -3,11 +3,12 @@
 Topology: a "container" network namespace joined to this one by a veth pair
 (198.18.208.1 here, 198.18.208.2 there; 2001:2:0:d0::1 and ::2, from the
 IPv6 benchmarking block), with TCP and UDP echo servers that run in threads
-which entered the container's namespace.  The programs are attached to a
-child cgroup made for each test, and only the client -- a separate process
-(client script below) -- is moved into it, so nothing else on the host is
-ever rewritten.  The relay is played by a listener in this process that
-answers RELAY: a reply that echoes the payload came from the container.
+which entered the container's namespace (support.fastpath_env).  The
+programs are attached to a child cgroup made for each test, and only the
+client -- a separate process (client script below) -- is moved into it, so
+nothing else on the host is ever rewritten.  The relay is played by a
+listener in this process that answers RELAY: a reply that echoes the payload
+came from the container.
 
 Needs root, cgroup v2 and a kernel with the hooks; skips with the reason
 otherwise.
@@ -16,8 +17,6 @@ otherwise.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
 import os
 import select
 import signal
@@ -32,185 +31,35 @@ import pytest
 
 from spliceproxy import fastpath
 
+from support import fastpath_env as fe
+
 pytestmark = pytest.mark.root
 
-NS = "fp-c-%d" % os.getpid()       # the container
-OTHER_NS = "fp-o-%d" % os.getpid()  # an unrelated namespace
-VETH_HOST = "fp-h%d" % os.getpid()
-VETH_CONT = "fp-c%d" % os.getpid()
-HOST4, CONT4 = "198.18.208.1", "198.18.208.2"
-HOST6, CONT6 = "2001:2:0:d0::1", "2001:2:0:d0::2"
 CPORT = 7007                        # container port
+# The container (fp-c-<pid>) and an unrelated namespace (fp-o-<pid>).
+NET = fe.Container("fp", "198.18.208", "2001:2:0:d0", CPORT, other=True)
+NS, OTHER_NS = NET.ns, NET.other_ns
+HOST4, CONT4, HOST6, CONT6 = NET.host4, NET.cont4, NET.host6, NET.cont6
 RELAY = b"RELAY"
-CLONE_NEWNET = 0x40000000
-TIMEOUT = 10.0
+TIMEOUT = fe.TIMEOUT
+ip, in_netns = fe.ip, fe.in_netns
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, cgroups, bpf)"
-    if fastpath.default_cgroup_path() is None:
-        return "cgroup v2 is not mounted"
-    if not os.path.exists("/proc/net/if_inet6"):
-        return "needs IPv6"
-    return None
-
-
-if _skip_reason():
-    pytest.skip(_skip_reason(), allow_module_level=True)
+if fe.skip_reason():
+    pytest.skip(fe.skip_reason(), allow_module_level=True)
 
 CGROOT = fastpath.default_cgroup_path()
 
 
-def ip(*args: str, check: bool = True) -> None:
-    subprocess.run(["ip", *args], check=check, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL if not check else None)
-
-
-def in_netns(name: str, fn):
-    """Run fn() in a thread that entered netns ``name``; return its result.
-    (Network namespaces are per thread; sockets keep the one they were made in.)"""
-    out: dict = {}
-
-    def run():
-        fd = os.open("/run/netns/" + name, os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
-        try:
-            out["v"] = fn()
-        except BaseException as e:  # noqa: B036 - handed to the caller
-            out["e"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(TIMEOUT)
-    if "e" in out:
-        raise out["e"]
-    return out["v"]
-
-
-def netns_thread(name: str, fn) -> threading.Thread:
-    """Start a daemon thread that serves fn() forever inside netns ``name``."""
-    def run():
-        fd = os.open("/run/netns/" + name, os.O_RDONLY)
-        _libc.setns(fd, CLONE_NEWNET)
-        os.close(fd)
-        fn()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
-class ContainerServers:
-    """TCP and UDP echo on CONT4/CONT6:CPORT, inside the container netns."""
-
-    def __init__(self):
-        self.tcp = [in_netns(NS, lambda a=a: self._listen(a, socket.SOCK_STREAM))
-                    for a in (CONT4, CONT6)]
-        self.udp = [in_netns(NS, lambda a=a: self._listen(a, socket.SOCK_DGRAM))
-                    for a in (CONT4, CONT6)]
-        self.accepted = 0
-        for s in self.tcp:
-            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-        for s in self.udp:
-            threading.Thread(target=self._udp, args=(s,), daemon=True).start()
-
-    @staticmethod
-    def _listen(addr: str, kind: int) -> socket.socket:
-        s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, kind)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((addr, CPORT))
-        if kind == socket.SOCK_STREAM:
-            s.listen(64)
-        return s
-
-    def _accept(self, ls: socket.socket) -> None:
-        while True:
-            try:
-                c, _ = ls.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def _echo(c: socket.socket) -> None:
-        with c:
-            while True:
-                try:
-                    d = c.recv(1 << 16)
-                    if not d:
-                        return
-                    c.sendall(d)
-                except OSError:
-                    return
-
-    @staticmethod
-    def _udp(s: socket.socket) -> None:
-        while True:
-            try:
-                d, peer = s.recvfrom(1 << 16)
-                if peer is None:  # shut down
-                    return
-                s.sendto(d, peer)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        for s in self.tcp + self.udp:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def container():
-    ip("netns", "add", NS)
-    try:
-        ip("netns", "add", OTHER_NS)
-        ip("link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CONT)
-        ip("link", "set", VETH_CONT, "netns", NS)
-        ip("addr", "add", HOST4 + "/24", "dev", VETH_HOST)
-        ip("addr", "add", HOST6 + "/64", "dev", VETH_HOST, "nodad")
-        ip("link", "set", VETH_HOST, "up")
-        ip("-n", NS, "addr", "add", CONT4 + "/24", "dev", VETH_CONT)
-        ip("-n", NS, "addr", "add", CONT6 + "/64", "dev", VETH_CONT, "nodad")
-        ip("-n", NS, "link", "set", VETH_CONT, "up")
-        ip("-n", NS, "link", "set", "lo", "up")
-        ip("-n", OTHER_NS, "link", "set", "lo", "up")
-        servers = ContainerServers()
-        try:
-            yield servers
-        finally:
-            servers.close()
-    finally:
-        ip("link", "del", VETH_HOST, check=False)
-        ip("netns", "del", OTHER_NS, check=False)
-        ip("netns", "del", NS, check=False)
+    with NET as c:
+        yield c
 
 
 @pytest.fixture
 def cgroup():
-    path = os.path.join(CGROOT, "fp-test-%d-%d" % (os.getpid(), time.monotonic_ns()))
-    os.mkdir(path)
-    try:
+    with fe.child_cgroup("fp-test") as path:
         yield path
-    finally:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 @pytest.fixture
@@ -233,9 +82,11 @@ def nothing_left_behind():
     deadline = time.monotonic() + TIMEOUT
     while fastpath.programs_loaded() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert fastpath.programs_loaded() == 0, "fast-path programs left loaded"
-    assert not any(n.startswith("fp-test-%d-" % os.getpid()) or n.startswith("spb-fastpath-")
-                   for n in os.listdir(CGROOT))
+    mine = ("fp-test-%d-" % os.getpid(), "spb-fastpath-%d" % os.getpid())
+    # Loaded programs are ours unless other work on the host holds some.
+    assert fastpath.programs_loaded() == 0 or fe.attached_elsewhere(mine), \
+        "fast-path programs left loaded"
+    assert not any(n.startswith(mine) for n in os.listdir(CGROOT))
     left = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
     assert not [n for n in left if n.endswith("-%d" % os.getpid()) and n.startswith("fp-")]
 
@@ -350,19 +201,9 @@ except OSError as e:
 print(json.dumps(out))
 """
 
-LAUNCH = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
-
-
 def client(cgroup: str, op: str, host: str, port: int, size: int = 1, bind: str = "",
            netns: str | None = None) -> dict:
-    # Into the cgroup first: `ip netns exec` mounts a fresh /sys without it.
-    argv = [sys.executable, "-c", CLIENT, op, host, str(port), str(size), bind]
-    if netns:
-        argv = ["ip", "netns", "exec", netns] + argv
-    argv = ["sh", "-c", LAUNCH, cgroup] + argv
-    r = subprocess.run(argv, capture_output=True, timeout=30)
-    assert r.returncode == 0, r.stderr.decode()
-    return json.loads(r.stdout.decode().strip().splitlines()[-1])
+    return fe.run_client(CLIENT, (op, host, port, size, bind), cgroup, netns)
 
 
 # ---------------------------------------------------------------------------

@@ -16,4 +16,7 @@ does), and every test module imports what it needs from here:
   leaving descriptors, child processes or network namespaces behind.
 - ``support.cc``: the project's C flags (``csrc/cflags.txt``) for the tests
   that compile C.
+- ``support.fastpath_env``: the kernel fast-path tests' setting: the container
+  namespace behind a veth pair with echo servers on its IPv4 and IPv6
+  addresses, the child cgroup a test's clients join, the client launcher.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spliceproxy.bench.gate import gate_entries
-from spliceproxy.bench.harness import BARE, METRICS, PLAIN, PORTS_STUB, REFS
+from spliceproxy.bench.harness import BARE, METRICS, PLAIN, PORTS_STANDALONE, REFS
 
 TIMING = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat")
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
@@ -38,10 +38,9 @@ PER_METRIC = {
 }
 PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
            "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE),
-           # The ports group: engine mode (through the launcher, and the stub
-           # given to dockerd directly) against docker-proxy.
-           "port_spawn_ms": ("spliceproxy", PORTS_STUB, "docker-proxy"),
-           "port_uss_kib": ("spliceproxy", PORTS_STUB, "docker-proxy"),
+           # The ports group: engine mode and standalone against docker-proxy.
+           "port_spawn_ms": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
+           "port_uss_kib": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
            "ports100_uss_mib": ("spliceproxy", "docker-proxy"),
            "ports1000_uss_mib": ("spliceproxy", "docker-proxy")}
 GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "cpu_per_gb_n": "bulk",
@@ -85,7 +84,7 @@ def _probe(bench, variant, metric, path):
                          ids=["%s-%s-%s" % c for c in CASES])
 def test_metric(benchmark, bench, variant, metric, path):
     res = bench.res
-    if path != BARE and path != PORTS_STUB and path not in bench.paths.runtimes:
+    if path not in (BARE, PORTS_STANDALONE) and path not in bench.paths.runtimes:
         pytest.skip("%s not measured: %s" % (path, bench.paths.skipped.get(path, "unavailable")))
     if variant not in res.variants:
         pytest.skip("%s variant not measured (%s)" % (variant, "; ".join(res.notes)))

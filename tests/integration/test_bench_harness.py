@@ -107,8 +107,9 @@ def test_latency_rounds_shorter_than_their_warm_up():
 @pytest.mark.skipif(paths.find_docker_proxy() is None,
                     reason="needs docker-proxy (apt-get install docker.io)")
 def test_ports_group_engine_against_docker_proxy():
-    """The ports group in miniature: real stubs with their own engine and real
-    docker-proxy processes, per-port USS, spawn and a whole range's USS, each a
+    """The ports group in miniature: real stubs with their own engine, the same
+    command standalone and real docker-proxy processes, all started by the one
+    dockerd-like spawner, per-port USS, spawn and a whole range's USS, each a
     same-run ratio with its spread; the engine and every proxy gone afterwards."""
     h = harness.Harness("quick", netns=False, only=("spliceproxy", "docker-proxy"),
                         peers=False, variants=("loopback",), seed=5)
@@ -118,12 +119,12 @@ def test_ports_group_engine_against_docker_proxy():
     assert not [n for n in res.notes if "ports" in n], res.notes
     m = res.variants["process"]
     for metric in ("port_spawn_ms", "port_uss_kib"):
-        for path in ("spliceproxy", harness.PORTS_STUB, "docker-proxy"):
+        for path in ("spliceproxy", harness.PORTS_STANDALONE, "docker-proxy"):
             assert len(m[metric][path]) == 3, (metric, path, m.get(metric))
     assert len(m["ports100_uss_mib"]["spliceproxy"]) == 2
     assert len(m["ports100_uss_mib"]["docker-proxy"]) == 2
     assert sorted(res.orders["process:ports"][0]) == sorted(
-        ["spliceproxy", harness.PORTS_STUB, "docker-proxy"])
+        ["spliceproxy", harness.PORTS_STANDALONE, "docker-proxy"])
     # A stub is a small static program: far below a Go process.
     uss = res.ratio_stats("process", "port_uss_kib", "spliceproxy", "docker-proxy")
     assert uss.count and uss.value < 0.25 and uss.q1 <= uss.value <= uss.q3, uss

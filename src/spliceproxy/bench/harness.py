@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from spliceproxy.bench import procs
 from spliceproxy.bench import topology as topo_mod
-from spliceproxy.bench.launch import proxy_argv, spawn
+from spliceproxy.bench.launch import proxy_argv, spawn_dockerd
 from spliceproxy.bench.loadgen import check, load
 from spliceproxy.bench.paths import SPIN, Paths, find_docker_proxy, find_spliceproxy
 
@@ -295,11 +295,11 @@ GROUPS = {
     "churn": Group(lambda h, g, v: h.run_churn(v), phase=3, variants=("external",)),
     "ports": Group(lambda h, g, v: h.run_ports(), phase=2, variants=("process",)),
 }
-# The ports group's paths: engine mode as dockerd gets it from `spliceproxy
-# install-path`, and the stub given to dockerd directly.  The installed
-# command is the stub itself, so the two are one program (the second row is
-# kept for comparison with older results, which went through a shell).
-PORTS_STUB = "spliceproxy-stub"
+# The ports group's paths besides docker-proxy: `spliceproxy` is engine mode
+# (SPLICEPROXY_ENGINE=1, the installed command is the stub that hands the
+# port to the engine), and the same command standalone (SPLICEPROXY_ENGINE=0,
+# one relay process per port).
+PORTS_STANDALONE = "spliceproxy-standalone"
 
 
 def raise_nofile() -> int:
@@ -780,11 +780,13 @@ class Harness:
     def run_ports(self) -> None:
         """The host engine's cost per published port, against docker-proxy (issue 12).
 
-        Every proxy is started as dockerd starts it (status pipe on fd 3,
-        stdio on /dev/null) on 127.0.0.1 with the TCP backend; nothing is
+        Every proxy is started as dockerd starts it, by the one spawner
+        (spawn_dockerd: clone with CLONE_VM | CLONE_VFORK, status pipe on fd
+        3, stdio on /dev/null), on 127.0.0.1 with the TCP backend; nothing is
         relayed.  spliceproxy runs in engine mode with an engine of its own
         (private socket, never idle-exits during the group, stopped at the
-        end) that is already running, as on a host with published ports:
+        end) that is already running, as on a host with published ports;
+        spliceproxy-standalone is the same command with SPLICEPROXY_ENGINE=0:
         - port_spawn_ms, port_uss_kib: one start after the other, the paths
           shuffled per round; the USS of the stub (private memory, what a
           port adds) against docker-proxy's process;
@@ -800,17 +802,14 @@ class Harness:
         if not self.sp_exe or not self.dp_exe:
             self.res.notes.append("ports group: needs spliceproxy and docker-proxy")
             return
-        stub = self.sp_exe
-        if not os.access(stub, os.X_OK):
-            self.res.notes.append("ports group: no %s beside %s" % (stub, self.sp_exe))
-            return
         sockdir = tempfile.mkdtemp(prefix="spliceproxy-bench-engine-")
         sock = os.path.join(sockdir, "engine.sock")
-        env = dict(self.paths.proxy_env if self.paths.proxy_env is not None else os.environ)
-        env.update(SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_SOCKET=sock,
+        base = dict(self.paths.proxy_env if self.paths.proxy_env is not None else os.environ)
+        env = dict(base, SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_SOCKET=sock,
                    SPLICEPROXY_ENGINE_IDLE_EXIT="never")
-        kinds = {"spliceproxy": (self.sp_exe, env), PORTS_STUB: (stub, env),
-                 "docker-proxy": (self.dp_exe, None)}
+        kinds = {"spliceproxy": (self.sp_exe, env),
+                 PORTS_STANDALONE: (self.sp_exe, dict(base, SPLICEPROXY_ENGINE="0")),
+                 "docker-proxy": (self.dp_exe, base)}
         alive: list = []
 
         def start(name):
@@ -885,13 +884,10 @@ class Harness:
             shutil.rmtree(sockdir, ignore_errors=True)
 
     def _spawn_measured(self, argv, env=None):
-        pre = topo_mod.child_preexec(self.paths.host_ns)
-        try:
-            return spawn(argv, preexec_fn=pre,
-                         env=env if env is not None else self.paths.proxy_env)
-        finally:
-            if pre.fd >= 0:
-                os.close(pre.fd)
+        """Every measured start goes the one way dockerd's does (spawn_dockerd), so
+        the spawn ratios compare the proxies and not the launcher."""
+        return spawn_dockerd(argv, env=env if env is not None else self.paths.proxy_env,
+                             netns=self.paths.host_ns)
 
     def run_strace(self, variant: str) -> None:
         """External syscall counts (strace -c -f -p) per userland path, in shuffled rounds.

@@ -70,7 +70,7 @@ PROFILES = {
                      scale_conns=1000, churn_count=30000, spawns=8, ports_rounds=3,
                      ports_ranges=(100,), strace_bytes=64 << 20,
                      strace_conns=100, strace_rounds=3,
-                     loopback_groups=("bulk", "rr")),
+                     loopback_groups=("bulk", "rr", "crr", "udp")),
     "full": Profile("full", rounds=15, lat_rounds=15, bulk_bytes=512 << 20, streams=4,
                     stream_bytes=128 << 20,
                     rr_iters=5000, crr_count=400, udp_iters=3000, burst_count=50000,

@@ -232,10 +232,12 @@ class Paths:
         for proto, off, to in (("tcp", 0, self.echo_port), ("tcp", 1, self.sink_port),
                                ("udp", 2, self.udp_port)):
             self.topo.add_dnat(proto, base + off, self.topo.addr.container, to)
-        h = self.topo.addr.host_ext
-        ep = Endpoint((h, base), (h, base + 1), (h, base + 2))
-        return PathRuntime("iptables", external=ep, loopback=None,
-                           note="DNAT does not apply to localhost")
+            # Host-local clients as dockerd serves them with the userland
+            # proxy off: the reference the fast path must beat on loopback.
+            self.topo.add_local_dnat(proto, base + off, self.topo.addr.container, to)
+        ext, lo = self._endpoints([base, base + 1, base + 2])
+        return PathRuntime("iptables", external=ext, loopback=lo,
+                           note="loopback: nat OUTPUT DNAT, route_localnet, MASQUERADE")
 
     def _start_dockerish(self, name: str, exe: str, env_for) -> PathRuntime:
         rt = PathRuntime(name)

@@ -605,41 +605,41 @@ class Harness:
                 self.res.add(variant, metric, name, (cpu1[name] - c0) * 1e6 / exchanges, r)
 
     def _rr_round(self, variant, order, r) -> None:
-        n, k = self.p.rr_iters, len(order)
-        socks = self._multi_socks(variant, order, "echo")
-        fds = self.ffi.new("int[]", [s.fileno() for s in socks])
-        # The warm-up writes its latencies into the same buffer: room for both.
-        lat = self.ffi.new("double[]", max(n, RR_WARMUP) * k)
-        try:
-            check(self.lib.lg_rr_multi(fds, k, RR_WARMUP, 1, lat), "rr warmup")
-            cpu0 = self._cpu(order, "echo")
-            check(self.lib.lg_rr_multi(fds, k, n, 1, lat), "rr")
-            self._add_cpu(variant, "rr_cpu_us", order, "echo", cpu0, n, r)
-        finally:
-            for s in socks:
-                s.close()
-        got = {}
-        for j, (name, _rt) in enumerate(order):
-            vals = [lat[j * n + i] / 1e3 for i in range(n)]
-            got[name] = (_pct(vals, 0.5), _pct(vals, 0.99))
-        nat = got.get("native")
-        for name, (p50, p99) in got.items():
-            self.res.add(variant, "rr_p50", name, p50, r)
-            self.res.add(variant, "rr_p99", name, p99, r)
-            if nat and name != "native":
-                self.res.add(variant, "rr_added_p50", name, max(0.0, p50 - nat[0]), r)
-                self.res.add(variant, "rr_added_p99", name, max(0.0, p99 - nat[1]), r)
+        self._exchange_round(variant, order, r, "echo", socket.SOCK_STREAM, RR_WARMUP,
+                             self.p.rr_iters,
+                             lambda fds, k, n, lat: self.lib.lg_rr_multi(fds, k, n, 1, lat),
+                             {"p50": "rr_p50", "p99": "rr_p99", "added_p50": "rr_added_p50",
+                              "added_p99": "rr_added_p99", "cpu": "rr_cpu_us"})
 
     def _udp_round(self, variant, order, r) -> None:
-        n, k = self.p.udp_iters, len(order)
-        socks = self._multi_socks(variant, order, "udp", socket.SOCK_DGRAM)
+        self._exchange_round(variant, order, r, "udp", socket.SOCK_DGRAM, UDP_WARMUP,
+                             self.p.udp_iters,
+                             lambda fds, k, n, lat: self.lib.lg_udp_rr_multi(fds, k, n, 64, 200,
+                                                                             lat),
+                             {"p50": "udp_rr_p50", "p99": "udp_rr_p99",
+                              "added_p50": "udp_added_p50", "cpu": "udp_cpu_us"})
+
+    def _exchange_round(self, variant, order, r, role, proto, warmup, n, call, names) -> None:
+        """One request/response round over every path, exchange by exchange.
+
+        Warm-up, the proxies' CPU reading, the measured exchanges, then each
+        path's percentiles and what it adds over native.  call(fds, k, n, lat)
+        is the load generator's loop (TCP or UDP; a lost UDP reply records a
+        negative latency and is left out); names maps p50, p99, added_p50,
+        added_p99 and cpu to this group's metrics (a missing one is not
+        recorded).
+        """
+        k = len(order)
+        socks = self._multi_socks(variant, order, role, proto)
         fds = self.ffi.new("int[]", [s.fileno() for s in socks])
-        lat = self.ffi.new("double[]", max(n, UDP_WARMUP) * k)
+        # The warm-up writes its latencies into the same buffer: room for both.
+        lat = self.ffi.new("double[]", max(n, warmup) * k)
+        what = names["p50"].rsplit("_", 1)[0]
         try:
-            self.lib.lg_udp_rr_multi(fds, k, UDP_WARMUP, 64, 200, lat)
-            cpu0 = self._cpu(order, "udp")
-            check(self.lib.lg_udp_rr_multi(fds, k, n, 64, 200, lat), "udp rr")
-            self._add_cpu(variant, "udp_cpu_us", order, "udp", cpu0, n, r)
+            check(call(fds, k, warmup, lat), what + " warmup")
+            cpu0 = self._cpu(order, role)
+            check(call(fds, k, n, lat), what)
+            self._add_cpu(variant, names["cpu"], order, role, cpu0, n, r)
         finally:
             for s in socks:
                 s.close()
@@ -650,10 +650,12 @@ class Harness:
                 got[name] = (_pct(vals, 0.5), _pct(vals, 0.99))
         nat = got.get("native")
         for name, (p50, p99) in got.items():
-            self.res.add(variant, "udp_rr_p50", name, p50, r)
-            self.res.add(variant, "udp_rr_p99", name, p99, r)
+            self.res.add(variant, names["p50"], name, p50, r)
+            self.res.add(variant, names["p99"], name, p99, r)
             if nat and name != "native":
-                self.res.add(variant, "udp_added_p50", name, max(0.0, p50 - nat[0]), r)
+                for q, mine, ref in (("added_p50", p50, nat[0]), ("added_p99", p99, nat[1])):
+                    if q in names:
+                        self.res.add(variant, names[q], name, max(0.0, mine - ref), r)
 
     def _crr_round(self, variant, order, r) -> None:
         n, k = self.p.crr_count, len(order)
@@ -665,7 +667,10 @@ class Harness:
         lat = self.ffi.new("double[]", n * k)
         st0 = {name: self._stats(rt, "echo") for name, rt in order}
         with topo_mod.in_netns(ns):
-            check(self.lib.lg_connect_rate_multi(socket.AF_INET, ipv, ports, k, n, lat), "crr")
+            done = check(self.lib.lg_connect_rate_multi(socket.AF_INET, ipv, ports, k, n, lat),
+                         "crr")
+        if done < n:
+            raise OSError("crr stopped after %d of %d connections per path" % (done, n))
         time.sleep(0.05)  # let the proxies finish closing the last pairs
         for j, (name, rt) in enumerate(order):
             total = sum(lat[j * n + i] for i in range(n)) / 1e9

@@ -134,3 +134,40 @@ def test_ports_group_engine_against_docker_proxy():
     left = subprocess.run(["pgrep", "-f", "spliceproxy-bench-engine-"], capture_output=True,
                           text=True).stdout.split()
     assert not left, left
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, iptables)")
+def test_loopback_iptables_is_dockerds_nat_for_local_clients():
+    """On loopback the iptables path is what dockerd installs with the userland
+    proxy off (nat OUTPUT DNAT for local destinations, route_localnet on the
+    bridge side, MASQUERADE for 127.0.0.0/8 sources), and the latency and
+    connection-rate groups measure it there beside native."""
+    # SPLICEPROXY_BENCH_TEST_{PREFIX,SUBNET}: where several runs share a host.
+    prefix = os.environ.get("SPLICEPROXY_BENCH_TEST_PREFIX", "bt-l%d-" % os.getpid())
+    subnet = os.environ.get("SPLICEPROXY_BENCH_TEST_SUBNET", "198.19.241.0/24")
+    h = _small(harness.Harness("quick", only=("native", "iptables"), peers=False,
+                               variants=("loopback",), subnet=subnet, netns_prefix=prefix,
+                               seed=11))
+    with h:
+        host = h.topo.host
+
+        def run(*argv):
+            return subprocess.run(["ip", "netns", "exec", host, *argv], capture_output=True,
+                                  text=True, check=True).stdout
+
+        out = run("iptables", "-w", "-t", "nat", "-S", "OUTPUT")
+        assert "--dst-type LOCAL" in out and "-j DNAT" in out, out
+        post = run("iptables", "-w", "-t", "nat", "-S", "POSTROUTING")
+        assert "-s 127.0.0.0/8" in post and "MASQUERADE" in post, post
+        assert run("sysctl", "-n", "net.ipv4.conf.hk0.route_localnet").strip() == "1"
+        rt = h.paths.runtimes["iptables"]
+        assert rt.loopback.echo[0] == "127.0.0.1"
+        res = h.run_all(("rr", "crr", "udp"))
+    m = res.variants["loopback"]
+    for metric in ("rr_p50", "crr_rate", "udp_rr_p50"):
+        assert len(m[metric]["iptables"]) == 3 and len(m[metric]["native"]) == 3, (
+            metric, res.notes)
+    # NAT adds a little over the direct path, never a relay's hop.
+    assert 0.8 < res.ratio("loopback", "rr_p50", "iptables", "native") < 1.6
+    left = os.listdir(topology.NETNS_DIR) if os.path.isdir(topology.NETNS_DIR) else []
+    assert not [n for n in left if n.startswith(prefix)]

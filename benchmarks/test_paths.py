@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from spliceproxy.bench.gate import gate_entries
@@ -42,7 +44,9 @@ PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
            "port_spawn_ms": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
            "port_uss_kib": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
            "ports100_uss_mib": ("spliceproxy", "docker-proxy"),
-           "ports1000_uss_mib": ("spliceproxy", "docker-proxy")}
+           "ports1000_uss_mib": ("spliceproxy", "docker-proxy"),
+           "ports100_spawn_ms": ("spliceproxy", "docker-proxy"),
+           "ports1000_spawn_ms": ("spliceproxy", "docker-proxy")}
 GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "cpu_per_gb_n": "bulk",
          "syscalls_per_gib": "bulk",
          "strace_syscalls_per_gib": "bulk", "crr_rate": "crr", "syscalls_per_conn": "crr",
@@ -100,10 +104,10 @@ def test_metric(benchmark, bench, variant, metric, path):
             and bench.p.name == "quick":
         pytest.skip("docker-proxy's churn runs in the full profile only: past ~28k "
                     "connections it drops to a few hundred per second")
-    if not vals and metric.startswith("ports") and metric[5:-8].isdigit() \
-            and int(metric[5:-8]) not in bench.p.ports_ranges:
+    many = re.match(r"ports(\d+)_", metric)
+    if not vals and many and int(many.group(1)) not in bench.p.ports_ranges:
         pytest.skip("%s mappings are measured in the full profile only (%s here)"
-                    % (metric[5:-8], ", ".join(map(str, bench.p.ports_ranges))))
+                    % (many.group(1), ", ".join(map(str, bench.p.ports_ranges))))
     benchmark.group = "%s:%s" % (variant, metric)
     benchmark.pedantic(_probe(bench, variant, metric, path), rounds=3, iterations=1)
     assert vals, "no %s figure for %s (%s): %s" % (metric, path, variant, res.notes)

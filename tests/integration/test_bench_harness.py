@@ -123,6 +123,9 @@ def test_ports_group_engine_against_docker_proxy():
             assert len(m[metric][path]) == 3, (metric, path, m.get(metric))
     assert len(m["ports100_uss_mib"]["spliceproxy"]) == 2
     assert len(m["ports100_uss_mib"]["docker-proxy"]) == 2
+    # The whole range's start, back to back, beside its memory.
+    assert len(m["ports100_spawn_ms"]["spliceproxy"]) == 2
+    assert len(m["ports100_spawn_ms"]["docker-proxy"]) == 2
     assert sorted(res.orders["process:ports"][0]) == sorted(
         ["spliceproxy", harness.PORTS_STANDALONE, "docker-proxy"])
     # A stub is a small static program: far below a Go process.

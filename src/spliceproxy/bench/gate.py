@@ -99,9 +99,11 @@ CAPS = {"churn_hold": 1.0}
 #   tolerance of it;
 # - MISSED (fails): the whole range lies beyond the target and the median
 #   beyond the tolerance.
-# Tolerances from the spread of the fast path's ratios in repeated quick runs
-# here (README, fast path): pinned RR p50 within 1%, p99 and connections/s a
-# few %, bulk throughput 5-10% per run (it is not pinned).
+# Tolerances from the spread of the fast path's ratios over nine quick runs
+# here (README, measuring): RR p50 0.99-1.00 and UDP p50 0.97-1.05 (pinned);
+# p99 0.84-1.16 of native, since each path has its own echo server process
+# and p99 falls in the VM's slow wake-up mode (60-90 us); throughput
+# 0.87-1.02 (not pinned); connections/s 0.77-1.19.
 TARGETS = {
     "fastpath bulk_1/native": ("loopback", "fastpath", "bulk_1", "native", "higher", 0.95, 0.10),
     "fastpath bulk_1/iptables": ("loopback", "fastpath", "bulk_1", "iptables", "higher", 1.0,
@@ -109,9 +111,9 @@ TARGETS = {
     "fastpath rr_p50/native": ("loopback", "fastpath", "rr_p50", "native", "lower", 1.05, 0.03),
     "fastpath rr_p50/iptables": ("loopback", "fastpath", "rr_p50", "iptables", "lower", 1.0,
                                  0.03),
-    "fastpath rr_p99/native": ("loopback", "fastpath", "rr_p99", "native", "lower", 1.05, 0.10),
+    "fastpath rr_p99/native": ("loopback", "fastpath", "rr_p99", "native", "lower", 1.05, 0.15),
     "fastpath rr_p99/iptables": ("loopback", "fastpath", "rr_p99", "iptables", "lower", 1.0,
-                                 0.10),
+                                 0.15),
     "fastpath crr_rate/native": ("loopback", "fastpath", "crr_rate", "native", "higher", 0.9,
                                  0.05),
     "fastpath crr_rate/iptables": ("loopback", "fastpath", "crr_rate", "iptables", "higher", 1.0,

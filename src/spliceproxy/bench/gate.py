@@ -78,9 +78,11 @@ TOLERANCES = {
     "ports1000_uss/docker-proxy": ("ports1000_uss_mib", "docker-proxy", "count", "lower", 0.25,
                                    0.0),
     "port_spawn/docker-proxy": ("port_spawn_ms", "docker-proxy", "timing", "lower", 1.0, 0.0),
-    # 100 starts back to back: 0.57-0.69 over four runs here.
+    # 100 starts back to back: 0.57-0.69 over six runs here, 1.15 in one
+    # whose ports group met a burst of the neighbours' load (three rounds
+    # only; the single start's tolerance).
     "ports100_spawn/docker-proxy": ("ports100_spawn_ms", "docker-proxy", "timing", "lower",
-                                    0.5, 0.0),
+                                    1.0, 0.0),
 }
 
 

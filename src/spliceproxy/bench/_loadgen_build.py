@@ -25,7 +25,7 @@ int lg_serve(int *lfds, int *kinds, int n, int stopfd);
 int lg_rr_multi(int *fds, int nfds, int iters, int size, double *lat_ns);
 int lg_udp_rr_multi(int *fds, int nfds, int iters, int size, int timeout_ms, double *lat_ns);
 int lg_connect_rate_multi(int family, const char **ips, int *ports, int n, int count,
-                          double *lat_ns);
+                          unsigned int seed, double *lat_ns);
 int lg_spawn(const char *path, char **argv, char **envp, int listen_fd, int timeout_ms,
              char *status, int cap, int *status_len, double *ready_ns);
 """

@@ -670,7 +670,8 @@ class Harness:
         lat = self.ffi.new("double[]", n * k)
         st0 = {name: self._stats(rt, "echo") for name, rt in order}
         with topo_mod.in_netns(ns):
-            done = check(self.lib.lg_connect_rate_multi(socket.AF_INET, ipv, ports, k, n, lat),
+            done = check(self.lib.lg_connect_rate_multi(socket.AF_INET, ipv, ports, k, n,
+                                                        self.rng.randrange(1, 1 << 32), lat),
                          "crr")
         if done < n:
             raise OSError("crr stopped after %d of %d connections per path" % (done, n))

@@ -64,7 +64,11 @@ TOLERANCES = {
     "bulk_n/iptables": ("bulk_n", "iptables", "timing", "higher", 0.5, 0.0),
     "cpu_per_gb/docker-proxy": ("cpu_per_gb", "docker-proxy", "timing", "lower", 0.9, 0.0),
     "rr_added_p50/docker-proxy": ("rr_added_p50", "docker-proxy", "timing", "lower", 0.5, 0.0),
-    "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 0.3,
+    # Bimodal against docker-proxy over eleven quick runs (external): 0.39-0.44
+    # or 0.71-0.74 by the latency mode docker-proxy's own round trips land in,
+    # the main branch's code alike; loopback 0.40-0.42.  The tolerance spans
+    # both modes.
+    "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 1.0,
                                    0.0),
     "crr_rate/docker-proxy": ("crr_rate", "docker-proxy", "timing", "higher", 0.45, 0.0),
     "udp_pps/docker-proxy": ("udp_pps", "docker-proxy", "timing", "higher", 0.5, 0.0),

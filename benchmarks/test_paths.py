@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from spliceproxy.bench.gate import gate_entries
-from spliceproxy.bench.harness import BARE, METRICS, PLAIN, PORTS_STUB, REFS
+from spliceproxy.bench.harness import BARE, METRICS, PLAIN, PORTS_STANDALONE, REFS
 
 TIMING = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat")
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
@@ -38,12 +40,13 @@ PER_METRIC = {
 }
 PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
            "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE),
-           # The ports group: engine mode (through the launcher, and the stub
-           # given to dockerd directly) against docker-proxy.
-           "port_spawn_ms": ("spliceproxy", PORTS_STUB, "docker-proxy"),
-           "port_uss_kib": ("spliceproxy", PORTS_STUB, "docker-proxy"),
+           # The ports group: engine mode and standalone against docker-proxy.
+           "port_spawn_ms": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
+           "port_uss_kib": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
            "ports100_uss_mib": ("spliceproxy", "docker-proxy"),
-           "ports1000_uss_mib": ("spliceproxy", "docker-proxy")}
+           "ports1000_uss_mib": ("spliceproxy", "docker-proxy"),
+           "ports100_spawn_ms": ("spliceproxy", "docker-proxy"),
+           "ports1000_spawn_ms": ("spliceproxy", "docker-proxy")}
 GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "cpu_per_gb_n": "bulk",
          "syscalls_per_gib": "bulk",
          "strace_syscalls_per_gib": "bulk", "crr_rate": "crr", "syscalls_per_conn": "crr",
@@ -54,16 +57,23 @@ for _m in METRICS:
         GROUP[_m] = "udp"
 
 CASES = [("external", m, p) for m, ps in PER_METRIC.items() for p in ps]
+# On loopback the iptables path is dockerd's NAT for host-local clients (nat
+# OUTPUT DNAT) and latency, connection rate and UDP are measured as well.
 CASES += [("loopback", m, p) for m in ("bulk_1", "cpu_per_gb", "syscalls_per_gib", "rr_p50",
-                                       "rr_p99", "rr_added_p50", "rr_added_p99", "rr_cpu_us")
-          for p in PER_METRIC[m] if p != "iptables"]
+                                       "rr_p99", "rr_added_p50", "rr_added_p99", "rr_cpu_us",
+                                       "crr_rate", "syscalls_per_conn", "udp_rr_p50",
+                                       "udp_rr_p99", "udp_added_p50", "udp_cpu_us", "udp_pps",
+                                       "udp_loss_pct")
+          for p in PER_METRIC[m]]
 CASES += [("loopback", m, p) for m in ("scale_served_pct", "rss_per_conn_kib", "fds_per_conn",
                                        "threads") for p in PER_METRIC[m]]
 CASES += [("process", m, p) for m, ps in PROCESS.items() for p in ps]
-# The kernel fast path serves host-local clients only (its relay is the spliceproxy path).
-# (crr and udp run on loopback in the full profile only, like every path's.)
+# The kernel fast path serves host-local clients only (its relay is the spliceproxy path);
+# its targets (gate.TARGETS) are ratios to native and iptables on these.
 CASES += [("loopback", m, "fastpath") for m in ("bulk_1", "rr_p50", "rr_p99", "rr_added_p50",
-                                                "rr_added_p99")]
+                                                "rr_added_p99", "crr_rate", "udp_rr_p50",
+                                                "udp_rr_p99", "udp_added_p50", "udp_pps",
+                                                "udp_loss_pct")]
 
 
 def _probe(bench, variant, metric, path):
@@ -85,7 +95,7 @@ def _probe(bench, variant, metric, path):
                          ids=["%s-%s-%s" % c for c in CASES])
 def test_metric(benchmark, bench, variant, metric, path):
     res = bench.res
-    if path != BARE and path != PORTS_STUB and path not in bench.paths.runtimes:
+    if path not in (BARE, PORTS_STANDALONE) and path not in bench.paths.runtimes:
         pytest.skip("%s not measured: %s" % (path, bench.paths.skipped.get(path, "unavailable")))
     if variant not in res.variants:
         pytest.skip("%s variant not measured (%s)" % (variant, "; ".join(res.notes)))
@@ -94,10 +104,10 @@ def test_metric(benchmark, bench, variant, metric, path):
             and bench.p.name == "quick":
         pytest.skip("docker-proxy's churn runs in the full profile only: past ~28k "
                     "connections it drops to a few hundred per second")
-    if not vals and metric.startswith("ports") and metric[5:-8].isdigit() \
-            and int(metric[5:-8]) not in bench.p.ports_ranges:
+    many = re.match(r"ports(\d+)_", metric)
+    if not vals and many and int(many.group(1)) not in bench.p.ports_ranges:
         pytest.skip("%s mappings are measured in the full profile only (%s here)"
-                    % (metric[5:-8], ", ".join(map(str, bench.p.ports_ranges))))
+                    % (many.group(1), ", ".join(map(str, bench.p.ports_ranges))))
     benchmark.group = "%s:%s" % (variant, metric)
     benchmark.pedantic(_probe(bench, variant, metric, path), rounds=3, iterations=1)
     assert vals, "no %s figure for %s (%s): %s" % (metric, path, variant, res.notes)

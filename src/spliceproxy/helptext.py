@@ -87,6 +87,12 @@ ENVIRONMENT = _proxy_rows() + (
     Variable("SPLICEPROXY_E2E_NETNS_PREFIX", "spe2e-",
              "name prefix of the dockerd scenarios' network namespaces", group="tests",
              note=_PENDING),
+    Variable("SPLICEPROXY_BENCH_TEST_PREFIX", "bt-l<pid>-",
+             "name prefix of the bench harness test's loopback namespaces", group="tests",
+             note=_PENDING),
+    Variable("SPLICEPROXY_BENCH_TEST_SUBNET", "198.19.241.0/24",
+             "the range of the bench harness test's loopback namespaces", group="tests",
+             note=_PENDING),
 )
 
 _GROUPS = (

@@ -107,8 +107,9 @@ def test_latency_rounds_shorter_than_their_warm_up():
 @pytest.mark.skipif(paths.find_docker_proxy() is None,
                     reason="needs docker-proxy (apt-get install docker.io)")
 def test_ports_group_engine_against_docker_proxy():
-    """The ports group in miniature: real stubs with their own engine and real
-    docker-proxy processes, per-port USS, spawn and a whole range's USS, each a
+    """The ports group in miniature: real stubs with their own engine, the same
+    command standalone and real docker-proxy processes, all started by the one
+    dockerd-like spawner, per-port USS, spawn and a whole range's USS, each a
     same-run ratio with its spread; the engine and every proxy gone afterwards."""
     h = harness.Harness("quick", netns=False, only=("spliceproxy", "docker-proxy"),
                         peers=False, variants=("loopback",), seed=5)
@@ -118,12 +119,15 @@ def test_ports_group_engine_against_docker_proxy():
     assert not [n for n in res.notes if "ports" in n], res.notes
     m = res.variants["process"]
     for metric in ("port_spawn_ms", "port_uss_kib"):
-        for path in ("spliceproxy", harness.PORTS_STUB, "docker-proxy"):
+        for path in ("spliceproxy", harness.PORTS_STANDALONE, "docker-proxy"):
             assert len(m[metric][path]) == 3, (metric, path, m.get(metric))
     assert len(m["ports100_uss_mib"]["spliceproxy"]) == 2
     assert len(m["ports100_uss_mib"]["docker-proxy"]) == 2
+    # The whole range's start, back to back, beside its memory.
+    assert len(m["ports100_spawn_ms"]["spliceproxy"]) == 2
+    assert len(m["ports100_spawn_ms"]["docker-proxy"]) == 2
     assert sorted(res.orders["process:ports"][0]) == sorted(
-        ["spliceproxy", harness.PORTS_STUB, "docker-proxy"])
+        ["spliceproxy", harness.PORTS_STANDALONE, "docker-proxy"])
     # A stub is a small static program: far below a Go process.
     uss = res.ratio_stats("process", "port_uss_kib", "spliceproxy", "docker-proxy")
     assert uss.count and uss.value < 0.25 and uss.q1 <= uss.value <= uss.q3, uss
@@ -133,3 +137,40 @@ def test_ports_group_engine_against_docker_proxy():
     left = subprocess.run(["pgrep", "-f", "spliceproxy-bench-engine-"], capture_output=True,
                           text=True).stdout.split()
     assert not left, left
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, iptables)")
+def test_loopback_iptables_is_dockerds_nat_for_local_clients():
+    """On loopback the iptables path is what dockerd installs with the userland
+    proxy off (nat OUTPUT DNAT for local destinations, route_localnet on the
+    bridge side, MASQUERADE for 127.0.0.0/8 sources), and the latency and
+    connection-rate groups measure it there beside native."""
+    # SPLICEPROXY_BENCH_TEST_{PREFIX,SUBNET}: where several runs share a host.
+    prefix = os.environ.get("SPLICEPROXY_BENCH_TEST_PREFIX", "bt-l%d-" % os.getpid())
+    subnet = os.environ.get("SPLICEPROXY_BENCH_TEST_SUBNET", "198.19.241.0/24")
+    h = _small(harness.Harness("quick", only=("native", "iptables"), peers=False,
+                               variants=("loopback",), subnet=subnet, netns_prefix=prefix,
+                               seed=11))
+    with h:
+        host = h.topo.host
+
+        def run(*argv):
+            return subprocess.run(["ip", "netns", "exec", host, *argv], capture_output=True,
+                                  text=True, check=True).stdout
+
+        out = run("iptables", "-w", "-t", "nat", "-S", "OUTPUT")
+        assert "--dst-type LOCAL" in out and "-j DNAT" in out, out
+        post = run("iptables", "-w", "-t", "nat", "-S", "POSTROUTING")
+        assert "-s 127.0.0.0/8" in post and "MASQUERADE" in post, post
+        assert run("sysctl", "-n", "net.ipv4.conf.hk0.route_localnet").strip() == "1"
+        rt = h.paths.runtimes["iptables"]
+        assert rt.loopback.echo[0] == "127.0.0.1"
+        res = h.run_all(("rr", "crr", "udp"))
+    m = res.variants["loopback"]
+    for metric in ("rr_p50", "crr_rate", "udp_rr_p50"):
+        assert len(m[metric]["iptables"]) == 3 and len(m[metric]["native"]) == 3, (
+            metric, res.notes)
+    # NAT adds a little over the direct path, never a relay's hop.
+    assert 0.8 < res.ratio("loopback", "rr_p50", "iptables", "native") < 1.6
+    left = os.listdir(topology.NETNS_DIR) if os.path.isdir(topology.NETNS_DIR) else []
+    assert not [n for n in left if n.startswith(prefix)]

@@ -258,3 +258,70 @@ def test_cli_list_names_every_figure():
     assert cp.returncode == 0
     for key in gate.TOLERANCES:
         assert key in cp.stdout
+
+
+def _target_result(**figures) -> dict:
+    """A result with fast path TARGETS figures: key -> (median, q1, q3)."""
+    benches = []
+    for key, (value, q1, q3) in figures.items():
+        variant, path, m, ref, better, target, _rel = gate.TARGETS[key]
+        entry = {"value": value, "q1": q1, "q3": q3, "conclusive": True, "kind": "target",
+                 "better": better, "metric": m, "ref": ref, "target": target}
+        benches.append(_record(variant, m, path, {key: entry}))
+    return {"machine_info": {}, "benchmarks": benches}
+
+
+def test_target_met_inconclusive_and_missed():
+    """A fast path target is judged against its fixed figure, not the baseline:
+    met by the median, inconclusive (passing) when the spread reaches it, failing
+    only when the whole interquartile range misses it beyond the tolerance."""
+    base = gate.load_data(_target_result(**{
+        "fastpath bulk_1/native": (1.0, 0.98, 1.02),
+        "fastpath rr_p50/native": (1.0, 0.99, 1.01)}))
+
+    def verdicts(bulk, rr):
+        cur = gate.load_data(_target_result(**{"fastpath bulk_1/native": bulk,
+                                                "fastpath rr_p50/native": rr}))
+        return {r["key"]: r["verdict"] for r in gate.compare(base, cur)}
+
+    assert verdicts((0.96, 0.90, 1.0), (1.04, 1.0, 1.1)) == {
+        "fastpath bulk_1/native": "ok", "fastpath rr_p50/native": "ok"}
+    # Missed by the median, reached by the spread (or within the tolerance).
+    v = verdicts((0.90, 0.80, 0.96), (1.07, 1.06, 1.09))
+    assert v == {"fastpath bulk_1/native": "inconclusive",
+                 "fastpath rr_p50/native": "inconclusive"}
+    # Whole range beyond: a failure, whatever the baseline said.
+    v = verdicts((0.70, 0.65, 0.75), (1.30, 1.25, 1.40))
+    assert v == {"fastpath bulk_1/native": "MISSED", "fastpath rr_p50/native": "MISSED"}
+    rows = gate.compare(base, gate.load_data(_target_result(**{
+        "fastpath bulk_1/native": (0.70, 0.65, 0.75)})))
+    assert [r["verdict"] for r in gate.failed(rows)] == ["MISSED", "missing"]
+    assert "FAIL" in gate.summary_line(rows) and ">= 0.95" in gate.render(rows)
+
+
+def test_target_cli_exit_codes_and_overrides(files):
+    base = files("base.json", _target_result(**{"fastpath crr_rate/iptables": (1.1, 1.0, 1.2)}))
+    bad = files("bad.json", _target_result(**{"fastpath crr_rate/iptables": (0.8, 0.78, 0.82)}))
+    cp = run_gate(base, bad)
+    assert cp.returncode == 1 and "MISSED" in cp.stdout, cp.stdout
+    # A tolerance wide enough turns the miss into an inconclusive pass.
+    cp = run_gate(base, bad, "--tolerance", "fastpath crr_rate/iptables=0.25")
+    assert cp.returncode == 0 and "inconclusive" in cp.stdout, cp.stdout
+    # Targets are timing figures: gating counts only leaves them out.
+    cp = run_gate(base, bad, "--kind", "timing")
+    assert cp.returncode == 1
+    cp = run_gate("--list")
+    assert all(k in cp.stdout for k in gate.TARGETS)
+
+
+def test_target_entries_come_from_the_fast_path_records():
+    from spliceproxy.bench.harness import Results
+
+    res = Results("quick")
+    for r, (fp, nat) in enumerate([(17.0, 17.5), (16.0, 16.2), (18.0, 17.9)]):
+        res.add("loopback", "bulk_1", "fastpath", fp, r)
+        res.add("loopback", "bulk_1", "native", nat, r)
+    entries = gate.gate_entries(res, "loopback", "bulk_1", "fastpath")
+    e = entries["fastpath bulk_1/native"]
+    assert e["kind"] == "target" and e["target"] == 0.95 and e["q1"] <= e["value"] <= e["q3"]
+    assert gate.gate_entries(res, "loopback", "bulk_1", "native") == {}

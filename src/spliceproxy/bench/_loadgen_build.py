@@ -2,7 +2,8 @@
 
 The measuring side must never be the bottleneck, so every per-byte and
 per-message loop is C: bulk send, TCP and UDP ping-pong, connect-exchange-close,
-UDP bursts, many idle connections, and the backend servers' epoll loop.  Each
+UDP bursts, many idle connections, the backend servers' epoll loop, and starting a
+proxy the way dockerd does (clone with CLONE_VM | CLONE_VFORK, as Go's os/exec).  Each
 function returns >= 0 or -errno; cffi releases the GIL around every call, so
 Python threads can drive several streams in parallel.
 """
@@ -24,7 +25,9 @@ int lg_serve(int *lfds, int *kinds, int n, int stopfd);
 int lg_rr_multi(int *fds, int nfds, int iters, int size, double *lat_ns);
 int lg_udp_rr_multi(int *fds, int nfds, int iters, int size, int timeout_ms, double *lat_ns);
 int lg_connect_rate_multi(int family, const char **ips, int *ports, int n, int count,
-                          double *lat_ns);
+                          unsigned int seed, double *lat_ns);
+int lg_spawn(const char *path, char **argv, char **envp, int listen_fd, int timeout_ms,
+             char *status, int cap, int *status_len, double *ready_ns);
 """
 
 # The C itself is an ordinary source file beside this one, compiled with

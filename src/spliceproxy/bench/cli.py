@@ -216,6 +216,9 @@ def gate_main(argv: list[str]) -> int:
         for key, (m, ref, kind, better, rel, absol) in gate.TOLERANCES.items():
             print("%-28s %-6s %s is better, rel %g, abs %g  (%s%s)"
                   % (key, kind, better, rel, absol, m, "/" + ref if ref else ""))
+        for key, (variant, _path, m, ref, better, target, rel) in gate.TARGETS.items():
+            print("%-28s target %s %g, inconclusive within rel %g or the IQR  (%s %s/%s)"
+                  % (key, ">=" if better == "higher" else "<=", target, rel, variant, m, ref))
         return 0
     args = gate_parser().parse_args(argv)
     return gate.main(args.baseline, args.current, overrides=args.tolerance,

@@ -64,7 +64,11 @@ TOLERANCES = {
     "bulk_n/iptables": ("bulk_n", "iptables", "timing", "higher", 0.5, 0.0),
     "cpu_per_gb/docker-proxy": ("cpu_per_gb", "docker-proxy", "timing", "lower", 0.9, 0.0),
     "rr_added_p50/docker-proxy": ("rr_added_p50", "docker-proxy", "timing", "lower", 0.5, 0.0),
-    "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 0.3,
+    # Bimodal against docker-proxy over eleven quick runs (external): 0.39-0.44
+    # or 0.71-0.74 by the latency mode docker-proxy's own round trips land in,
+    # the main branch's code alike; loopback 0.40-0.42.  The tolerance spans
+    # both modes.
+    "udp_added_p50/docker-proxy": ("udp_added_p50", "docker-proxy", "timing", "lower", 1.0,
                                    0.0),
     "crr_rate/docker-proxy": ("crr_rate", "docker-proxy", "timing", "higher", 0.45, 0.0),
     "udp_pps/docker-proxy": ("udp_pps", "docker-proxy", "timing", "higher", 0.5, 0.0),
@@ -78,6 +82,11 @@ TOLERANCES = {
     "ports1000_uss/docker-proxy": ("ports1000_uss_mib", "docker-proxy", "count", "lower", 0.25,
                                    0.0),
     "port_spawn/docker-proxy": ("port_spawn_ms", "docker-proxy", "timing", "lower", 1.0, 0.0),
+    # 100 starts back to back: 0.57-0.69 over six runs here, 1.15 in one
+    # whose ports group met a burst of the neighbours' load (three rounds
+    # only; the single start's tolerance).
+    "ports100_spawn/docker-proxy": ("ports100_spawn_ms", "docker-proxy", "timing", "lower",
+                                    1.0, 0.0),
 }
 
 
@@ -85,12 +94,64 @@ TOLERANCES = {
 # nothing about the next one).
 CAPS = {"churn_hold": 1.0}
 
+# Targets: same-run ratios of a path other than the subject that must meet a
+# fixed figure whatever the baseline says (the kernel fast path against
+# native and iptables DNAT for host-local clients, issue 13).
+# key -> (variant, path, metric, reference, better, target, relative tol).
+# The verdict uses the ratio's spread the way the table's `~` does with 1:
+# - ok: the median of the per-round ratios meets the target;
+# - inconclusive (passes, shown): it misses, but the interquartile range of
+#   the per-round ratios reaches the target, or the median is within the
+#   tolerance of it;
+# - MISSED (fails): the whole range lies beyond the target and the median
+#   beyond the tolerance.
+# Tolerances from the spread of the fast path's ratios over nine quick runs
+# here (README, measuring): RR p50 0.99-1.00 and UDP p50 0.97-1.05 (pinned);
+# p99 0.84-1.16 of native, since each path has its own echo server process
+# and p99 falls in the VM's slow wake-up mode (60-90 us); throughput
+# 0.87-1.02 (not pinned); connections/s 0.77-1.19.
+TARGETS = {
+    "fastpath bulk_1/native": ("loopback", "fastpath", "bulk_1", "native", "higher", 0.95, 0.10),
+    "fastpath bulk_1/iptables": ("loopback", "fastpath", "bulk_1", "iptables", "higher", 1.0,
+                                 0.10),
+    "fastpath rr_p50/native": ("loopback", "fastpath", "rr_p50", "native", "lower", 1.05, 0.03),
+    "fastpath rr_p50/iptables": ("loopback", "fastpath", "rr_p50", "iptables", "lower", 1.0,
+                                 0.03),
+    "fastpath rr_p99/native": ("loopback", "fastpath", "rr_p99", "native", "lower", 1.05, 0.15),
+    "fastpath rr_p99/iptables": ("loopback", "fastpath", "rr_p99", "iptables", "lower", 1.0,
+                                 0.15),
+    "fastpath crr_rate/native": ("loopback", "fastpath", "crr_rate", "native", "higher", 0.9,
+                                 0.05),
+    "fastpath crr_rate/iptables": ("loopback", "fastpath", "crr_rate", "iptables", "higher", 1.0,
+                                   0.05),
+    "fastpath udp_rr_p50/native": ("loopback", "fastpath", "udp_rr_p50", "native", "lower", 1.05,
+                                   0.03),
+}
+
+
+def all_tolerances() -> dict:
+    """TOLERANCES and TARGETS in one table of (metric, ref, kind, better, rel, abs);
+    a target's kind is "target" (its figure is TARGETS[key][5])."""
+    out = dict(TOLERANCES)
+    for key, (_v, _p, metric, ref, better, _t, rel) in TARGETS.items():
+        out[key] = (metric, ref, "target", better, rel, 0.0)
+    return out
+
 
 def gate_entries(res, variant: str, metric: str, path: str) -> dict:
-    """The gate values a benchmark record carries (only the subject's are gated)."""
-    if path != SUBJECT:
-        return {}
+    """The gate values a benchmark record carries: the subject's against the
+    baseline, and any path's TARGETS."""
     out = {}
+    for key, (v, p, m, ref, better, target, _rel) in TARGETS.items():
+        if (v, p, m) != (variant, path, metric):
+            continue
+        r = res.ratio_stats(variant, metric, path, ref)
+        if r is not None:
+            out[key] = {"value": r.value, "q1": r.q1, "q3": r.q3, "conclusive": r.conclusive,
+                        "kind": "target", "better": better, "metric": metric, "ref": ref,
+                        "target": target}
+    if path != SUBJECT:
+        return out
     for key, (m, ref, kind, better, _rel, _abs) in TOLERANCES.items():
         if m != metric:
             continue
@@ -151,9 +212,9 @@ def _number(text: str, what: str) -> float:
 
 
 def _check_name(name: str, what: str) -> str:
-    if name not in TOLERANCES:
+    if name not in TOLERANCES and name not in TARGETS:
         raise GateError("%s: unknown gated figure %r (known: %s)"
-                        % (what, name, ", ".join(TOLERANCES)))
+                        % (what, name, ", ".join(all_tolerances())))
     return name
 
 
@@ -276,8 +337,8 @@ def load_tolerances(path: str) -> list[tuple[str, float, float | None]]:
 
 
 def tolerances(overrides=()) -> dict:
-    """TOLERANCES with (name, rel, abs|None) overrides applied, in order."""
-    tol = dict(TOLERANCES)
+    """TOLERANCES and TARGETS with (name, rel, abs|None) overrides applied, in order."""
+    tol = all_tolerances()
     for name, rel, absol in overrides:
         m, ref, kind, better, _rel, old_abs = tol[name]
         tol[name] = (m, ref, kind, better, rel, old_abs if absol is None else absol)
@@ -288,15 +349,20 @@ def tolerances(overrides=()) -> dict:
 
 def compare(baseline: dict, current: dict, tol: dict | None = None,
             ignore_missing: bool = False, only_kind: str | None = None) -> list[dict]:
-    tol = TOLERANCES if tol is None else tol
+    tol = all_tolerances() if tol is None else tol
     rows = []
     for (variant, key), base in sorted(baseline.items()):
         if key not in tol:
             continue
         _m, _ref, kind, better, rel, absol = tol[key]
-        if only_kind and kind != only_kind:
+        # A target is a timing ratio: --kind timing selects it too.
+        if only_kind and kind != only_kind and not (kind == "target" and only_kind == "timing"):
             continue
         cur = current.get((variant, key))
+        if kind == "target":
+            rows.append(_target_row(variant, key, base, cur, better, rel, absol,
+                                    ignore_missing))
+            continue
         b = base["value"]
         if key in CAPS:
             b = min(b, CAPS[key]) if better == "higher" else max(b, CAPS[key])
@@ -318,8 +384,30 @@ def compare(baseline: dict, current: dict, tol: dict | None = None,
     return rows
 
 
+def _target_row(variant, key, base, cur, better, rel, absol, ignore_missing) -> dict:
+    """A TARGETS figure: judged against its fixed target, with its spread (see TARGETS)."""
+    t = TARGETS[key][5]
+    limit = t * (1 - rel) - absol if better == "higher" else t * (1 + rel) + absol
+    row = {"variant": variant, "key": key, "kind": "target", "better": better,
+           "baseline": base["value"], "target": t, "limit": limit, "rel": rel, "abs": absol,
+           "current": None, "current_q1": None, "current_q3": None, "conclusive": None,
+           "verdict": "skipped" if ignore_missing else "missing"}
+    if cur is None:
+        return row
+    c = cur["value"]
+    q1, q3 = cur.get("q1", c), cur.get("q3", c)
+    row.update(current=c, current_q1=cur.get("q1"), current_q3=cur.get("q3"),
+               conclusive=cur.get("conclusive"))
+    if better == "higher":
+        meets, reaches, near = c >= t, q3 >= t, c >= limit
+    else:
+        meets, reaches, near = c <= t, q1 <= t, c <= limit
+    row["verdict"] = "ok" if meets else "inconclusive" if (reaches or near) else "MISSED"
+    return row
+
+
 def failed(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["verdict"] in ("REGRESSION", "missing")]
+    return [r for r in rows if r["verdict"] in ("REGRESSION", "missing", "MISSED")]
 
 
 def _f(v) -> str:
@@ -327,6 +415,11 @@ def _f(v) -> str:
 
 
 def _limit(r) -> str:
+    if r["kind"] == "target":
+        # The target itself, and how far the median may miss it with the
+        # spread reaching it.
+        return ("<= " if r["better"] == "lower" else ">= ") + "%s (%s)" % (
+            _f(r["target"]), _f(r["limit"]))
     return ("<= " if r["better"] == "lower" else ">= ") + _f(r["limit"])
 
 
@@ -351,6 +444,10 @@ def summary_line(rows: list[dict]) -> str:
     skipped = sum(1 for r in rows if r["verdict"] == "skipped")
     gated = len(rows) - skipped
     tail = " (%d not in the current run, skipped)" % skipped if skipped else ""
+    unsure = sum(1 for r in rows if r["verdict"] == "inconclusive")
+    if unsure:
+        tail += " (%d target%s inconclusive: missed by the median within the spread)" % (
+            unsure, "" if unsure == 1 else "s")
     if bad:
         return "FAIL: %d of %d gated figures regressed or are missing%s" % (len(bad), gated,
                                                                              tail)
@@ -360,7 +457,7 @@ def summary_line(rows: list[dict]) -> str:
 def markdown(rows: list[dict], baseline_path: str = "", current_path: str = "") -> str:
     bad = failed(rows)
     icon = {"ok": "ok", "REGRESSION": "**REGRESSION**", "missing": "**missing**",
-            "skipped": "skipped"}
+            "skipped": "skipped", "MISSED": "**MISSED**", "inconclusive": "inconclusive"}
     out = ["### spliceproxy benchmark gate: %s" % ("FAIL" if bad else "PASS"), ""]
     if baseline_path or current_path:
         out += ["Baseline `%s`, current `%s`." % (baseline_path, current_path), ""]
@@ -390,7 +487,10 @@ def junit(rows: list[dict]) -> str:
             r["abs"])
         parts.append('    <testcase classname=%s name=%s time="0">'
                      % (quoteattr("bench.gate.%s" % r["variant"]), quoteattr(name)))
-        if r["verdict"] == "REGRESSION":
+        if r["verdict"] == "MISSED":
+            parts.append('      <failure type="target" message=%s>%s</failure>'
+                         % (quoteattr("target missed: " + desc), escape(desc)))
+        elif r["verdict"] == "REGRESSION":
             parts.append('      <failure type="regression" message=%s>%s</failure>'
                          % (quoteattr("regression: " + desc), escape(desc)))
         elif r["verdict"] == "missing":
@@ -410,7 +510,7 @@ def github_benchmark(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     for r in rows:
         if r["current"] is None:
             continue
-        _m, ref, _kind, _better, _rel, _abs = TOLERANCES.get(r["key"], (None,) * 6)
+        _m, ref, _kind, _better, _rel, _abs = all_tolerances().get(r["key"], (None,) * 6)
         entry = {"name": "%s %s" % (r["variant"], r["key"]),
                  "unit": ("x %s" % ref) if ref else _unit(r["key"]),
                  "value": r["current"],
@@ -425,7 +525,7 @@ def github_benchmark(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def _unit(key: str) -> str:
     from spliceproxy.bench.harness import METRICS
 
-    m = TOLERANCES[key][0]
+    m = all_tolerances()[key][0]
     return METRICS.get(m, ("",))[0]
 
 

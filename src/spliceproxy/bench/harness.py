@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from spliceproxy.bench import procs
 from spliceproxy.bench import topology as topo_mod
-from spliceproxy.bench.launch import proxy_argv, spawn
+from spliceproxy.bench.launch import proxy_argv, spawn_dockerd
 from spliceproxy.bench.loadgen import check, load
 from spliceproxy.bench.paths import SPIN, Paths, find_docker_proxy, find_spliceproxy
 
@@ -70,7 +70,7 @@ PROFILES = {
                      scale_conns=1000, churn_count=30000, spawns=8, ports_rounds=3,
                      ports_ranges=(100,), strace_bytes=64 << 20,
                      strace_conns=100, strace_rounds=3,
-                     loopback_groups=("bulk", "rr")),
+                     loopback_groups=("bulk", "rr", "crr", "udp")),
     "full": Profile("full", rounds=15, lat_rounds=15, bulk_bytes=512 << 20, streams=4,
                     stream_bytes=128 << 20,
                     rr_iters=5000, crr_count=400, udp_iters=3000, burst_count=50000,
@@ -114,6 +114,9 @@ METRICS = {
     "port_spawn_ms": ("ms", "lower", "spawn to ready (status pipe), engine running"),
     "ports100_uss_mib": ("MiB", "lower", "USS of every proxy process, 100 mappings"),
     "ports1000_uss_mib": ("MiB", "lower", "USS of every proxy process, 1,000 mappings"),
+    "ports100_spawn_ms": ("ms", "lower", "spawn to ready of 100 mappings back to back, summed"),
+    "ports1000_spawn_ms": ("ms", "lower",
+                           "spawn to ready of 1,000 mappings back to back, summed"),
     "strace_syscalls_per_gib": ("calls", "lower", "system calls per GiB (strace -c)"),
     "strace_syscalls_per_conn": ("calls", "lower", "system calls per connection (strace -c)"),
 }
@@ -295,11 +298,11 @@ GROUPS = {
     "churn": Group(lambda h, g, v: h.run_churn(v), phase=3, variants=("external",)),
     "ports": Group(lambda h, g, v: h.run_ports(), phase=2, variants=("process",)),
 }
-# The ports group's paths: engine mode as dockerd gets it from `spliceproxy
-# install-path`, and the stub given to dockerd directly.  The installed
-# command is the stub itself, so the two are one program (the second row is
-# kept for comparison with older results, which went through a shell).
-PORTS_STUB = "spliceproxy-stub"
+# The ports group's paths besides docker-proxy: `spliceproxy` is engine mode
+# (SPLICEPROXY_ENGINE=1, the installed command is the stub that hands the
+# port to the engine), and the same command standalone (SPLICEPROXY_ENGINE=0,
+# one relay process per port).
+PORTS_STANDALONE = "spliceproxy-standalone"
 
 
 def raise_nofile() -> int:
@@ -605,41 +608,41 @@ class Harness:
                 self.res.add(variant, metric, name, (cpu1[name] - c0) * 1e6 / exchanges, r)
 
     def _rr_round(self, variant, order, r) -> None:
-        n, k = self.p.rr_iters, len(order)
-        socks = self._multi_socks(variant, order, "echo")
-        fds = self.ffi.new("int[]", [s.fileno() for s in socks])
-        # The warm-up writes its latencies into the same buffer: room for both.
-        lat = self.ffi.new("double[]", max(n, RR_WARMUP) * k)
-        try:
-            check(self.lib.lg_rr_multi(fds, k, RR_WARMUP, 1, lat), "rr warmup")
-            cpu0 = self._cpu(order, "echo")
-            check(self.lib.lg_rr_multi(fds, k, n, 1, lat), "rr")
-            self._add_cpu(variant, "rr_cpu_us", order, "echo", cpu0, n, r)
-        finally:
-            for s in socks:
-                s.close()
-        got = {}
-        for j, (name, _rt) in enumerate(order):
-            vals = [lat[j * n + i] / 1e3 for i in range(n)]
-            got[name] = (_pct(vals, 0.5), _pct(vals, 0.99))
-        nat = got.get("native")
-        for name, (p50, p99) in got.items():
-            self.res.add(variant, "rr_p50", name, p50, r)
-            self.res.add(variant, "rr_p99", name, p99, r)
-            if nat and name != "native":
-                self.res.add(variant, "rr_added_p50", name, max(0.0, p50 - nat[0]), r)
-                self.res.add(variant, "rr_added_p99", name, max(0.0, p99 - nat[1]), r)
+        self._exchange_round(variant, order, r, "echo", socket.SOCK_STREAM, RR_WARMUP,
+                             self.p.rr_iters,
+                             lambda fds, k, n, lat: self.lib.lg_rr_multi(fds, k, n, 1, lat),
+                             {"p50": "rr_p50", "p99": "rr_p99", "added_p50": "rr_added_p50",
+                              "added_p99": "rr_added_p99", "cpu": "rr_cpu_us"})
 
     def _udp_round(self, variant, order, r) -> None:
-        n, k = self.p.udp_iters, len(order)
-        socks = self._multi_socks(variant, order, "udp", socket.SOCK_DGRAM)
+        self._exchange_round(variant, order, r, "udp", socket.SOCK_DGRAM, UDP_WARMUP,
+                             self.p.udp_iters,
+                             lambda fds, k, n, lat: self.lib.lg_udp_rr_multi(fds, k, n, 64, 200,
+                                                                             lat),
+                             {"p50": "udp_rr_p50", "p99": "udp_rr_p99",
+                              "added_p50": "udp_added_p50", "cpu": "udp_cpu_us"})
+
+    def _exchange_round(self, variant, order, r, role, proto, warmup, n, call, names) -> None:
+        """One request/response round over every path, exchange by exchange.
+
+        Warm-up, the proxies' CPU reading, the measured exchanges, then each
+        path's percentiles and what it adds over native.  call(fds, k, n, lat)
+        is the load generator's loop (TCP or UDP; a lost UDP reply records a
+        negative latency and is left out); names maps p50, p99, added_p50,
+        added_p99 and cpu to this group's metrics (a missing one is not
+        recorded).
+        """
+        k = len(order)
+        socks = self._multi_socks(variant, order, role, proto)
         fds = self.ffi.new("int[]", [s.fileno() for s in socks])
-        lat = self.ffi.new("double[]", max(n, UDP_WARMUP) * k)
+        # The warm-up writes its latencies into the same buffer: room for both.
+        lat = self.ffi.new("double[]", max(n, warmup) * k)
+        what = names["p50"].rsplit("_", 1)[0]
         try:
-            self.lib.lg_udp_rr_multi(fds, k, UDP_WARMUP, 64, 200, lat)
-            cpu0 = self._cpu(order, "udp")
-            check(self.lib.lg_udp_rr_multi(fds, k, n, 64, 200, lat), "udp rr")
-            self._add_cpu(variant, "udp_cpu_us", order, "udp", cpu0, n, r)
+            check(call(fds, k, warmup, lat), what + " warmup")
+            cpu0 = self._cpu(order, role)
+            check(call(fds, k, n, lat), what)
+            self._add_cpu(variant, names["cpu"], order, role, cpu0, n, r)
         finally:
             for s in socks:
                 s.close()
@@ -650,10 +653,12 @@ class Harness:
                 got[name] = (_pct(vals, 0.5), _pct(vals, 0.99))
         nat = got.get("native")
         for name, (p50, p99) in got.items():
-            self.res.add(variant, "udp_rr_p50", name, p50, r)
-            self.res.add(variant, "udp_rr_p99", name, p99, r)
+            self.res.add(variant, names["p50"], name, p50, r)
+            self.res.add(variant, names["p99"], name, p99, r)
             if nat and name != "native":
-                self.res.add(variant, "udp_added_p50", name, max(0.0, p50 - nat[0]), r)
+                for q, mine, ref in (("added_p50", p50, nat[0]), ("added_p99", p99, nat[1])):
+                    if q in names:
+                        self.res.add(variant, names[q], name, max(0.0, mine - ref), r)
 
     def _crr_round(self, variant, order, r) -> None:
         n, k = self.p.crr_count, len(order)
@@ -665,7 +670,11 @@ class Harness:
         lat = self.ffi.new("double[]", n * k)
         st0 = {name: self._stats(rt, "echo") for name, rt in order}
         with topo_mod.in_netns(ns):
-            check(self.lib.lg_connect_rate_multi(socket.AF_INET, ipv, ports, k, n, lat), "crr")
+            done = check(self.lib.lg_connect_rate_multi(socket.AF_INET, ipv, ports, k, n,
+                                                        self.rng.randrange(1, 1 << 32), lat),
+                         "crr")
+        if done < n:
+            raise OSError("crr stopped after %d of %d connections per path" % (done, n))
         time.sleep(0.05)  # let the proxies finish closing the last pairs
         for j, (name, rt) in enumerate(order):
             total = sum(lat[j * n + i] for i in range(n)) / 1e9
@@ -780,17 +789,21 @@ class Harness:
     def run_ports(self) -> None:
         """The host engine's cost per published port, against docker-proxy (issue 12).
 
-        Every proxy is started as dockerd starts it (status pipe on fd 3,
-        stdio on /dev/null) on 127.0.0.1 with the TCP backend; nothing is
+        Every proxy is started as dockerd starts it, by the one spawner
+        (spawn_dockerd: clone with CLONE_VM | CLONE_VFORK, status pipe on fd
+        3, stdio on /dev/null), on 127.0.0.1 with the TCP backend; nothing is
         relayed.  spliceproxy runs in engine mode with an engine of its own
         (private socket, never idle-exits during the group, stopped at the
-        end) that is already running, as on a host with published ports:
+        end) that is already running, as on a host with published ports;
+        spliceproxy-standalone is the same command with SPLICEPROXY_ENGINE=0:
         - port_spawn_ms, port_uss_kib: one start after the other, the paths
           shuffled per round; the USS of the stub (private memory, what a
           port adds) against docker-proxy's process;
         - portsN_uss_mib: N mappings alive at once, every proxy process
           (stubs and the engine) summed, against N docker-proxy processes,
-          the two alternated per round.
+          the two alternated per round;
+        - portsN_spawn_ms: the spawn-to-ready times of those N starts, one
+          right after the other as dockerd starts a port range, summed.
         """
         import shutil
         import tempfile
@@ -800,17 +813,14 @@ class Harness:
         if not self.sp_exe or not self.dp_exe:
             self.res.notes.append("ports group: needs spliceproxy and docker-proxy")
             return
-        stub = self.sp_exe
-        if not os.access(stub, os.X_OK):
-            self.res.notes.append("ports group: no %s beside %s" % (stub, self.sp_exe))
-            return
         sockdir = tempfile.mkdtemp(prefix="spliceproxy-bench-engine-")
         sock = os.path.join(sockdir, "engine.sock")
-        env = dict(self.paths.proxy_env if self.paths.proxy_env is not None else os.environ)
-        env.update(SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_SOCKET=sock,
+        base = dict(self.paths.proxy_env if self.paths.proxy_env is not None else os.environ)
+        env = dict(base, SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_SOCKET=sock,
                    SPLICEPROXY_ENGINE_IDLE_EXIT="never")
-        kinds = {"spliceproxy": (self.sp_exe, env), PORTS_STUB: (stub, env),
-                 "docker-proxy": (self.dp_exe, None)}
+        kinds = {"spliceproxy": (self.sp_exe, env),
+                 PORTS_STANDALONE: (self.sp_exe, dict(base, SPLICEPROXY_ENGINE="0")),
+                 "docker-proxy": (self.dp_exe, base)}
         alive: list = []
 
         def start(name):
@@ -865,7 +875,13 @@ class Harness:
                     for name in order:
                         self.progress("ports %d mappings, round %d/%d: %s"
                                       % (n, r + 1, self.p.ports_rounds, name))
-                        pids = [start(name).pid for _ in range(n)]
+                        started = [start(name) for _ in range(n)]
+                        # Back to back, as dockerd starts a port range: the
+                        # engine is busy, not waking from idle as it is for
+                        # port_spawn_ms, one start 50 ms after the last.
+                        self.res.add("process", "ports%d_spawn_ms" % n, name,
+                                     sum(lp.ready_s for lp in started) * 1e3, r)
+                        pids = [lp.pid for lp in started]
                         time.sleep(0.2)
                         if name != "docker-proxy":
                             pids.append(engine_pid)
@@ -885,13 +901,10 @@ class Harness:
             shutil.rmtree(sockdir, ignore_errors=True)
 
     def _spawn_measured(self, argv, env=None):
-        pre = topo_mod.child_preexec(self.paths.host_ns)
-        try:
-            return spawn(argv, preexec_fn=pre,
-                         env=env if env is not None else self.paths.proxy_env)
-        finally:
-            if pre.fd >= 0:
-                os.close(pre.fd)
+        """Every measured start goes the one way dockerd's does (spawn_dockerd), so
+        the spawn ratios compare the proxies and not the launcher."""
+        return spawn_dockerd(argv, env=env if env is not None else self.paths.proxy_env,
+                             netns=self.paths.host_ns)
 
     def run_strace(self, variant: str) -> None:
         """External syscall counts (strace -c -f -p) per userland path, in shuffled rounds.

@@ -9,8 +9,11 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -19,9 +22,17 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 
 void lg_close_many(int *fds, int n);
+int lg_rr_multi(int *fds, int nfds, int iters, int size, double *lat_ns);
+int lg_udp_rr_multi(int *fds, int nfds, int iters, int size, int timeout_ms, double *lat_ns);
+int lg_connect_rate_multi(int family, const char **ips, int *ports, int n, int count,
+			  unsigned int seed, double *lat_ns);
 
 static double now_ns(void)
 {
@@ -116,26 +127,10 @@ long long lg_bulk_send(int fd, long long total, int chunk)
 	return sent;
 }
 
+/* One connection's ping-pong: lg_rr_multi over a single path. */
 int lg_rr(int fd, int iters, int size, double *lat_ns)
 {
-	char buf[65536];
-	int i, rc;
-
-	if (size < 1 || size > (int)sizeof(buf))
-		return -EINVAL;
-	memset(buf, 'p', (size_t)size);
-	for (i = 0; i < iters; i++) {
-		double t0 = now_ns();
-
-		rc = write_all(fd, buf, (size_t)size);
-		if (rc < 0)
-			return rc;
-		rc = read_all(fd, buf, (size_t)size);
-		if (rc < 0)
-			return rc;
-		lat_ns[i] = now_ns() - t0;
-	}
-	return iters;
+	return lg_rr_multi(&fd, 1, iters, size, lat_ns);
 }
 
 static int fill_addr(int family, const char *ip, int port, struct sockaddr_storage *ss,
@@ -181,32 +176,10 @@ static int connect_to(const struct sockaddr_storage *ss, socklen_t len)
 	return fd;
 }
 
-/* connect, 1-byte exchange, close; the client closes first. */
+/* connect, 1-byte exchange, close over one path (see lg_connect_rate_multi). */
 int lg_connect_rate(int family, const char *ip, int port, int count, double *lat_ns)
 {
-	struct sockaddr_storage ss;
-	socklen_t len;
-	char b = 'c';
-	int i, rc;
-
-	rc = fill_addr(family, ip, port, &ss, &len);
-	if (rc < 0)
-		return rc;
-	for (i = 0; i < count; i++) {
-		double t0 = now_ns();
-		int fd = connect_to(&ss, len);
-
-		if (fd < 0)
-			return i ? i : fd;
-		rc = write_all(fd, &b, 1);
-		if (rc == 0)
-			rc = read_all(fd, &b, 1);
-		close(fd);
-		if (rc < 0)
-			return i ? i : rc;
-		lat_ns[i] = now_ns() - t0;
-	}
-	return count;
+	return lg_connect_rate_multi(family, &ip, &port, 1, count, 1, lat_ns);
 }
 
 /*
@@ -289,15 +262,25 @@ int lg_udp_rr_multi(int *fds, int nfds, int iters, int size, int timeout_ms, dou
 }
 
 /*
- * Connect, 1-byte exchange, close, alternated connection by connection over
- * n destinations; lat_ns[k * count + i].  Returns the connections completed
- * per destination (all or the first failure's -errno).
+ * Connect, 1-byte exchange, close (the client closes first), alternated
+ * connection by connection over n destinations in an order shuffled afresh
+ * for every round of n (xorshift from seed); lat_ns[k * count + i].  A
+ * fixed rotation, as the request/response loops use, always puts the same
+ * path right after a given one, and a path after socat (a process forked per
+ * connection, exiting while the next connects) paid that exit in every
+ * exchange of a round: per-round rates of one path came out near 10k or
+ * near 20k per second, depending on the shuffled order alone.
+ * Returns the rounds completed over every destination: count, or where the
+ * first failure stopped it (a churn run reports how far it got), or that
+ * failure's -errno when not even the first round completed.
  */
 int lg_connect_rate_multi(int family, const char **ips, int *ports, int n, int count,
-			double *lat_ns)
+			  unsigned int seed, double *lat_ns)
 {
 	struct sockaddr_storage ss[16];
 	socklen_t len[16];
+	unsigned int x = seed ? seed : 1;
+	int order[16];
 	char b = 'c';
 	int i, j, rc;
 
@@ -307,62 +290,43 @@ int lg_connect_rate_multi(int family, const char **ips, int *ports, int n, int c
 		rc = fill_addr(family, ips[j], ports[j], &ss[j], &len[j]);
 		if (rc < 0)
 			return rc;
+		order[j] = j;
 	}
 	for (i = 0; i < count; i++) {
+		for (j = n - 1; j > 0; j--) {
+			int r, t;
+
+			x ^= x << 13;
+			x ^= x >> 17;
+			x ^= x << 5;
+			r = (int)(x % (unsigned int)(j + 1));
+			t = order[j];
+			order[j] = order[r];
+			order[r] = t;
+		}
 		for (j = 0; j < n; j++) {
-			int k = (i + j) % n;
+			int k = order[j];
 			double t0 = now_ns();
 			int fd = connect_to(&ss[k], len[k]);
 
 			if (fd < 0)
-				return fd;
+				return i ? i : fd;
 			rc = write_all(fd, &b, 1);
 			if (rc == 0)
 				rc = read_all(fd, &b, 1);
 			close(fd);
 			if (rc < 0)
-				return rc;
+				return i ? i : rc;
 			lat_ns[k * count + i] = now_ns() - t0;
 		}
 	}
 	return count;
 }
 
-/* UDP ping-pong on a connected socket; a lost reply records -1 and moves on. */
+/* UDP ping-pong on one connected socket: lg_udp_rr_multi over a single path. */
 int lg_udp_rr(int fd, int iters, int size, int timeout_ms, double *lat_ns)
 {
-	char buf[2048];
-	int i, got = 0;
-
-	if (size < 1 || size > (int)sizeof(buf))
-		return -EINVAL;
-	memset(buf, 'u', (size_t)size);
-	for (i = 0; i < iters; i++) {
-		double t0 = now_ns();
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-
-		if (send(fd, buf, (size_t)size, 0) == -1 && errno != ECONNREFUSED)
-			return -errno;
-		lat_ns[i] = -1;
-		for (;;) {
-			int left = timeout_ms - (int)((now_ns() - t0) / 1e6);
-			int r;
-
-			if (left <= 0)
-				break;
-			r = poll(&p, 1, left);
-			if (r == -1 && errno == EINTR)
-				continue;
-			if (r <= 0)
-				break;
-			if (recv(fd, buf, sizeof(buf), 0) == size) {
-				lat_ns[i] = now_ns() - t0;
-				got++;
-				break;
-			}
-		}
-	}
-	return got;
+	return lg_udp_rr_multi(&fd, 1, iters, size, timeout_ms, lat_ns);
 }
 
 /* Windowed burst: keep up to window datagrams in flight; when nothing comes
@@ -565,4 +529,212 @@ int lg_serve(int *lfds, int *kinds, int n, int stopfd)
 			}
 		}
 	}
+}
+
+/*
+ * Starting a proxy the way dockerd does.  Go's os/exec (dockerd's
+ * portmapper) creates the child with clone(CLONE_VM | CLONE_VFORK): no copy
+ * of the parent's page tables, the parent thread suspended until execve.
+ * The child, in system calls only, resets the signals the runtime handles,
+ * sets the parent-death signal (SysProcAttr.Pdeathsig = SIGTERM), puts
+ * /dev/null on 0-2 and ExtraFiles on 3 (status pipe) and 4 (listener, 28+),
+ * and execs; dockerd is already in its network namespace, so there is no
+ * setns (the caller enters the namespace on its own thread beforehand, off
+ * the clock).  Spawning from Python with subprocess and a preexec_fn forks
+ * the whole interpreter instead, which added about 3 ms to every path and
+ * hid the ratio between them.
+ */
+struct spawn_job {
+	const char *path;
+	char **argv;
+	char **envp;
+	int src[5];	/* what goes on fds 0..nfds-1; all >= SPAWN_FD_FLOOR */
+	int nfds;
+	pid_t parent;
+	volatile int err;	/* the child's errno when it cannot exec (shared memory) */
+};
+
+#define SPAWN_FD_FLOOR 10
+#define SPAWN_STACK (64 << 10)
+
+/* The kernel's struct sigaction for rt_sigaction: SIG_DFL is all zeroes. */
+struct kernel_sigaction {
+	unsigned long handler;
+	unsigned long flags;
+	unsigned long restorer;
+	unsigned long mask;
+};
+
+/*
+ * spawn_child() - the child side, on its own stack, sharing the parent's
+ * memory until execve: system calls through syscall(2) only, no allocation,
+ * no locks, nothing written but job->err (the parent's errno slot may be
+ * touched by a failing call; the parent thread is suspended meanwhile).
+ */
+static int spawn_child(void *arg)
+{
+	struct spawn_job *job = arg;
+	struct kernel_sigaction dfl = { 0 };
+	unsigned long empty = 0;
+	int i, sig;
+
+	/* Every handler the parent installed would run on shared memory. */
+	for (sig = 1; sig < 65; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP)
+			syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(empty));
+	syscall(SYS_rt_sigprocmask, SIG_SETMASK, &empty, NULL, sizeof(empty));
+	if (syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0) == -1)
+		goto fail;
+	/* As Go does: the parent may have died before the signal was armed. */
+	if (syscall(SYS_getppid) != job->parent) {
+		syscall(SYS_kill, syscall(SYS_getpid), SIGTERM);
+		goto fail;
+	}
+	/* dup3 without O_CLOEXEC leaves the target inheritable; the sources sit
+	 * above every target, so no target clobbers a source. */
+	for (i = 0; i < job->nfds; i++)
+		if (syscall(SYS_dup3, job->src[i], i, 0) == -1)
+			goto fail;
+	/* In Go every descriptor is close-on-exec; here a library may have left
+	 * one inheritable: mark the rest so none leaks into the proxy. */
+	syscall(SYS_close_range, job->nfds, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
+	syscall(SYS_execve, job->path, job->argv, job->envp);
+fail:
+	job->err = errno ? errno : EINVAL;
+	syscall(SYS_exit, 127);
+	return 127;
+}
+
+static int fd_above(int fd)
+{
+	int hi = fcntl(fd, F_DUPFD_CLOEXEC, SPAWN_FD_FLOOR);
+
+	return hi == -1 ? -errno : hi;
+}
+
+/*
+ * lg_spawn() - start path (argv, envp) as dockerd starts a proxy and wait
+ * for its status like dockerd: one read of up to 2 bytes on the pipe's read
+ * end, and unless that is "0\n" the rest up to EOF.
+ * @listen_fd: put on fd 4 (-1: no fd 4)
+ * @timeout_ms: for the status
+ * @status, @cap, @status_len: what was read (-1: timed out, 0: EOF at once)
+ * @ready_ns: from the call until the first status read returned
+ *
+ * Returns the child's pid (the caller reaps it) or -errno when it could not
+ * be started (a failed execve is reaped here).
+ */
+int lg_spawn(const char *path, char **argv, char **envp, int listen_fd, int timeout_ms,
+	     char *status, int cap, int *status_len, double *ready_ns)
+{
+	double t0 = now_ns();
+	struct spawn_job job = { .path = path, .argv = argv, .envp = envp, .err = 0 };
+	int pfd[2] = { -1, -1 }, own[5] = { -1, -1, -1, -1, -1 };
+	sigset_t all, old;
+	int i, rc, got = 0;
+	char *stack;
+	pid_t pid;
+
+	*status_len = -1;
+	*ready_ns = -1;
+	if (cap < 2)
+		return -EINVAL;
+	if (pipe2(pfd, O_CLOEXEC) == -1)
+		return -errno;
+	/* os/exec: stdin is os.DevNull read-only, stdout and stderr share one
+	 * write-only open of it. */
+	own[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	own[1] = open("/dev/null", O_WRONLY | O_CLOEXEC);
+	if (own[0] == -1 || own[1] == -1) {
+		rc = -errno;
+		goto out;
+	}
+	{
+		int from[5] = { own[0], own[1], own[1], pfd[1], listen_fd };
+
+		job.nfds = listen_fd >= 0 ? 5 : 4;
+		for (i = 0; i < job.nfds; i++) {
+			rc = i == 2 ? job.src[1] : fd_above(from[i]);
+			if (rc < 0) {
+				while (i-- > 0)
+					if (i != 2)
+						close(job.src[i]);
+				goto out;
+			}
+			job.src[i] = rc;
+		}
+		close(own[0]);
+		close(own[1]);
+		own[0] = job.src[0];
+		own[1] = job.src[1];
+		if (listen_fd >= 0)
+			own[4] = job.src[4];
+		close(pfd[1]);
+		pfd[1] = job.src[3];
+	}
+	stack = mmap(NULL, SPAWN_STACK, PROT_READ | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+	if (stack == MAP_FAILED) {
+		rc = -errno;
+		goto out;
+	}
+	job.parent = getpid();
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	pid = clone(spawn_child, stack + SPAWN_STACK, CLONE_VM | CLONE_VFORK | SIGCHLD, &job);
+	rc = pid == -1 ? -errno : 0;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	munmap(stack, SPAWN_STACK);
+	if (rc < 0)
+		goto out;
+	if (job.err) {
+		while (waitpid(pid, NULL, 0) == -1 && errno == EINTR)
+			;
+		rc = -job.err;
+		goto out;
+	}
+	/* The parent keeps only the read end, as dockerd closes its write end. */
+	for (i = 0; i < 5; i++)
+		if (own[i] >= 0) {
+			close(own[i]);
+			own[i] = -1;
+		}
+	close(pfd[1]);
+	pfd[1] = -1;
+	for (;;) {
+		struct pollfd p = { .fd = pfd[0], .events = POLLIN };
+		int left = timeout_ms - (int)((now_ns() - t0) / 1e6);
+		ssize_t n;
+
+		if (left <= 0)
+			break;
+		rc = poll(&p, 1, left);
+		if (rc == -1 && errno == EINTR)
+			continue;
+		if (rc != 1)
+			break;
+		n = read(pfd[0], status + got, (size_t)(got ? cap - got : 2));
+		if (n == -1 && errno == EINTR)
+			continue;
+		if (!got)
+			*ready_ns = now_ns() - t0;
+		if (n <= 0) {
+			*status_len = got;
+			break;
+		}
+		got += (int)n;
+		*status_len = got;
+		if ((got == 2 && status[0] == '0' && status[1] == '\n') || got == cap)
+			break;
+	}
+	rc = pid;
+out:
+	for (i = 0; i < 5; i++)
+		if (own[i] >= 0)
+			close(own[i]);
+	if (pfd[0] >= 0)
+		close(pfd[0]);
+	if (pfd[1] >= 0)
+		close(pfd[1]);
+	return rc;
 }

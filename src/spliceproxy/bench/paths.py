@@ -1,7 +1,8 @@
 """The paths a client can take to the container's servers, and their proxies.
 
 Each proxy is started exactly as dockerd 20.10 starts it (argv, fd 3 status
-pipe, /dev/null stdio, SIGTERM as parent-death signal), one process per
+pipe, /dev/null stdio, SIGTERM as parent-death signal, clone with CLONE_VM |
+CLONE_VFORK as Go's os/exec: launch.spawn_dockerd), one process per
 published port, in the host namespace.
 """
 
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from spliceproxy.bench import topology as topo_mod
-from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn
+from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn_dockerd
 
 # Backend ports in the container (each path gets its own set, ECHO + 10 * i
 # and so on: connections of one path then never compete with another's
@@ -121,6 +122,9 @@ class Paths:
         self.proxy_env = dict(os.environ)
         # dockerd's environment, not the harness's: no source-tree import path.
         self.proxy_env.pop("PYTHONPATH", None)
+        # The relay paths are standalone processes, whatever the default mode
+        # of the installed version (the ports group sets "1" for its own).
+        self.proxy_env["SPLICEPROXY_ENGINE"] = "0"
         self.proxy_env.update(proxy_env or {})
         self.only = only
         self.runtimes: dict[str, PathRuntime] = {}
@@ -203,14 +207,10 @@ class Paths:
 
     def _spawn(self, exe: str, proto: str, port: int, backend_port: int, env=None,
                check: bool = True) -> LaunchedProxy:
-        pre = topo_mod.child_preexec(self.host_ns)
-        try:
-            return spawn(proxy_argv(exe, proto, "0.0.0.0", port, self.backend_ip, backend_port),
-                         env=env if env is not None else self.proxy_env, preexec_fn=pre,
-                         check=check)
-        finally:
-            if pre.fd >= 0:
-                os.close(pre.fd)
+        return spawn_dockerd(proxy_argv(exe, proto, "0.0.0.0", port, self.backend_ip,
+                                        backend_port),
+                             env=env if env is not None else self.proxy_env,
+                             netns=self.host_ns, check=check)
 
     def _endpoints(self, ports) -> tuple[Endpoint, Endpoint]:
         e, s, u = ports
@@ -232,10 +232,12 @@ class Paths:
         for proto, off, to in (("tcp", 0, self.echo_port), ("tcp", 1, self.sink_port),
                                ("udp", 2, self.udp_port)):
             self.topo.add_dnat(proto, base + off, self.topo.addr.container, to)
-        h = self.topo.addr.host_ext
-        ep = Endpoint((h, base), (h, base + 1), (h, base + 2))
-        return PathRuntime("iptables", external=ep, loopback=None,
-                           note="DNAT does not apply to localhost")
+            # Host-local clients as dockerd serves them with the userland
+            # proxy off: the reference the fast path must beat on loopback.
+            self.topo.add_local_dnat(proto, base + off, self.topo.addr.container, to)
+        ext, lo = self._endpoints([base, base + 1, base + 2])
+        return PathRuntime("iptables", external=ext, loopback=lo,
+                           note="loopback: nat OUTPUT DNAT, route_localnet, MASQUERADE")
 
     def _start_dockerish(self, name: str, exe: str, env_for) -> PathRuntime:
         rt = PathRuntime(name)
@@ -387,14 +389,9 @@ class Paths:
             ls.bind(("0.0.0.0", port))
             if kind == socket.SOCK_STREAM:
                 ls.listen(4096)
-            pre = topo_mod.child_preexec(self.host_ns)
-            try:
-                relay = spawn(proxy_argv(self.sp_exe, proto, "0.0.0.0", port, self.backend_ip,
-                                         backend, use_listen_fd=True),
-                              listen_sock=ls, env=self.proxy_env, preexec_fn=pre)
-            finally:
-                if pre.fd >= 0:
-                    os.close(pre.fd)
+            relay = spawn_dockerd(proxy_argv(self.sp_exe, proto, "0.0.0.0", port,
+                                             self.backend_ip, backend, use_listen_fd=True),
+                                  listen_sock=ls, env=self.proxy_env, netns=self.host_ns)
             self.cleanups.append(lambda r=relay: _stop(r))
             with topo_mod.in_netns(self.host_ns):
                 m = fp.add_mapping(proto, "0.0.0.0", port, self.backend_ip, backend, ls)

@@ -301,6 +301,25 @@ class Topology:
                       "--dport", str(port), "-j", "DNAT",
                       "--to-destination", "%s:%d" % (to_ip, to_port))
 
+    def add_local_dnat(self, proto: str, port: int, to_ip: str, to_port: int) -> None:
+        """dockerd's rules for a host-local client with the userland proxy off.
+
+        With `--userland-proxy=false` dockerd makes loopback clients reach the
+        container by NAT: DNAT in nat OUTPUT for connections to a local
+        address (127.0.0.1 included) and the published port, route_localnet
+        on the bridge so a 127.0.0.0/8 source may leave through it, and
+        MASQUERADE for such sources on the way out (the container cannot
+        answer 127.0.0.1).  hk0 is the host's bridge side here.
+        """
+        if not getattr(self, "_local_nat", False):
+            self.sysctl(self.host, "net.ipv4.conf.hk0.route_localnet", "1")
+            self.iptables("-t", "nat", "-A", "POSTROUTING", "-s", "127.0.0.0/8", "-o", "hk0",
+                          "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE")
+            self._local_nat = True
+        self.iptables("-t", "nat", "-A", "OUTPUT", "-m", "addrtype", "--dst-type", "LOCAL",
+                      "-p", proto, "--dport", str(port), "-j", "DNAT",
+                      "--to-destination", "%s:%d" % (to_ip, to_port))
+
     def teardown(self) -> None:
         if self.owner != os.getpid():
             return

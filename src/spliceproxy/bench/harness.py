@@ -345,6 +345,7 @@ class Harness:
         self.subnet, self.netns_prefix = subnet, netns_prefix
         self.dead: set = set()  # paths whose process died (scale test): not measured further
         self.topo = None
+        self.ports_engine_dir: str | None = None  # the ports group's engine, once started
         self.sp_exe = find_spliceproxy(spliceproxy)
         self.dp_exe = find_docker_proxy(docker_proxy)
         self.peers, self.proxy_env, self.only = peers, proxy_env, only
@@ -814,6 +815,7 @@ class Harness:
             self.res.notes.append("ports group: needs spliceproxy and docker-proxy")
             return
         sockdir = tempfile.mkdtemp(prefix="spliceproxy-bench-engine-")
+        self.ports_engine_dir = sockdir  # its engine's command line names it
         sock = os.path.join(sockdir, "engine.sock")
         base = dict(self.paths.proxy_env if self.paths.proxy_env is not None else os.environ)
         env = dict(base, SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_SOCKET=sock,

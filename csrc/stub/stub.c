@@ -10,7 +10,7 @@
  * same arguments, descriptors and signal state.
  *
  * dockerd starts one userland proxy per published port and expects it to
- * live as long as the mapping.  In engine mode (SPLICEPROXY_ENGINE=1) that
+ * live as long as the mapping.  In engine mode (the default) that
  * process is this stub: it hands its command line, its SPLICEPROXY_*
  * environment and its descriptors 1, 2 and 4 to the host engine over the
  * engine's control socket (AF_UNIX SOCK_SEQPACKET, SCM_RIGHTS), then only
@@ -66,6 +66,9 @@
 /* How the front end learns the name it was run by (shown_name()); not a
  * SPLICEPROXY_* setting, so never forwarded to the engine. */
 #define PROG_ENV "_SPLICEPROXY_PROG"
+/* Why a proxy command line meant for the engine is served standalone after
+ * all (no control socket possible); the front end logs it once. */
+#define WHY_ENV "_SPLICEPROXY_STANDALONE_WHY"
 
 extern char **environ;
 
@@ -212,7 +215,8 @@ static const char *shown_name(const char *arg0)
  *
  * SPLICEPROXY_ENGINE_SOCKET if set; root's /run/spliceproxy/engine.sock;
  * a user's $XDG_RUNTIME_DIR/spliceproxy/engine.sock.  Returns -ENOENT when
- * none applies (no runtime directory): the port is then served standalone.
+ * none applies (no runtime directory) and -ENAMETOOLONG for a path that
+ * does not fit a socket address: the port is then served standalone.
  */
 static int resolve_socket(void)
 {
@@ -243,35 +247,41 @@ static int resolve_socket(void)
 
 /**
  * check_dir() - create the socket's directory if missing, refuse a foreign one.
+ * @why: what is wrong with it, when it is refused
  *
  * The directory is the socket's only protection worth the name (the mode of
  * a socket file is not honoured everywhere): it must be a real directory,
- * owned by us, with no access for group or others.
+ * owned by us, with no access for group or others.  Returns 0, or -errno
+ * with @why filled in: no control socket is possible there, and the port is
+ * served standalone rather than not at all.
  */
-static void check_dir(void)
+static int check_dir(char *why, size_t cap)
 {
 	struct stat st;
-	char msg[512];
 
 	if (mkdir(sock_dir, 0700) == -1 && errno != EEXIST) {
-		snprintf(msg, sizeof(msg), "cannot create the engine socket directory %s: %s",
-			 sock_dir, strerror(errno));
-		fail(msg);
+		int err = errno;
+
+		snprintf(why, cap, "cannot create the engine socket directory %s: %s",
+			 sock_dir, strerror(err));
+		return -err;
 	}
 	if (lstat(sock_dir, &st) == -1) {
-		snprintf(msg, sizeof(msg), "engine socket directory %s: %s", sock_dir,
-			 strerror(errno));
-		fail(msg);
+		int err = errno;
+
+		snprintf(why, cap, "engine socket directory %s: %s", sock_dir, strerror(err));
+		return -err;
 	}
 	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) {
-		snprintf(msg, sizeof(msg),
+		snprintf(why, cap,
 			 "refusing the engine socket directory %s: it must be a directory owned "
 			 "by uid %u with mode 0700 (it is %s, uid %u, mode %04o)",
 			 sock_dir, (unsigned)geteuid(), S_ISDIR(st.st_mode) ? "a directory" :
 			 S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory",
 			 (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
-		fail(msg);
+		return -EACCES;
 	}
+	return 0;
 }
 
 static int connect_engine(void)
@@ -372,11 +382,12 @@ static int spawn_engine(void)
  * -EIO: it failed (engine_error says why). */
 static int engine_ready(int fd, int wait_ms)
 {
-	struct pollfd p = { .fd = fd, .events = POLLIN };
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
 	char buf[sizeof(engine_error)];
+	const char *p;
 	ssize_t n;
 
-	if (poll(&p, 1, wait_ms) <= 0)
+	if (poll(&pfd, 1, wait_ms) <= 0)
 		return 0;
 	n = read(fd, buf, sizeof(buf) - 1);
 	if (n >= 2 && !memcmp(buf, "ok", 2))
@@ -386,8 +397,11 @@ static int engine_ready(int fd, int wait_ms)
 	buf[n] = '\0';
 	if (n && buf[n - 1] == '\n')
 		buf[n - 1] = '\0';
+	/* A front end that cannot start at all (a broken install) says so on
+	 * its fd 3 as a proxy would, "1\n<msg>": the reason is <msg>. */
+	p = n >= 2 && !memcmp(buf, "1\n", 2) ? buf + 2 : buf;
 	snprintf(engine_error, sizeof(engine_error), "%s",
-		 n ? buf : "it exited without saying why (is the launcher beside the stub?)");
+		 *p ? p : "it exited without saying why (is the launcher beside the stub?)");
 	return -EIO;
 }
 
@@ -716,20 +730,38 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 	}
 }
 
+/* Go's strconv.ParseBool true values, as settings.boolean() takes them. */
+static int go_true(const char *v)
+{
+	static const char *const words[] = { "1", "t", "T", "TRUE", "true", "True" };
+	size_t i;
+
+	for (i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+		if (!strcmp(v, words[i]))
+			return 1;
+	return 0;
+}
+
 /**
  * engine_wanted() - is this a proxy command line to hand to the engine?
  *
- * SPLICEPROXY_ENGINE set and not "0", and the first argument a flag (dockerd
- * never passes anything else first; subcommands such as `status` are not
- * flags).  This is the one place that decides: the stub is the installed
- * `spliceproxy` that dockerd runs, so an engine-mode port costs no shell and
- * no interpreter; everything else is exec'd to the Python front end.
+ * Engine mode is the default: yes unless SPLICEPROXY_ENGINE says otherwise,
+ * when the first argument is a flag (dockerd never passes anything else
+ * first; subcommands such as `status` are not flags).  A Go false means
+ * standalone; a value that is no Go boolean goes to the standalone front end
+ * too, which refuses it on fd 3 as it refuses every bad setting, so the
+ * message and its wording have one source (settings.py).  This is the one
+ * place that decides: the stub is the installed `spliceproxy` that dockerd
+ * runs, so an engine-mode port costs no shell and no interpreter; everything
+ * else is exec'd to the Python front end.
  */
 static int engine_wanted(int argc, char **argv)
 {
 	const char *v = getenv(ENV_PREFIX "ENGINE");
 
-	return v && *v && strcmp(v, "0") && argc > 1 && argv[1][0] == '-';
+	if (v && *v && !go_true(v))
+		return 0;
+	return argc > 1 && argv[1][0] == '-';
 }
 
 /**
@@ -768,15 +800,16 @@ static void exec_front(char *launcher, int argc, char **argv)
 }
 
 /* Run the Python front end in this process, with the same arguments and fds
- * (and signals, when engine_off is 0: nothing was changed yet). */
-static void __attribute__((noreturn)) standalone(int argc, char **argv, int engine_off)
+ * (and signals, when why is NULL: nothing was changed yet).  @why: the
+ * reason a command line meant for the engine is served standalone. */
+static void __attribute__((noreturn)) standalone(int argc, char **argv, const char *why)
 {
 	char launcher[PATH_MAX];
 	char msg[PATH_MAX + 256];
 	const char *name = shown_name(argv[0]);
 
 	if (launcher_path(launcher, sizeof(launcher)) == 0) {
-		if (engine_off) {
+		if (why) {
 			/* Undo what main() set up, fds 3 and 4 as inherited; and
 			 * the front end serves the port itself. */
 			sigset_t set;
@@ -790,6 +823,7 @@ static void __attribute__((noreturn)) standalone(int argc, char **argv, int engi
 			else
 				close(LISTEN_FD);
 			setenv(ENV_PREFIX "ENGINE", "0", 1);
+			setenv(WHY_ENV, why, 1);
 			sigemptyset(&set);
 			sigaddset(&set, SIGINT);
 			sigaddset(&set, SIGTERM);
@@ -819,7 +853,7 @@ int main(int argc, char **argv)
 	if (argc < 1)
 		fail("started with no program name (an empty argv)");
 	if (!engine_wanted(argc, argv))
-		standalone(argc, argv, 0);
+		standalone(argc, argv, NULL);
 
 	/* Flag errors and usage name the command as the front end would.  A
 	 * copy: our own command line (ps, /proc) stays as it was. */
@@ -847,9 +881,17 @@ int main(int argc, char **argv)
 	if (sig_fd == -1)
 		fail("signalfd failed");
 
-	if (resolve_socket() < 0)
-		standalone(argc, argv, 1);
-	check_dir();
+	/* No control socket possible: the port is still served, by this
+	 * process, and its log says why. */
+	i = resolve_socket();
+	if (i == -ENOENT)
+		standalone(argc, argv, "no control socket: not root, and XDG_RUNTIME_DIR is "
+			   "not an absolute path (SPLICEPROXY_ENGINE_SOCKET names one)");
+	if (i < 0)
+		standalone(argc, argv, "the engine socket path is too long for a socket "
+			   "address (SPLICEPROXY_ENGINE_SOCKET)");
+	if (check_dir(msg, sizeof(msg)) < 0)
+		standalone(argc, argv, msg);
 
 	for (i = 1; i <= 2; i++) {
 		if (fd_is_open(i)) {

@@ -130,7 +130,7 @@ def main(argv=None):
     if cmd == "install-path":
         return _install_path(argv[0])
     if cmd in ("engine", "status"):
-        # The host engine (SPLICEPROXY_ENGINE=1) and its status report.
+        # The host engine (engine mode, the default) and its status report.
         if cmd == "engine":
             from spliceproxy.engine_service import main as engine_main
 

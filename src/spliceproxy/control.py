@@ -64,10 +64,19 @@ class ProtocolError(ValueError):
     """A message that does not follow the format above."""
 
 
+_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+
+
 def engine_enabled(env=None) -> bool:
-    """SPLICEPROXY_ENGINE set to anything but "" or "0" (as the launcher decides)."""
+    """Does a proxy command line go to the engine, as the stub decides?
+
+    Yes unless SPLICEPROXY_ENGINE is set: engine mode is the default.  A Go
+    true keeps it; a Go false is standalone, and so is any other value, for
+    the standalone front end to refuse as the bad setting it is (settings).
+    """
     env = os.environ if env is None else env
-    return env.get("SPLICEPROXY_ENGINE", "") not in ("", "0")
+    value = env.get("SPLICEPROXY_ENGINE", "")
+    return value == "" or value in _GO_TRUE
 
 
 def resolve_socket(env=None, euid: int | None = None) -> str | None:

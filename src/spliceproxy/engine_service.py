@@ -1,6 +1,6 @@
 """The host engine: one process and one epoll loop for every published port.
 
-In engine mode (SPLICEPROXY_ENGINE=1) the process dockerd starts per port is
+In engine mode (the default) the process dockerd starts per port is
 a small C stub (csrc/stub/stub.c) that hands its command line and
 descriptors to this service over the control socket (control.py) and waits.
 The service:
@@ -1062,7 +1062,7 @@ USAGE = """\
 usage: spliceproxy engine [--socket PATH]
 
 Run the host engine in the foreground: one process serving every port that
-stubs (SPLICEPROXY_ENGINE=1) register on its control socket.  Stubs start it
+stubs (engine mode, the default) register on its control socket.  Stubs start it
 by themselves when none runs; run it under a service manager to keep it up.
 
   --socket PATH   control socket (default: SPLICEPROXY_ENGINE_SOCKET, else

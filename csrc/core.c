@@ -195,6 +195,48 @@ int64_t sp_now_us(void)
 }
 
 /**
+ * sp_option_check() - whether value is one option may take
+ * @option: enum sp_option
+ * @value:  the value
+ *
+ * One check for the engine's values (sp_engine_set_option()) and a
+ * listener's own (sp_engine_set_listener_option()), so that a value one
+ * refuses the other cannot take.
+ *
+ * Return: 0 or -EINVAL
+ */
+int sp_option_check(int option, int64_t value)
+{
+	if (option < 0 || option >= SP_OPT_COUNT || value < 0)
+		return -EINVAL;
+	switch (option) {
+	case SP_OPT_COPY_MODE:
+		if (value != SP_COPY_SPLICE && value != SP_COPY_READWRITE)
+			return -EINVAL;
+		break;
+	case SP_OPT_COPY_BUF:
+		if (value < 1 || value > (64 << 20))
+			return -EINVAL;
+		break;
+	case SP_OPT_PIPE_SIZE:
+		if (value < 4096 || value > (1 << 30))
+			return -EINVAL;
+		break;
+	case SP_OPT_UDP_MAX_FLOWS:
+		if (value < 1)
+			return -EINVAL;
+		break;
+	case SP_OPT_SPIN_US:
+		if (value > 1000000)
+			return -EINVAL;
+		break;
+	default:
+		break;
+	}
+	return 0;
+}
+
+/**
  * sp_count_error() - classify a per-connection errno into the error counters
  * @e:   engine
  * @err: positive errno

@@ -125,7 +125,19 @@ struct sp_proto {
 	void (*remove)(struct sp_engine *e, struct sp_listener *l);
 	/* Engine teardown: free l->state (flows go with free()). */
 	void (*listener_free)(struct sp_engine *e, struct sp_listener *l);
+	/* The options (bit 1u << SP_OPT_*) a listener of this protocol may
+	 * have of its own (sp_engine_set_listener_option()): those it reads
+	 * through sp_lopt().  The rest are the engine's by nature. */
+	uint32_t listener_options;
 };
+
+_Static_assert(SP_OPT_COUNT <= 32, "every option has a bit in listener_options and opt_own");
+
+/**
+ * SP_OPT_BIT() - an option's bit in listener_options and opt_own
+ * @o: enum sp_option
+ */
+#define SP_OPT_BIT(o) (1u << (o))
 
 /* A listener, whatever its protocol: the protocol's own state is behind
  * @state, owned by the protocol (struct sp_proto). */
@@ -150,7 +162,6 @@ struct sp_listener {
 struct sp_conn_table;  /* tcp.c */
 struct sp_udp_engine;  /* udp.c */
 struct sp_pipe_pool;   /* pipe.c */
-struct sp_mover_ops;   /* mover.h */
 
 struct sp_engine {
 	int epfd;
@@ -172,7 +183,6 @@ struct sp_engine {
 	struct sp_conn_table *tcp;    /* tcp.c */
 	struct sp_udp_engine *udp;    /* udp.c: flow table shared by UDP listeners */
 	struct sp_pipe_pool *pipes;   /* pipe.c */
-	const struct sp_mover_ops *mover; /* how TCP moves bytes (SP_OPT_COPY_MODE) */
 
 	int64_t now_ms;               /* monotonic, refreshed once per wakeup */
 
@@ -235,7 +245,7 @@ static inline void sp_lstat(struct sp_engine *e, int id, enum sp_stat s, int64_t
  */
 static inline int64_t sp_lopt(const struct sp_engine *e, int id, int o)
 {
-	if (id >= 0 && id < e->n_listeners && (e->listeners[id].opt_own & (1u << o)))
+	if (id >= 0 && id < e->n_listeners && (e->listeners[id].opt_own & SP_OPT_BIT(o)))
 		return e->listeners[id].opt[o];
 	return e->opt[o];
 }
@@ -276,6 +286,7 @@ static inline void sp_fd_opened(struct sp_engine *e)
 }
 
 /* core.c */
+int sp_option_check(int option, int64_t value);
 void sp_count_error(struct sp_engine *e, int err);
 void sp_lcount_error(struct sp_engine *e, int id, int err);
 void sp_emit(struct sp_engine *e, int kind, int err, int listener, uint64_t count);

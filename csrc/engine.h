@@ -225,11 +225,23 @@ int sp_engine_add_udp(struct sp_engine *e, int fd, int family,
 int sp_engine_remove(struct sp_engine *e, int id);
 
 /* Give listener id its own value of option instead of the engine's, so one
- * engine can serve mappings whose settings differ.  For the options a UDP
- * listener reads per entry: SP_OPT_UDP_TIMEOUT_MS, SP_OPT_UDP_MAX_FLOWS,
- * SP_OPT_UDP_MAX_FLOWS_PER_ADDR.  0, -EINVAL (another option, a bad value),
- * or -ENOENT. */
+ * engine can serve mappings whose settings differ.  Which options a
+ * listener may own is its protocol's to say: a TCP listener
+ * SP_OPT_COPY_MODE, SP_OPT_COPY_BUF, SP_OPT_PIPE_SIZE (the mover, buffer
+ * and pipe size of connections it accepts from now on),
+ * SP_OPT_IDLE_TIMEOUT_MS and SP_OPT_CONNECT_TIMEOUT_MS (connects started
+ * from now on); a UDP listener SP_OPT_UDP_TIMEOUT_MS, SP_OPT_UDP_MAX_FLOWS
+ * and SP_OPT_UDP_MAX_FLOWS_PER_ADDR.  The others (the pipe pool's bound,
+ * the descriptor limit, the accept backoff, the busy-poll) are the
+ * engine's by nature.  Values are checked as sp_engine_set_option()
+ * checks them.  0, -EINVAL (a bad value), -EOPNOTSUPP (an option its
+ * protocol keeps engine-wide), or -ENOENT. */
 int sp_engine_set_listener_option(struct sp_engine *e, int id, int option, int64_t value);
+
+/* The value of option that listener id runs with (its own, else the
+ * engine's), or with id -1 the engine's.  0, -EINVAL, -ENOENT, or
+ * -EOPNOTSUPP for an option the listener's protocol keeps engine-wide. */
+int sp_engine_get_option(const struct sp_engine *e, int id, int option, int64_t *value);
 
 /* Copy listener id's counters into out[SP_STAT_COUNT]: the counters of
  * SP_LISTENER_STATS_LIST, zero for the others.  0 or -ENOENT. */

@@ -213,33 +213,31 @@ int sp_stat_per_listener(int i)
  * sp_engine_set_listener_option() - listener id's own value of an option (engine.h)
  * @e:      engine
  * @id:     listener id
- * @option: one a UDP listener reads per entry
- * @value:  its value
+ * @option: one its protocol declares (struct sp_proto, listener_options)
+ * @value:  its value, checked as the engine's own would be
  *
- * Return: 0, -EINVAL or -ENOENT
+ * Which options a listener may own is its protocol's to say, not this
+ * table's: a protocol reads them through sp_lopt() where it would read the
+ * engine's.
+ *
+ * Return: 0, -EINVAL (a bad value), -EOPNOTSUPP (an option its protocol
+ * keeps engine-wide) or -ENOENT
  */
 int sp_engine_set_listener_option(struct sp_engine *e, int id, int option, int64_t value)
 {
 	struct sp_listener *l;
+	int rc;
 
 	if (id < 0 || id >= e->n_listeners || e->listeners[id].removed)
 		return -ENOENT;
 	l = &e->listeners[id];
-	switch (option) {
-	case SP_OPT_UDP_TIMEOUT_MS:
-	case SP_OPT_UDP_MAX_FLOWS_PER_ADDR:
-		if (value < 0)
-			return -EINVAL;
-		break;
-	case SP_OPT_UDP_MAX_FLOWS:
-		if (value < 1)
-			return -EINVAL;
-		break;
-	default:
-		return -EINVAL;
-	}
+	rc = sp_option_check(option, value);
+	if (rc < 0)
+		return rc;
+	if (!(l->proto->listener_options & SP_OPT_BIT(option)))
+		return -EOPNOTSUPP;
 	l->opt[option] = value;
-	l->opt_own |= 1u << option;
+	l->opt_own |= SP_OPT_BIT(option);
 	return 0;
 }
 

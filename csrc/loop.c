@@ -12,7 +12,6 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 
-#include "mover.h"
 #include "pipe.h"
 #include "proto.h"
 
@@ -77,7 +76,6 @@ int sp_engine_new(struct sp_engine **out)
 		if (rc < 0)
 			goto fail;
 	}
-	e->mover = sp_mover_for(e->opt[SP_OPT_COPY_MODE]);
 	*out = e;
 	return 0;
 fail:
@@ -139,40 +137,41 @@ static bool option_sizes(int option)
  */
 int sp_engine_set_option(struct sp_engine *e, int option, int64_t value)
 {
-	if (option < 0 || option >= SP_OPT_COUNT || value < 0)
-		return -EINVAL;
+	int rc = sp_option_check(option, value);
+
+	if (rc < 0)
+		return rc;
 	/* Sizing options are fixed once anything can be relayed, rather than
 	 * every buffer and table learning to be resized under live traffic. */
 	if (option_sizes(option) && e->n_listeners > 0)
 		return -EBUSY;
-	switch (option) {
-	case SP_OPT_COPY_MODE:
-		if (value != SP_COPY_SPLICE && value != SP_COPY_READWRITE)
-			return -EINVAL;
-		break;
-	case SP_OPT_COPY_BUF:
-		if (value < 1 || value > (64 << 20))
-			return -EINVAL;
-		break;
-	case SP_OPT_PIPE_SIZE:
-		if (value < 4096 || value > (1 << 30))
-			return -EINVAL;
-		sp_pipes_resize(e);
-		break;
-	case SP_OPT_UDP_MAX_FLOWS:
-		if (value < 1)
-			return -EINVAL;
-		break;
-	case SP_OPT_SPIN_US:
-		if (value > 1000000)
-			return -EINVAL;
-		break;
-	default:
-		break;
-	}
 	e->opt[option] = value;
-	if (option == SP_OPT_COPY_MODE)
-		e->mover = sp_mover_for(value);
+	return 0;
+}
+
+/**
+ * sp_engine_get_option() - the value an option has, for the engine or a listener (engine.h)
+ * @e:      engine
+ * @id:     listener id, or -1 for the engine's own value
+ * @option: enum sp_option
+ * @value:  the value
+ *
+ * Return: 0, -EINVAL, -ENOENT, or -EOPNOTSUPP for an option the
+ * listener's protocol does not let it have of its own
+ */
+int sp_engine_get_option(const struct sp_engine *e, int id, int option, int64_t *value)
+{
+	if (option < 0 || option >= SP_OPT_COUNT)
+		return -EINVAL;
+	if (id < 0) {
+		*value = e->opt[option];
+		return 0;
+	}
+	if (id >= e->n_listeners || e->listeners[id].removed)
+		return -ENOENT;
+	if (!(e->listeners[id].proto->listener_options & SP_OPT_BIT(option)))
+		return -EOPNOTSUPP;
+	*value = sp_lopt(e, id, option);
 	return 0;
 }
 

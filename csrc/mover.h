@@ -2,9 +2,10 @@
  *
  * mover.h - how a TCP direction moves its bytes, behind one small
  * interface: the connection state machine (tcp.c) decides when, a mover
- * how.  One mover per engine, chosen by SP_OPT_COPY_MODE; a third data
- * path is a third file defining a struct sp_mover_ops and a line in
- * sp_mover_for(), not a third branch in tcp.c.
+ * how.  Each connection has its mover, chosen by its listener's
+ * SP_OPT_COPY_MODE when it is accepted; a third data path is a third file
+ * defining a struct sp_mover_ops and a line in sp_mover_for(), not a third
+ * branch in tcp.c.
  */
 #ifndef SPLICEPROXY_MOVER_H
 #define SPLICEPROXY_MOVER_H
@@ -19,6 +20,9 @@ struct sp_dir {
 	char *buf;             /* copy mover: buffer held while in flight */
 	size_t buf_cap;        /* copy mover: bytes buf was allocated with */
 	size_t buf_off;        /* copy mover: bytes of buf already written */
+	size_t want;           /* bytes of pipe (splice) or buffer (copy) it asks
+				* for: its listener's value of the mover's
+				* size_option when the connection was accepted */
 	size_t queued;         /* bytes read from src, not yet written to dst */
 	bool eof;              /* src gave EOF */
 	bool shut;             /* EOF passed on: shutdown(dst, SHUT_WR) done */
@@ -43,6 +47,8 @@ struct sp_mover_ops {
 	/* fill() may say -EAGAIN while the source still has bytes, when the
 	 * direction is full without looking full (a pipe out of slots). */
 	bool eagain_when_full;
+	/* The option that sizes what a direction holds (sp_dir.want). */
+	int size_option;
 };
 
 extern const struct sp_mover_ops sp_mover_splice;  /* mover_splice.c */
@@ -59,11 +65,12 @@ static inline const struct sp_mover_ops *sp_mover_for(int64_t mode)
 
 /**
  * sp_dir_init() - an empty direction holding nothing
- * @d: direction
+ * @d:    direction
+ * @want: bytes of pipe or buffer it will ask for (sp_dir.want)
  */
-static inline void sp_dir_init(struct sp_dir *d)
+static inline void sp_dir_init(struct sp_dir *d, size_t want)
 {
-	*d = (struct sp_dir){ .pipe = { .rd = -1, .wr = -1 } };
+	*d = (struct sp_dir){ .pipe = { .rd = -1, .wr = -1 }, .want = want };
 }
 
 #endif

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT
  *
  * mover_copy.c - the read/write data path (SP_COPY_READWRITE): bytes are
- * read into a user-space buffer of SP_OPT_COPY_BUF bytes and sent on.
+ * read into a user-space buffer of SP_OPT_COPY_BUF bytes (the
+ * connection's listener's) and sent on.
  * Slower by design, for comparisons; a direction holds its buffer only
  * while bytes are in flight.
  */
@@ -28,7 +29,7 @@ static ssize_t copy_fill(struct sp_engine *e, struct sp_dir *d, int src)
 	ssize_t n;
 
 	if (!d->buf) {
-		d->buf_cap = (size_t)e->opt[SP_OPT_COPY_BUF];
+		d->buf_cap = d->want;
 		d->buf = malloc(d->buf_cap);
 		if (!d->buf)
 			return -ENOMEM;
@@ -129,4 +130,5 @@ const struct sp_mover_ops sp_mover_copy = {
 	/* A read that fits in the buffer's room and returns EAGAIN means the
 	 * socket is drained. */
 	.eagain_when_full = false,
+	.size_option = SP_OPT_COPY_BUF,
 };

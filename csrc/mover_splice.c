@@ -26,7 +26,7 @@ static ssize_t splice_fill(struct sp_engine *e, struct sp_dir *d, int src)
 	ssize_t n;
 
 	if (d->pipe.rd < 0) {
-		int rc = sp_pipe_get(e, &d->pipe);
+		int rc = sp_pipe_get(e, d->want, &d->pipe);
 
 		if (rc < 0)
 			return rc;
@@ -129,4 +129,5 @@ const struct sp_mover_ops sp_mover_splice = {
 	/* EAGAIN with a non-empty pipe means the pipe is full (out of slots)
 	 * as often as the socket is drained: only an empty pipe tells. */
 	.eagain_when_full = true,
+	.size_option = SP_OPT_PIPE_SIZE,
 };

@@ -6,7 +6,11 @@
  * idle connections hold none.  Empty pipes go back to a bounded pool so the
  * common case costs no pipe2()/close() at all.
  *
- * Each pipe knows its own size.  F_SETPIPE_SZ can be refused (EPERM once the
+ * Each pipe knows its own size, and mappings may want different sizes
+ * (SP_OPT_PIPE_SIZE is a listener's own): a pipe is taken for a size it
+ * fits (see pipe_fits()) when the pool has one, else the newest pooled pipe
+ * is resized, which costs one fcntl() instead of a pipe2() and a close().
+ * F_SETPIPE_SZ can be refused (EPERM once the
  * user is over /proc/sys/fs/pipe-user-pages-soft, a budget shared with every
  * process of that user); the pipe then stays at the kernel's default and
  * resizing is not tried again for a while, but not for good: the budget comes
@@ -21,6 +25,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "pipe.h"
@@ -32,8 +37,8 @@ struct sp_pipe_pool {
 	struct sp_pipe *idle;
 	int n_idle;
 	int cap;
-	size_t want;          /* the size to grow pipes to */
-	int64_t retry_at_ms;  /* F_SETPIPE_SZ refused: not asked again before */
+	size_t max;           /* /proc/sys/fs/pipe-max-size, read on first use */
+	int64_t retry_at_ms;  /* growing refused: not asked again before */
 };
 
 /**
@@ -66,7 +71,6 @@ int sp_pipes_init(struct sp_engine *e)
 
 	if (!p)
 		return -ENOMEM;
-	p->want = 0;  /* computed on first use: SP_OPT_PIPE_SIZE is final by then */
 	e->pipes = p;
 	return 0;
 }
@@ -87,27 +91,48 @@ static void pipe_close(struct sp_engine *e, struct sp_pipe *pp)
 }
 
 /**
- * pipe_grow() - grow a pipe to the wanted size unless resizing was refused recently
- * @e:  engine
- * @pp: pipe
+ * pipe_fits() - whether a pipe is of the size asked for
+ * @pp:   pipe
+ * @want: bytes asked for (at most pipe-max-size)
+ *
+ * By the size it was made for, not by its capacity: the kernel rounds up
+ * to a power of two pages, which on a large-page machine is more than
+ * twice a small size.
  */
-static void pipe_grow(struct sp_engine *e, struct sp_pipe *pp)
+static bool pipe_fits(const struct sp_pipe *pp, size_t want)
+{
+	return pp->sized == want;
+}
+
+/**
+ * pipe_fit() - resize a pipe to want bytes, unless growing was refused recently
+ * @e:    engine
+ * @pp:   pipe, empty
+ * @want: bytes asked for (at most pipe-max-size)
+ */
+static void pipe_fit(struct sp_engine *e, struct sp_pipe *pp, size_t want)
 {
 	struct sp_pipe_pool *p = e->pipes;
+	bool grow = pp->cap < want;   /* only growing spends the user's budget */
 	int got;
 
-	if (pp->cap >= p->want || e->now_ms < p->retry_at_ms)
+	if (pipe_fits(pp, want) || (grow && e->now_ms < p->retry_at_ms))
 		return;
 	sp_sys(e, SP_STAT_SYS_FCNTL);
-	got = fcntl(pp->wr, F_SETPIPE_SZ, (int)p->want);
+	got = fcntl(pp->wr, F_SETPIPE_SZ, (int)want);
 	if (got == -1) {
 		/* EPERM: over pipe-user-pages-soft without CAP_SYS_RESOURCE.
-		 * Keep the size it has rather than failing the connection. */
-		sp_count(e, SP_STAT_PIPE_RESIZE_DENIED, 1);
-		p->retry_at_ms = e->now_ms + RESIZE_RETRY_MS;
+		 * Keep the size it has rather than failing the connection.
+		 * Shrinking an empty pipe is never refused for the budget, and
+		 * a bigger pipe than asked for relays all the same. */
+		if (grow) {
+			sp_count(e, SP_STAT_PIPE_RESIZE_DENIED, 1);
+			p->retry_at_ms = e->now_ms + RESIZE_RETRY_MS;
+		}
 		return;
 	}
 	pp->cap = (size_t)got;
+	pp->sized = want;
 }
 
 /**
@@ -128,26 +153,33 @@ void sp_pipes_free(struct sp_engine *e)
 }
 
 /**
- * sp_pipe_get() - take a pipe from the pool, or create one
- * @e:   engine
- * @out: the pipe
+ * sp_pipe_get() - take a pipe of want bytes from the pool, or create one
+ * @e:    engine
+ * @want: bytes asked for (capped at pipe-max-size)
+ * @out:  the pipe
  *
  * Return: 0 or -errno
  */
-int sp_pipe_get(struct sp_engine *e, struct sp_pipe *out)
+int sp_pipe_get(struct sp_engine *e, size_t want, struct sp_pipe *out)
 {
 	struct sp_pipe_pool *p = e->pipes;
 	int fds[2];
 
-	if (!p->want) {
-		long max = pipe_max_size();
-
-		p->want = (size_t)e->opt[SP_OPT_PIPE_SIZE];
-		if ((long)p->want > max)
-			p->want = (size_t)max;
-	}
+	if (!p->max)
+		p->max = (size_t)pipe_max_size();
+	if (want > p->max)
+		want = p->max;
 	if (p->n_idle) {
-		*out = p->idle[--p->n_idle];
+		/* The newest pipe that fits, else the newest, resized below. */
+		int i = p->n_idle - 1;
+
+		while (i > 0 && !pipe_fits(&p->idle[i], want))
+			i--;
+		if (!pipe_fits(&p->idle[i], want))
+			i = p->n_idle - 1;
+		*out = p->idle[i];
+		memmove(&p->idle[i], &p->idle[i + 1], sizeof(*p->idle) * (size_t)(p->n_idle - 1 - i));
+		p->n_idle--;
 	} else {
 		sp_sys(e, SP_STAT_SYS_PIPE);
 		if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1)
@@ -156,21 +188,11 @@ int sp_pipe_get(struct sp_engine *e, struct sp_pipe *out)
 		sp_count(e, SP_STAT_PIPES_OPEN, 1);
 		out->rd = fds[0];
 		out->wr = fds[1];
-		out->cap = PIPE_DEFAULT_SIZE;
+		out->cap = out->sized = PIPE_DEFAULT_SIZE;
 	}
-	pipe_grow(e, out);
+	pipe_fit(e, out, want);
 	sp_count(e, SP_STAT_PIPES_IN_USE, 1);
 	return 0;
-}
-
-/**
- * sp_pipes_resize() - SP_OPT_PIPE_SIZE changed (before serving): size pipes anew
- * @e: engine
- */
-void sp_pipes_resize(struct sp_engine *e)
-{
-	e->pipes->want = 0;
-	e->pipes->retry_at_ms = 0;
 }
 
 /**
@@ -232,7 +254,7 @@ int sp_engine_reserve_pipes(struct sp_engine *e, int n)
 		n = (int)e->opt[SP_OPT_PIPE_POOL_MAX];
 	/* Take n pipes (creating what the pool lacks), then give them all back. */
 	for (i = 0; i < n; i++) {
-		rc = sp_pipe_get(e, &tmp[i]);
+		rc = sp_pipe_get(e, (size_t)e->opt[SP_OPT_PIPE_SIZE], &tmp[i]);
 		if (rc < 0)
 			break;
 		got++;

@@ -4,8 +4,13 @@
  * backend connect, FIN and RST in each direction, half-close, delivering
  * what a broken side sent before passing its reset on, reclaiming idle and
  * abandoned pairs, and connections starved of pipes.  How bytes move is the
- * engine's mover's (mover.h: splice through a pooled pipe, or read/write);
- * backend ports in TIME_WAIT are reused by portreuse.c.
+ * connection's mover's (mover.h: splice through a pooled pipe, or
+ * read/write); backend ports in TIME_WAIT are reused by portreuse.c.
+ *
+ * A listener may have its own copy mode, buffer and pipe size, idle and
+ * connect timeouts (listener_options below): each is read through sp_lopt()
+ * where the engine's would be, the mover and sizes once, when a connection
+ * is accepted, so that a connection keeps what it started with.
  *
  * Both sockets of a connection are registered once, edge-triggered, for
  * input and output; the events only set readiness hints and the pump finds
@@ -63,6 +68,7 @@ struct sp_side {
 struct sp_conn {
 	struct sp_side side[SIDES];
 	struct sp_dir dir[SIDES];  /* dir[sidei]: from side sidei to the other */
+	const struct sp_mover_ops *mover; /* its listener's SP_OPT_COPY_MODE at accept */
 	uint32_t gen;          /* slot generation, checked against epoll references */
 	uint32_t next;         /* free list / half-closed list links */
 	uint32_t prev;
@@ -120,6 +126,16 @@ struct conn_ref {
 	uint32_t idx, gen;
 };
 
+/* Backend connects of one timeout value, oldest first.  Connects start in
+ * time order, so with one value per FIFO each FIFO is in deadline order and
+ * only its head is looked at; listeners may each have their own value
+ * (SP_OPT_CONNECT_TIMEOUT_MS), but a handful of distinct values is usual. */
+struct connect_queue {
+	int64_t timeout;
+	struct conn_ref *ring;
+	uint32_t head, len, cap;
+};
+
 struct sp_conn_table {
 	struct sp_conn **chunks;
 	uint32_t n_chunks;
@@ -127,9 +143,10 @@ struct sp_conn_table {
 	uint32_t half_head;     /* half-closed connections, for the idle reclaim
 				 * and to make room for new clients */
 	uint32_t n_half;
-	int64_t next_idle_scan;
-	struct conn_ref *connecting;  /* FIFO of backend connects, oldest first */
-	uint32_t conn_head, conn_len, conn_cap;
+	int64_t next_idle_scan; /* -1: no half-closed pair has a timeout */
+	struct connect_queue *cq;     /* backend connects, by their timeout */
+	uint32_t n_cq;
+	uint32_t n_connecting;        /* entries in all of them */
 	struct conn_ref *dying;       /* broken connections delivering what is left */
 	uint32_t n_dying, cap_dying;
 	int paused_listeners;
@@ -189,6 +206,7 @@ static int tcp_init(struct sp_engine *e)
 		return -ENOMEM;
 	t->free_head = NIL;
 	t->half_head = NIL;
+	t->next_idle_scan = -1;
 	e->tcp = t;
 	return 0;
 }
@@ -258,15 +276,46 @@ static void halfclosed_unlink(struct sp_conn_table *t, struct sp_conn *c)
 }
 
 /**
+ * idle_step() - how often half-closed pairs with this idle timeout are looked at
+ * @timeout: ms, > 0
+ *
+ * A quarter of it, between 10 ms and a second: a pair is reclaimed at most
+ * that late.
+ */
+static int64_t idle_step(int64_t timeout)
+{
+	int64_t step = timeout / 4;
+
+	if (step < 10)
+		step = 10;
+	if (step > 1000)
+		step = 1000;
+	return step;
+}
+
+/**
  * halfclosed_link() - put a connection on the half-closed list, newest first
- * @t:   the table
+ * @e:   engine
  * @c:   connection
  * @idx: its slot
+ *
+ * The idle scan is brought forward to this pair's step when its listener's
+ * timeout is shorter than those of the pairs already listed.
  */
-static void halfclosed_link(struct sp_conn_table *t, struct sp_conn *c, uint32_t idx)
+static void halfclosed_link(struct sp_engine *e, struct sp_conn *c, uint32_t idx)
 {
+	struct sp_conn_table *t = e->tcp;
+	int64_t timeout;
+
 	if (c->in_halfclosed)
 		return;
+	timeout = sp_lopt(e, c->listener, SP_OPT_IDLE_TIMEOUT_MS);
+	if (timeout > 0) {
+		int64_t due = e->now_ms + idle_step(timeout);
+
+		if (t->next_idle_scan < 0 || due < t->next_idle_scan)
+			t->next_idle_scan = due;
+	}
 	c->prev = NIL;
 	c->next = t->half_head;
 	if (t->half_head != NIL)
@@ -353,7 +402,7 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c, boo
 		/* close() removes the descriptors from the epoll set. */
 		sp_close(e, c->side[sidei].fd);
 		c->side[sidei].fd = -1;
-		e->mover->release(e, &c->dir[sidei]);
+		c->mover->release(e, &c->dir[sidei]);
 	}
 	halfclosed_unlink(t, c);
 	c->starved = c->want_pipe = c->fin_first = c->draining = false;
@@ -467,13 +516,14 @@ static void listener_setup(struct sp_engine *e, int fd)
 /**
  * dir_idle() - an empty direction holds nothing: give back its pipe or buffer
  * @e: engine
+ * @m: the connection's mover
  * @d: direction
  */
-static void dir_idle(struct sp_engine *e, struct sp_dir *d)
+static void dir_idle(struct sp_engine *e, const struct sp_mover_ops *m, struct sp_dir *d)
 {
-	if (d->queued || !e->mover->holds(d))
+	if (d->queued || !m->holds(d))
 		return;
-	e->mover->idle(e, d);
+	m->idle(e, d);
 	dir_gave_back(e);
 }
 
@@ -491,7 +541,7 @@ static void dir_idle(struct sp_engine *e, struct sp_dir *d)
 static int dir_pump(struct sp_engine *e, struct sp_conn *c, unsigned sidei, bool draining,
 		    bool *dst_failed)
 {
-	const struct sp_mover_ops *m = e->mover;
+	const struct sp_mover_ops *m = c->mover;
 	struct sp_dir *d = &c->dir[sidei];
 	struct sp_side *src = &c->side[sidei], *dst = &c->side[otheri(sidei)];
 	bool progress = true;
@@ -550,7 +600,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, unsigned sidei, bool
 					break;
 				}
 				src->rd = false;
-				dir_idle(e, d);
+				dir_idle(e, m, d);
 			} else if (n < 0 && !draining) {
 				*dst_failed = false;
 				return (int)n;
@@ -559,7 +609,7 @@ static int dir_pump(struct sp_engine *e, struct sp_conn *c, unsigned sidei, bool
 				 * broken side had queued. */
 				d->eof = true;
 				src->rd = false;
-				dir_idle(e, d);
+				dir_idle(e, m, d);
 				progress = true;   /* pass the EOF on */
 			} else {
 				d->queued += (size_t)n;
@@ -755,7 +805,7 @@ static void conn_fail(struct sp_engine *e, uint32_t idx, struct sp_conn *c, unsi
 	c->broken = true;
 	c->broken_side = (uint8_t)sidei;
 	c->linger_until = e->now_ms + RESET_LINGER_MS;
-	e->mover->release(e, back);
+	c->mover->release(e, back);
 	back->eof = back->shut = true;
 	halfclosed_unlink(e->tcp, c);
 	c->side[otheri(sidei)].wr = true;
@@ -840,7 +890,7 @@ static void conn_pump(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 	/* Tracked even without an idle timeout: they are also what is
 	 * reclaimed first when descriptors run short. */
 	if (c->dir[SIDE_CLIENT].eof || c->dir[SIDE_BACKEND].eof)
-		halfclosed_link(e->tcp, c, idx);
+		halfclosed_link(e, c, idx);
 }
 
 /**
@@ -915,61 +965,111 @@ again:
 }
 
 /**
- * connecting_push() - queue a connect for its timeout
+ * connect_queue_for() - the FIFO of connects with this timeout, made if need be
+ * @t:       the table
+ * @timeout: ms, > 0
  *
- * Queue a connect for its timeout.  Connects start in time order and share
- * one timeout, so a FIFO holds them in deadline order.
+ * Return: the queue, or NULL without memory
  */
-static void connecting_push(struct sp_engine *e, uint32_t idx, uint32_t gen)
+static struct connect_queue *connect_queue_for(struct sp_conn_table *t, int64_t timeout)
+{
+	struct connect_queue *q, *spare = NULL;
+	uint32_t i;
+
+	for (i = 0; i < t->n_cq; i++) {
+		q = &t->cq[i];
+		if (q->timeout == timeout)
+			return q;
+		if (!q->len && !spare)
+			spare = q;
+	}
+	if (spare) {
+		/* An emptied queue of a value no connect uses now. */
+		spare->timeout = timeout;
+		spare->head = 0;
+		return spare;
+	}
+	q = realloc(t->cq, sizeof(*q) * (t->n_cq + 1));
+	if (!q)
+		return NULL;
+	t->cq = q;
+	q = &t->cq[t->n_cq++];
+	*q = (struct connect_queue){ .timeout = timeout };
+	return q;
+}
+
+/**
+ * connecting_push() - queue a connect for its timeout
+ * @e:       engine
+ * @timeout: its listener's connect timeout, ms, > 0
+ * @idx:     slot
+ * @gen:     the slot's generation
+ *
+ * Without memory the connect falls back to the kernel's own timeout.
+ */
+static void connecting_push(struct sp_engine *e, int64_t timeout, uint32_t idx, uint32_t gen)
 {
 	struct sp_conn_table *t = e->tcp;
+	struct connect_queue *q = connect_queue_for(t, timeout);
 
-	if (t->conn_len == t->conn_cap) {
-		uint32_t cap = t->conn_cap ? t->conn_cap * 2 : 256, i;
+	if (!q)
+		return;
+	if (q->len == q->cap) {
+		uint32_t cap = q->cap ? q->cap * 2 : 256, i;
 		struct conn_ref *n = malloc(sizeof(*n) * cap);
 
 		if (!n)
-			return;   /* this connect falls back to the kernel's timeout */
-		for (i = 0; i < t->conn_len; i++)
-			n[i] = t->connecting[(t->conn_head + i) % t->conn_cap];
-		free(t->connecting);
-		t->connecting = n;
-		t->conn_cap = cap;
-		t->conn_head = 0;
+			return;
+		for (i = 0; i < q->len; i++)
+			n[i] = q->ring[(q->head + i) % q->cap];
+		free(q->ring);
+		q->ring = n;
+		q->cap = cap;
+		q->head = 0;
 	}
-	t->connecting[(t->conn_head + t->conn_len++) % t->conn_cap] =
-		(struct conn_ref){ .idx = idx, .gen = gen };
+	q->ring[(q->head + q->len++) % q->cap] = (struct conn_ref){ .idx = idx, .gen = gen };
+	t->n_connecting++;
 }
 
 static void conn_connect_failed(struct sp_engine *e, uint32_t idx, struct sp_conn *c, int err);
 
 /**
- * connect_timeouts() - give up connects older than the connect timeout
+ * connect_timeouts() - give up connects older than their connect timeout
+ * @e: engine
  *
- * Give up connects older than the connect timeout; ms until the next
- * deadline, or -1 when none is pending.
+ * Return: ms until the next deadline, or -1 when none is pending
  */
 static int64_t connect_timeouts(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
-	int64_t timeout = e->opt[SP_OPT_CONNECT_TIMEOUT_MS];
+	int64_t next = -1;
+	uint32_t i;
 
-	while (t->conn_len) {
-		struct conn_ref r = t->connecting[t->conn_head];
-		struct sp_conn *c = conn_at(t, r.idx);
+	for (i = 0; i < t->n_cq; i++) {
+		struct connect_queue *q = &t->cq[i];
 
-		if (c->gen == r.gen && c->state == CONN_CONNECTING && timeout > 0) {
-			int64_t left = c->last_ms + timeout - e->now_ms;
+		while (q->len) {
+			struct conn_ref r = q->ring[q->head];
+			struct sp_conn *c = conn_at(t, r.idx);
+			bool live = c->gen == r.gen && c->state == CONN_CONNECTING;
 
-			if (left > 0)
-				return left;
+			if (live) {
+				int64_t left = c->last_ms + q->timeout - e->now_ms;
+
+				if (left > 0) {
+					if (next < 0 || left < next)
+						next = left;
+					break;
+				}
+			}
+			q->head = (q->head + 1) % q->cap;
+			q->len--;
+			t->n_connecting--;
+			if (live)
+				conn_connect_failed(e, r.idx, c, ETIMEDOUT);
 		}
-		t->conn_head = (t->conn_head + 1) % t->conn_cap;
-		t->conn_len--;
-		if (c->gen == r.gen && c->state == CONN_CONNECTING && timeout > 0)
-			conn_connect_failed(e, r.idx, c, ETIMEDOUT);
 	}
-	return -1;
+	return next;
 }
 
 /**
@@ -984,6 +1084,8 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	uint32_t idx;
 	int bfd, connect_err;
 	uint16_t bport;
+	int64_t connect_timeout;
+	size_t want;
 
 	if (t->free_head == NIL && table_grow(t) < 0) {
 		sp_lcount_error(e, l->id, ENOMEM);
@@ -1018,8 +1120,11 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	c->broken = false;
 	c->bport = bport;
 	c->last_ms = e->now_ms;
-	sp_dir_init(&c->dir[SIDE_CLIENT]);
-	sp_dir_init(&c->dir[SIDE_BACKEND]);
+	/* The listener's mover and sizes, for the connection's life. */
+	c->mover = sp_mover_for(sp_lopt(e, l->id, SP_OPT_COPY_MODE));
+	want = (size_t)sp_lopt(e, l->id, c->mover->size_option);
+	sp_dir_init(&c->dir[SIDE_CLIENT], want);
+	sp_dir_init(&c->dir[SIDE_BACKEND], want);
 	sp_lcount(e, l->id, SP_STAT_TCP_ACTIVE, 1);
 
 	if (connect_err) {
@@ -1040,8 +1145,9 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	}
 	/* An immediate success (possible on loopback) is completed like the
 	 * asynchronous case: the edge-triggered registration reports EPOLLOUT. */
-	if (e->opt[SP_OPT_CONNECT_TIMEOUT_MS] > 0)
-		connecting_push(e, idx, c->gen);
+	connect_timeout = sp_lopt(e, l->id, SP_OPT_CONNECT_TIMEOUT_MS);
+	if (connect_timeout > 0)
+		connecting_push(e, connect_timeout, idx, c->gen);
 }
 
 /**
@@ -1223,28 +1329,34 @@ static void tcp_flow_event(struct sp_engine *e, union sp_ref ref, uint32_t event
 }
 
 /**
- * reclaim_idle() - reset half-closed pairs idle for the idle timeout
+ * reclaim_idle() - reset half-closed pairs idle for their listener's idle timeout
+ * @e: engine
  *
- * Reset half-closed pairs that saw no progress for the idle timeout.
+ * Sets when to look again: the shortest step (idle_step()) of the pairs
+ * left that have a timeout, or never (-1).
  */
 static void reclaim_idle(struct sp_engine *e)
 {
 	struct sp_conn_table *t = e->tcp;
-	int64_t timeout = e->opt[SP_OPT_IDLE_TIMEOUT_MS];
 	uint32_t idx = t->half_head;
+	int64_t step = -1;
 	uint64_t n = 0;
 
 	while (idx != NIL) {
 		struct sp_conn *c = conn_at(t, idx);
 		uint32_t next = c->next;
+		int64_t timeout = sp_lopt(e, c->listener, SP_OPT_IDLE_TIMEOUT_MS);
 
-		if (e->now_ms - c->last_ms >= timeout) {
+		if (timeout > 0 && e->now_ms - c->last_ms >= timeout) {
 			sp_lstat(e, c->listener, SP_STAT_IDLE_RECLAIMED, 1);
 			conn_close(e, idx, c, true);
 			n++;
+		} else if (timeout > 0 && (step < 0 || idle_step(timeout) < step)) {
+			step = idle_step(timeout);
 		}
 		idx = next;
 	}
+	t->next_idle_scan = step < 0 ? -1 : e->now_ms + step;
 	if (n) {
 		sp_count(e, SP_STAT_IDLE_RECLAIMED, n);
 		sp_emit(e, SP_EV_IDLE_RECLAIMED, 0, -1, n);
@@ -1308,26 +1420,19 @@ static int64_t tcp_timer(struct sp_engine *e)
 		if (left >= 0 && (next < 0 || left < next))
 			next = left;
 	}
-	if (t->conn_len) {
+	if (t->n_connecting) {
 		int64_t left = connect_timeouts(e);
 
 		if (left >= 0 && (next < 0 || left < next))
 			next = left;
 	}
-	if (e->opt[SP_OPT_IDLE_TIMEOUT_MS] > 0 && t->half_head != NIL) {
-		int64_t step = e->opt[SP_OPT_IDLE_TIMEOUT_MS] / 4;
+	if (t->next_idle_scan >= 0 && t->half_head != NIL) {
 		int64_t left;
 
-		if (step < 10)
-			step = 10;
-		if (step > 1000)
-			step = 1000;
-		if (e->now_ms >= t->next_idle_scan) {
+		if (e->now_ms >= t->next_idle_scan)
 			reclaim_idle(e);
-			t->next_idle_scan = e->now_ms + step;
-		}
 		left = t->next_idle_scan - e->now_ms;
-		if (t->half_head != NIL && (next < 0 || left < next))
+		if (t->next_idle_scan >= 0 && t->half_head != NIL && (next < 0 || left < next))
 			next = left;
 	}
 	return next;
@@ -1424,7 +1529,7 @@ static void tcp_free(struct sp_engine *e)
 					set_abortive(e, c->side[sidei].fd);
 			for (sidei = 0; sidei < SIDES; sidei++) {
 				sp_close(e, c->side[sidei].fd);
-				e->mover->release(e, &c->dir[sidei]);
+				c->mover->release(e, &c->dir[sidei]);
 			}
 			sp_gauge_sub(e, SP_STAT_TCP_ACTIVE, 1);
 		}
@@ -1432,7 +1537,9 @@ static void tcp_free(struct sp_engine *e)
 	}
 	sp_ports_free(&t->ports);
 	free(t->starved);
-	free(t->connecting);
+	for (i = 0; i < t->n_cq; i++)
+		free(t->cq[i].ring);
+	free(t->cq);
 	free(t->dying);
 	free(t->chunks);
 	free(t);
@@ -1450,6 +1557,9 @@ const struct sp_proto sp_tcp_proto = {
 	.timer = tcp_timer,
 	.remove = tcp_remove,
 	.listener_free = tcp_listener_free,
+	.listener_options = SP_OPT_BIT(SP_OPT_COPY_MODE) | SP_OPT_BIT(SP_OPT_COPY_BUF) |
+			    SP_OPT_BIT(SP_OPT_PIPE_SIZE) | SP_OPT_BIT(SP_OPT_IDLE_TIMEOUT_MS) |
+			    SP_OPT_BIT(SP_OPT_CONNECT_TIMEOUT_MS),
 };
 
 /**

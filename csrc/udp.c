@@ -1257,6 +1257,8 @@ const struct sp_proto sp_udp_proto = {
 	.timer = sp_udp_timer,
 	.remove = sp_udp_listener_free,
 	.listener_free = sp_udp_listener_free,
+	.listener_options = SP_OPT_BIT(SP_OPT_UDP_TIMEOUT_MS) | SP_OPT_BIT(SP_OPT_UDP_MAX_FLOWS) |
+			    SP_OPT_BIT(SP_OPT_UDP_MAX_FLOWS_PER_ADDR),
 };
 
 /* sp_engine_add_udp() - relay datagrams arriving on a bound socket fd

@@ -86,6 +86,7 @@ cdef extern from "engine.h" nogil:
     int sp_engine_remove(sp_engine *e, int id)
     int sp_engine_listener_stats(const sp_engine *e, int id, uint64_t *out)
     int sp_engine_set_listener_option(sp_engine *e, int id, int option, int64_t value)
+    int sp_engine_get_option(const sp_engine *e, int id, int option, int64_t *value)
     int sp_stat_per_listener(int i)
     int sp_engine_watch(sp_engine *e, int fd)
     int sp_engine_run(sp_engine *e, int timeout_ms)

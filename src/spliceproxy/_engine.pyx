@@ -7,7 +7,7 @@ results into OSError in one place.  Policy lives in the Python front end.
 """
 
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset, strerror
 
 from spliceproxy._engine cimport *
@@ -242,6 +242,16 @@ cdef class Engine:
         cdef int rc = sp_engine_set_listener_option(self.e, listener, option, value)
         if rc < 0:
             raise _oserror(-rc)
+
+    def get_option(self, int option, int listener=-1):
+        """The value of option a listener runs with (its own, else the engine's),
+        or with listener -1 the engine's own (engine.h)."""
+        self._check()
+        cdef int64_t value = 0
+        cdef int rc = sp_engine_get_option(self.e, listener, option, &value)
+        if rc < 0:
+            raise _oserror(-rc)
+        return value
 
     def listener_stats(self, int listener):
         """The counters a listener keeps for itself, as {name: value}."""

@@ -42,6 +42,7 @@ import array
 import os
 import socket
 import stat
+import sys
 
 __all__ = [
     "MSG_MAX",
@@ -51,6 +52,7 @@ __all__ = [
     "decode",
     "encode",
     "engine_enabled",
+    "parse_args",
     "resolve_socket",
 ]
 
@@ -229,3 +231,54 @@ def connect(path: str, timeout: float = 5.0) -> socket.socket:
         s.close()
         raise
     return s
+
+
+HELP_ARGS = ("-h", "-help", "--help")
+
+
+def _path(text: str) -> str:
+    if not text:
+        raise ValueError("needs a path")
+    return text
+
+
+def parse_args(argv: list[str], prog: str, usage: str, flags: tuple[str, ...] = (),
+               values: dict | None = None) -> dict | int:
+    """The command line of `spliceproxy engine` and `spliceproxy status`.
+
+    ``--socket PATH`` (or ``--socket=PATH``) and ``-h`` for both; ``flags``
+    are switches of the command's own, ``values`` maps its options that
+    take a value to a parser (text -> value, ValueError(reason)).  Returns
+    {name without dashes: value} ("socket" always there, None when not
+    given; a flag given is True), or the exit code once usage was printed
+    (0, for -h) or the error with the usage (2).
+    """
+    parsers = {"--socket": _path}
+    parsers.update(values or {})
+    out: dict = {"socket": None}
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in HELP_ARGS:
+            sys.stdout.write(usage)
+            return 0
+        if a in flags:
+            out[a.lstrip("-").replace("-", "_")] = True
+            continue
+        name, eq, text = a.partition("=")
+        if name not in parsers:
+            return _usage_error(prog, usage, "unknown argument %r" % a)
+        if not eq:
+            if not args:
+                return _usage_error(prog, usage, "%s needs a value" % name)
+            text = args.pop(0)
+        try:
+            out[name.lstrip("-").replace("-", "_")] = parsers[name](text)
+        except ValueError as e:
+            return _usage_error(prog, usage, "%s %r: %s" % (name, text, e))
+    return out
+
+
+def _usage_error(prog: str, usage: str, msg: str) -> int:
+    sys.stderr.write("%s: %s\n%s" % (prog, msg, usage))
+    return 2

@@ -75,14 +75,40 @@ def load_settings(env: dict[str, str]) -> Settings:
 _OPTION_VARS = {v.option: ENV_PREFIX + v.name for v in settings.VARIABLES if v.option}
 
 
-# What a UDP listener can have of its own (sp_engine_set_listener_option).
-PER_LISTENER_UDP = ("OPT_UDP_TIMEOUT_MS", "OPT_UDP_MAX_FLOWS", "OPT_UDP_MAX_FLOWS_PER_ADDR")
-
-
 def option_differences(mine: Settings, theirs: Settings) -> dict[str, object]:
     """The engine options (by name) whose value in theirs differs from mine."""
     a, b = dict(mine.engine_options()), dict(theirs.engine_options())
     return {k: b.get(k, a.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+# Every engine option, as the status shows it ("pipe_size", "idle_timeout_ms").
+_OPTION_NAMES = sorted(n for n in dir(_engine) if n.startswith("OPT_"))
+_COPY_MODES = {_engine.COPY_SPLICE: "splice", _engine.COPY_READWRITE: "readwrite"}
+
+
+def engine_options(engine: _engine.Engine, lid: int = -1) -> dict[str, object]:
+    """The options a listener runs with, those its protocol lets it have of
+    its own (its value, else the engine's); with lid -1 the engine's, all."""
+    out: dict[str, object] = {}
+    for name in _OPTION_NAMES:
+        try:
+            value = engine.get_option(getattr(_engine, name), lid)
+        except OSError:
+            continue  # the engine's by nature: shown with the engine
+        out[name[len("OPT_"):].lower()] = (_COPY_MODES.get(value, value)
+                                           if name == "OPT_COPY_MODE" else value)
+    return out
+
+
+# Settings that are the engine process's, not options of its relay: whom it
+# runs as and the fast path it loaded.  A mapping cannot have its own.
+ENGINE_WIDE = ("USER", "KEEP_PRIVILEGES", "FASTPATH", "FASTPATH_CGROUP")
+
+
+def engine_wide_differences(mine: Settings, theirs: Settings) -> list[str]:
+    """The SPLICEPROXY_* names of ENGINE_WIDE whose value in theirs differs from mine."""
+    return [ENV_PREFIX + n for n in ENGINE_WIDE
+            if getattr(mine, n.lower()) != getattr(theirs, n.lower())]
 
 
 def configure(engine: _engine.Engine, conf: Settings) -> None:
@@ -756,18 +782,33 @@ class Service:
                 os.close(dup)
             raise StartupError("cannot serve %s: %s" % (proxy.front, go_strerror(e.errno))
                                ) from None
-        # This mapping's own values where a listener can have them; the
-        # engine's for the rest, and the log says which.
-        for name in list(differ):
+        # This mapping's own values wherever its listener can have them: the
+        # engine says which (its protocol's list); the rest are the engine's
+        # by nature (the busy-poll, say), and the log says which.  Before the
+        # loop runs again, so no connection of this listener is accepted
+        # with the engine's values.
+        for name in sorted(differ):
             value = differ[name]
-            if c.proto == "udp" and name in PER_LISTENER_UDP and isinstance(value, int):
-                with contextlib.suppress(OSError):
-                    engine.set_listener_option(lid, getattr(_engine, name), value)
-                    del differ[name]
-        if differ:
+            if isinstance(value, str):
+                value = getattr(_engine, value)  # a constant of the engine's
+            try:
+                engine.set_listener_option(lid, getattr(_engine, name), value)
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    continue
+                # settings.py and the engine disagree on what is valid.
+                engine.remove(lid)
+                if dup is not None:
+                    os.close(dup)
+                raise StartupError("cannot serve %s: %s=%r: %s"
+                                   % (proxy.front, _OPTION_VARS[name], differ[name],
+                                      go_strerror(e.errno))) from None
+            del differ[name]
+        wide = [_OPTION_VARS[k] for k in differ] + engine_wide_differences(self.settings,
+                                                                            options)
+        if wide:
             proxy.log.log("%s: the engine's settings apply (%s differ from this mapping's "
-                          "environment)" % (proxy.front,
-                                            ", ".join(sorted(_OPTION_VARS[k] for k in differ))))
+                          "environment)" % (proxy.front, ", ".join(sorted(wide))))
         return lid, dup, port, fd
 
     def _remove(self, mapping: Mapping, why: str) -> None:
@@ -834,6 +875,7 @@ class Service:
                     d["counters"] = None
             else:
                 d["counters"] = None
+            d["options"] = engine_options(engine, m.id)
             maps.append(d)
         return {
             "engine": {
@@ -843,6 +885,7 @@ class Service:
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "mappings": len(maps),
                 "counters": engine.stats(),
+                "options": engine_options(engine),
                 "fastpath": {"active": self.fastpath is not None,
                              "reason": self.fastpath_reason,
                              "cgroup": self.fastpath_cgroup},
@@ -1070,8 +1113,10 @@ by themselves when none runs; run it under a service manager to keep it up.
                   $XDG_RUNTIME_DIR/spliceproxy/engine.sock for a user)
 
 SPLICEPROXY_ENGINE_IDLE_EXIT (default 5s; "never") is how long it stays up
-without mappings.  The SPLICEPROXY_* relay settings of its own environment
-apply to every mapping.
+without mappings.  The SPLICEPROXY_* settings of its own environment are
+the defaults of every mapping, which has its own relay settings from its
+stub's environment; the busy-poll, the user and the fast path are the
+engine's alone.
 """
 
 
@@ -1085,27 +1130,23 @@ def _tell_ready(fd: int | None, text: str) -> None:
         os.close(fd)
 
 
+def _descriptor(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError("not a descriptor number")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
-    sock_path = None
-    ready_fd = None
-    args = list(argv)
-    while args:
-        a = args.pop(0)
-        if a in ("-h", "--help", "-help"):
-            sys.stdout.write(USAGE)
-            return 0
-        if a == "--socket" and args:
-            sock_path = args.pop(0)
-        elif a.startswith("--socket="):
-            sock_path = a.split("=", 1)[1]
-        elif a == "--ready-fd" and args and args[0].isdigit():
-            # Internal: the stub that started this engine waits on it.
-            ready_fd = int(args.pop(0))
-            with contextlib.suppress(OSError):
-                os.set_inheritable(ready_fd, False)
-        else:
-            sys.stderr.write("spliceproxy engine: unknown argument %r\n%s" % (a, USAGE))
-            return 2
+    args = control.parse_args(argv, "spliceproxy engine", USAGE,
+                              values={"--ready-fd": _descriptor})
+    if isinstance(args, int):
+        return args
+    sock_path = args["socket"]
+    # Internal: the stub that started this engine waits on it.
+    ready_fd = args.get("ready_fd")
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(ready_fd, False)
     if sock_path is None:
         sock_path = control.resolve_socket()
     if not sock_path:

@@ -210,25 +210,12 @@ def prometheus(doc: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    mode = "table"
-    path = None
-    args = list(argv)
-    while args:
-        a = args.pop(0)
-        if a in ("-h", "--help", "-help"):
-            sys.stdout.write(USAGE)
-            return 0
-        if a == "--json":
-            mode = "json"
-        elif a == "--prometheus":
-            mode = "prometheus"
-        elif a == "--socket" and args:
-            path = args.pop(0)
-        elif a.startswith("--socket="):
-            path = a.split("=", 1)[1]
-        else:
-            sys.stderr.write("spliceproxy status: unknown argument %r\n%s" % (a, USAGE))
-            return 2
+    args = control.parse_args(argv, "spliceproxy status", USAGE,
+                              flags=("--json", "--prometheus"))
+    if isinstance(args, int):
+        return args
+    mode = "prometheus" if args.get("prometheus") else "json" if args.get("json") else "table"
+    path = args["socket"]
     path = path or control.resolve_socket()
     if not path:
         sys.stderr.write("spliceproxy status: no control socket: set SPLICEPROXY_ENGINE_SOCKET "

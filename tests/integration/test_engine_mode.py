@@ -799,13 +799,181 @@ def test_udp_settings_apply_per_mapping(host):
 
 
 def test_settings_an_engine_cannot_apply_per_mapping_are_logged(host):
+    """The busy-poll is the engine's loop, whom it runs as its process's: a
+    mapping that asks otherwise is told, and what it can have is applied."""
     with srv.EchoServer() as echo:
         host.start("tcp", echo.port)
-        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "5s"})
+        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "5s",
+                                               "SPLICEPROXY_SPIN": "50us",
+                                               "SPLICEPROXY_KEEP_PRIVILEGES": "1"})
         srv.echo_roundtrip("127.0.0.1", lp.port)
-        want = ("tcp/127.0.0.1:%d: the engine's settings apply (SPLICEPROXY_IDLE_TIMEOUT "
-                "differ from this mapping's environment)" % lp.port)
+        want = ("tcp/127.0.0.1:%d: the engine's settings apply (SPLICEPROXY_KEEP_PRIVILEGES, "
+                "SPLICEPROXY_SPIN differ from this mapping's environment)" % lp.port)
         assert srv.wait_for(lambda: want in host.log(), 3.0), host.log()
+        mine = [m for m in host.status()["mappings"] if m["stub_pid"] == lp.pid][0]
+        assert mine["options"]["idle_timeout_ms"] == 5000
+
+
+# --------------------------------------------------------------------------
+# A mapping's settings in one engine: each mapping behaves by its own.
+
+MIB = 1 << 20
+
+
+def _mapping(host, lp) -> dict:
+    return [m for m in host.status()["mappings"] if m["stub_pid"] == lp.pid][0]
+
+
+def _upload(port: int, sink: srv.AcceptingBackend, size: int) -> None:
+    """Send size bytes through the proxy to the sink; return once it has them all."""
+    c = srv.connect("127.0.0.1", port, timeout=30.0)
+    conn = sink.accept()
+    got = [0]
+
+    def drain():
+        while True:
+            chunk = conn.recv(MIB)
+            if not chunk:
+                return
+            got[0] += len(chunk)
+
+    block = b"\x5a" * MIB
+
+    def send():
+        for _ in range(size // MIB):
+            c.sendall(block)
+        c.shutdown(socket.SHUT_WR)
+
+    try:
+        srv.run_threads(drain, send, timeout=60.0)
+    finally:
+        c.close()
+        conn.close()
+    assert got[0] == size
+
+
+def _engine_delta(host, fn) -> dict:
+    """The engine's counters' growth while fn runs (and its connections end)."""
+    before = host.status()["engine"]["counters"]
+    fn()
+    assert srv.wait_for(lambda: host.status()["engine"]["counters"]["tcp_active"] == 0, 5.0)
+    after = host.status()["engine"]["counters"]
+    return {k: after[k] - before[k] for k in after}
+
+
+def test_copy_mode_applies_per_mapping(host):
+    """A readwrite mapping copies through user space and never takes a pipe,
+    while the splice mapping beside it in the same engine splices."""
+    size = 8 * MIB
+    with srv.AcceptingBackend() as sink:
+        spliced = host.start("tcp", sink.port)  # starts the engine: splice
+        copied = host.start("tcp", sink.port, env={"SPLICEPROXY_COPY_MODE": "readwrite",
+                                                  "SPLICEPROXY_COPY_BUF": "16384"})
+        assert _mapping(host, copied)["options"]["copy_mode"] == "readwrite"
+        assert _mapping(host, copied)["options"]["copy_buf"] == 16384
+        assert _mapping(host, spliced)["options"]["copy_mode"] == "splice"
+        rw = _engine_delta(host, lambda: _upload(copied.port, sink, size))
+        sp = _engine_delta(host, lambda: _upload(spliced.port, sink, size))
+    print("readwrite mapping: %d splice, %d read, %d pipe2; splice mapping: %d splice, "
+          "%d read" % (rw["sys_splice"], rw["sys_read"], rw["sys_pipe"], sp["sys_splice"],
+                       sp["sys_read"]))
+    assert rw["sys_splice"] == 0 and rw["sys_pipe"] == 0, rw
+    # Its own 16 KiB buffer: at least one read per 16 KiB.
+    assert rw["sys_read"] >= size // 16384, rw
+    assert sp["sys_splice"] > 0 and sp["sys_read"] == 0, sp
+
+
+def test_idle_timeout_applies_per_mapping(host):
+    """Two half-closed pairs in one engine: the one of the mapping with a short
+    idle timeout is reclaimed, the other's (SPLICEPROXY_IDLE_TIMEOUT=0: never)
+    is kept, though the engine's own value is the short one."""
+    with srv.AcceptingBackend() as sink:
+        short = host.start("tcp", sink.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "300ms"})
+        never = host.start("tcp", sink.port, env={"SPLICEPROXY_IDLE_TIMEOUT": "0"})
+        assert _mapping(host, never)["options"]["idle_timeout_ms"] == 0
+        pairs = []
+        try:
+            for lp in (short, never):
+                c = srv.connect("127.0.0.1", lp.port)
+                b = sink.accept()
+                c.sendall(b"half")
+                assert srv.recv_exact(b, 4) == b"half"
+                c.shutdown(socket.SHUT_WR)  # the client is done; the backend is not
+                b.settimeout(IO_TIMEOUT)
+                assert b.recv(10) == b""
+                pairs.append((c, b))
+
+            def counters(lp):
+                return _mapping(host, lp)["counters"]
+
+            assert srv.wait_for(lambda: counters(short)["idle_reclaimed"] == 1, 5.0)
+            time.sleep(1.0)  # three of the short timeouts more
+            assert counters(never)["idle_reclaimed"] == 0
+            assert counters(never)["tcp_active"] == 1
+            # The kept pair still carries the backend's bytes to its client.
+            c, b = pairs[1]
+            b.sendall(b"late")
+            assert srv.recv_exact(c, 4) == b"late"
+        finally:
+            for c, b in pairs:
+                c.close()
+                b.close()
+
+
+def test_connect_timeout_applies_per_mapping(host):
+    """A backend that drops SYNs (its accept queue is full): the mapping with
+    SPLICEPROXY_CONNECT_TIMEOUT=500ms gives up at its bound, the one beside it
+    (the engine's 30 s) is still connecting."""
+    with srv.AcceptingBackend(backlog=0) as hole:
+        filler = srv.connect("127.0.0.1", hole.port)  # fills the queue, never accepted
+        try:
+            patient = host.start("tcp", hole.port)
+            quick = host.start("tcp", hole.port, env={"SPLICEPROXY_CONNECT_TIMEOUT": "500ms"})
+            assert _mapping(host, quick)["options"]["connect_timeout_ms"] == 500
+            assert _mapping(host, patient)["options"]["connect_timeout_ms"] == 30000
+            a = srv.connect("127.0.0.1", patient.port)
+            t0 = time.monotonic()
+            b = srv.connect("127.0.0.1", quick.port)
+            try:
+                b.settimeout(IO_TIMEOUT)
+                assert b.recv(10) == b""  # given up: closed as docker-proxy closes
+                took = time.monotonic() - t0
+                assert 0.4 <= took < 2.5, took
+                a.settimeout(1.0)
+                with pytest.raises(socket.timeout):
+                    a.recv(10)
+                got = {lp.pid: _mapping(host, lp)["counters"] for lp in (patient, quick)}
+                assert got[quick.pid]["tcp_failed"] == 1, got
+                assert got[patient.pid]["tcp_failed"] == 0, got
+                assert got[patient.pid]["tcp_active"] == 1, got
+            finally:
+                a.close()
+                b.close()
+        finally:
+            filler.close()
+
+
+def test_pipe_size_applies_per_mapping(host):
+    """Splice calls per MiB follow each mapping's own pipe size, and the pool
+    serves both sizes: a mapping after the other gets pipes of its size again."""
+    size = 16 * MIB
+    with srv.AcceptingBackend() as sink:
+        big = host.start("tcp", sink.port)  # starts the engine: 1 MiB pipes
+        small = host.start("tcp", sink.port, env={"SPLICEPROXY_PIPE_SIZE": "16384"})
+        assert _mapping(host, small)["options"]["pipe_size"] == 16384
+        assert _mapping(host, big)["options"]["pipe_size"] == MIB
+
+        def per_mib(lp):
+            d = _engine_delta(host, lambda: _upload(lp.port, sink, size))
+            return d["sys_splice"] / (size / MIB)
+
+        first = per_mib(big)
+        little = per_mib(small)
+        again = per_mib(big)
+    print("splice calls per MiB: %.1f with 1 MiB pipes, %.1f with 16 KiB pipes, %.1f "
+          "with 1 MiB pipes again" % (first, little, again))
+    assert little >= 128, little  # 16 KiB pipes: at least 64 in and 64 out per MiB
+    assert first < little / 2 and again < little / 2, (first, little, again)
 
 
 @pytest.mark.slow

@@ -96,3 +96,40 @@ def test_resolve_socket():
 def test_engine_enabled(value, on):
     assert control.engine_enabled({"SPLICEPROXY_ENGINE": value}) is on
     assert control.engine_enabled({}) is True
+
+
+def test_parse_args_reads_the_shared_and_the_commands_own_arguments(capsys):
+    def number(text):
+        if not text.isdigit():
+            raise ValueError("not a number")
+        return int(text)
+
+    got = control.parse_args(["--json", "--socket", "/s", "--n=3"], "prog", "usage\n",
+                             flags=("--json",), values={"--n": number})
+    assert got == {"socket": "/s", "json": True, "n": 3}
+    assert control.parse_args([], "prog", "usage\n") == {"socket": None}
+    assert control.parse_args(["--socket=/a=b"], "prog", "u\n") == {"socket": "/a=b"}
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--n", "x"], "--n 'x': not a number"),
+    (["--n"], "--n needs a value"),
+    (["--json=yes"], "unknown argument '--json=yes'"),
+    (["-socket", "/s"], "unknown argument '-socket'"),
+])
+def test_parse_args_errors_exit_2_with_the_usage(capsys, argv, why):
+    def number(text):
+        if not text.isdigit():
+            raise ValueError("not a number")
+        return int(text)
+
+    assert control.parse_args(argv, "prog", "usage: prog\n", flags=("--json",),
+                              values={"--n": number}) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "prog: %s\nusage: prog\n" % why
+
+
+def test_parse_args_help_wins_and_exits_0(capsys):
+    assert control.parse_args(["--socket", "/s", "-h", "--bogus"], "prog", "usage\n") == 0
+    assert capsys.readouterr() == ("usage\n", "")

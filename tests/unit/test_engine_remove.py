@@ -258,15 +258,55 @@ def test_listener_options_are_checked():
         lid = eng.add_udp(s.detach(), AF_INET, AF_INET, LOOPBACK, 9)
         eng.set_listener_option(lid, _engine.OPT_UDP_TIMEOUT_MS, 250)
         eng.set_listener_option(lid, _engine.OPT_UDP_MAX_FLOWS, 4)
-        for option, value, err in [(_engine.OPT_PIPE_SIZE, 8192, errno.EINVAL),
+        assert eng.get_option(_engine.OPT_UDP_TIMEOUT_MS, lid) == 250
+        assert eng.get_option(_engine.OPT_UDP_TIMEOUT_MS) == 90000
+        for option, value, err in [(_engine.OPT_PIPE_SIZE, 8192, errno.EOPNOTSUPP),
+                                   (_engine.OPT_SPIN_US, 10, errno.EOPNOTSUPP),
                                    (_engine.OPT_UDP_MAX_FLOWS, 0, errno.EINVAL),
                                    (_engine.OPT_UDP_TIMEOUT_MS, -1, errno.EINVAL)]:
             with pytest.raises(OSError) as e:
                 eng.set_listener_option(lid, option, value)
             assert e.value.errno == err
+        with pytest.raises(OSError) as e:
+            eng.get_option(_engine.OPT_PIPE_SIZE, lid)
+        assert e.value.errno == errno.EOPNOTSUPP
         eng.remove(lid)
         with pytest.raises(OSError) as e:
             eng.set_listener_option(lid, _engine.OPT_UDP_TIMEOUT_MS, 250)
         assert e.value.errno == errno.ENOENT
+    finally:
+        eng.close()
+
+
+def test_a_tcp_listener_owns_the_options_of_its_connections():
+    """What a TCP listener may have of its own is its protocol's list; the
+    values are checked as the engine's are, and the rest stay engine-wide."""
+    eng = _engine.Engine()
+    try:
+        s = socket.socket(AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        lid = eng.add_tcp(s.detach(), AF_INET, LOOPBACK, 9)
+        own = {_engine.OPT_COPY_MODE: _engine.COPY_READWRITE, _engine.OPT_COPY_BUF: 4096,
+               _engine.OPT_PIPE_SIZE: 65536, _engine.OPT_IDLE_TIMEOUT_MS: 0,
+               _engine.OPT_CONNECT_TIMEOUT_MS: 500}
+        for option, value in own.items():
+            eng.set_listener_option(lid, option, value)
+            assert eng.get_option(option, lid) == value
+        assert eng.get_option(_engine.OPT_COPY_MODE) == _engine.COPY_SPLICE
+        for option, value, err in [(_engine.OPT_COPY_MODE, 2, errno.EINVAL),
+                                   (_engine.OPT_PIPE_SIZE, 100, errno.EINVAL),
+                                   (_engine.OPT_COPY_BUF, 0, errno.EINVAL),
+                                   (_engine.OPT_UDP_TIMEOUT_MS, 250, errno.EOPNOTSUPP),
+                                   (_engine.OPT_PIPE_POOL_MAX, 4, errno.EOPNOTSUPP),
+                                   (_engine.OPT_FD_LIMIT, 100, errno.EOPNOTSUPP),
+                                   (_engine.OPT_ACCEPT_BACKOFF_MS, 5, errno.EOPNOTSUPP),
+                                   (_engine.OPT_SPIN_US, 10, errno.EOPNOTSUPP),
+                                   (-1, 0, errno.EINVAL), (99, 0, errno.EINVAL)]:
+            with pytest.raises(OSError) as e:
+                eng.set_listener_option(lid, option, value)
+            assert e.value.errno == err, option
+        # A refused value leaves the one set before.
+        assert eng.get_option(_engine.OPT_COPY_MODE, lid) == _engine.COPY_READWRITE
     finally:
         eng.close()

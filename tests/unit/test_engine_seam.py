@@ -19,6 +19,7 @@ from spliceproxy import _engine
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 HEADER = CSRC / "engine.h"
+PKG = Path(__file__).resolve().parents[2] / "src" / "spliceproxy"
 
 # enum in engine.h -> the prefix its members carry in the binding.
 ENUMS = {
@@ -89,3 +90,39 @@ def test_counters_are_defined_once_with_kind_and_help():
         assert help_lines[name.lower()] == line
     assert {n for n, k in kinds.items() if k == "gauge"} == {
         "tcp_active", "udp_flows_active", "pipes_open", "pipes_in_use", "fds_open"}
+
+
+def _functions(text: str) -> set[str]:
+    """The names of the functions a C header or a .pxd declares."""
+    return set(re.findall(r"^\s*(?:const\s+)?[a-z_0-9]+\s*\**\s*(sp_[a-z_0-9]+)\(", text, re.M))
+
+
+def _defs(text: str) -> tuple[set[str], set[str]]:
+    """(module-level, class Engine's) public def names of a .pyx or a .pyi."""
+    module, engine, in_engine = set(), set(), False
+    for line in text.splitlines():
+        if re.match(r"(cdef )?class Engine\b", line):
+            in_engine = True
+            continue
+        if line and not line[0].isspace():
+            in_engine = False
+        m = re.match(r"(\s*)def ([a-z_0-9]+)\(", line)
+        if m and not m.group(2).startswith("_"):
+            (engine if in_engine and m.group(1) else module).add(m.group(2))
+    return module, engine
+
+
+def test_the_binding_declares_what_the_header_does_and_the_stub_what_the_binding_has():
+    """Every function of engine.h is in the .pxd (nothing more of it, nothing
+    less), and the .pyi has exactly the .pyx's public functions and Engine
+    methods, so a function added on one side of the seam is added on all."""
+    header = _functions(_header_text())
+    pxd = (PKG / "_engine.pxd").read_text()
+    start, end = pxd.index('cdef extern from "engine.h"'), pxd.index('cdef extern from "process.h"')
+    engine_part = pxd[start:end]
+    assert header and _functions(engine_part) == header
+    pyx_module, pyx_engine = _defs((PKG / "_engine.pyx").read_text())
+    pyi_module, pyi_engine = _defs((PKG / "_engine.pyi").read_text())
+    assert "get_option" in pyx_engine and "set_listener_option" in pyx_engine
+    assert pyi_engine == pyx_engine
+    assert pyi_module == pyx_module

@@ -967,12 +967,14 @@ int main(int argc, char **argv)
 	if (listen_fd < 0)
 		fail("the spliceproxy engine sent no listener");
 	/* Ready: the listener is in the engine.  The engine owns what it needs
-	 * of fds 1, 2 and 4. */
+	 * of fds 1, 2 and 4; fd 4 is closed before "0\n", so that whoever
+	 * reads the verdict finds it closed, as from the standalone proxy (our
+	 * own duplicate is listen_fd). */
+	close(LISTEN_FD);
 	if (have_status) {
 		write_all(STATUS_FD, "0\n", 2);
 		close(STATUS_FD);
 	}
-	close(LISTEN_FD);
 
 	for (;;) {
 		struct pollfd p[2] = { { .fd = sock, .events = POLLIN },

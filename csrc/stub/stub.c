@@ -565,12 +565,22 @@ static ssize_t recv_msg(int sock, char *buf, size_t cap, int *fd)
 	return n;
 }
 
-/* Has a stop signal (SIGINT, SIGTERM) arrived?  Drains the signalfd. */
+/* A SIGHUP arrived (logrotate): the log file is to be opened again. */
+static int hup_pending;
+
+/* Has a stop signal (SIGINT, SIGTERM) arrived?  Drains the signalfd; a
+ * SIGHUP only sets hup_pending (in standalone mode it reopens the log, and
+ * its default action would end this stub and its mapping with it). */
 static int stop_signalled(void)
 {
 	struct signalfd_siginfo si;
 
-	return read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si);
+	while (read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+		if (si.ssi_signo != SIGHUP)
+			return 1;
+		hup_pending = 1;
+	}
+	return 0;
 }
 
 enum reply { REPLY_OK, REPLY_EXIT, REPLY_ERROR, REPLY_LOST, REPLY_SIGNAL, REPLY_TIMEOUT };
@@ -742,6 +752,179 @@ static int go_true(const char *v)
 	return 0;
 }
 
+/* What a file mode is, in the standalone proxy's words (files.py). */
+static const char *file_kind(mode_t mode)
+{
+	switch (mode & S_IFMT) {
+	case S_IFIFO: return "a FIFO";
+	case S_IFCHR: return "a character device";
+	case S_IFBLK: return "a block device";
+	case S_IFSOCK: return "a socket";
+	case S_IFDIR: return "a directory";
+	case S_IFLNK: return "a symbolic link";
+	default: return "not a regular file";
+	}
+}
+
+/**
+ * open_log() - open SPLICEPROXY_LOG_FILE for appending, as the standalone proxy does.
+ * @path: the file
+ * @why:  the reason, when it is refused
+ *
+ * Opened here as root (dockerd's privileges), so the rules are
+ * src/spliceproxy/files.py's, with its wording: the path is walked one
+ * component at a time with O_NOFOLLOW (a symbolic link anywhere is refused,
+ * not followed), anything but a regular file is refused before and after
+ * the open (which is O_NONBLOCK: a FIFO never hangs us before fd 3 is
+ * answered), a new file is 0600, and a file owned by anyone but root or us,
+ * or with more than one hard link, is refused.  Returns the descriptor or -1.
+ */
+static int open_log(const char *path, char *why, size_t cap)
+{
+	char walked[PATH_MAX], name[NAME_MAX + 1];
+	const char *p = path, *end;
+	struct stat st;
+	size_t wlen = 0;
+	int dfd, fd;
+
+	dfd = open(*path == '/' ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0) {
+		snprintf(why, cap, "%s: %s", *path == '/' ? "/" : ".", strerror(errno));
+		return -1;
+	}
+	walked[0] = '\0';
+	for (;;) {
+		size_t n;
+
+		while (*p == '/')
+			p++;
+		end = strchr(p, '/');
+		n = end ? (size_t)(end - p) : strlen(p);
+		if (n == 1 && *p == '.') {
+			p += n;
+			continue;
+		}
+		if (!n) {
+			snprintf(why, cap, "%s: not a file name", path);
+			goto refused;
+		}
+		if (n > NAME_MAX || wlen + n + 2 > sizeof(walked)) {
+			snprintf(why, cap, "%s: %s", path, strerror(ENAMETOOLONG));
+			goto refused;
+		}
+		memcpy(name, p, n);
+		name[n] = '\0';
+		p += n;
+		while (*p == '/')
+			p++;
+		if (!*p)
+			break;  /* name is the file itself */
+		if (wlen || *path == '/')
+			walked[wlen++] = '/';
+		memcpy(walked + wlen, name, n + 1);
+		wlen += n;
+		if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == -1) {
+			snprintf(why, cap, "%s: %s", walked, strerror(errno));
+			goto refused;
+		}
+		if (!S_ISDIR(st.st_mode)) {
+			snprintf(why, cap, "%s is %s, not a directory (symbolic links are not "
+				 "followed; give the real path)", walked, file_kind(st.st_mode));
+			goto refused;
+		}
+		fd = openat(dfd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (fd == -1) {
+			snprintf(why, cap, "%s: %s", walked, strerror(errno));
+			goto refused;
+		}
+		close(dfd);
+		dfd = fd;
+	}
+	if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISREG(st.st_mode)) {
+		snprintf(why, cap, "%s is %s, not a regular file", path, file_kind(st.st_mode));
+		goto refused;
+	}
+	fd = openat(dfd, name, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK |
+		    O_NOCTTY | O_CLOEXEC, 0600);
+	if (fd == -1) {
+		snprintf(why, cap, "%s: %s", path, strerror(errno));
+		goto refused;
+	}
+	close(dfd);
+	if (fstat(fd, &st) == -1) {
+		snprintf(why, cap, "%s: %s", path, strerror(errno));
+	} else if (!S_ISREG(st.st_mode)) {
+		snprintf(why, cap, "%s is %s, not a regular file", path, file_kind(st.st_mode));
+	} else if (st.st_uid != 0 && st.st_uid != geteuid()) {
+		if (geteuid() == 0)
+			snprintf(why, cap, "%s is owned by uid %u, not by root", path,
+				 (unsigned)st.st_uid);
+		else
+			snprintf(why, cap, "%s is owned by uid %u, not by root or uid %u", path,
+				 (unsigned)st.st_uid, (unsigned)geteuid());
+	} else if (st.st_nlink > 1) {
+		snprintf(why, cap, "%s has %lu hard links (a link to another file?)", path,
+			 (unsigned long)st.st_nlink);
+	} else {
+		return fd;
+	}
+	close(fd);
+	return -1;
+refused:
+	close(dfd);
+	return -1;
+}
+
+/* One line in the log file, in the front end's format (log.py). */
+static void log_line(int fd, const char *msg)
+{
+	char line[PATH_MAX + 512];
+	time_t now = time(NULL);
+	struct tm tm;
+	int n;
+
+	localtime_r(&now, &tm);
+	n = snprintf(line, sizeof(line), "%04d/%02d/%02d %02d:%02d:%02d %s\n", tm.tm_year + 1900,
+		     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, msg);
+	if (n > 0)
+		write_all(fd, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+}
+
+/**
+ * reopen_log() - SIGHUP: open the log file's path again and give it to the engine.
+ * @sock:   the control connection
+ * @log_fd: our descriptor of the current file, replaced by the new one
+ *
+ * As the standalone proxy does for logrotate; opened here, with dockerd's
+ * privileges and the same rules, because the engine dropped its own.  A
+ * failure keeps the current file and says why in it.  Without a log file
+ * (stderr) there is nothing to reopen.
+ */
+static void reopen_log(int sock, int *log_fd)
+{
+	const char *path = getenv(ENV_PREFIX "LOG_FILE");
+	char why[PATH_MAX + 256], msg[sizeof(why) + PATH_MAX + 64];
+	size_t len = 0;
+	int fd;
+
+	if (!path || !*path || *log_fd < 0)
+		return;
+	fd = open_log(path, why, sizeof(why));
+	if (fd < 0) {
+		snprintf(msg, sizeof(msg), "cannot reopen log file %s: %s; still writing to the "
+			 "old one", path, why);
+		log_line(*log_fd, msg);
+		return;
+	}
+	if (put_field(&len, 0, "log") || put_field(&len, 'd', "log") ||
+	    send_msg(sock, msg_buf, len, &fd, 1) < 0) {
+		close(fd);
+		return;
+	}
+	close(*log_fd);
+	*log_fd = fd;
+}
+
 /**
  * engine_wanted() - is this a proxy command line to hand to the engine?
  *
@@ -827,6 +1010,7 @@ static void __attribute__((noreturn)) standalone(int argc, char **argv, const ch
 			sigemptyset(&set);
 			sigaddset(&set, SIGINT);
 			sigaddset(&set, SIGTERM);
+			sigaddset(&set, SIGHUP);
 			sigprocmask(SIG_UNBLOCK, &set, NULL);
 		}
 		setenv(PROG_ENV, name, 1);
@@ -876,6 +1060,7 @@ int main(int argc, char **argv)
 	sigemptyset(&set);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
 	sigprocmask(SIG_BLOCK, &set, NULL);
 	sig_fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 	if (sig_fd == -1)
@@ -906,11 +1091,16 @@ int main(int argc, char **argv)
 	 * engine (which drops its own) can append to it. */
 	log_path = getenv(ENV_PREFIX "LOG_FILE");
 	if (log_path && *log_path) {
-		log_fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-		if (log_fd >= 0) {
-			roles[nfds] = "log";
-			fds[nfds++] = log_fd;
+		char why[PATH_MAX + 256], lmsg[sizeof(why) + 64];
+
+		log_fd = open_log(log_path, why, sizeof(why));
+		if (log_fd < 0) {
+			snprintf(lmsg, sizeof(lmsg),
+				 "cannot open log file (SPLICEPROXY_LOG_FILE): %s", why);
+			fail(lmsg);
 		}
+		roles[nfds] = "log";
+		fds[nfds++] = log_fd;
 	}
 
 	for (;;) {
@@ -989,6 +1179,10 @@ int main(int argc, char **argv)
 		}
 		if (p[1].revents && stop_signalled())
 			stop(sock, listen_fd);
+		if (hup_pending) {
+			hup_pending = 0;
+			reopen_log(sock, &log_fd);
+		}
 		if (!p[0].revents)
 			continue;
 		if (recv_msg(sock, buf, sizeof(buf), &fd) > 0) {

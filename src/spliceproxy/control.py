@@ -31,6 +31,8 @@ Requests (stub or status client to engine) and their replies:
     remove   end the sender's mapping  ->  "removed" once the listener is
              closed
     status   ->  "status" <JSON chunk>... then "end"
+    log      the sender's log file opened again (SIGHUP, logrotate): the
+             descriptor "log"; no reply, the mapping logs to it from now on
 
 Anything malformed gets "error" <text>, and the connection and every other
 mapping carry on.  The C side of this is csrc/stub/stub.c.

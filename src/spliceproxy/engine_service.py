@@ -687,10 +687,38 @@ class Service:
                 self._send(conn, b"removed\0")
             elif req.command == "status":
                 self._status(conn)
+            elif req.command == "log":
+                self._new_log(conn, req)
             else:
                 self._reply_error(conn, "unknown command %r" % req.command)
         finally:
             req.close_fds()
+
+    def _new_log(self, conn: Conn, req: control.Request) -> None:
+        """SIGHUP to a stub (logrotate): it opened its log file's path again,
+        with its privileges, and the mapping logs to that file from now on."""
+        fd = req.take("log")
+        m = conn.mapping
+        if m is None or fd is None:
+            if fd is not None:
+                os.close(fd)
+            self._reply_error(conn, "log: needs this connection's mapping and a log descriptor")
+            return
+        out = _nowait_output(fd)
+        if out is None:
+            self._reply_error(conn, "log: not a file")
+            return
+        from spliceproxy.log import _is_devnull
+
+        log = m.log
+        log.flush()
+        old = log.fd if log._own_fd else None
+        log.fd, log._send, log._own_fd = out.fd, out.send, True
+        log.enabled = not _is_devnull(os.fstat(out.fd))
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.close(old)
+        log.flush()
 
     # -- mappings --------------------------------------------------------
 

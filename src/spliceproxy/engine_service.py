@@ -74,6 +74,11 @@ def load_settings(env: dict[str, str]) -> Settings:
 
 _OPTION_VARS = {v.option: ENV_PREFIX + v.name for v in settings.VARIABLES if v.option}
 
+# Events the engine emits for every listener at once (listener -1), and the
+# per-listener counter that says how much of each is a mapping's.
+SHARED_EVENTS = {_engine.EV_IDLE_RECLAIMED: "idle_reclaimed",
+                 _engine.EV_HEADROOM_RECLAIMED: "headroom_reclaimed"}
+
 
 def option_differences(mine: Settings, theirs: Settings) -> dict[str, object]:
     """The engine options (by name) whose value in theirs differs from mine."""
@@ -148,7 +153,7 @@ class Mapping:
     """One published port served by the engine, and the stub that stands for it."""
 
     __slots__ = ("id", "proxy", "conn", "stub_pid", "started", "started_wall", "log",
-                 "adopted", "host", "fd", "fp_id")
+                 "adopted", "host", "fd", "fp_id", "logged")
 
     def __init__(self, lid: int, proxy: Proxy, conn: Conn, log: Logger, adopted: bool,
                  port: int, fd: int = -1):
@@ -164,6 +169,9 @@ class Mapping:
         self.started_wall = time.time()
         self.log = log
         self.adopted = adopted
+        # Of an engine-wide event's counter (SHARED_EVENTS): how much of it
+        # this mapping's log has told.
+        self.logged: dict[str, int] = {}
 
     def describe(self) -> dict:
         c = self.proxy.config
@@ -856,6 +864,9 @@ class Service:
 
     def _engine_events(self, events) -> None:
         for kind, err, lid, count in events:
+            if lid == -1 and kind in SHARED_EVENTS:
+                self._shared_event(kind, err)
+                continue
             mapping = self.mappings.get(lid)
             if mapping is None:
                 continue
@@ -873,6 +884,25 @@ class Service:
                 self._send(mapping.conn, b"exit\0" + b"0\0")
                 mapping.log.close()
                 self._note_idle()
+
+    def _shared_event(self, kind: int, err: int) -> None:
+        """An event of a scan over every listener (no listener of its own):
+        each mapping's log tells its own part, from its own counter, as a
+        standalone proxy's log tells the whole."""
+        name = SHARED_EVENTS[kind]
+        per_listener = getattr(self.engine, "listener_stats", None)
+        if per_listener is None:
+            return
+        for mapping in list(self.mappings.values()):
+            try:
+                now = per_listener(mapping.id)[name]
+            except (OSError, KeyError):
+                continue
+            new = now - mapping.logged.get(name, 0)
+            mapping.logged[name] = now
+            if new > 0 and mapping.log.enabled:
+                mapping.log.log(mapping.proxy.describe(kind, err, new))
+                self._logged(mapping.log)
 
     # -- status ----------------------------------------------------------
 

@@ -930,7 +930,8 @@ static void reopen_log(int sock, int *log_fd)
  *
  * Engine mode is the default: yes unless SPLICEPROXY_ENGINE says otherwise,
  * when the first argument is a flag (dockerd never passes anything else
- * first; subcommands such as `status` are not flags).  A Go false means
+ * first; subcommands such as `status` are not flags) and none asks for the
+ * usage or the version.  A Go false means
  * standalone; a value that is no Go boolean goes to the standalone front end
  * too, which refuses it on fd 3 as it refuses every bad setting, so the
  * message and its wording have one source (settings.py).  This is the one
@@ -941,10 +942,37 @@ static void reopen_log(int sock, int *log_fd)
 static int engine_wanted(int argc, char **argv)
 {
 	const char *v = getenv(ENV_PREFIX "ENGINE");
+	int i;
 
 	if (v && *v && !go_true(v))
 		return 0;
-	return argc > 1 && argv[1][0] == '-';
+	if (argc < 2 || argv[1][0] != '-')
+		return 0;
+	/* -h and -v print and exit (the front end words them alike): no
+	 * engine is started for them.  Flags as Go reads them: - or --, up to
+	 * the first word that is none or "--".  It need not be exact: the front
+	 * end and the engine answer any command line alike, this only spares
+	 * starting an engine. */
+	for (i = 1; i < argc; i++) {
+		const char *a = argv[i], *name, *eq;
+		size_t n;
+
+		if (a[0] != '-' || !a[1] || !strcmp(a, "--"))
+			break;
+		name = a + (a[1] == '-' ? 2 : 1);
+		eq = strchr(name, '=');
+		n = eq ? (size_t)(eq - name) : strlen(name);
+		if ((n == 1 && name[0] == 'h') || (n == 4 && !strncmp(name, "help", 4)))
+			return 0;
+		if (((n == 1 && name[0] == 'v') || (n == 7 && !strncmp(name, "version", 7))) &&
+		    (!eq || go_true(eq + 1)))
+			return 0;
+		/* Every other docker-proxy flag but -use-listen-fd takes a value,
+		 * the next word when not given with "=". */
+		if (!eq && !(n == 13 && !strncmp(name, "use-listen-fd", 13)))
+			i++;
+	}
+	return 1;
 }
 
 /**

@@ -278,7 +278,7 @@ def _assert_engine_says_why(command: str, *phrases):
         assert err == "spliceproxy: " + text + "\n"
         for phrase in phrases:
             assert phrase in text, text
-        assert engine_support.engine_processes(sock) == []
+        assert srv.wait_for(lambda: engine_support.engine_processes(sock) == [], 5.0)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

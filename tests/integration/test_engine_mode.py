@@ -1031,3 +1031,70 @@ def test_stub_without_its_launcher_says_why_on_fd3(host, tmp_path, engine):
     assert text.startswith("cannot start"), text
     assert str(tmp_path / "spliceproxy-front") in text, text  # the launcher it looked for
     assert "reinstall spliceproxy" in text and "install-path" in text, text  # and the mend
+
+
+ENGINE_NOFILE = 128
+
+
+def _engine_nofile():
+    # The engine a stub starts inherits its limits (and raises its soft
+    # limit to the hard one, so both are set).
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (ENGINE_NOFILE, ENGINE_NOFILE))
+
+
+def test_an_engine_out_of_descriptors_pauses_accepting_and_recovers(host):
+    """The engine-mode counterpart of the standalone descriptor-exhaustion
+    tests: the engine's own RLIMIT_NOFILE runs out under a flood of clients
+    of one mapping; it pauses accepting instead of failing, the other
+    mapping's established connection keeps relaying, and once the clients
+    are gone both mappings serve again and the mapping's log says so."""
+    with srv.EchoServer() as echo:
+        port = srv.free_port()
+        quiet = spawn(host.argv("tcp", "127.0.0.1", port, "127.0.0.1", echo.port),
+                      env=host.env, preexec_fn=_engine_nofile, timeout=15.0)
+        quiet.port = port
+        host.stubs.append(quiet)
+        engine = host.note_engine()
+        with open("/proc/%d/limits" % engine) as f:
+            assert any(line.startswith("Max open files") and str(ENGINE_NOFILE) in line
+                       for line in f)
+        lp = host.start("tcp", echo.port)
+        held = srv.connect("127.0.0.1", quiet.port)
+        clients = []
+        try:
+            held.sendall(b"before")
+            assert srv.recv_exact(held, 6) == b"before"
+            try:
+                for _ in range(ENGINE_NOFILE):  # two sockets each: more than fit
+                    clients.append(srv.connect("127.0.0.1", lp.port, timeout=5.0))
+                assert srv.wait_for(
+                    lambda: host.mapping(lp.pid)["counters"]["accept_pauses"] >= 1, 5.0), \
+                    host.mapping(lp.pid)
+                assert alive(engine) and len(os.listdir("/proc/%d/fd" % engine)) <= ENGINE_NOFILE
+                held.sendall(b"during")
+                assert srv.recv_exact(held, 6) == b"during"
+            finally:
+                for c in clients:
+                    c.close()
+            assert srv.wait_for(
+                lambda: host.mapping(lp.pid)["counters"]["tcp_active"] == 0, 15.0)
+            for p in (lp.port, quiet.port):
+                srv.echo_roundtrip("127.0.0.1", p, b"after")
+            want = "Accepting on tcp/127.0.0.1:%d again" % lp.port
+            assert srv.wait_for(lambda: want in host.log(), 5.0), host.log()
+            assert host.engine_pid() == engine
+        finally:
+            held.close()
+
+
+@pytest.mark.parametrize("args", [["-h"], ["--help"], ["-v"], ["-version"], ["--version=true"],
+                                  ["-proto", "tcp", "-h"], ["-proto", "udp", "-v"]])
+def test_usage_and_version_start_no_engine(host, args):
+    """Engine mode is the default: asking for the usage or the version must
+    not start an engine (root's under /run, by default) just to print it."""
+    r = subprocess.run([host.proxy_path] + args, capture_output=True, env=host.env, timeout=15)
+    assert r.returncode == 0, r.stderr
+    assert (b"Usage of " in r.stderr) if "h" in args[-1] else r.stdout.startswith(b"spliceproxy")
+    assert not os.path.exists(host.sock) and host.engine_processes() == []

@@ -221,8 +221,10 @@ class SharedEngine:
         if not ready.startswith(b"ok"):
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("the session's engine did not start: %r %s"
-                                 % (ready, self.stderr()))
+            why = self.stderr()
+            kill_engines(self.sock, {self.proc.pid})
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise AssertionError("the session's engine did not start: %r %s" % (ready, why))
         self.pids = {self.proc.pid}
 
     def mode_env(self) -> dict[str, str]:
@@ -246,7 +248,11 @@ class SharedEngine:
         return self.query()["mappings"]
 
     def close(self) -> None:
+        mappings = []
         if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                srv.wait_for(lambda: not self.mappings(), 3.0)
+                mappings = self.mappings()
             self.proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5.0)
@@ -258,6 +264,7 @@ class SharedEngine:
         shutil.rmtree(self.dir, ignore_errors=True)
         assert left, "engine processes left running: %r" % self.pids
         assert not os.path.exists(self.dir)
+        assert not mappings, "mappings left in the session's engine at its end: %r" % mappings
 
 
 def select_readable(fd: int, timeout: float) -> bool:

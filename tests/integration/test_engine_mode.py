@@ -566,7 +566,8 @@ def test_malformed_requests_leave_other_mappings_serving(host):
     with srv.EchoServer() as echo:
         lp = host.start("tcp", echo.port)
         bad = [b"", b"no-nul", b"map\0xoops\0", b"map\0eNOT_OURS=1\0", b"\xff\xfe\0",
-               b"map\0a-proto\0dnope\0", b"launch\0", b"map\0d3\0", b"remove\0",
+               b"map\0a-proto\0dnope\0", b"launch\0", b"map\0d3\0", b"remove\0", b"log\0",
+               b"log\0dlog\0",
                b"map\0" + b"a" * 70000]
         for msg in bad:
             with control.connect(host.sock) as s:

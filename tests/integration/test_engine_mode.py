@@ -1099,3 +1099,51 @@ def test_usage_and_version_start_no_engine(host, args):
     assert r.returncode == 0, r.stderr
     assert (b"Usage of " in r.stderr) if "h" in args[-1] else r.stdout.startswith(b"spliceproxy")
     assert not os.path.exists(host.sock) and host.engine_processes() == []
+
+
+def _faultshim(out_dir) -> str:
+    """tests/integration/faultshim.c built (test_faults.py's fault library)."""
+    from support import cc as cc_flags
+
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("fault injection cannot share a process with a preloaded sanitizer runtime")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("gcc is not installed: the fault injection library cannot be built")
+    out = os.path.join(str(out_dir), "faultshim.so")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faultshim.c")
+    res = subprocess.run([cc, *cc_flags.cflags(), "-O2", "-shared", "-fPIC", "-o", out, src,
+                          "-ldl"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, "building faultshim.c failed:\n" + res.stderr
+    return out
+
+
+def test_a_fault_in_the_engine_costs_only_its_connection(proxy_path, tmp_path):
+    """The engine-mode counterpart of test_faults.py (whose library is
+    preloaded into a standalone proxy): the first stub starts the engine with
+    the library preloaded (the stub itself is static; the engine inherits
+    its environment), and the engine's first backend connect fails with
+    ENOBUFS.  That client is refused and counted in its own mapping's
+    err_enobufs; the other mapping and the next connections are served."""
+    shim = _faultshim(tmp_path)
+    h = EngineHost(proxy_path, extra_env={"LD_PRELOAD": shim, "FAULTSHIM_ARM": "now",
+                                          "FAULTSHIM": "connect:ENOBUFS:1:max=1"})
+    try:
+        with srv.EchoServer() as echo:
+            hit = h.start("tcp", echo.port)
+            other = h.start("tcp", echo.port)
+            with open("/proc/%d/maps" % h.engine_pid()) as f:
+                assert shim in f.read(), "the engine does not have the fault library"
+            with srv.connect("127.0.0.1", hit.port) as s:
+                s.settimeout(IO_TIMEOUT)
+                s.sendall(b"x")
+                with contextlib.suppress(OSError):
+                    assert s.recv(1) == b""  # closed, as for a refused backend connect
+            c = h.mapping(hit.pid)["counters"]
+            assert c["err_enobufs"] == 1 and c["tcp_failed"] == 1, c
+            assert h.mapping(other.pid)["counters"]["err_enobufs"] == 0
+            for lp in (hit, other):
+                srv.echo_roundtrip("127.0.0.1", lp.port, b"after the fault")
+            assert h.mapping(hit.pid)["counters"]["err_enobufs"] == 1
+    finally:
+        h.close()

@@ -42,8 +42,8 @@ from support.servers import proxy_argv, spawn
 # is static, and the session's engine was started without it).
 pytestmark = pytest.mark.standalone_only(
     reason="faults are injected into the standalone process by LD_PRELOAD; engine mode: "
-           "not covered by fault injection (the engine's own descriptor exhaustion: "
-           "test_engine_mode.py::test_an_engine_out_of_descriptors_pauses_accepting_and_recovers)")
+           "test_engine_mode.py::test_a_fault_in_the_engine_costs_only_its_connection "
+           "(an engine started with the library preloaded)")
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -1163,8 +1163,9 @@ USAGE = """\
 usage: spliceproxy engine [--socket PATH]
 
 Run the host engine in the foreground: one process serving every port that
-stubs (engine mode, the default) register on its control socket.  Stubs start it
-by themselves when none runs; run it under a service manager to keep it up.
+stubs (engine mode, the default) register on its control socket.  Stubs
+start it by themselves when none runs; run it under a service manager to
+keep it up.
 
   --socket PATH   control socket (default: SPLICEPROXY_ENGINE_SOCKET, else
                   /run/spliceproxy/engine.sock for root,

@@ -10,7 +10,7 @@
  * same arguments, descriptors and signal state.
  *
  * dockerd starts one userland proxy per published port and expects it to
- * live as long as the mapping.  In engine mode (SPLICEPROXY_ENGINE=1) that
+ * live as long as the mapping.  In engine mode (the default) that
  * process is this stub: it hands its command line, its SPLICEPROXY_*
  * environment and its descriptors 1, 2 and 4 to the host engine over the
  * engine's control socket (AF_UNIX SOCK_SEQPACKET, SCM_RIGHTS), then only
@@ -66,6 +66,9 @@
 /* How the front end learns the name it was run by (shown_name()); not a
  * SPLICEPROXY_* setting, so never forwarded to the engine. */
 #define PROG_ENV "_SPLICEPROXY_PROG"
+/* Why a proxy command line meant for the engine is served standalone after
+ * all (no control socket possible); the front end logs it once. */
+#define WHY_ENV "_SPLICEPROXY_STANDALONE_WHY"
 
 extern char **environ;
 
@@ -212,7 +215,8 @@ static const char *shown_name(const char *arg0)
  *
  * SPLICEPROXY_ENGINE_SOCKET if set; root's /run/spliceproxy/engine.sock;
  * a user's $XDG_RUNTIME_DIR/spliceproxy/engine.sock.  Returns -ENOENT when
- * none applies (no runtime directory): the port is then served standalone.
+ * none applies (no runtime directory) and -ENAMETOOLONG for a path that
+ * does not fit a socket address: the port is then served standalone.
  */
 static int resolve_socket(void)
 {
@@ -243,35 +247,41 @@ static int resolve_socket(void)
 
 /**
  * check_dir() - create the socket's directory if missing, refuse a foreign one.
+ * @why: what is wrong with it, when it is refused
  *
  * The directory is the socket's only protection worth the name (the mode of
  * a socket file is not honoured everywhere): it must be a real directory,
- * owned by us, with no access for group or others.
+ * owned by us, with no access for group or others.  Returns 0, or -errno
+ * with @why filled in: no control socket is possible there, and the port is
+ * served standalone rather than not at all.
  */
-static void check_dir(void)
+static int check_dir(char *why, size_t cap)
 {
 	struct stat st;
-	char msg[512];
 
 	if (mkdir(sock_dir, 0700) == -1 && errno != EEXIST) {
-		snprintf(msg, sizeof(msg), "cannot create the engine socket directory %s: %s",
-			 sock_dir, strerror(errno));
-		fail(msg);
+		int err = errno;
+
+		snprintf(why, cap, "cannot create the engine socket directory %s: %s",
+			 sock_dir, strerror(err));
+		return -err;
 	}
 	if (lstat(sock_dir, &st) == -1) {
-		snprintf(msg, sizeof(msg), "engine socket directory %s: %s", sock_dir,
-			 strerror(errno));
-		fail(msg);
+		int err = errno;
+
+		snprintf(why, cap, "engine socket directory %s: %s", sock_dir, strerror(err));
+		return -err;
 	}
 	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) {
-		snprintf(msg, sizeof(msg),
+		snprintf(why, cap,
 			 "refusing the engine socket directory %s: it must be a directory owned "
 			 "by uid %u with mode 0700 (it is %s, uid %u, mode %04o)",
 			 sock_dir, (unsigned)geteuid(), S_ISDIR(st.st_mode) ? "a directory" :
 			 S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory",
 			 (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
-		fail(msg);
+		return -EACCES;
 	}
+	return 0;
 }
 
 static int connect_engine(void)
@@ -372,11 +382,12 @@ static int spawn_engine(void)
  * -EIO: it failed (engine_error says why). */
 static int engine_ready(int fd, int wait_ms)
 {
-	struct pollfd p = { .fd = fd, .events = POLLIN };
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
 	char buf[sizeof(engine_error)];
+	const char *p;
 	ssize_t n;
 
-	if (poll(&p, 1, wait_ms) <= 0)
+	if (poll(&pfd, 1, wait_ms) <= 0)
 		return 0;
 	n = read(fd, buf, sizeof(buf) - 1);
 	if (n >= 2 && !memcmp(buf, "ok", 2))
@@ -386,8 +397,11 @@ static int engine_ready(int fd, int wait_ms)
 	buf[n] = '\0';
 	if (n && buf[n - 1] == '\n')
 		buf[n - 1] = '\0';
+	/* A front end that cannot start at all (a broken install) says so on
+	 * its fd 3 as a proxy would, "1\n<msg>": the reason is <msg>. */
+	p = n >= 2 && !memcmp(buf, "1\n", 2) ? buf + 2 : buf;
 	snprintf(engine_error, sizeof(engine_error), "%s",
-		 n ? buf : "it exited without saying why (is the launcher beside the stub?)");
+		 *p ? p : "it exited without saying why (is the launcher beside the stub?)");
 	return -EIO;
 }
 
@@ -551,12 +565,22 @@ static ssize_t recv_msg(int sock, char *buf, size_t cap, int *fd)
 	return n;
 }
 
-/* Has a stop signal (SIGINT, SIGTERM) arrived?  Drains the signalfd. */
+/* A SIGHUP arrived (logrotate): the log file is to be opened again. */
+static int hup_pending;
+
+/* Has a stop signal (SIGINT, SIGTERM) arrived?  Drains the signalfd; a
+ * SIGHUP only sets hup_pending (in standalone mode it reopens the log, and
+ * its default action would end this stub and its mapping with it). */
 static int stop_signalled(void)
 {
 	struct signalfd_siginfo si;
 
-	return read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si);
+	while (read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+		if (si.ssi_signo != SIGHUP)
+			return 1;
+		hup_pending = 1;
+	}
+	return 0;
 }
 
 enum reply { REPLY_OK, REPLY_EXIT, REPLY_ERROR, REPLY_LOST, REPLY_SIGNAL, REPLY_TIMEOUT };
@@ -716,20 +740,239 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 	}
 }
 
+/* Go's strconv.ParseBool true values, as settings.boolean() takes them. */
+static int go_true(const char *v)
+{
+	static const char *const words[] = { "1", "t", "T", "TRUE", "true", "True" };
+	size_t i;
+
+	for (i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+		if (!strcmp(v, words[i]))
+			return 1;
+	return 0;
+}
+
+/* What a file mode is, in the standalone proxy's words (files.py). */
+static const char *file_kind(mode_t mode)
+{
+	switch (mode & S_IFMT) {
+	case S_IFIFO: return "a FIFO";
+	case S_IFCHR: return "a character device";
+	case S_IFBLK: return "a block device";
+	case S_IFSOCK: return "a socket";
+	case S_IFDIR: return "a directory";
+	case S_IFLNK: return "a symbolic link";
+	default: return "not a regular file";
+	}
+}
+
+/**
+ * open_log() - open SPLICEPROXY_LOG_FILE for appending, as the standalone proxy does.
+ * @path: the file
+ * @why:  the reason, when it is refused
+ *
+ * Opened here as root (dockerd's privileges), so the rules are
+ * src/spliceproxy/files.py's, with its wording: the path is walked one
+ * component at a time with O_NOFOLLOW (a symbolic link anywhere is refused,
+ * not followed), anything but a regular file is refused before and after
+ * the open (which is O_NONBLOCK: a FIFO never hangs us before fd 3 is
+ * answered), a new file is 0600, and a file owned by anyone but root or us,
+ * or with more than one hard link, is refused.  Returns the descriptor or -1.
+ */
+static int open_log(const char *path, char *why, size_t cap)
+{
+	char walked[PATH_MAX], name[NAME_MAX + 1];
+	const char *p = path, *end;
+	struct stat st;
+	size_t wlen = 0;
+	int dfd, fd;
+
+	dfd = open(*path == '/' ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0) {
+		snprintf(why, cap, "%s: %s", *path == '/' ? "/" : ".", strerror(errno));
+		return -1;
+	}
+	walked[0] = '\0';
+	for (;;) {
+		size_t n;
+
+		while (*p == '/')
+			p++;
+		end = strchr(p, '/');
+		n = end ? (size_t)(end - p) : strlen(p);
+		if (n == 1 && *p == '.') {
+			p += n;
+			continue;
+		}
+		if (!n) {
+			snprintf(why, cap, "%s: not a file name", path);
+			goto refused;
+		}
+		if (n > NAME_MAX || wlen + n + 2 > sizeof(walked)) {
+			snprintf(why, cap, "%s: %s", path, strerror(ENAMETOOLONG));
+			goto refused;
+		}
+		memcpy(name, p, n);
+		name[n] = '\0';
+		p += n;
+		while (*p == '/')
+			p++;
+		if (!*p)
+			break;  /* name is the file itself */
+		if (wlen || *path == '/')
+			walked[wlen++] = '/';
+		memcpy(walked + wlen, name, n + 1);
+		wlen += n;
+		if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == -1) {
+			snprintf(why, cap, "%s: %s", walked, strerror(errno));
+			goto refused;
+		}
+		if (!S_ISDIR(st.st_mode)) {
+			snprintf(why, cap, "%s is %s, not a directory (symbolic links are not "
+				 "followed; give the real path)", walked, file_kind(st.st_mode));
+			goto refused;
+		}
+		fd = openat(dfd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (fd == -1) {
+			snprintf(why, cap, "%s: %s", walked, strerror(errno));
+			goto refused;
+		}
+		close(dfd);
+		dfd = fd;
+	}
+	if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISREG(st.st_mode)) {
+		snprintf(why, cap, "%s is %s, not a regular file", path, file_kind(st.st_mode));
+		goto refused;
+	}
+	fd = openat(dfd, name, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK |
+		    O_NOCTTY | O_CLOEXEC, 0600);
+	if (fd == -1) {
+		snprintf(why, cap, "%s: %s", path, strerror(errno));
+		goto refused;
+	}
+	close(dfd);
+	if (fstat(fd, &st) == -1) {
+		snprintf(why, cap, "%s: %s", path, strerror(errno));
+	} else if (!S_ISREG(st.st_mode)) {
+		snprintf(why, cap, "%s is %s, not a regular file", path, file_kind(st.st_mode));
+	} else if (st.st_uid != 0 && st.st_uid != geteuid()) {
+		if (geteuid() == 0)
+			snprintf(why, cap, "%s is owned by uid %u, not by root", path,
+				 (unsigned)st.st_uid);
+		else
+			snprintf(why, cap, "%s is owned by uid %u, not by root or uid %u", path,
+				 (unsigned)st.st_uid, (unsigned)geteuid());
+	} else if (st.st_nlink > 1) {
+		snprintf(why, cap, "%s has %lu hard links (a link to another file?)", path,
+			 (unsigned long)st.st_nlink);
+	} else {
+		return fd;
+	}
+	close(fd);
+	return -1;
+refused:
+	close(dfd);
+	return -1;
+}
+
+/* One line in the log file, in the front end's format (log.py). */
+static void log_line(int fd, const char *msg)
+{
+	char line[PATH_MAX + 512];
+	time_t now = time(NULL);
+	struct tm tm;
+	int n;
+
+	localtime_r(&now, &tm);
+	n = snprintf(line, sizeof(line), "%04d/%02d/%02d %02d:%02d:%02d %s\n", tm.tm_year + 1900,
+		     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, msg);
+	if (n > 0)
+		write_all(fd, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+}
+
+/**
+ * reopen_log() - SIGHUP: open the log file's path again and give it to the engine.
+ * @sock:   the control connection
+ * @log_fd: our descriptor of the current file, replaced by the new one
+ *
+ * As the standalone proxy does for logrotate; opened here, with dockerd's
+ * privileges and the same rules, because the engine dropped its own.  A
+ * failure keeps the current file and says why in it.  Without a log file
+ * (stderr) there is nothing to reopen.
+ */
+static void reopen_log(int sock, int *log_fd)
+{
+	const char *path = getenv(ENV_PREFIX "LOG_FILE");
+	char why[PATH_MAX + 256], msg[sizeof(why) + PATH_MAX + 64];
+	size_t len = 0;
+	int fd;
+
+	if (!path || !*path || *log_fd < 0)
+		return;
+	fd = open_log(path, why, sizeof(why));
+	if (fd < 0) {
+		snprintf(msg, sizeof(msg), "cannot reopen log file %s: %s; still writing to the "
+			 "old one", path, why);
+		log_line(*log_fd, msg);
+		return;
+	}
+	if (put_field(&len, 0, "log") || put_field(&len, 'd', "log") ||
+	    send_msg(sock, msg_buf, len, &fd, 1) < 0) {
+		close(fd);
+		return;
+	}
+	close(*log_fd);
+	*log_fd = fd;
+}
+
 /**
  * engine_wanted() - is this a proxy command line to hand to the engine?
  *
- * SPLICEPROXY_ENGINE set and not "0", and the first argument a flag (dockerd
- * never passes anything else first; subcommands such as `status` are not
- * flags).  This is the one place that decides: the stub is the installed
- * `spliceproxy` that dockerd runs, so an engine-mode port costs no shell and
- * no interpreter; everything else is exec'd to the Python front end.
+ * Engine mode is the default: yes unless SPLICEPROXY_ENGINE says otherwise,
+ * when the first argument is a flag (dockerd never passes anything else
+ * first; subcommands such as `status` are not flags) and none asks for the
+ * usage or the version.  A Go false means
+ * standalone; a value that is no Go boolean goes to the standalone front end
+ * too, which refuses it on fd 3 as it refuses every bad setting, so the
+ * message and its wording have one source (settings.py).  This is the one
+ * place that decides: the stub is the installed `spliceproxy` that dockerd
+ * runs, so an engine-mode port costs no shell and no interpreter; everything
+ * else is exec'd to the Python front end.
  */
 static int engine_wanted(int argc, char **argv)
 {
 	const char *v = getenv(ENV_PREFIX "ENGINE");
+	int i;
 
-	return v && *v && strcmp(v, "0") && argc > 1 && argv[1][0] == '-';
+	if (v && *v && !go_true(v))
+		return 0;
+	if (argc < 2 || argv[1][0] != '-')
+		return 0;
+	/* -h and -v print and exit (the front end words them alike): no
+	 * engine is started for them.  Flags as Go reads them: - or --, up to
+	 * the first word that is none or "--".  It need not be exact: the front
+	 * end and the engine answer any command line alike, this only spares
+	 * starting an engine. */
+	for (i = 1; i < argc; i++) {
+		const char *a = argv[i], *name, *eq;
+		size_t n;
+
+		if (a[0] != '-' || !a[1] || !strcmp(a, "--"))
+			break;
+		name = a + (a[1] == '-' ? 2 : 1);
+		eq = strchr(name, '=');
+		n = eq ? (size_t)(eq - name) : strlen(name);
+		if ((n == 1 && name[0] == 'h') || (n == 4 && !strncmp(name, "help", 4)))
+			return 0;
+		if (((n == 1 && name[0] == 'v') || (n == 7 && !strncmp(name, "version", 7))) &&
+		    (!eq || go_true(eq + 1)))
+			return 0;
+		/* Every other docker-proxy flag but -use-listen-fd takes a value,
+		 * the next word when not given with "=". */
+		if (!eq && !(n == 13 && !strncmp(name, "use-listen-fd", 13)))
+			i++;
+	}
+	return 1;
 }
 
 /**
@@ -768,15 +1011,16 @@ static void exec_front(char *launcher, int argc, char **argv)
 }
 
 /* Run the Python front end in this process, with the same arguments and fds
- * (and signals, when engine_off is 0: nothing was changed yet). */
-static void __attribute__((noreturn)) standalone(int argc, char **argv, int engine_off)
+ * (and signals, when why is NULL: nothing was changed yet).  @why: the
+ * reason a command line meant for the engine is served standalone. */
+static void __attribute__((noreturn)) standalone(int argc, char **argv, const char *why)
 {
 	char launcher[PATH_MAX];
 	char msg[PATH_MAX + 256];
 	const char *name = shown_name(argv[0]);
 
 	if (launcher_path(launcher, sizeof(launcher)) == 0) {
-		if (engine_off) {
+		if (why) {
 			/* Undo what main() set up, fds 3 and 4 as inherited; and
 			 * the front end serves the port itself. */
 			sigset_t set;
@@ -790,9 +1034,11 @@ static void __attribute__((noreturn)) standalone(int argc, char **argv, int engi
 			else
 				close(LISTEN_FD);
 			setenv(ENV_PREFIX "ENGINE", "0", 1);
+			setenv(WHY_ENV, why, 1);
 			sigemptyset(&set);
 			sigaddset(&set, SIGINT);
 			sigaddset(&set, SIGTERM);
+			sigaddset(&set, SIGHUP);
 			sigprocmask(SIG_UNBLOCK, &set, NULL);
 		}
 		setenv(PROG_ENV, name, 1);
@@ -819,7 +1065,7 @@ int main(int argc, char **argv)
 	if (argc < 1)
 		fail("started with no program name (an empty argv)");
 	if (!engine_wanted(argc, argv))
-		standalone(argc, argv, 0);
+		standalone(argc, argv, NULL);
 
 	/* Flag errors and usage name the command as the front end would.  A
 	 * copy: our own command line (ps, /proc) stays as it was. */
@@ -842,14 +1088,23 @@ int main(int argc, char **argv)
 	sigemptyset(&set);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
 	sigprocmask(SIG_BLOCK, &set, NULL);
 	sig_fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 	if (sig_fd == -1)
 		fail("signalfd failed");
 
-	if (resolve_socket() < 0)
-		standalone(argc, argv, 1);
-	check_dir();
+	/* No control socket possible: the port is still served, by this
+	 * process, and its log says why. */
+	i = resolve_socket();
+	if (i == -ENOENT)
+		standalone(argc, argv, "no control socket: not root, and XDG_RUNTIME_DIR is "
+			   "not an absolute path (SPLICEPROXY_ENGINE_SOCKET names one)");
+	if (i < 0)
+		standalone(argc, argv, "the engine socket path is too long for a socket "
+			   "address (SPLICEPROXY_ENGINE_SOCKET)");
+	if (check_dir(msg, sizeof(msg)) < 0)
+		standalone(argc, argv, msg);
 
 	for (i = 1; i <= 2; i++) {
 		if (fd_is_open(i)) {
@@ -864,11 +1119,16 @@ int main(int argc, char **argv)
 	 * engine (which drops its own) can append to it. */
 	log_path = getenv(ENV_PREFIX "LOG_FILE");
 	if (log_path && *log_path) {
-		log_fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-		if (log_fd >= 0) {
-			roles[nfds] = "log";
-			fds[nfds++] = log_fd;
+		char why[PATH_MAX + 256], lmsg[sizeof(why) + 64];
+
+		log_fd = open_log(log_path, why, sizeof(why));
+		if (log_fd < 0) {
+			snprintf(lmsg, sizeof(lmsg),
+				 "cannot open log file (SPLICEPROXY_LOG_FILE): %s", why);
+			fail(lmsg);
 		}
+		roles[nfds] = "log";
+		fds[nfds++] = log_fd;
 	}
 
 	for (;;) {
@@ -925,12 +1185,14 @@ int main(int argc, char **argv)
 	if (listen_fd < 0)
 		fail("the spliceproxy engine sent no listener");
 	/* Ready: the listener is in the engine.  The engine owns what it needs
-	 * of fds 1, 2 and 4. */
+	 * of fds 1, 2 and 4; fd 4 is closed before "0\n", so that whoever
+	 * reads the verdict finds it closed, as from the standalone proxy (our
+	 * own duplicate is listen_fd). */
+	close(LISTEN_FD);
 	if (have_status) {
 		write_all(STATUS_FD, "0\n", 2);
 		close(STATUS_FD);
 	}
-	close(LISTEN_FD);
 
 	for (;;) {
 		struct pollfd p[2] = { { .fd = sock, .events = POLLIN },
@@ -945,6 +1207,10 @@ int main(int argc, char **argv)
 		}
 		if (p[1].revents && stop_signalled())
 			stop(sock, listen_fd);
+		if (hup_pending) {
+			hup_pending = 0;
+			reopen_log(sock, &log_fd);
+		}
 		if (!p[0].revents)
 			continue;
 		if (recv_msg(sock, buf, sizeof(buf), &fd) > 0) {

@@ -117,6 +117,16 @@ def _install_path(argv0: str) -> int:
     return 0
 
 
+def _incomplete(e: ImportError) -> int:
+    if not (e.name or "").startswith("spliceproxy"):
+        raise e  # not a part of this package: a bug, not a broken install
+    return _broken(
+        "the spliceproxy package at %s is incomplete (%s). Reinstall it: %s -m pip "
+        "install --force-reinstall spliceproxy (a C compiler and the Python headers are "
+        "needed to build it, see the README's Quick start)."
+        % (__file__.rpartition("/")[0], e, sys.executable))
+
+
 def main(argv=None):
     argv = sys.argv if argv is None else argv
     cmd = argv[1] if len(argv) > 1 else None
@@ -130,25 +140,22 @@ def main(argv=None):
     if cmd == "install-path":
         return _install_path(argv[0])
     if cmd in ("engine", "status"):
-        # The host engine (SPLICEPROXY_ENGINE=1) and its status report.
-        if cmd == "engine":
-            from spliceproxy.engine_service import main as engine_main
-
-            return engine_main(argv[2:])
-        from spliceproxy.engine_status import main as status_main
-
-        return status_main(argv[2:])
+        # The host engine (engine mode, the default) and its status report.
+        # A stub that starts the engine reads its fd 3: a broken install
+        # says so there, as for a proxy.
+        try:
+            if cmd == "engine":
+                from spliceproxy.engine_service import main as sub_main
+            else:
+                from spliceproxy.engine_status import main as sub_main
+        except ImportError as e:
+            return _incomplete(e)
+        return sub_main(argv[2:])
     try:
         from spliceproxy import goflags  # the Go-flag parser: -h gets one more line
         from spliceproxy.process import main as proxy_main
     except ImportError as e:
-        if not (e.name or "").startswith("spliceproxy"):
-            raise  # not a part of this package: a bug, not a broken install
-        return _broken(
-            "the spliceproxy package at %s is incomplete (%s). Reinstall it: %s -m pip "
-            "install --force-reinstall spliceproxy (a C compiler and the Python headers are "
-            "needed to build it, see the README's Quick start)."
-            % (__file__.rpartition("/")[0], e, sys.executable))
+        return _incomplete(e)
     goflags.help_footer = HELP_POINTER
     proxy_main(argv)
     return 0

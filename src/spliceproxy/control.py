@@ -31,6 +31,8 @@ Requests (stub or status client to engine) and their replies:
     remove   end the sender's mapping  ->  "removed" once the listener is
              closed
     status   ->  "status" <JSON chunk>... then "end"
+    log      the sender's log file opened again (SIGHUP, logrotate): the
+             descriptor "log"; no reply, the mapping logs to it from now on
 
 Anything malformed gets "error" <text>, and the connection and every other
 mapping carry on.  The C side of this is csrc/stub/stub.c.
@@ -66,10 +68,19 @@ class ProtocolError(ValueError):
     """A message that does not follow the format above."""
 
 
+_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+
+
 def engine_enabled(env=None) -> bool:
-    """SPLICEPROXY_ENGINE set to anything but "" or "0" (as the launcher decides)."""
+    """Does a proxy command line go to the engine, as the stub decides?
+
+    Yes unless SPLICEPROXY_ENGINE is set: engine mode is the default.  A Go
+    true keeps it; a Go false is standalone, and so is any other value, for
+    the standalone front end to refuse as the bad setting it is (settings).
+    """
     env = os.environ if env is None else env
-    return env.get("SPLICEPROXY_ENGINE", "") not in ("", "0")
+    value = env.get("SPLICEPROXY_ENGINE", "")
+    return value == "" or value in _GO_TRUE
 
 
 def resolve_socket(env=None, euid: int | None = None) -> str | None:

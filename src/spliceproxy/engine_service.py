@@ -1,6 +1,6 @@
 """The host engine: one process and one epoll loop for every published port.
 
-In engine mode (SPLICEPROXY_ENGINE=1) the process dockerd starts per port is
+In engine mode (the default) the process dockerd starts per port is
 a small C stub (csrc/stub/stub.c) that hands its command line and
 descriptors to this service over the control socket (control.py) and waits.
 The service:
@@ -73,6 +73,11 @@ def load_settings(env: dict[str, str]) -> Settings:
 
 
 _OPTION_VARS = {v.option: ENV_PREFIX + v.name for v in settings.VARIABLES if v.option}
+
+# Events the engine emits for every listener at once (listener -1), and the
+# per-listener counter that says how much of each is a mapping's.
+SHARED_EVENTS = {_engine.EV_IDLE_RECLAIMED: "idle_reclaimed",
+                 _engine.EV_HEADROOM_RECLAIMED: "headroom_reclaimed"}
 
 
 def option_differences(mine: Settings, theirs: Settings) -> dict[str, object]:
@@ -148,7 +153,7 @@ class Mapping:
     """One published port served by the engine, and the stub that stands for it."""
 
     __slots__ = ("id", "proxy", "conn", "stub_pid", "started", "started_wall", "log",
-                 "adopted", "host", "fd", "fp_id")
+                 "adopted", "host", "fd", "fp_id", "logged")
 
     def __init__(self, lid: int, proxy: Proxy, conn: Conn, log: Logger, adopted: bool,
                  port: int, fd: int = -1):
@@ -164,6 +169,9 @@ class Mapping:
         self.started_wall = time.time()
         self.log = log
         self.adopted = adopted
+        # Of an engine-wide event's counter (SHARED_EVENTS): how much of it
+        # this mapping's log has told.
+        self.logged: dict[str, int] = {}
 
     def describe(self) -> dict:
         c = self.proxy.config
@@ -687,10 +695,38 @@ class Service:
                 self._send(conn, b"removed\0")
             elif req.command == "status":
                 self._status(conn)
+            elif req.command == "log":
+                self._new_log(conn, req)
             else:
                 self._reply_error(conn, "unknown command %r" % req.command)
         finally:
             req.close_fds()
+
+    def _new_log(self, conn: Conn, req: control.Request) -> None:
+        """SIGHUP to a stub (logrotate): it opened its log file's path again,
+        with its privileges, and the mapping logs to that file from now on."""
+        fd = req.take("log")
+        m = conn.mapping
+        if m is None or fd is None:
+            if fd is not None:
+                os.close(fd)
+            self._reply_error(conn, "log: needs this connection's mapping and a log descriptor")
+            return
+        out = _nowait_output(fd)
+        if out is None:
+            self._reply_error(conn, "log: not a file")
+            return
+        from spliceproxy.log import _is_devnull
+
+        log = m.log
+        log.flush()
+        old = log.fd if log._own_fd else None
+        log.fd, log._send, log._own_fd = out.fd, out.send, True
+        log.enabled = not _is_devnull(os.fstat(out.fd))
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.close(old)
+        log.flush()
 
     # -- mappings --------------------------------------------------------
 
@@ -828,6 +864,9 @@ class Service:
 
     def _engine_events(self, events) -> None:
         for kind, err, lid, count in events:
+            if lid == -1 and kind in SHARED_EVENTS:
+                self._shared_event(kind, err)
+                continue
             mapping = self.mappings.get(lid)
             if mapping is None:
                 continue
@@ -845,6 +884,25 @@ class Service:
                 self._send(mapping.conn, b"exit\0" + b"0\0")
                 mapping.log.close()
                 self._note_idle()
+
+    def _shared_event(self, kind: int, err: int) -> None:
+        """An event of a scan over every listener (no listener of its own):
+        each mapping's log tells its own part, from its own counter, as a
+        standalone proxy's log tells the whole."""
+        name = SHARED_EVENTS[kind]
+        per_listener = getattr(self.engine, "listener_stats", None)
+        if per_listener is None:
+            return
+        for mapping in list(self.mappings.values()):
+            try:
+                now = per_listener(mapping.id)[name]
+            except (OSError, KeyError):
+                continue
+            new = now - mapping.logged.get(name, 0)
+            mapping.logged[name] = now
+            if new > 0 and mapping.log.enabled:
+                mapping.log.log(mapping.proxy.describe(kind, err, new))
+                self._logged(mapping.log)
 
     # -- status ----------------------------------------------------------
 
@@ -1105,8 +1163,9 @@ USAGE = """\
 usage: spliceproxy engine [--socket PATH]
 
 Run the host engine in the foreground: one process serving every port that
-stubs (SPLICEPROXY_ENGINE=1) register on its control socket.  Stubs start it
-by themselves when none runs; run it under a service manager to keep it up.
+stubs (engine mode, the default) register on its control socket.  Stubs
+start it by themselves when none runs; run it under a service manager to
+keep it up.
 
   --socket PATH   control socket (default: SPLICEPROXY_ENGINE_SOCKET, else
                   /run/spliceproxy/engine.sock for root,

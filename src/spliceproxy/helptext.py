@@ -40,7 +40,7 @@ SUBCOMMANDS = (
                "print the real path of this installed command: the value for "
                "\"userland-proxy-path\" in /etc/docker/daemon.json"),
     Subcommand("spliceproxy engine [--socket PATH]",
-               "run the host engine in the foreground (engine mode, SPLICEPROXY_ENGINE=1; "
+               "run the host engine in the foreground (engine mode, the default; "
                "the proxies start it themselves when none runs)"),
     Subcommand("spliceproxy status [--socket PATH] [--json | --prometheus]",
                "every mapping the host engine serves, with its connections, bytes and errors"),
@@ -59,9 +59,6 @@ def _proxy_rows() -> tuple[Variable, ...]:
 
 
 ENVIRONMENT = _proxy_rows() + (
-    Variable("SPLICEPROXY_ENGINE", "off",
-             "1: engine mode, one host engine serves every port and each proxy is a small "
-             "stub (README, Engine mode)", group="engine"),
     Variable("SPLICEPROXY_ENGINE_SOCKET",
              "/run/spliceproxy/engine.sock (root), $XDG_RUNTIME_DIR/spliceproxy/engine.sock",
              "the engine's control socket; its directory must be the user's own, mode 0700",

@@ -60,8 +60,13 @@ class _Signals:
 
 
 FASTPATH_OFF = ("fast path not active: SPLICEPROXY_FASTPATH needs the host engine "
-                "(SPLICEPROXY_ENGINE=1), which owns the programs; every client of this proxy "
-                "takes the relay")
+                "(engine mode, the default unless SPLICEPROXY_ENGINE is false), which owns "
+                "the programs; every client of this proxy takes the relay")
+
+# Set by the stub (csrc/stub/stub.c) when engine mode was wanted but no
+# control socket is possible: the reason, logged once by the standalone proxy.
+STANDALONE_WHY_ENV = "_SPLICEPROXY_STANDALONE_WHY"
+STANDALONE_WHY = "engine mode not possible (%s): this port is served standalone, by this process"
 
 
 def _start(argv: list[str], status: StatusPipe):
@@ -81,6 +86,10 @@ def _start(argv: list[str], status: StatusPipe):
         log = Logger(conf.log_file)
     except files.FileRefused as e:
         raise StartupError("cannot open log file (SPLICEPROXY_LOG_FILE): %s" % e) from None
+    why = os.environ.pop(STANDALONE_WHY_ENV, None)
+    if why:
+        # Meant for the host engine (the default), served here: say so once.
+        log.log(STANDALONE_WHY % why)
     stats = None
     if conf.stats_file:
         from spliceproxy import statsfile

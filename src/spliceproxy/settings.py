@@ -215,6 +215,16 @@ class Var:
 _YEAR_MS = 365 * 86400 * 1000
 
 VARIABLES = (
+    # Read by the stub (csrc/stub/stub.c, engine_wanted()) before anything
+    # else; here so that a value that is no Go boolean fails the start-up
+    # like every other bad setting (the stub hands such a command line to
+    # the standalone front end, which reports it), and so that the help
+    # lists it with the others.
+    Var("ENGINE", boolean, True, shown="true",
+        help="false (0, f, false, ...) serves each port in its own process, standalone; "
+             "otherwise one host engine serves every port and each proxy is a small stub "
+             "(README, Engine mode); with no control socket possible the port is served "
+             "standalone and a log line says why"),
     Var("LOG_FILE", path, None, shown="stderr",
         help="append log lines (docker-proxy's format) to this file; dockerd discards "
              "stderr; SIGHUP reopens it"),

@@ -24,6 +24,12 @@ from spliceproxy import stats
 from support import servers as srv
 from support.servers import ProxyStartError
 
+# Counters files are the standalone proxy's; the engine keeps none and
+# reports with `spliceproxy status`.
+pytestmark = pytest.mark.standalone_only(
+    reason="counters files are written by the standalone proxy only; engine mode: "
+           "test_engine_mode.py::test_status_table_json_and_prometheus_during_traffic")
+
 MIB = 1 << 20
 
 

@@ -232,6 +232,9 @@ class HoldingBackend:
         self.close()
 
 
+@pytest.mark.standalone_only(
+    reason="the RLIMIT_NOFILE of the standalone process itself; engine mode: test_engine_mode.py"
+           "::test_an_engine_out_of_descriptors_pauses_accepting_and_recovers")
 def test_a_half_open_pile_up_never_keeps_a_legitimate_client_out(proxy_path, tmp_path):
     limit, n_pairs = 1024, 1500
     srv.raise_nofile(4 * n_pairs + 512)

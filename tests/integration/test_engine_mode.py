@@ -1,4 +1,4 @@
-"""Engine mode (SPLICEPROXY_ENGINE=1): per-port stubs and one host engine.
+"""Engine mode (the default): per-port stubs and one host engine.
 
 Every proxy here is the installed command, the C stub, started exactly as
 dockerd starts it (status pipe on fd 3, optional socket on fd 4, stdio on
@@ -11,14 +11,12 @@ killed and replaced; the control socket abused.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -28,127 +26,9 @@ from spliceproxy import control
 from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
 
 from support import servers as srv
+from support.engine import EngineHost, alive
 
 IO_TIMEOUT = 5.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-
-class EngineHost:
-    """A control socket of the test's own, the stubs started on it, and cleanup.
-
-    Teardown stops every stub, then kills the engine (whose pid is in
-    engine.lock) and checks that nothing of it is left running.
-    """
-
-    def __init__(self, proxy_path: str, idle_exit: str = "30s", extra_env: dict | None = None):
-        self.proxy_path = proxy_path
-        self.dir = tempfile.mkdtemp(prefix="en-")  # short: AF_UNIX paths are 108 bytes
-        os.chmod(self.dir, 0o700)
-        self.sock = os.path.join(self.dir, "engine.sock")
-        self.log_path = os.path.join(self.dir, "proxies.log")
-        self.env = dict(os.environ)
-        self.env.update({"SPLICEPROXY_ENGINE": "1", "SPLICEPROXY_ENGINE_SOCKET": self.sock,
-                         "SPLICEPROXY_ENGINE_IDLE_EXIT": idle_exit,
-                         "SPLICEPROXY_LOG_FILE": self.log_path})
-        self.env.update(extra_env or {})
-        self.stubs: list = []
-        self.engine_pids: set[int] = set()
-
-    def argv(self, proto: str, host_ip: str, host_port: int, container_ip: str,
-             container_port: int, use_listen_fd: bool = False) -> list[str]:
-        return proxy_argv(self.proxy_path, proto, host_ip, host_port, container_ip,
-                          container_port, use_listen_fd=use_listen_fd)
-
-    def start(self, proto: str, container_port: int, host_port: int | None = None,
-              host_ip: str = "127.0.0.1", container_ip: str = "127.0.0.1", listen_sock=None,
-              check: bool = True, env: dict | None = None, stderr=subprocess.DEVNULL):
-        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        port = host_port if host_port is not None else srv.free_port(host_ip, kind)
-        full_env = dict(self.env)
-        full_env.update(env or {})
-        lp = spawn(self.argv(proto, host_ip, port, container_ip, container_port,
-                             use_listen_fd=listen_sock is not None),
-                   listen_sock=listen_sock, env=full_env, stderr=stderr, check=check,
-                   timeout=15.0)
-        lp.port = port
-        self.stubs.append(lp)
-        self.note_engine()
-        return lp
-
-    def engine_pid(self) -> int | None:
-        try:
-            with open(os.path.join(self.dir, "engine.lock")) as f:
-                pid = int(f.read().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if pid and _alive(pid) else None
-
-    def note_engine(self) -> int | None:
-        pid = self.engine_pid()
-        if pid:
-            self.engine_pids.add(pid)
-        return pid
-
-    def status(self) -> dict:
-        out = subprocess.run([self.proxy_path, "status", "--json", "--socket", self.sock],
-                             capture_output=True, text=True, timeout=10, env=self.env)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def engine_processes(self) -> list[int]:
-        """Every live `spliceproxy engine` process of this socket (from /proc)."""
-        want = b"engine\0--socket\0" + self.sock.encode() + b"\0"
-        out = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open("/proc/%s/cmdline" % name, "rb") as f:
-                    if want in f.read() and _alive(int(name)):
-                        out.append(int(name))
-            except OSError:
-                continue
-        return out
-
-    def close(self) -> None:
-        for lp in self.stubs:
-            if lp.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    lp.proc.kill()
-        for lp in self.stubs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                lp.proc.wait(5.0)
-        self.note_engine()
-        # Then every engine of the socket, including one a stub had started
-        # just before it was killed (the engine outlives its stub).
-        quiet_since = time.monotonic()
-        deadline = quiet_since + 5.0
-        while time.monotonic() - quiet_since < 0.3 and time.monotonic() < deadline:
-            found = set(self.engine_processes()) | {p for p in self.engine_pids if _alive(p)}
-            for pid in found:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                self.engine_pids.add(pid)
-                quiet_since = time.monotonic()
-            time.sleep(0.02)
-        left = srv.wait_for(lambda: not any(_alive(p) for p in self.engine_pids), 5.0)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        assert left, "engine processes left running: %r" % self.engine_pids
 
 
 @pytest.fixture
@@ -294,17 +174,56 @@ def test_flag_error_writes_nothing_on_fd3(host):
     assert lp.status == b""  # EOF without a status, as docker-proxy
 
 
-def test_engine_off_is_the_standalone_proxy(host):
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+@pytest.mark.parametrize("value", GO_FALSE)
+def test_engine_false_is_the_standalone_proxy(host, value):
     with srv.EchoServer() as echo:
-        for value in ("0", ""):
-            env = dict(host.env, SPLICEPROXY_ENGINE=value)
-            lp = spawn(host.argv("tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", echo.port),
-                       env=env)
-            try:
-                assert _stub_exe(lp.pid).startswith("python")
-            finally:
-                assert lp.stop() == 0
+        env = dict(host.env, SPLICEPROXY_ENGINE=value)
+        port = srv.free_port()
+        lp = spawn(host.argv("tcp", "127.0.0.1", port, "127.0.0.1", echo.port), env=env)
+        try:
+            assert lp.status == b"0\n"
+            assert _stub_exe(lp.pid).startswith("python")
+            srv.echo_roundtrip("127.0.0.1", port, b"standalone")
+        finally:
+            assert lp.stop() == 0
         assert not os.path.exists(host.sock)
+        assert "engine mode not possible" not in host.log()
+
+
+@pytest.mark.parametrize("value", [None, "", "1", "t", "TRUE", "true", "True"])
+def test_engine_mode_is_the_default(host, value):
+    """No SPLICEPROXY_ENGINE at all (or empty, or a Go true): the port is
+    served by the engine of the socket SPLICEPROXY_ENGINE_SOCKET names."""
+    env = {k: v for k, v in host.env.items() if k != "SPLICEPROXY_ENGINE"}
+    if value is not None:
+        env["SPLICEPROXY_ENGINE"] = value
+    host.env = env
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port)
+        assert lp.status == b"0\n"
+        assert os.readlink("/proc/%d/exe" % lp.pid) == os.path.realpath(host.proxy_path)
+        srv.echo_roundtrip("127.0.0.1", lp.port, b"through the default engine")
+        assert [m["stub_pid"] for m in host.status()["mappings"]] == [lp.pid]
+        assert host.engine_pid() not in (None, lp.pid)
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "no", "2", " 1", "tRUE", "0 ", "\u0661"])
+def test_engine_value_not_a_go_boolean_is_refused(host, value):
+    """As every other bad setting: "1\\n<message>" on fd 3, exit 1, nothing
+    bound and no engine started."""
+    with srv.EchoServer() as echo:
+        port = srv.free_port()
+        with pytest.raises(ProxyStartError) as info:
+            host.start("tcp", echo.port, host_port=port, env={"SPLICEPROXY_ENGINE": value})
+        assert info.value.returncode == 1
+        assert str(info.value) == (
+            "invalid SPLICEPROXY_ENGINE=%r: not a boolean: use one of 1, t, T, TRUE, true, "
+            "True, 0, f, F, FALSE, false, False" % value)
+        assert port_is_free(port)
+        assert not os.path.exists(host.sock) and host.engine_processes() == []
 
 
 def test_use_listen_fd(host):
@@ -420,7 +339,7 @@ def test_dockerd_killed_no_stub_survives_and_every_port_is_free(host):
             assert len(ports) == 3
             fake.kill()
             fake.wait(5)
-            assert srv.wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
+            assert srv.wait_for(lambda: not any(alive(p) for p in pids), 3.0)
             assert all(port_is_free(int(p)) for p in ports)
             assert host.status()["mappings"] == []
         finally:
@@ -449,9 +368,9 @@ def test_engine_exits_after_the_grace_period(proxy_path):
             lp = h.start("tcp", echo.port)
             engine = h.engine_pid()
             time.sleep(0.6)
-            assert _alive(engine), "exited while serving a mapping"
+            assert alive(engine), "exited while serving a mapping"
             assert lp.stop() == 0
-            assert srv.wait_for(lambda: not _alive(engine), 3.0), "still running without mappings"
+            assert srv.wait_for(lambda: not alive(engine), 3.0), "still running without mappings"
             # The next stub starts a new one.
             lp = h.start("tcp", echo.port)
             srv.echo_roundtrip("127.0.0.1", lp.port)
@@ -524,13 +443,58 @@ def test_engine_killed_under_load_every_mapping_serves_within_a_second(host):
 # The control socket.
 
 
-def test_socket_directory_must_be_private(host):
+def test_a_socket_directory_not_private_is_refused_and_the_port_served_standalone(host):
+    """No control socket possible there: the engine is never started in it,
+    and the port is served all the same, by the proxy itself, whose log says
+    why."""
     os.chmod(host.dir, 0o755)
-    with srv.EchoServer() as echo, pytest.raises(ProxyStartError) as info:
-        host.start("tcp", echo.port)
-    assert info.value.returncode == 1
-    assert "refusing the engine socket directory %s" % host.dir in str(info.value)
-    assert "mode 0755" in str(info.value)
+    with srv.EchoServer() as echo:
+        lp = host.start("tcp", echo.port)
+        assert lp.status == b"0\n"
+        assert _stub_exe(lp.pid).startswith("python")
+        srv.echo_roundtrip("127.0.0.1", lp.port, b"standalone after all")
+        assert lp.stop() == 0
+    assert not os.path.exists(host.sock) and host.engine_processes() == []
+    lines = [line for line in host.log().splitlines() if "engine mode not possible" in line]
+    assert len(lines) == 1, host.log()
+    assert "refusing the engine socket directory %s" % host.dir in lines[0]
+    assert "mode 0755" in lines[0] and "served standalone" in lines[0]
+
+
+def _not_root():
+    """In a user namespace of its own with no uid mapped, the process is not
+    root (geteuid() is the overflow uid) yet still reaches root's files as
+    their owner: what a user without XDG_RUNTIME_DIR sees."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        os._exit(99)
+
+
+def test_no_runtime_directory_serves_standalone(host):
+    """Not root, no SPLICEPROXY_ENGINE_SOCKET and no XDG_RUNTIME_DIR: no
+    control socket is possible, the port is served standalone, and one log
+    line says why."""
+    env = {k: v for k, v in host.env.items()
+           if k not in ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET", "XDG_RUNTIME_DIR",
+                        "SPLICEPROXY_LOG_FILE")}
+    # No privilege drop: in the namespace the capabilities are its own, and
+    # no uid but the overflow one exists there to become.
+    env["SPLICEPROXY_KEEP_PRIVILEGES"] = "true"
+    err_path = os.path.join(host.dir, "stderr")
+    with srv.EchoServer() as echo, open(err_path, "wb") as err:
+        port = srv.free_port()
+        lp = spawn(host.argv("tcp", "127.0.0.1", port, "127.0.0.1", echo.port), env=env,
+                   stderr=err, preexec_fn=_not_root if os.geteuid() == 0 else None)
+        try:
+            assert _stub_exe(lp.pid).startswith("python")
+            srv.echo_roundtrip("127.0.0.1", port, b"no runtime directory")
+        finally:
+            assert lp.stop() == 0
+    with open(err_path) as f:
+        lines = [line for line in f.read().splitlines() if "engine mode not possible" in line]
+    assert len(lines) == 1, lines
+    assert "no control socket: not root, and XDG_RUNTIME_DIR is not an absolute path" in lines[0]
 
 
 def test_an_engine_that_cannot_start_is_reported_at_once(host):
@@ -602,7 +566,8 @@ def test_malformed_requests_leave_other_mappings_serving(host):
     with srv.EchoServer() as echo:
         lp = host.start("tcp", echo.port)
         bad = [b"", b"no-nul", b"map\0xoops\0", b"map\0eNOT_OURS=1\0", b"\xff\xfe\0",
-               b"map\0a-proto\0dnope\0", b"launch\0", b"map\0d3\0", b"remove\0",
+               b"map\0a-proto\0dnope\0", b"launch\0", b"map\0d3\0", b"remove\0", b"log\0",
+               b"log\0dlog\0",
                b"map\0" + b"a" * 70000]
         for msg in bad:
             with control.connect(host.sock) as s:
@@ -743,12 +708,8 @@ def test_stub_run_directly_serves_through_the_engine(host):
 
 def test_stub_run_directly_with_engine_off_is_the_standalone_proxy(host):
     with srv.EchoServer() as echo:
-        for value in ("0", None):
-            env = dict(host.env)
-            if value is None:
-                del env["SPLICEPROXY_ENGINE"]
-            else:
-                env["SPLICEPROXY_ENGINE"] = value
+        for value in ("0", "false"):
+            env = dict(host.env, SPLICEPROXY_ENGINE=value)
             port = srv.free_port()
             lp = spawn(proxy_argv(_stub_path(host), "tcp", "127.0.0.1", port, "127.0.0.1",
                                   echo.port), env=env)
@@ -1075,3 +1036,118 @@ def test_stub_without_its_launcher_says_why_on_fd3(host, tmp_path, engine):
     assert text.startswith("cannot start"), text
     assert str(tmp_path / "spliceproxy-front") in text, text  # the launcher it looked for
     assert "reinstall spliceproxy" in text and "install-path" in text, text  # and the mend
+
+
+ENGINE_NOFILE = 128
+
+
+def _engine_nofile():
+    # The engine a stub starts inherits its limits (and raises its soft
+    # limit to the hard one, so both are set).
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (ENGINE_NOFILE, ENGINE_NOFILE))
+
+
+def test_an_engine_out_of_descriptors_pauses_accepting_and_recovers(host):
+    """The engine-mode counterpart of the standalone descriptor-exhaustion
+    tests: the engine's own RLIMIT_NOFILE runs out under a flood of clients
+    of one mapping; it pauses accepting instead of failing, the other
+    mapping's established connection keeps relaying, and once the clients
+    are gone both mappings serve again and the mapping's log says so."""
+    with srv.EchoServer() as echo:
+        port = srv.free_port()
+        quiet = spawn(host.argv("tcp", "127.0.0.1", port, "127.0.0.1", echo.port),
+                      env=host.env, preexec_fn=_engine_nofile, timeout=15.0)
+        quiet.port = port
+        host.stubs.append(quiet)
+        engine = host.note_engine()
+        with open("/proc/%d/limits" % engine) as f:
+            assert any(line.startswith("Max open files") and str(ENGINE_NOFILE) in line
+                       for line in f)
+        lp = host.start("tcp", echo.port)
+        held = srv.connect("127.0.0.1", quiet.port)
+        clients = []
+        try:
+            held.sendall(b"before")
+            assert srv.recv_exact(held, 6) == b"before"
+            try:
+                for _ in range(ENGINE_NOFILE):  # two sockets each: more than fit
+                    clients.append(srv.connect("127.0.0.1", lp.port, timeout=5.0))
+                assert srv.wait_for(
+                    lambda: host.mapping(lp.pid)["counters"]["accept_pauses"] >= 1, 5.0), \
+                    host.mapping(lp.pid)
+                assert alive(engine) and len(os.listdir("/proc/%d/fd" % engine)) <= ENGINE_NOFILE
+                held.sendall(b"during")
+                assert srv.recv_exact(held, 6) == b"during"
+            finally:
+                for c in clients:
+                    c.close()
+            assert srv.wait_for(
+                lambda: host.mapping(lp.pid)["counters"]["tcp_active"] == 0, 15.0)
+            for p in (lp.port, quiet.port):
+                srv.echo_roundtrip("127.0.0.1", p, b"after")
+            want = "Accepting on tcp/127.0.0.1:%d again" % lp.port
+            assert srv.wait_for(lambda: want in host.log(), 5.0), host.log()
+            assert host.engine_pid() == engine
+        finally:
+            held.close()
+
+
+@pytest.mark.parametrize("args", [["-h"], ["--help"], ["-v"], ["-version"], ["--version=true"],
+                                  ["-proto", "tcp", "-h"], ["-proto", "udp", "-v"]])
+def test_usage_and_version_start_no_engine(host, args):
+    """Engine mode is the default: asking for the usage or the version must
+    not start an engine (root's under /run, by default) just to print it."""
+    r = subprocess.run([host.proxy_path] + args, capture_output=True, env=host.env, timeout=15)
+    assert r.returncode == 0, r.stderr
+    assert (b"Usage of " in r.stderr) if "h" in args[-1] else r.stdout.startswith(b"spliceproxy")
+    assert not os.path.exists(host.sock) and host.engine_processes() == []
+
+
+def _faultshim(out_dir) -> str:
+    """tests/integration/faultshim.c built (test_faults.py's fault library)."""
+    from support import cc as cc_flags
+
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("fault injection cannot share a process with a preloaded sanitizer runtime")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("gcc is not installed: the fault injection library cannot be built")
+    out = os.path.join(str(out_dir), "faultshim.so")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faultshim.c")
+    res = subprocess.run([cc, *cc_flags.cflags(), "-O2", "-shared", "-fPIC", "-o", out, src,
+                          "-ldl"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, "building faultshim.c failed:\n" + res.stderr
+    return out
+
+
+def test_a_fault_in_the_engine_costs_only_its_connection(proxy_path, tmp_path):
+    """The engine-mode counterpart of test_faults.py (whose library is
+    preloaded into a standalone proxy): the first stub starts the engine with
+    the library preloaded (the stub itself is static; the engine inherits
+    its environment), and the engine's first backend connect fails with
+    ENOBUFS.  That client is refused and counted in its own mapping's
+    err_enobufs; the other mapping and the next connections are served."""
+    shim = _faultshim(tmp_path)
+    h = EngineHost(proxy_path, extra_env={"LD_PRELOAD": shim, "FAULTSHIM_ARM": "now",
+                                          "FAULTSHIM": "connect:ENOBUFS:1:max=1"})
+    try:
+        with srv.EchoServer() as echo:
+            hit = h.start("tcp", echo.port)
+            other = h.start("tcp", echo.port)
+            with open("/proc/%d/maps" % h.engine_pid()) as f:
+                assert shim in f.read(), "the engine does not have the fault library"
+            with srv.connect("127.0.0.1", hit.port) as s:
+                s.settimeout(IO_TIMEOUT)
+                s.sendall(b"x")
+                with contextlib.suppress(OSError):
+                    assert s.recv(1) == b""  # closed, as for a refused backend connect
+            c = h.mapping(hit.pid)["counters"]
+            assert c["err_enobufs"] == 1 and c["tcp_failed"] == 1, c
+            assert h.mapping(other.pid)["counters"]["err_enobufs"] == 0
+            for lp in (hit, other):
+                srv.echo_roundtrip("127.0.0.1", lp.port, b"after the fault")
+            assert h.mapping(hit.pid)["counters"]["err_enobufs"] == 1
+    finally:
+        h.close()

@@ -25,7 +25,9 @@ from support import servers as srv
 
 
 def _env(extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLICEPROXY_")}
+    """No setting but extra's; standalone unless extra chooses engine mode
+    (the default), which the tests here name explicitly."""
+    env = srv.env_without_settings({"SPLICEPROXY_ENGINE": "0"})
     env.update(extra)
     return env
 
@@ -46,7 +48,7 @@ def test_standalone_proxy_relays_and_says_why_the_fast_path_is_off(proxy_path, t
                                                                      value):
     with srv.EchoServer("127.0.0.1") as echo, \
             srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", echo.port,
-                      env={"SPLICEPROXY_FASTPATH": value}) as p:
+                      env={"SPLICEPROXY_FASTPATH": value, "SPLICEPROXY_ENGINE": "0"}) as p:
         srv.echo_roundtrip("127.0.0.1", p.port, b"x" * 4096)
         lines = [ln for ln in p.log().splitlines() if "fast path" in ln]
     if value in ("1", "true"):

@@ -38,6 +38,13 @@ from support import cc as cc_flags
 from support import servers as srv
 from support.servers import proxy_argv, spawn
 
+# The fault library is preloaded into the standalone proxy process (the stub
+# is static, and the session's engine was started without it).
+pytestmark = pytest.mark.standalone_only(
+    reason="faults are injected into the standalone process by LD_PRELOAD; engine mode: "
+           "test_engine_mode.py::test_a_fault_in_the_engine_costs_only_its_connection "
+           "(an engine started with the library preloaded)")
+
 KIB = 1 << 10
 MIB = 1 << 20
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from support import engine as engine_support
 from support import servers as srv
 from support.servers import proxy_argv, spawn
 
@@ -31,6 +32,15 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+# What a fresh install is checked with: dockerd's environment, standalone
+# (the proxy process itself is looked at) or in engine mode, the default, on
+# a socket of the test's own (never root's /run/spliceproxy).
+STANDALONE_ENV = dict(DOCKERD_ENV, SPLICEPROXY_ENGINE="0")
+
+
+def _engine_env(sock_dir: str) -> dict:
+    return dict(DOCKERD_ENV, SPLICEPROXY_ENGINE_SOCKET=os.path.join(sock_dir, "engine.sock"),
+                SPLICEPROXY_ENGINE_IDLE_EXIT="1s")
 BASE_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 COPY_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "*.so", ".tox",
                                      "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks")
@@ -105,7 +115,7 @@ def _serve_echo(command: str) -> None:
     with srv.EchoServer() as echo:
         port = srv.free_port()
         with spawn(proxy_argv(command, "tcp", "127.0.0.1", port, "127.0.0.1", echo.port),
-                   env=DOCKERD_ENV) as p:
+                   env=STANDALONE_ENV) as p:
             assert p.status == b"0\n"
             srv.echo_roundtrip("127.0.0.1", port, b"relocated")
             with open(f"/proc/{p.pid}/cmdline", "rb") as f:
@@ -171,6 +181,29 @@ def test_a_tree_built_before_the_stub_still_installs_the_stub(workdir, dists):
     shutil.rmtree(tree)
 
 
+def test_wheel_serves_through_its_engine_by_default(installed):
+    """The engine-mode counterpart of the two tests around it: dockerd's
+    environment and no SPLICEPROXY_ENGINE, so the port goes to an engine the
+    stub starts from the fresh install."""
+    command = str(installed / "bin" / "spliceproxy")
+    host = engine_support.EngineHost(command, prefix="in-")
+    host.env = dict(_engine_env(host.dir), SPLICEPROXY_LOG_FILE=host.log_path)
+    try:
+        with srv.EchoServer() as echo:
+            lp = host.start("tcp", echo.port)
+            assert lp.status == b"0\n"
+            assert os.readlink("/proc/%d/exe" % lp.pid) == os.path.realpath(command)
+            srv.echo_roundtrip("127.0.0.1", lp.port, b"relocated, through the engine")
+            engine = host.engine_pid()
+            with open("/proc/%d/maps" % engine) as f:
+                engines = {line.split()[-1] for line in f if "_engine" in line}
+            assert len(engines) == 1 and next(iter(engines)).startswith(str(_site(installed)))
+            assert [m["stub_pid"] for m in host.status()["mappings"]] == [lp.pid]
+            assert lp.stop() == 0
+    finally:
+        host.close()
+
+
 def test_symlinked_command_uses_its_target_environment(workdir, installed):
     # pipx and `uv tool` put a symlink on PATH; the directory it is in may
     # hold an unrelated python3 (here one that would fail loudly).
@@ -230,9 +263,9 @@ def test_bench_measures_this_command_though_it_is_not_on_path(workdir, dists):
     assert header.split()[3:5] == ["native", "spliceproxy"], header
 
 
-def _start_broken(command: str, status_pipe: bool = True):
+def _start_broken(command: str, status_pipe: bool = True, env: dict = STANDALONE_ENV):
     p = spawn(proxy_argv(command, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1", 9),
-              env=DOCKERD_ENV, stderr=subprocess.PIPE, status_pipe=status_pipe, check=False)
+              env=env, stderr=subprocess.PIPE, status_pipe=status_pipe, check=False)
     try:
         rc = p.proc.wait(10)
         err = p.proc.stderr.read().decode()
@@ -254,12 +287,34 @@ def _assert_says_why(status, rc, err, *phrases):
     assert "Traceback" not in err
 
 
+def _assert_engine_says_why(command: str, *phrases):
+    """The same broken install in engine mode (the default): the stub
+    cannot start the engine, and says why in the front end's words."""
+    d = engine_support.private_dir("in-")
+    sock = os.path.join(d, "engine.sock")
+    try:
+        status, rc, err = _start_broken(command, env=_engine_env(d))
+        assert rc == 1
+        head = b"1\ncannot start the spliceproxy engine for %s: spliceproxy: cannot start: " % (
+            sock.encode())
+        assert status.startswith(head), status
+        text = status[2:].decode()
+        assert err == "spliceproxy: " + text + "\n"
+        for phrase in phrases:
+            assert phrase in text, text
+        assert srv.wait_for(lambda: engine_support.engine_processes(sock) == [], 5.0)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_package_missing_is_reported_on_fd3_and_stderr(workdir, dists):
     venv = _broken_copy(workdir, dists[1], "no-package")
     shutil.rmtree(_site(venv) / "spliceproxy")
     status, rc, err = _start_broken(str(venv / "bin" / "spliceproxy"))
     _assert_says_why(status, rc, err, "cannot import the spliceproxy package",
                      str(_site(venv)), "pip install --force-reinstall spliceproxy")
+    _assert_engine_says_why(str(venv / "bin" / "spliceproxy"),
+                            "cannot import the spliceproxy package", str(_site(venv)))
 
 
 def test_engine_missing_is_reported_on_fd3_and_stderr(workdir, dists):
@@ -269,6 +324,7 @@ def test_engine_missing_is_reported_on_fd3_and_stderr(workdir, dists):
     status, rc, err = _start_broken(str(venv / "bin" / "spliceproxy"))
     _assert_says_why(status, rc, err, "is incomplete", "_engine",
                      "pip install --force-reinstall spliceproxy")
+    _assert_engine_says_why(str(venv / "bin" / "spliceproxy"), "is incomplete", "_engine")
 
 
 def test_interpreter_gone_is_reported_on_fd3_and_stderr(workdir, dists):
@@ -281,6 +337,7 @@ def test_interpreter_gone_is_reported_on_fd3_and_stderr(workdir, dists):
     status, rc, err = _start_broken(command)
     _assert_says_why(status, rc, err, "no Python interpreter", str(venv / "bin" / "python3"),
                      "spliceproxy install-path")
+    _assert_engine_says_why(command, "no Python interpreter", str(venv / "bin" / "python3"))
     # Started by hand (no fd 3), stderr alone tells.
     status, rc, err = _start_broken(command, status_pipe=False)
     assert rc == 1 and "no Python interpreter" in err, err

@@ -412,6 +412,9 @@ def _echo_on(c: socket.socket, msg: bytes) -> None:
     assert srv.recv_exact(c, len(msg)) == msg
 
 
+@pytest.mark.standalone_only(
+    reason="the RLIMIT_NOFILE of the standalone process itself; engine mode: test_engine_mode.py"
+           "::test_an_engine_out_of_descriptors_pauses_accepting_and_recovers")
 def test_fd_exhaustion_pauses_accept_and_recovers(proxy_path, tmp_path):
     with srv.EchoServer("127.0.0.1") as echo, \
             srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", echo.port,
@@ -445,6 +448,9 @@ def test_fd_exhaustion_pauses_accept_and_recovers(proxy_path, tmp_path):
         assert p.stop() == 0
 
 
+@pytest.mark.standalone_only(
+    reason="the RLIMIT_NOFILE of the standalone process itself; engine mode: test_engine_mode.py"
+           "::test_an_engine_out_of_descriptors_pauses_accepting_and_recovers")
 def test_fd_exhaustion_backlog_connections_wait_and_are_served(proxy_path, tmp_path):
     """A connection that does not fit stays in the backlog: it is neither accepted and
     dropped nor lost, and it is relayed once descriptors are free again."""
@@ -496,6 +502,9 @@ def _busy_echo(c: socket.socket, data: bytes) -> str | None:
     return failure[0] if failure else None
 
 
+@pytest.mark.standalone_only(
+    reason="the RLIMIT_NOFILE of the standalone process itself; engine mode: test_engine_mode.py"
+           "::test_an_engine_out_of_descriptors_pauses_accepting_and_recovers")
 def test_fd_exhaustion_relayed_connections_keep_working(proxy_path, tmp_path):
     """While accept is paused for lack of descriptors, connections already relayed
     keep carrying data, several of them busy at the same time."""

@@ -27,7 +27,13 @@ from spliceproxy import identity
 from support import servers as srv
 from support.servers import ProxyStartError, proxy_argv, spawn
 
+# The identity and capabilities of the standalone proxy process itself.  In
+# engine mode the stub keeps dockerd's and the engine drops its own.
 pytestmark = [
+    pytest.mark.standalone_only(
+        reason="the standalone process's own uid and capabilities; engine mode: "
+               "test_engine_mode.py::test_engine_drops_privileges_keeping_only_low_port_binding"
+               ", ::test_engine_becomes_the_user_its_environment_names"),
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0,
                        reason="privilege drop is only done (and checkable) when started as root"),

@@ -500,6 +500,9 @@ def test_backend_restarting_under_load(proxy_path, tmp_path):
         settled(p)
 
 
+@pytest.mark.standalone_only(
+    reason="the RLIMIT_NOFILE of the standalone process itself; engine mode: test_engine_mode.py"
+           "::test_an_engine_out_of_descriptors_pauses_accepting_and_recovers")
 def test_descriptor_exhaustion_pauses_accepting_and_recovers(proxy_path, tmp_path):
     limit = 64
 
@@ -644,7 +647,11 @@ sys.stdin.read()
 PR_SET_CHILD_SUBREAPER = 36
 
 
-@pytest.mark.parametrize("keep", ["", "1"], ids=["dropped-privileges", "kept-privileges"])
+@pytest.mark.parametrize("keep", [
+    pytest.param("", id="dropped-privileges", marks=pytest.mark.standalone_only(
+        reason="the standalone process's own uid; engine mode: test_engine_mode.py::"
+               "test_engine_drops_privileges_keeping_only_low_port_binding")),
+    pytest.param("1", id="kept-privileges")])
 def test_proxy_exits_when_its_parent_dies(proxy_path, tmp_path, keep):
     libc = ctypes.CDLL(None, use_errno=True)
     # Orphans come to us instead of init, so the proxy's exit status can be read.

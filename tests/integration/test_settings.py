@@ -46,7 +46,7 @@ IDS = ["keep-false-space", "keep-no", "keep-off", "keep-yes", "user-arabic-zero"
 
 
 def _env(extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLICEPROXY_")}
+    env = srv.env_without_settings()
     env.update(extra)
     return env
 
@@ -117,6 +117,9 @@ def test_flag_errors_still_come_first(proxy_path):
         assert lp.proc.wait(10) == 2
 
 
+@pytest.mark.standalone_only(
+    reason="the standalone process's own uid; engine mode: test_engine_mode.py"
+           "::test_engine_drops_privileges_keeping_only_low_port_binding")
 @pytest.mark.parametrize("value", ["0", "false", "F", "FALSE"])
 def test_go_false_drops_privileges(proxy_path, value):
     if os.geteuid() != 0:

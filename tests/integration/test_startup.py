@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import spliceproxy
 
 from support.servers import proxy_argv, spawn
@@ -22,6 +24,9 @@ def _free_port() -> int:
     return port
 
 
+@pytest.mark.standalone_only(
+    reason="the standalone process's interpreter and name; engine mode: test_engine_mode.py"
+           "::test_an_engine_mode_port_needs_no_shell_and_no_interpreter")
 def test_launcher_runs_isolated_without_site_and_keeps_its_name(proxy_path):
     port = _free_port()
     with spawn(proxy_argv(proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1", 9)) as p:

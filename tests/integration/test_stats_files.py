@@ -20,9 +20,15 @@ from spliceproxy import stats
 from support import servers as srv
 from support.servers import ProxyStartError, proxy_argv, spawn
 
+# Counters files are the standalone proxy's; the engine keeps none and
+# reports with `spliceproxy status`.
+pytestmark = pytest.mark.standalone_only(
+    reason="counters files are written by the standalone proxy only; engine mode: "
+           "test_engine_mode.py::test_status_table_json_and_prometheus_during_traffic")
+
 
 def _env(extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLICEPROXY_")}
+    env = srv.env_without_settings()
     env.update(extra)
     return env
 

@@ -316,7 +316,7 @@ def test_keepalive_and_nodelay_on_both_sockets(proxy_path, tmp_path):
             assert "timer:(keepalive" in front, front
             assert "timer:(keepalive" in back, back
 
-            socks = srv.process_tcp_sockets(p.pid)
+            socks = srv.process_tcp_sockets(p.server_pid)
             try:
                 accepted = [s for s in socks if s.getsockname()[1] == p.port]
                 dialed = [s for s in socks if s.getpeername()[1] == backend.port]

@@ -64,6 +64,11 @@ def _settled_fd_count(pid: int) -> int:
     return last
 
 
+@pytest.fixture(autouse=True)
+def _mode(proxy_path):
+    """Every test here starts proxies (udp_proxy): in both modes."""
+
+
 @contextlib.contextmanager
 def udp_proxy(tmp_path, host_ip: str, container_ip: str, container_port: int, *,
               env: dict | None = None, listen_sock: socket.socket | None = None,
@@ -197,13 +202,14 @@ def test_backend_down_then_up(tmp_path):
             # client's datagram is still pending on its backend socket when
             # that client's next datagram is sent.
             with proxy.client() as other:
-                os.kill(proxy.pid, signal.SIGSTOP)
+                server = proxy.server_pid  # the process reading the datagrams
+                os.kill(server, signal.SIGSTOP)
                 try:
                     for i in range(5):
                         c.send(b"lost %d" % i)
                         other.send(b"lost too %d" % i)
                 finally:
-                    os.kill(proxy.pid, signal.SIGCONT)
+                    os.kill(server, signal.SIGCONT)
             # ICMP port unreachable comes back to the proxy, never to us.
             with pytest.raises(socket.timeout):
                 c.recv(65535)
@@ -269,21 +275,21 @@ def test_expiry_kept_alive_by_backend(tmp_path):
 def test_no_fd_leak_after_expiry(tmp_path):
     with UdpBackend("127.0.0.1") as backend, \
             udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port, env=TIMEOUT_ENV) as proxy:
-        baseline = _settled_fd_count(proxy.pid)
+        baseline = _settled_fd_count(proxy.server_pid)
         clients = [proxy.client() for _ in range(40)]
         try:
             for i, c in enumerate(clients):
                 c.send(b"%d" % i)
             for i, c in enumerate(clients):
                 assert c.recv(100) == b"%d" % i
-            peak = _fd_count(proxy.pid)
+            peak = _fd_count(proxy.server_pid)
         finally:
             for c in clients:
                 c.close()
         # Some entries may already have expired while we read, not most.
         assert peak >= baseline + 20, (baseline, peak)
-        assert _wait_for(lambda: _fd_count(proxy.pid) == baseline, timeout=5.0), (
-            baseline, _fd_count(proxy.pid))
+        assert _wait_for(lambda: _fd_count(proxy.server_pid) == baseline, timeout=5.0), (
+            baseline, _fd_count(proxy.server_pid))
         st_ = proxy.stats()
         assert st_["udp_flows_active"] == 0
         assert st_["udp_flows_expired"] == 40
@@ -330,7 +336,7 @@ def test_table_bound_under_flood(tmp_path):
            "SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR": str(max_flows)}
     with UdpBackend("127.0.0.1") as backend, \
             udp_proxy(tmp_path, "127.0.0.1", "127.0.0.1", backend.port, env=env) as proxy:
-        baseline = _settled_fd_count(proxy.pid)
+        baseline = _settled_fd_count(proxy.server_pid)
         peak = baseline
         sent = 0
         for b in range(batches):
@@ -344,7 +350,7 @@ def test_table_bound_under_flood(tmp_path):
                 # Count datagrams, not entries: the kernel may hand a new socket
                 # the ephemeral port of an earlier client still in the table.
                 _wait_for(lambda n=sent: _handled(proxy.stats()) >= n, timeout=3.0)
-                peak = max(peak, _fd_count(proxy.pid))
+                peak = max(peak, _fd_count(proxy.server_pid))
             finally:
                 for s in socks:
                     s.close()
@@ -355,13 +361,16 @@ def test_table_bound_under_flood(tmp_path):
         assert st_["udp_flows_active"] <= max_flows, st_
         assert st_["udp_flows_evicted"] == st_["udp_flows_created"] - st_["udp_flows_active"]
         assert peak <= baseline + max_flows + 4, (baseline, peak)
-        assert _fd_count(proxy.pid) <= baseline + max_flows + 4
+        assert _fd_count(proxy.server_pid) <= baseline + max_flows + 4
         assert _wait_for(lambda: "evict" in proxy.log().lower()), proxy.log()
         # Still serving after the flood.
         with proxy.client() as c:
             assert _echo(c, b"after the flood") == b"after the flood"
 
 
+@pytest.mark.standalone_only(
+    reason="the RLIMIT_NOFILE of the standalone process itself; engine mode: test_engine_mode.py"
+           "::test_an_engine_out_of_descriptors_pauses_accepting_and_recovers")
 def test_descriptor_exhaustion_evicts_and_keeps_serving(tmp_path):
     # With a tiny descriptor limit, creating a backend socket fails with EMFILE
     # long before the table bound: the oldest entry gives up its descriptor.

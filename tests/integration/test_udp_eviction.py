@@ -17,7 +17,10 @@ import time
 
 import pytest
 
+from spliceproxy import control
+
 from support import servers as srv
+from support.engine import mapping_counters
 from support.servers import proxy_argv, spawn
 
 
@@ -34,13 +37,19 @@ def backend():
 
 
 def _start(proxy_path, tmp_path, backend_port: int, env: dict):
+    """The proxy, its port, and its counters (a function: from the counters
+    file standalone, from the engine's status in engine mode)."""
     port = srv.free_port("127.0.0.1", socket.SOCK_DGRAM)
     stats = str(tmp_path / "udp.stats")
-    full = dict(os.environ, SPLICEPROXY_STATS_FILE=stats,
-                SPLICEPROXY_LOG_FILE=str(tmp_path / "udp.log"), **env)
+    full = dict(os.environ, SPLICEPROXY_LOG_FILE=str(tmp_path / "udp.log"), **env)
+    engine_socket = full["SPLICEPROXY_ENGINE_SOCKET"] if control.engine_enabled(full) else None
+    if engine_socket is None:
+        full["SPLICEPROXY_STATS_FILE"] = stats
     lp = spawn(proxy_argv(proxy_path, "udp", "127.0.0.1", port, "127.0.0.1", backend_port),
                env=full, timeout=20.0)
-    return lp, port, stats
+    if engine_socket is None:
+        return lp, port, lambda: srv.settled_stats(stats)
+    return lp, port, lambda: mapping_counters(engine_socket, lp.pid)
 
 
 def _ask(client: socket.socket, payload: bytes) -> None:
@@ -54,11 +63,12 @@ def _ask(client: socket.socket, payload: bytes) -> None:
     raise AssertionError("no echo for %r" % payload)
 
 
-def _settled(path: str) -> dict:
+def _settled(stats) -> dict:
     """The counters once the proxy stopped creating entries."""
-    last = srv.settled_stats(path)
+    last = stats()
     for _ in range(50):
-        cur = srv.settled_stats(path)
+        time.sleep(0.15)
+        cur = stats()
         if cur["udp_flows_created"] == last["udp_flows_created"]:
             return cur
         last = cur
@@ -81,7 +91,7 @@ def _flood(port: int, sources: list[str], per_source: int) -> None:
 ], ids=["one-address", "forty-addresses"])
 def test_a_flood_of_source_ports_does_not_evict_another_address(
         proxy_path, tmp_path, backend, sources, per_source):
-    lp, port, stats_path = _start(proxy_path, tmp_path, backend.port,
+    lp, port, stats = _start(proxy_path, tmp_path, backend.port,
                                   {"SPLICEPROXY_UDP_MAX_FLOWS": "1024"})
     try:
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -96,13 +106,13 @@ def test_a_flood_of_source_ports_does_not_evict_another_address(
         # table's 1024 entries.
         for _ in range(10):
             _flood(port, sources, per_source)
-            st = _settled(stats_path)
+            st = _settled(stats)
             if st["udp_flows_created"] > 1500:
                 break
         took = time.monotonic() - t0
         assert st["udp_flows_created"] > 1500, st  # well past the table's 1024
         _ask(client, b"client after")
-        st = srv.settled_stats(stats_path)
+        st = stats()
         print("\n%d source ports from %d address(es) in %.2f s: %d entries evicted by the "
               "per-address bound, %d by the table bound; client kept port %s"
               % (len(sources) * per_source, len(sources), took, st["udp_addr_evicted"],
@@ -123,11 +133,11 @@ def test_a_flood_of_source_ports_does_not_evict_another_address(
 
 
 def test_the_per_address_bound_is_configurable(proxy_path, tmp_path, backend):
-    lp, port, stats_path = _start(proxy_path, tmp_path, backend.port,
+    lp, port, stats = _start(proxy_path, tmp_path, backend.port,
                                   {"SPLICEPROXY_UDP_MAX_FLOWS_PER_ADDR": "10"})
     try:
         _flood(port, ["127.0.0.3"], 50)
-        st = _settled(stats_path)
+        st = _settled(stats)
         assert st["udp_flows_active"] == 10, st
         assert st["udp_addr_evicted"] == st["udp_flows_created"] - 10 >= 30, st
     finally:

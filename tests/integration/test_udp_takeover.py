@@ -23,7 +23,7 @@ IO_TIMEOUT = 5.0
 
 
 def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("SPLICEPROXY_")}
+    return srv.env_without_settings()
 
 
 def _attack(host: str, port: int) -> int:

@@ -8,6 +8,14 @@ whose name carries this process's pid.  Only those namespaces are checked:
 other work on the host creates namespaces too, and every test here names its
 own with ``os.getpid()`` (the bench harness's ``<prefix><pid>-...`` included),
 so that is what attributes a namespace to this run.
+
+Engines too: engine mode is the default, so a proxy started without a mode
+of its own would reach root's engine.  The session points
+SPLICEPROXY_ENGINE_SOCKET at a stray socket that nothing serves
+(``set_stray_socket``); a test that starts an engine there, or under root's
+/run/spliceproxy socket, fails, and one on the stray socket is killed.  A test
+of the engine-mode pass (``expect_engine``) must leave no mapping in the
+session's engine once its stubs are gone.
 """
 
 from __future__ import annotations
@@ -23,6 +31,35 @@ from dataclasses import dataclass, field
 
 NETNS_DIR = "/run/netns"  # what `ip netns list` lists
 SETTLE_S = 3.0
+ROOT_SOCKET = "/run/spliceproxy/engine.sock"
+
+_stray: list[str] = []      # the session's stray socket
+_kept: set[int] = set()     # the session's own children (its engine)
+_expected: list = []        # the session engine the running test uses
+
+
+def set_stray_socket(path: str) -> None:
+    _stray[:] = [path]
+
+
+def stray_socket() -> str | None:
+    return _stray[0] if _stray else None
+
+
+def keep_child(pid: int) -> None:
+    """A child of the session's, not of a test's: never a leak."""
+    _kept.add(pid)
+
+
+def expect_engine(shared) -> None:
+    """The running test uses the session's engine (a support.engine.SharedEngine);
+    the mappings it holds now (a module-scoped fixture's) are not the test's."""
+    _kept.update(shared.pids)
+    try:
+        held = {m["stub_pid"] for m in shared.mappings()}
+    except Exception:  # noqa: BLE001 - check() reports an engine that does not answer
+        held = set()
+    _expected[:] = [(shared, held)]
 
 
 @dataclass
@@ -30,6 +67,26 @@ class Snapshot:
     fds: dict[int, str] = field(default_factory=dict)
     children: dict[int, str] = field(default_factory=dict)
     netns: set[str] = field(default_factory=set)
+    engines: dict[int, str] = field(default_factory=dict)
+
+
+def _engines() -> dict[int, str]:
+    """Engines of the stray and root sockets: {pid: socket}."""
+    wanted = {b"engine\0--socket\0" + p.encode() + b"\0": p
+              for p in (*_stray, ROOT_SOCKET)}
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        for want, path in wanted.items():
+            if want in cmd:
+                out[int(name)] = path
+    return out
 
 
 def _fds() -> dict[int, str]:
@@ -57,7 +114,7 @@ def _children() -> dict[int, str]:
             continue
         # pid (comm) state ppid ...: comm may hold spaces and parentheses.
         rest = stat[stat.rfind(")") + 2:].split()
-        if len(rest) < 2 or rest[0] == "Z" or int(rest[1]) != me:
+        if len(rest) < 2 or rest[0] == "Z" or int(rest[1]) != me or int(name) in _kept:
             continue
         try:
             with open("/proc/%s/cmdline" % name, "rb") as f:
@@ -78,7 +135,7 @@ def _netns() -> set[str]:
 
 
 def snapshot() -> Snapshot:
-    return Snapshot(_fds(), _children(), _netns())
+    return Snapshot(_fds(), _children(), _netns(), _engines())
 
 
 def _leaks(before: Snapshot) -> tuple[dict[int, str], dict[int, str], set[str]]:
@@ -88,6 +145,35 @@ def _leaks(before: Snapshot) -> tuple[dict[int, str], dict[int, str], set[str]]:
     return fds, kids, now.netns - before.netns
 
 
+def _engine_problems(before: Snapshot, deadline: float) -> list[str]:
+    problems = []
+    for pid, path in sorted(_engines().items()):
+        if pid in before.engines:
+            continue
+        problems.append("an engine the test did not choose (pid %d, socket %s): a proxy "
+                        "reached engine mode without a mode of the test's" % (pid, path))
+        if path != ROOT_SOCKET:  # root's may be the host's own: never ours to end
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    if _expected:
+        shared, held = _expected.pop()
+        left = None
+        while True:
+            try:
+                left = [m for m in shared.mappings() if m["stub_pid"] not in held]
+            except Exception as e:  # noqa: BLE001 - reported, whatever it is
+                problems.append("the session's engine does not answer: %s" % e)
+                break
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if left:
+            problems.append("mappings left in the session's engine: %s"
+                            % ", ".join("%s %s (stub %s)" % (m["proto"], m["host"], m["stub_pid"])
+                                        for m in left))
+    return problems
+
+
 def check(before: Snapshot, settle: float = SETTLE_S) -> list[str]:
     """What the test left behind (waiting up to settle seconds for it to go);
     leaked children are killed and leaked namespaces deleted, so one leak
@@ -95,10 +181,11 @@ def check(before: Snapshot, settle: float = SETTLE_S) -> list[str]:
     number some object still owns would break whatever closes it later."""
     deadline = time.monotonic() + settle
     collected = False
+    engine_problems = _engine_problems(before, deadline)
     while True:
         fds, kids, netns = _leaks(before)
         if not (fds or kids or netns):
-            return []
+            return engine_problems
         if fds and not collected:
             gc.collect()  # what a collection closes was garbage, not a leak
             collected = True
@@ -106,7 +193,7 @@ def check(before: Snapshot, settle: float = SETTLE_S) -> list[str]:
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    problems = []
+    problems = engine_problems
     for fd, target in sorted(fds.items()):
         problems.append("descriptor %d -> %s" % (fd, target))
     for pid, cmd in sorted(kids.items()):

@@ -31,13 +31,27 @@ import sysconfig
 import threading
 import time
 
-from spliceproxy import _engine
+from spliceproxy import _engine, control
 from spliceproxy.bench.launch import LaunchedProxy, ProxyStartError, proxy_argv, spawn
 from spliceproxy.stats import read_stats_file
 
 IO_TIMEOUT = 10.0  # every blocking socket call in these tests
 
 __all__ = ["ProxyStartError", "proxy_argv", "spawn"]  # re-exported: the one launcher
+
+
+# The variables that choose the mode (tests/conftest.py sets them per test):
+# a test that clears the proxy's settings keeps these.
+MODE_VARIABLES = ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET",
+                  "SPLICEPROXY_ENGINE_IDLE_EXIT")
+
+
+def env_without_settings(extra: dict | None = None) -> dict:
+    """os.environ with no SPLICEPROXY_* setting but the mode's, plus extra."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SPLICEPROXY_") or k in MODE_VARIABLES}
+    env.update(extra or {})
+    return env
 
 
 def family(host: str) -> int:
@@ -448,7 +462,14 @@ class Proxy:
     ``proto`` is "tcp" or "udp".  Without ``host_port`` or ``listen_sock`` a
     free port is picked, and picked again if another process takes it before
     the proxy binds it.  ``stderr_path`` keeps the proxy's stderr, which
-    ``log()`` then includes."""
+    ``log()`` then includes.
+
+    In either mode (the environment's SPLICEPROXY_ENGINE, as the stub reads
+    it): standalone, the counters come from its counters file; in engine
+    mode, where the process is the stub and the engine keeps no such file,
+    from the engine's status (the mapping of this stub's pid).  The log file
+    is the mapping's own in both (in engine mode the stub opens it and the
+    engine writes the mapping's lines to it)."""
 
     def __init__(self, proxy_path: str, tmpdir: str, host_ip: str, container_ip: str,
                  container_port: int, host_port: int | None = None, listen_sock=None,
@@ -468,8 +489,12 @@ class Proxy:
             self.log_path = os.path.join(tmpdir, "proxy-%s.log" % tag)
             self.stats_path = os.path.join(tmpdir, "proxy-%s.stats" % tag)
             full_env = dict(os.environ)
-            full_env.update({"SPLICEPROXY_LOG_FILE": self.log_path,
-                             "SPLICEPROXY_STATS_FILE": self.stats_path})
+            full_env["SPLICEPROXY_LOG_FILE"] = self.log_path
+            self.engine_socket = (full_env.get("SPLICEPROXY_ENGINE_SOCKET")
+                                  if control.engine_enabled({**full_env, **(env or {})})
+                                  else None)
+            if self.engine_socket is None:
+                full_env["SPLICEPROXY_STATS_FILE"] = self.stats_path
             full_env.update(env or {})
             argv = proxy_argv(proxy_path, proto, host_ip, self.port, container_ip,
                               container_port, use_listen_fd=listen_sock is not None)
@@ -499,8 +524,27 @@ class Proxy:
     def alive(self) -> bool:
         return self.launched.proc.poll() is None
 
+    @property
+    def engine_mode(self) -> bool:
+        return self.engine_socket is not None
+
+    @property
+    def server_pid(self) -> int:
+        """The process that holds the mapping's sockets: the proxy itself, or
+        in engine mode the engine (its stub holds only a listener's copy)."""
+        if self.engine_socket is None:
+            return self.pid
+        from spliceproxy import engine_status
+
+        return engine_status.query(self.engine_socket, timeout=10.0)["engine"]["pid"]
+
     def stats(self) -> dict[str, int]:
-        """The counters as of this call (see settled_stats)."""
+        """The counters as of this call (see settled_stats; the engine's
+        status is read as of now)."""
+        if self.engine_socket is not None:
+            from support.engine import mapping_counters
+
+            return mapping_counters(self.engine_socket, self.pid)
         return settled_stats(self.stats_path)
 
     def log(self) -> str:

@@ -87,10 +87,15 @@ def test_resolve_socket():
     assert control.resolve_socket({}, 1000) is None
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("0", False), ("", False)])
+@pytest.mark.parametrize("value, on", [
+    ("", True), ("1", True), ("t", True), ("TRUE", True), ("true", True), ("True", True),
+    ("0", False), ("f", False), ("F", False), ("FALSE", False), ("false", False),
+    ("False", False),
+    # Not Go booleans: the standalone front end refuses them (settings).
+    ("yes", False), ("on", False), ("tRUE", False), (" 1", False), ("2", False)])
 def test_engine_enabled(value, on):
     assert control.engine_enabled({"SPLICEPROXY_ENGINE": value}) is on
-    assert control.engine_enabled({}) is False
+    assert control.engine_enabled({}) is True
 
 
 def test_parse_args_reads_the_shared_and_the_commands_own_arguments(capsys):

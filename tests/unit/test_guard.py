@@ -72,3 +72,29 @@ def test_the_autouse_fixture_fails_a_leaking_test(tmp_path):
     # The leaking test passes its call and errors at teardown: the run fails.
     assert "2 passed, 1 error" in r.stdout, r.stdout
     assert "ERROR at teardown of test_leaks" in r.stdout and "the test leaked" in r.stdout
+
+
+def test_an_engine_the_test_did_not_choose_is_reported_and_killed():
+    """A proxy started with no mode of the test's goes to the default,
+    engine mode, on the session's stray socket (never root's): the guard
+    reports the engine it started there and ends it."""
+    from support import servers as srv
+    from support.engine import engine_processes
+
+    stray = guard.stray_socket()
+    assert stray and os.environ["SPLICEPROXY_ENGINE_SOCKET"] == stray
+    env = {k: v for k, v in os.environ.items() if k != "SPLICEPROXY_ENGINE"}
+    before = guard.snapshot()
+    with srv.EchoServer() as echo:
+        port = srv.free_port()
+        lp = srv.spawn(srv.proxy_argv(srv.installed_proxy_path(), "tcp", "127.0.0.1", port,
+                                      "127.0.0.1", echo.port), env=env, timeout=15.0)
+        srv.echo_roundtrip("127.0.0.1", port, b"by accident")
+        assert lp.stop() == 0
+    engines = engine_processes(stray)
+    assert len(engines) == 1
+    problems = guard.check(before, settle=0.2)
+    assert len(problems) == 1 and problems[0].startswith(
+        "an engine the test did not choose (pid %d, socket %s)" % (engines[0], stray)), problems
+    assert srv.wait_for(lambda: engine_processes(stray) == [], 5.0)
+    assert guard.check(before, settle=0.2) == []

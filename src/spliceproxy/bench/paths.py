@@ -122,8 +122,10 @@ class Paths:
         self.proxy_env = dict(os.environ)
         # dockerd's environment, not the harness's: no source-tree import path.
         self.proxy_env.pop("PYTHONPATH", None)
-        # The relay paths are standalone processes, whatever the default mode
-        # of the installed version (the ports group sets "1" for its own).
+        # The relay paths measure the proxy serving its own port, as their
+        # baseline was measured (and with the counters file only a standalone
+        # proxy writes); engine mode, the product's default, is the ports
+        # group's.  --proxy-env SPLICEPROXY_ENGINE=1 measures it here too.
         self.proxy_env["SPLICEPROXY_ENGINE"] = "0"
         self.proxy_env.update(proxy_env or {})
         self.only = only

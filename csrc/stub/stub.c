@@ -1051,11 +1051,15 @@ static void __attribute__((noreturn)) standalone(int argc, char **argv, const ch
 
 int main(int argc, char **argv)
 {
+	/* The message buffers are static: written only when something fails,
+	 * their pages are never touched on the way to "0\n", and the stack
+	 * the calls below use stays that much shallower.  A port's private
+	 * memory is what the stub's start-up has touched. */
 	static const char *roles[6];
+	static char text[1000], msg[1200];
 	int fds[6], nfds = 0, log_fd = -1, sock = -1, listen_fd = -1, code;
 	int64_t deadline = now_ms() + START_WAIT_MS;
 	const char *log_path;
-	char text[1000], msg[1200];
 	sigset_t set;
 	int i;
 
@@ -1119,7 +1123,7 @@ int main(int argc, char **argv)
 	 * engine (which drops its own) can append to it. */
 	log_path = getenv(ENV_PREFIX "LOG_FILE");
 	if (log_path && *log_path) {
-		char why[PATH_MAX + 256], lmsg[sizeof(why) + 64];
+		static char why[PATH_MAX + 256], lmsg[sizeof(why) + 64];
 
 		log_fd = open_log(log_path, why, sizeof(why));
 		if (log_fd < 0) {

@@ -21,23 +21,20 @@ otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 from spliceproxy import fastpath
-from spliceproxy.bench.launch import proxy_argv, spawn
 
 from support import cc as cc_flags
+from support import engine as engine_support
 from support import fastpath_env as fe
 from support import servers as srv
 
@@ -78,82 +75,19 @@ def nothing_left_behind():
     assert NS not in left
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-class Engine:
-    """A control socket of the test's own; its stubs; the engines they start."""
+class Engine(engine_support.EngineHost):
+    """A control socket of the test's own with the fast path on, attached to
+    the test's cgroup; its stubs map to the container's CPORT."""
 
     def __init__(self, proxy_path: str, cgroup: str):
-        self.proxy_path = proxy_path
+        super().__init__(proxy_path, idle_exit="1s", prefix="fw-",
+                         extra_env={"SPLICEPROXY_FASTPATH": "1",
+                                    "SPLICEPROXY_FASTPATH_CGROUP": cgroup})
         self.cgroup = cgroup
-        self.dir = tempfile.mkdtemp(prefix="fw-")  # short: AF_UNIX paths are 108 bytes
-        os.chmod(self.dir, 0o700)
-        self.sock = os.path.join(self.dir, "engine.sock")
-        self.log_path = os.path.join(self.dir, "proxies.log")
-        self.env = dict(os.environ)
-        self.env.update({"SPLICEPROXY_ENGINE": "1", "SPLICEPROXY_ENGINE_SOCKET": self.sock,
-                         "SPLICEPROXY_ENGINE_IDLE_EXIT": "1s",
-                         "SPLICEPROXY_LOG_FILE": self.log_path,
-                         "SPLICEPROXY_FASTPATH": "1", "SPLICEPROXY_FASTPATH_CGROUP": cgroup})
-        self.stubs: list = []
-        self.pids: set[int] = set()
 
     def start(self, host_ip: str = "127.0.0.1", proto: str = "tcp", container: str = CONT4,
               wrap: tuple[str, ...] = ()):
-        """A stub for one mapping (argv prefixed by wrap, e.g. a seccomp launcher)."""
-        port = srv.free_port(host_ip, socket.SOCK_STREAM if proto == "tcp" else
-                             socket.SOCK_DGRAM)
-        lp = spawn([*wrap, *proxy_argv(self.proxy_path, proto, host_ip, port, container, CPORT)],
-                   env=self.env, timeout=15.0)
-        lp.port = port
-        self.stubs.append(lp)
-        self.pid()
-        return lp
-
-    def pid(self) -> int | None:
-        try:
-            with open(os.path.join(self.dir, "engine.lock")) as f:
-                pid = int(f.read().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            return None
-        if pid and _alive(pid):
-            self.pids.add(pid)
-            return pid
-        return None
-
-    def status(self, *flags: str):
-        out = subprocess.run([self.proxy_path, "status", "--socket", self.sock, *flags],
-                             capture_output=True, text=True, timeout=10, env=self.env)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout) if flags == ("--json",) else out.stdout
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def close(self) -> None:
-        for lp in self.stubs:
-            if lp.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    lp.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                lp.proc.wait(5.0)
-        self.pid()
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        gone = srv.wait_for(lambda: not any(_alive(p) for p in self.pids), 5.0)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        assert gone, "engine processes left running: %r" % self.pids
+        return super().start(proto, CPORT, host_ip=host_ip, container_ip=container, wrap=wrap)
 
 
 @pytest.fixture
@@ -244,28 +178,28 @@ def test_client_in_the_cgroup_goes_straight_to_the_container_and_is_counted(
     assert got["peer"] == ["127.0.0.1", stub.port]   # the address dialled
     assert got["sock"][0] == HOST4                     # not the relay's loopback listener
     assert container.accepted == before + 1
-    doc = engine.status("--json")
+    doc = engine.status()
     assert doc["engine"]["fastpath"] == {"active": True, "reason": "", "cgroup": cgroup}
     m = _mapping(doc, stub.port)
     assert m["fastpath"]["connections"] == 1, m
     assert m["counters"]["tcp_accepted"] == 0, m  # the relay never saw it
     got = client(cgroup, "127.0.0.1", stub.port, size=4096)
     assert got["echo"] and got["sock"][0] == HOST4, got
-    assert _mapping(engine.status("--json"), stub.port)["fastpath"]["connections"] == 2
+    assert _mapping(engine.status(), stub.port)["fastpath"]["connections"] == 2
 
     # A process outside the cgroup (this one) is relayed, and not counted.
     got = client(None, "127.0.0.1", stub.port, size=4096)
     assert got["echo"] and got["sock"][0] == "127.0.0.1", got
-    m = _mapping(engine.status("--json"), stub.port)
+    m = _mapping(engine.status(), stub.port)
     assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (2, 1), m
 
     # The table and the exposition format show the count too.
-    table = engine.status()
+    table = engine.status_output()
     head, row = table.splitlines()[0], [ln for ln in table.splitlines()
                                        if ":%d" % stub.port in ln][0]
     col = head.index("FAST PATH")
     assert row[col:].split()[0] == "2", table
-    prom = engine.status("--prometheus")
+    prom = engine.status_output("--prometheus")
     assert [ln for ln in prom.splitlines()
             if ln.startswith("spliceproxy_mapping_fastpath_connections_total{")
             and ('host="127.0.0.1:%d"' % stub.port) in ln][0].endswith(" 2"), prom
@@ -288,19 +222,20 @@ def test_killed_engine_never_leaves_a_stale_rewrite(container, engine, cgroup):
     stub = engine.start()
     _active(engine)
     assert client(cgroup, "127.0.0.1", stub.port, size=64)["sock"][0] == HOST4
-    old = engine.pid()
+    old = engine.note_engine()
     assert old
     os.kill(old, signal.SIGKILL)
-    assert srv.wait_for(lambda: not _alive(old), TIMEOUT)
+    assert srv.wait_for(lambda: not engine_support.alive(old), TIMEOUT)
     # At once: the programs went with the engine; the connect waits in the
     # backlog of the listener the stub kept, for the engine it starts.
     before = container.accepted
     got = client(cgroup, "127.0.0.1", stub.port, size=4096)
     assert "error" not in got and got["echo"], got
     assert got["peer"] == ["127.0.0.1", stub.port]
-    new = srv.wait_for(lambda: engine.pid() not in (None, old) and engine.pid(), TIMEOUT)
+    new = srv.wait_for(lambda: engine.note_engine() not in (None, old) and engine.note_engine(),
+                       TIMEOUT)
     assert new, "no new engine"
-    m = srv.wait_for(lambda: _mapping(engine.status("--json"), stub.port), TIMEOUT)
+    m = srv.wait_for(lambda: _mapping(engine.status(), stub.port), TIMEOUT)
     fast = (m["fastpath"] or {}).get("connections", 0)
     relayed = m["counters"]["tcp_accepted"]
     # Either the relay took it, or the new engine's own programs rewrote it
@@ -319,11 +254,11 @@ def test_killed_engine_never_leaves_a_stale_rewrite(container, engine, cgroup):
 def test_engine_exit_leaves_nothing_attached(container, engine, cgroup):
     stub = engine.start()
     _active(engine)
-    pid = engine.pid()
+    pid = engine.note_engine()
     assert set(fastpath.attached(cgroup).values()) == {1}
     assert stub.stop(signal.SIGTERM) == 0
     # Idle for SPLICEPROXY_ENGINE_IDLE_EXIT (1s), it exits on its own.
-    assert srv.wait_for(lambda: not _alive(pid), TIMEOUT)
+    assert srv.wait_for(lambda: not engine_support.alive(pid), TIMEOUT)
     assert srv.wait_for(lambda: sum(fastpath.attached(cgroup).values()) == 0, TIMEOUT)
     assert "spliceproxy engine %d exiting" % pid in engine.log()
 
@@ -336,13 +271,13 @@ def test_wildcard_mapping_follows_local_addresses(container, engine, cgroup):
         got = client(cgroup, host, stub.port, size=4096)
         assert got["echo"] and got["peer"] == [host, stub.port], got
         assert got["sock"][0] == HOST4, got
-    m = _mapping(engine.status("--json"), stub.port)
+    m = _mapping(engine.status(), stub.port)
     assert "0.0.0.0" not in m["fastpath"]["addresses"]
     assert extra not in m["fastpath"]["addresses"]
     try:
         # An address that appears gets an entry from the address events...
         ip("addr", "add", extra + "/32", "dev", VETH_HOST)
-        assert srv.wait_for(lambda: extra in _mapping(engine.status("--json"), stub.port)
+        assert srv.wait_for(lambda: extra in _mapping(engine.status(), stub.port)
                             ["fastpath"]["addresses"], TIMEOUT)
         got = client(cgroup, extra, stub.port, size=64)
         assert got["echo"] and got["sock"][0] == HOST4, got
@@ -350,9 +285,9 @@ def test_wildcard_mapping_follows_local_addresses(container, engine, cgroup):
         ip("addr", "del", extra + "/32", "dev", VETH_HOST, check=False)
     # ...and loses it when it goes: the next connect to it is refused (no
     # address), never rewritten.
-    assert srv.wait_for(lambda: extra not in _mapping(engine.status("--json"), stub.port)
+    assert srv.wait_for(lambda: extra not in _mapping(engine.status(), stub.port)
                         ["fastpath"]["addresses"], TIMEOUT)
-    assert _mapping(engine.status("--json"), stub.port)["fastpath"]["connections"] == 3
+    assert _mapping(engine.status(), stub.port)["fastpath"]["connections"] == 3
 
 
 def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, engine, cgroup):
@@ -368,10 +303,10 @@ def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, e
     # From the client's own port (its route's source address), not the relay's.
     sources = [list(a) for a, _ in container.udp4.snapshot()[before:]]
     assert sources == [[HOST4, got["sock"][1]]], (sources, got)
-    m = _mapping(engine.status("--json"), stub.port)
+    m = _mapping(engine.status(), stub.port)
     assert m["fastpath"]["datagrams"] == 1, m
     assert m["counters"]["udp_flows_created"] == 0, m
-    table = engine.status()
+    table = engine.status_output()
     head, row = table.splitlines()[0], [ln for ln in table.splitlines()
                                        if ":%d" % stub.port in ln][0]
     assert row[head.index("FAST PATH"):].split()[0] == "1", table
@@ -393,7 +328,7 @@ def test_ipv6_mapping_to_an_ipv6_container_takes_the_fast_path(container, engine
     assert got["peer"] == [dial, stub.port]   # the address dialled
     assert got["sock"][0] == HOST6             # the route's source: not the relay's listener
     assert container.accepted == before + 1
-    m = _mapping(engine.status("--json"), stub.port)
+    m = _mapping(engine.status(), stub.port)
     assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (1, 0), m
     if host_ip == "::":
         # One entry per local IPv6 address, never the wildcard, no link-local.
@@ -405,7 +340,7 @@ def test_ipv6_mapping_to_an_ipv6_container_takes_the_fast_path(container, engine
     assert got["echo"] and got["peer"] == [dial, stub.port], got
     if dial == "::1":
         assert got["sock"][0] == "::1", got
-    m = _mapping(engine.status("--json"), stub.port)
+    m = _mapping(engine.status(), stub.port)
     assert (m["fastpath"]["connections"], m["counters"]["tcp_accepted"]) == (1, 1), m
 
 
@@ -418,11 +353,11 @@ def test_ipv6_listener_to_an_ipv4_container_stays_on_the_relay(container, engine
     assert got["peer"] == ["::1", stub.port]
     assert got["sock"][0] == "::1", got        # it reached the relay's listener
     assert container.accepted == before + 1    # which dialled the IPv4 container
-    m = _mapping(engine.status("--json"), stub.port)
+    m = _mapping(engine.status(), stub.port)
     # Counted as relayed; the fast path does not serve this mapping at all.
     assert m["counters"]["tcp_accepted"] == 1, m
     assert m["fastpath"] is None, m
-    table = engine.status()
+    table = engine.status_output()
     head, row = table.splitlines()[0], [ln for ln in table.splitlines()
                                        if ":%d" % stub.port in ln][0]
     assert row[head.index("FAST PATH"):].split()[0] == "-", table
@@ -461,7 +396,7 @@ def test_refused_map_update_leaves_the_mapping_on_the_relay(container, engine, c
     wrap = (refuse_bpf, refused)
     stubs = [engine.start(wrap=wrap), engine.start(host_ip="0.0.0.0", wrap=wrap)]
     _active(engine)  # the programs loaded and attached: no map update needed for that
-    pid = engine.pid()
+    pid = engine.note_engine()
     assert pid and _seccomp_mode(pid) == "2", "premise: the engine runs under the filter"
     for stub in stubs:
         before = container.accepted
@@ -470,9 +405,9 @@ def test_refused_map_update_leaves_the_mapping_on_the_relay(container, engine, c
         assert got["peer"] == ["127.0.0.1", stub.port]
         assert got["sock"][0] == "127.0.0.1", got  # the relay's listener, not rewritten
         assert container.accepted == before + 1
-        m = _mapping(engine.status("--json"), stub.port)
+        m = _mapping(engine.status(), stub.port)
         assert m["fastpath"] is None and m["counters"]["tcp_accepted"] == 1, m
-    doc = engine.status("--json")
+    doc = engine.status()
     assert doc["engine"]["fastpath"]["active"] is True, doc["engine"]
     # One line per mapping says so, with the reason; nothing else about it.
     log = engine.log()

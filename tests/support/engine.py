@@ -110,13 +110,15 @@ class EngineHost:
 
     def start(self, proto: str, container_port: int, host_port: int | None = None,
               host_ip: str = "127.0.0.1", container_ip: str = "127.0.0.1", listen_sock=None,
-              check: bool = True, env: dict | None = None, stderr=subprocess.DEVNULL):
+              check: bool = True, env: dict | None = None, stderr=subprocess.DEVNULL,
+              wrap: tuple[str, ...] = ()):
+        """A stub for one mapping; wrap prefixes its argv (e.g. a seccomp launcher)."""
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         port = host_port if host_port is not None else srv.free_port(host_ip, kind)
         full_env = dict(self.env)
         full_env.update(env or {})
-        lp = spawn(self.argv(proto, host_ip, port, container_ip, container_port,
-                             use_listen_fd=listen_sock is not None),
+        lp = spawn([*wrap, *self.argv(proto, host_ip, port, container_ip, container_port,
+                                      use_listen_fd=listen_sock is not None)],
                    listen_sock=listen_sock, env=full_env, stderr=stderr, check=check,
                    timeout=15.0)
         lp.port = port
@@ -138,12 +140,16 @@ class EngineHost:
             self.engine_pids.add(pid)
         return pid
 
-    def status(self) -> dict:
-        """`spliceproxy status --json`, run as a user runs it."""
-        out = subprocess.run([self.proxy_path, "status", "--json", "--socket", self.sock],
+    def status_output(self, *flags: str) -> str:
+        """What `spliceproxy status [flags]` prints, run as a user runs it."""
+        out = subprocess.run([self.proxy_path, "status", "--socket", self.sock, *flags],
                              capture_output=True, text=True, timeout=10, env=self.env)
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return out.stdout
+
+    def status(self) -> dict:
+        """`spliceproxy status --json`, run as a user runs it."""
+        return json.loads(self.status_output("--json"))
 
     def query(self) -> dict:
         """The same document, asked in this process (no command started)."""

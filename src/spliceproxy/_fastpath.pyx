@@ -98,6 +98,24 @@ cdef tuple key_tuple(const fp_key *k):
     return (k.family, (<const char *>k.addr)[:n], port, k.proto)
 
 
+cdef int report_init(fp_report *rep) except -1:
+    """A zeroed report with room for the verifier's log (the caller frees rep.log)."""
+    memset(rep, 0, sizeof(rep[0]))
+    rep.log = <char *>malloc(_LOG_SIZE)
+    if rep.log == NULL:
+        raise MemoryError()
+    rep.log_size = _LOG_SIZE
+    rep.log[0] = 0
+    return 0
+
+
+cdef load_error(fp_report *rep):
+    """The LoadError a failed load's report describes."""
+    kind = FAIL_KINDS[rep.kind] if 0 <= rep.kind < len(FAIL_KINDS) else "other"
+    return LoadError(kind, rep.err, rep.what.decode(errors="replace"),
+                     rep.log.decode(errors="replace"))
+
+
 cdef class Programs:
     """The loaded, attached programs and their maps (csrc/fastpath.c)."""
 
@@ -108,19 +126,12 @@ cdef class Programs:
         cdef bytes path = cgroup_path.encode() if isinstance(cgroup_path, str) else cgroup_path
         cdef const char *cpath = path
         cdef int rc
-        memset(&rep, 0, sizeof(rep))
-        rep.log = <char *>malloc(_LOG_SIZE)
-        if rep.log == NULL:
-            raise MemoryError()
-        rep.log_size = _LOG_SIZE
-        rep.log[0] = 0
+        report_init(&rep)
         try:
             with nogil:
                 rc = fp_open(&self.f, cpath, &rep)
             if rc < 0:
-                kind = FAIL_KINDS[rep.kind] if 0 <= rep.kind < len(FAIL_KINDS) else "other"
-                raise LoadError(kind, rep.err, rep.what.decode(errors="replace"),
-                                rep.log.decode(errors="replace"))
+                raise load_error(&rep)
         finally:
             free(rep.log)
 
@@ -207,20 +218,13 @@ def try_load(hook, bytes insns):
     cdef fp_report rep
     cdef int rc
     cdef int h = HOOKS.index(hook)
-    memset(&rep, 0, sizeof(rep))
-    rep.log = <char *>malloc(_LOG_SIZE)
-    if rep.log == NULL:
-        raise MemoryError()
-    rep.log_size = _LOG_SIZE
-    rep.log[0] = 0
+    report_init(&rep)
     try:
         rc = fp_try_load(h, <const char *>insns, len(insns) // 8, &rep)
         if rc == -22 and rep.kind == 0:
             raise ValueError("bad hook or program size")
         if rc < 0:
-            kind = FAIL_KINDS[rep.kind] if 0 <= rep.kind < len(FAIL_KINDS) else "other"
-            raise LoadError(kind, rep.err, rep.what.decode(errors="replace"),
-                            rep.log.decode(errors="replace"))
+            raise load_error(&rep)
     finally:
         free(rep.log)
 

@@ -825,34 +825,6 @@ def _mapping(host, lp) -> dict:
     return [m for m in host.status()["mappings"] if m["stub_pid"] == lp.pid][0]
 
 
-def _upload(port: int, sink: srv.AcceptingBackend, size: int) -> None:
-    """Send size bytes through the proxy to the sink; return once it has them all."""
-    c = srv.connect("127.0.0.1", port, timeout=30.0)
-    conn = sink.accept()
-    got = [0]
-
-    def drain():
-        while True:
-            chunk = conn.recv(MIB)
-            if not chunk:
-                return
-            got[0] += len(chunk)
-
-    block = b"\x5a" * MIB
-
-    def send():
-        for _ in range(size // MIB):
-            c.sendall(block)
-        c.shutdown(socket.SHUT_WR)
-
-    try:
-        srv.run_threads(drain, send, timeout=60.0)
-    finally:
-        c.close()
-        conn.close()
-    assert got[0] == size
-
-
 def _engine_delta(host, fn) -> dict:
     """The engine's counters' growth while fn runs (and its connections end)."""
     before = host.status()["engine"]["counters"]
@@ -873,8 +845,8 @@ def test_copy_mode_applies_per_mapping(host):
         assert _mapping(host, copied)["options"]["copy_mode"] == "readwrite"
         assert _mapping(host, copied)["options"]["copy_buf"] == 16384
         assert _mapping(host, spliced)["options"]["copy_mode"] == "splice"
-        rw = _engine_delta(host, lambda: _upload(copied.port, sink, size))
-        sp = _engine_delta(host, lambda: _upload(spliced.port, sink, size))
+        rw = _engine_delta(host, lambda: srv.upload(copied.port, sink, size))
+        sp = _engine_delta(host, lambda: srv.upload(spliced.port, sink, size))
     print("readwrite mapping: %d splice, %d read, %d pipe2; splice mapping: %d splice, "
           "%d read" % (rw["sys_splice"], rw["sys_read"], rw["sys_pipe"], sp["sys_splice"],
                        sp["sys_read"]))
@@ -969,7 +941,7 @@ def test_pipe_size_applies_per_mapping(host):
         assert _mapping(host, big)["options"]["pipe_size"] == MIB
 
         def per_mib(lp):
-            d = _engine_delta(host, lambda: _upload(lp.port, sink, size))
+            d = _engine_delta(host, lambda: srv.upload(lp.port, sink, size))
             return d["sys_splice"] / (size / MIB)
 
         first = per_mib(big)

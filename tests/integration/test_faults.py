@@ -423,34 +423,6 @@ def test_tcp_lone_connection_without_memory_is_retried_until_it_gets_through(
         assert proxy.stop() == 0
 
 
-def _upload(port: int, sink: srv.AcceptingBackend, size: int) -> None:
-    """Send size bytes through the proxy to the sink and wait until it has them all."""
-    c = srv.connect("127.0.0.1", port, timeout=30.0)
-    conn = sink.accept()
-    got = [0]
-
-    def drain():
-        while True:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                return
-            got[0] += len(chunk)
-
-    block = b"\x3c" * (1 << 20)
-
-    def send():
-        for _ in range(size >> 20):
-            c.sendall(block)
-        c.shutdown(socket.SHUT_WR)
-
-    try:
-        srv.run_threads(drain, send, timeout=60.0)
-    finally:
-        c.close()
-        conn.close()
-    assert got[0] == size
-
-
 def test_pipe_size_recovers_once_resizing_is_allowed_again(faultshim, proxy_path, tmp_path):
     """F_SETPIPE_SZ refused (a user over pipe-user-pages-soft) leaves pipes at
     64 KiB for a while, not for good: once the budget is back, new and pooled
@@ -462,13 +434,13 @@ def test_pipe_size_recovers_once_resizing_is_allowed_again(faultshim, proxy_path
     with srv.AcceptingBackend() as sink, srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1",
                                                    "127.0.0.1", sink.port, env=env) as proxy:
         st0 = proxy.stats()
-        _upload(proxy.port, sink, size)
+        srv.upload(proxy.port, sink, size)
         st1 = proxy.wait_idle()
         assert faults.read()["faults"]["setpipe"] >= 1
         assert st1["pipe_resize_denied"] >= 1
         faults.stop()
         time.sleep(1.2)  # the retry interval after a refusal
-        _upload(proxy.port, sink, size)
+        srv.upload(proxy.port, sink, size)
         st2 = proxy.wait_idle()
         small = (st1["sys_splice"] - st0["sys_splice"]) / (size / MIB)
         full = (st2["sys_splice"] - st1["sys_splice"]) / (size / MIB)

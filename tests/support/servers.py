@@ -609,6 +609,35 @@ class Proxy:
 _SYS_PIDFD_GETFD = 438  # x86_64, arm64 and the generic table alike
 
 
+def upload(port: int, sink: AcceptingBackend, size: int) -> None:
+    """Send size bytes (a multiple of 1 MiB) through the proxy on port to the
+    sink, and return once the sink has them all."""
+    c = connect("127.0.0.1", port, timeout=30.0)
+    conn = sink.accept()
+    got = [0]
+
+    def drain():
+        while True:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                return
+            got[0] += len(chunk)
+
+    block = b"\x3c" * (1 << 20)
+
+    def send():
+        for _ in range(size >> 20):
+            c.sendall(block)
+        c.shutdown(socket.SHUT_WR)
+
+    try:
+        run_threads(drain, send, timeout=60.0)
+    finally:
+        c.close()
+        conn.close()
+    assert got[0] == size
+
+
 def grab_fd(pid: int, fd: int) -> int:
     """Duplicate descriptor ``fd`` of process ``pid`` into this process (pidfd_getfd)."""
     libc = ctypes.CDLL(None, use_errno=True)

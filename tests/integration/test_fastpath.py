@@ -32,6 +32,7 @@ import pytest
 from spliceproxy import fastpath
 
 from support import fastpath_env as fe
+from support import servers as srv
 
 pytestmark = pytest.mark.root
 
@@ -462,6 +463,16 @@ sys.stdin.read()
 """
 
 
+def _kill_holder(p: subprocess.Popen, cgroup: str) -> None:
+    """SIGKILL the process holding the programs, then give the kernel up to
+    TIMEOUT to detach them from cgroup (the caller checks what it needs)."""
+    p.send_signal(signal.SIGKILL)
+    p.wait(TIMEOUT)
+    p.stdin.close()
+    p.stdout.close()
+    srv.wait_for(lambda: sum(fastpath.attached(cgroup).values()) == 0, TIMEOUT)
+
+
 def test_killed_holder_leaves_nothing_attached(cgroup):
     p = subprocess.Popen([sys.executable, "-c", HOLDER, cgroup],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -471,13 +482,7 @@ def test_killed_holder_leaves_nothing_attached(cgroup):
             pytest.skip(line)
         assert set(fastpath.attached(cgroup).values()) == {1}
     finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait(TIMEOUT)
-        p.stdin.close()
-        p.stdout.close()
-    deadline = time.monotonic() + TIMEOUT
-    while sum(fastpath.attached(cgroup).values()) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        _kill_holder(p, cgroup)
     assert set(fastpath.attached(cgroup).values()) == {0}
 
 
@@ -511,13 +516,7 @@ def test_killed_engine_sends_the_next_connect_to_the_relay(container, cgroup, re
         assert client(cgroup, "tcp", "127.0.0.1", relay.port, size=4096)["echo"]
         before = container.accepted
     finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait(TIMEOUT)
-        p.stdin.close()
-        p.stdout.close()
-    deadline = time.monotonic() + TIMEOUT
-    while sum(fastpath.attached(cgroup).values()) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        _kill_holder(p, cgroup)
     got = client(cgroup, "tcp", "127.0.0.1", relay.port)
     assert got["reply"] == "RELAY", got
     assert container.accepted == before

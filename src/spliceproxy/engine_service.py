@@ -62,12 +62,13 @@ def parse_flags(argv: list[str]):
     return goflags.parse(argv)
 
 
-def load_settings(env: dict[str, str]) -> Settings:
+def load_settings(env: dict[str, str], mode: str | None = None) -> Settings:
     """A mapping's SPLICEPROXY_* settings (as its stub's environment has them);
-    StartupError with the standalone proxy's message if one is invalid."""
+    StartupError with the standalone proxy's message if one is invalid (or,
+    with mode, does not work in that mode)."""
     raw = {k.encode(): os.fsencode(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
     try:
-        return settings.load(raw)
+        return settings.load(raw, mode)
     except settings.SettingError as e:
         raise StartupError(str(e)) from None
 
@@ -283,12 +284,15 @@ class Service:
         self.fastpath_reason = "SPLICEPROXY_FASTPATH is not set"
         self.fastpath_cgroup: str | None = None
         self.addr_watch = None  # fastpath.AddressWatch, for wildcard mappings
+        # The one network namespace this engine serves: where it runs.
+        self.netns = control.netns_id()
 
     # -- setup -----------------------------------------------------------
 
     def _take_lock(self) -> None:
-        """engine.lock, held for the engine's life: one engine per socket."""
-        path = os.path.join(self.dir, "engine.lock")
+        """<socket>.lock, held for the engine's life: one engine per socket (a
+        directory may hold the sockets of several namespaces' engines)."""
+        path = self.sock_path + ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -744,7 +748,8 @@ class Service:
         log_fd = req.take("log")
         log = _mapping_logger(log_fd, err_fd, req.env)
         try:
-            options = load_settings(req.env)
+            self._check_netns(req.take("netns"))
+            options = load_settings(req.env, "engine")
         except StartupError as e:
             self._startup_failed(conn, status_fd, log, str(e))
             return
@@ -765,6 +770,27 @@ class Service:
         finally:
             if dup is not None:
                 os.close(dup)
+
+    def _check_netns(self, fd: int | None) -> None:
+        """A mapping is served only in the network namespace of its stub (fd, its
+        /proc/self/ns/net): bound and connected from anywhere else it would take
+        another namespace's port and miss the route to the container."""
+        if fd is None:
+            raise StartupError("the proxy passed no network namespace (is its stub of "
+                               "another spliceproxy version? reinstall)")
+        try:
+            theirs = control.netns_id(fd)
+        except OSError as e:
+            raise StartupError("the proxy's network namespace: %s"
+                               % go_strerror(e.errno or errno.EBADF)) from None
+        finally:
+            os.close(fd)
+        if theirs != self.netns:
+            raise StartupError(
+                "the spliceproxy engine at %s serves network namespace %s; this proxy runs "
+                "in %s: unset SPLICEPROXY_ENGINE_SOCKET, and each namespace gets an "
+                "engine of its own" % (self.sock_path, control.netns_name(self.netns),
+                                        control.netns_name(theirs)))
 
     def _startup_failed(self, conn: Conn, status_fd: int | None, log: Logger, msg: str) -> None:
         """Exit code 1 and the text for the stub to write on dockerd's fd 3
@@ -940,6 +966,7 @@ class Service:
                 "pid": os.getpid(),
                 "uid": os.geteuid(),
                 "socket": self.sock_path,
+                "netns": control.netns_name(self.netns),
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "mappings": len(maps),
                 "counters": engine.stats(),
@@ -1168,8 +1195,12 @@ start it by themselves when none runs; run it under a service manager to
 keep it up.
 
   --socket PATH   control socket (default: SPLICEPROXY_ENGINE_SOCKET, else
-                  /run/spliceproxy/engine.sock for root,
-                  $XDG_RUNTIME_DIR/spliceproxy/engine.sock for a user)
+                  engine-netns-<dev>-<inode>.sock of this network namespace
+                  in SPLICEPROXY_ENGINE_DIR, /run/spliceproxy for root,
+                  $XDG_RUNTIME_DIR/spliceproxy for a user)
+
+An engine serves the proxies of its own network namespace only: each
+namespace where dockerd runs gets an engine of its own.
 
 SPLICEPROXY_ENGINE_IDLE_EXIT (default 5s; "never") is how long it stays up
 without mappings.  Each mapping has the relay settings of its stub's
@@ -1208,7 +1239,8 @@ def main(argv: list[str]) -> int:
     if sock_path is None:
         sock_path = control.resolve_socket()
     if not sock_path:
-        msg = "no control socket: set SPLICEPROXY_ENGINE_SOCKET or XDG_RUNTIME_DIR"
+        msg = ("no control socket: set SPLICEPROXY_ENGINE_DIR, SPLICEPROXY_ENGINE_SOCKET "
+               "or XDG_RUNTIME_DIR")
         _tell_ready(ready_fd, msg)
         sys.stderr.write("spliceproxy engine: %s\n" % msg)
         return 1

@@ -59,9 +59,14 @@ def _proxy_rows() -> tuple[Variable, ...]:
 
 
 ENVIRONMENT = _proxy_rows() + (
-    Variable("SPLICEPROXY_ENGINE_SOCKET",
-             "/run/spliceproxy/engine.sock (root), $XDG_RUNTIME_DIR/spliceproxy/engine.sock",
-             "the engine's control socket; its directory must be the user's own, mode 0700",
+    Variable("SPLICEPROXY_ENGINE_DIR",
+             "/run/spliceproxy (root), $XDG_RUNTIME_DIR/spliceproxy",
+             "directory of the engines' control sockets, engine-netns-<dev>-<inode>.sock for "
+             "each network namespace; it must be the user's own, mode 0700",
+             group="engine"),
+    Variable("SPLICEPROXY_ENGINE_SOCKET", "derived from the namespace (SPLICEPROXY_ENGINE_DIR)",
+             "one engine's control socket outright; its directory must be the user's own, "
+             "mode 0700; the engine serves only its own network namespace's proxies",
              group="engine"),
     Variable("SPLICEPROXY_ENGINE_IDLE_EXIT", "5s",
              "how long the engine stays up without mappings; never: until stopped",

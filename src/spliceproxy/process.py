@@ -75,7 +75,7 @@ def _start(argv: list[str], status: StatusPipe):
 
     config = goflags.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
     try:
-        conf = settings.load()
+        conf = settings.load(mode="standalone")
     except settings.SettingError as e:
         raise StartupError(str(e)) from None
     try:

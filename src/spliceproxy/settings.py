@@ -195,17 +195,22 @@ def user(text: str) -> str | int:
 # "VAR=" to mean "not set").
 
 
+MODES = ("standalone", "engine")
+
+
 class Var:
-    __slots__ = ("name", "parse", "default", "option", "help", "shown")
+    __slots__ = ("name", "parse", "default", "option", "help", "shown", "modes", "instead")
 
     def __init__(self, name: str, parse, default, option: str | None = None, help: str = "",
-                 shown: str = ""):
+                 shown: str = "", modes: tuple[str, ...] = MODES, instead: str = ""):
         self.name = name          # without the SPLICEPROXY_ prefix
         self.parse = parse        # text -> value, ValueError(reason)
         self.default = default    # the value when unset or empty
         self.option = option      # engine option (an _engine.OPT_* name) it sets, if any
         self.help = help          # its meaning, for `spliceproxy help` (helptext)
         self.shown = shown        # the default as `spliceproxy help` shows it
+        self.modes = modes        # where it works; set elsewhere, the start is refused
+        self.instead = instead    # what to use there instead (the refusal says it)
 
     @property
     def attr(self) -> str:
@@ -228,9 +233,13 @@ VARIABLES = (
     Var("LOG_FILE", path, None, shown="stderr",
         help="append log lines (docker-proxy's format) to this file; dockerd discards "
              "stderr; SIGHUP reopens it"),
-    Var("STATS_FILE", path, None, shown="none",
-        help="write copies of the engine's counters to this file, readable while the proxy "
-             "runs; a directory or a path with %p gives each proxy its own file"),
+    Var("STATS_FILE", path, None, shown="none", modes=("standalone",),
+        instead="in engine mode (the default) `spliceproxy status --json` (or --prometheus) "
+                "has every mapping's counters; SPLICEPROXY_ENGINE=0 serves each port in its "
+                "own process, with this file",
+        help="standalone mode: write copies of the engine's counters to this file, readable "
+             "while the proxy runs; a directory or a path with %p gives each proxy its own "
+             "file (engine mode refuses it: `spliceproxy status` has the counters)"),
     Var("UDP_TIMEOUT", duration_ms(1, _YEAR_MS), 90_000, "OPT_UDP_TIMEOUT_MS", shown="90s",
         help="UDP client entry expiry (Go duration or seconds)"),
     Var("UDP_MAX_FLOWS", integer(1, 1 << 24), 16384, "OPT_UDP_MAX_FLOWS", shown="16384",
@@ -312,8 +321,12 @@ def _show(raw: bytes) -> str:
         return repr(raw)[1:]
 
 
-def load(environ: dict[bytes, bytes] | None = None) -> Settings:
-    """Parse every SPLICEPROXY_* variable (from os.environb by default)."""
+def load(environ: dict[bytes, bytes] | None = None, mode: str | None = None) -> Settings:
+    """Parse every SPLICEPROXY_* variable (from os.environb by default).
+
+    With a mode (one of MODES), a variable set that does not work in it is a
+    SettingError saying what to use instead: nothing set is silently ignored.
+    """
     env = os.environb if environ is None else environ
     values = {}
     for v in VARIABLES:
@@ -331,4 +344,7 @@ def load(environ: dict[bytes, bytes] | None = None) -> Settings:
         except ValueError as e:
             raise SettingError("invalid %s%s=%s: %s"
                                % (ENV_PREFIX, v.name, _show(raw), e)) from None
+        if mode is not None and mode not in v.modes:
+            raise SettingError("%s%s works in %s mode only: %s"
+                               % (ENV_PREFIX, v.name, " and ".join(v.modes), v.instead))
     return Settings(**values)

@@ -26,10 +26,6 @@ from spliceproxy.bench.launch import proxy_argv, spawn
 
 from support import servers as srv
 
-# The socket every engine-mode command line without a socket of its own
-# would reach if the session did not set one (root's).
-ROOT_SOCKET = "/run/spliceproxy/engine.sock"
-
 
 def alive(pid: int) -> bool:
     """Whether pid runs (a zombie does not)."""
@@ -86,7 +82,7 @@ class EngineHost:
     """A control socket of the test's own, the stubs started on it, and cleanup.
 
     Teardown stops every stub, then kills the engine (whose pid is in
-    engine.lock) and checks that nothing of it is left running.
+    <socket>.lock) and checks that nothing of it is left running.
     """
 
     def __init__(self, proxy_path: str, idle_exit: str = "30s", extra_env: dict | None = None,
@@ -128,7 +124,7 @@ class EngineHost:
 
     def engine_pid(self) -> int | None:
         try:
-            with open(os.path.join(self.dir, "engine.lock")) as f:
+            with open(self.sock + ".lock") as f:
                 pid = int(f.read().strip() or 0)
         except (FileNotFoundError, ValueError):
             return None

@@ -1,0 +1,47 @@
+"""The tables of environment variables in docs/ are made from the code.
+
+``spliceproxy.manual`` renders them from ``settings.VARIABLES`` and
+``helptext.ENVIRONMENT``; its --check and --update keep a page in step.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from spliceproxy import manual
+
+
+def test_manual_check_and_update(tmp_path):
+    page = tmp_path / "page.md"
+    stale = ("# Page\n\n%s\n| variable | default | meaning |\n|---|---|---|\n"
+             "| `SPLICEPROXY_UDP_TIMEOUT` | `1s` | a stale meaning |\n%s\n\nAfter.\n"
+             % (manual.BEGIN % "variables-proxy", manual.END))
+    page.write_text(stale)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "spliceproxy.manual", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    cp = run("--check", str(page))
+    assert cp.returncode == 1 and "differs from the code" in cp.stderr, cp
+    assert page.read_text() == stale
+    cp = run("--update", str(page))
+    assert cp.returncode == 0, cp
+    text = page.read_text()
+    assert "a stale meaning" not in text and "| `SPLICEPROXY_UDP_TIMEOUT` | `90s` |" in text
+    assert text.startswith("# Page\n\n") and text.endswith("\n\nAfter.\n")
+    assert run("--check", str(page)).returncode == 0
+    page.write_text(stale.replace("variables-proxy", "variables-nothing"))
+    cp = run("--check", str(page))
+    assert cp.returncode == 2 and "unknown generated table" in cp.stderr, cp
+    page.write_text("# No table\n")
+    assert run("--check", str(page)).returncode == 2
+
+
+def test_a_cell_cannot_break_the_table():
+    with pytest.raises(ValueError):
+        manual._cell("a | b")
+    assert manual._cell("bt-l<pid>-") == "bt-l\\<pid>-"

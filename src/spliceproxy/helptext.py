@@ -95,7 +95,7 @@ ENVIRONMENT = _proxy_rows() + (
 _GROUPS = (
     ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
               "value is a start-up failure reported on fd 3):"),
-    ("engine", "Engine mode (read by the stub and the engine; README, Engine mode):"),
+    ("engine", "Engine mode (read by the stub and the engine; docs/engine-mode.md):"),
     ("build", "Installing and building (scripts/install-venv, pip install):"),
     ("tests", "Test suite:"),
 )

@@ -228,7 +228,7 @@ VARIABLES = (
     Var("ENGINE", boolean, True, shown="true",
         help="false (0, f, false, ...) serves each port in its own process, standalone; "
              "otherwise one host engine serves every port and each proxy is a small stub "
-             "(README, Engine mode); with no control socket possible the port is served "
+             "(docs/engine-mode.md); with no control socket possible the port is served "
              "standalone and a log line says why",
         doc="a Go false (`0`, `false`, ...) serves each port in its own process, standalone; "
             "otherwise one host engine serves every port, see [Engine mode](engine-mode.md); "

@@ -1,17 +1,42 @@
-"""The tables of environment variables in docs/ are made from the code.
+"""The tables of environment variables in docs/ are the code's.
 
 ``spliceproxy.manual`` renders them from ``settings.VARIABLES`` and
-``helptext.ENVIRONMENT``; its --check and --update keep a page in step.
+``helptext.ENVIRONMENT``; the tables in docs/ must be what it renders, so
+they cannot drift from the code.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from spliceproxy import manual
+from spliceproxy import manual, settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+
+# Where each generated table belongs.
+EXPECTED_TABLES = {
+    "configuration.md": ["variables-proxy", "variables-engine"],
+}
+
+
+@pytest.mark.parametrize("page, names", sorted(EXPECTED_TABLES.items()))
+def test_generated_tables_match_the_code(page, names):
+    text = (DOCS / page).read_text(encoding="utf-8")
+    assert manual.tables_in(text) == names
+    assert manual.render(text) == text, (
+        "docs/%s differs from the code: python -m spliceproxy.manual --update docs/%s"
+        % (page, page))
+
+
+def test_every_variable_has_a_row():
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    for v in settings.VARIABLES:
+        assert "| `SPLICEPROXY_%s` |" % v.name in text, v.name
 
 
 def test_manual_check_and_update(tmp_path):

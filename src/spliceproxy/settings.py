@@ -293,7 +293,7 @@ VARIABLES = (
         help="buffer bytes per direction in readwrite mode",
         doc="buffer bytes per direction in `readwrite` mode"),
     # Off by default: measured in the benchmark (spliceproxy-spin path), see
-    # README "Busy-poll".
+    # docs/benchmarking.md, "Busy-poll".
     Var("SPIN", duration_us(0, 10_000), 0, "OPT_SPIN_US", shown="0 (off)",
         help="after a wake-up that relayed bytes, keep polling without sleeping for this "
              "long (Go duration, e.g. 50us; at most 10ms): lower request/response latency "

@@ -16,11 +16,14 @@ import pytest
 from spliceproxy import manual, settings
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 DOCS = ROOT / "docs"
 
-# Where each generated table belongs.
+
 EXPECTED_TABLES = {
     "configuration.md": ["variables-proxy", "variables-engine"],
+    "development.md": ["variables-build", "variables-tests"],
 }
 
 
@@ -31,6 +34,11 @@ def test_generated_tables_match_the_code(page, names):
     assert manual.render(text) == text, (
         "docs/%s differs from the code: python -m spliceproxy.manual --update docs/%s"
         % (page, page))
+
+
+def test_every_table_has_a_page():
+    placed = [n for names in EXPECTED_TABLES.values() for n in names]
+    assert sorted(placed) == sorted(manual.TABLES)
 
 
 def test_every_variable_has_a_row():

@@ -124,5 +124,7 @@ def help_text() -> str:
             out.append("  %s (default: %s)" % (var.name, var.default))
             meaning = var.meaning + (" (%s)" % var.note if var.note else "")
             out += _wrap(meaning, 6)
-    out += ["", "Documentation: README.md of the project (Quick start, Use with Docker)."]
+    out += [""] + _wrap("Documentation: README.md of the project (Quick start, Use with "
+                        "Docker), and the manual in its docs/ (docs/README.md lists the "
+                        "pages).", 0)
     return "\n".join(out) + "\n"

@@ -1,12 +1,15 @@
-"""The tables of environment variables in docs/ are the code's.
+"""The manual cannot drift from the code.
 
-``spliceproxy.manual`` renders them from ``settings.VARIABLES`` and
-``helptext.ENVIRONMENT``; the tables in docs/ must be what it renders, so
-they cannot drift from the code.
+* The tables of environment variables in docs/ are the ones
+  ``spliceproxy.manual`` makes from ``settings.VARIABLES`` and
+  ``helptext.ENVIRONMENT``.
+* The README is the front door, and its Quick start still holds the test
+  command .ci/run extracts.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,14 @@ EXPECTED_TABLES = {
     "configuration.md": ["variables-proxy", "variables-engine"],
     "development.md": ["variables-build", "variables-tests"],
 }
+
+
+def test_readme_is_the_front_door():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.split("\n")) <= 300
+    headings = [line for line in text.split("\n") if line.startswith("## ")]
+    for needed in ("## Quick start", "## Install", "## Use with Docker"):
+        assert needed in headings
 
 
 @pytest.mark.parametrize("page, names", sorted(EXPECTED_TABLES.items()))
@@ -78,3 +89,19 @@ def test_a_cell_cannot_break_the_table():
     with pytest.raises(ValueError):
         manual._cell("a | b")
     assert manual._cell("bt-l<pid>-") == "bt-l\\<pid>-"
+
+
+# --------------------------------------------------------------------------
+# What .ci/run takes from the README.
+
+
+def test_quick_start_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    m = re.search(r"quickstart_test=\$\(awk '(.*?)' README\.md\)", ci, re.S)
+    assert m, ".ci/run no longer extracts the Quick start command as this test expects"
+    out = subprocess.run(["awk", m.group(1), str(ROOT / "README.md")], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    assert out == "sh scripts/install-venv test && /opt/spliceproxy/bin/python -m pytest\n"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    assert section.count("```sh\n") == 2

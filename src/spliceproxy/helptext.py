@@ -100,7 +100,7 @@ ENVIRONMENT = _proxy_rows() + (
 _GROUPS = (
     ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
               "value is a start-up failure reported on fd 3):"),
-    ("engine", "Engine mode (read by the stub and the engine; README, Engine mode):"),
+    ("engine", "Engine mode (read by the stub and the engine; docs/engine-mode.md):"),
     ("build", "Installing and building (scripts/install-venv, pip install):"),
     ("tests", "Test suite:"),
 )
@@ -129,5 +129,7 @@ def help_text() -> str:
             out.append("  %s (default: %s)" % (var.name, var.default))
             meaning = var.meaning + (" (%s)" % var.note if var.note else "")
             out += _wrap(meaning, 6)
-    out += ["", "Documentation: README.md of the project (Quick start, Use with Docker)."]
+    out += [""] + _wrap("Documentation: README.md of the project (Quick start, Use with "
+                        "Docker), and the manual in its docs/ (docs/README.md lists the "
+                        "pages).", 0)
     return "\n".join(out) + "\n"

@@ -35,6 +35,7 @@ import sys
 import time
 
 from spliceproxy import _engine, control, goflags, settings
+from spliceproxy.helptext import HELP_POINTER
 from spliceproxy.log import Logger
 from spliceproxy.proxy import (
     AF_INET,
@@ -59,7 +60,7 @@ from spliceproxy.settings import ENV_PREFIX, Settings, parse_duration
 
 
 def parse_flags(argv: list[str]):
-    return goflags.parse(argv)
+    return goflags.parse(argv, HELP_POINTER)
 
 
 def load_settings(env: dict[str, str], mode: str | None = None) -> Settings:
@@ -1245,7 +1246,6 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("spliceproxy engine: %s\n" % msg)
         return 1
     sock_path = os.path.abspath(sock_path)
-    _help_footer()
     log = _engine_logger()
     # Started from a stub, the working directory is dockerd's; hold no mount.
     with contextlib.suppress(OSError):
@@ -1282,15 +1282,6 @@ def _engine_logger() -> Logger:
         except (OSError, files.FileRefused):
             pass
     return Logger()
-
-
-def _help_footer() -> None:
-    """-h in engine mode prints what it prints standalone."""
-    try:
-        from spliceproxy.__main__ import HELP_POINTER
-    except ImportError:
-        return
-    goflags.help_footer = HELP_POINTER
 
 
 if __name__ == "__main__":  # pragma: no cover

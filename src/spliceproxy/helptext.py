@@ -6,25 +6,38 @@ that every variable the code reads is in it.  The proxy's own rows come from
 ``settings.VARIABLES`` (the one table the proxy parses them with); the build
 and test variables, which the proxy never reads, are listed here.
 
-Not on the proxy's startup path: imported only for `spliceproxy help`.
+On the proxy's start-up path for HELP_POINTER alone, so it imports nothing
+costly (settings, for the proxy's rows, is on that path anyway).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+# The line -h adds to docker-proxy's usage (goflags.parse's footer), for the
+# standalone proxy and the engine alike.
+HELP_POINTER = "Run 'spliceproxy help' for the subcommands and the SPLICEPROXY_* variables.\n"
 
 
-class Subcommand(NamedTuple):
-    usage: str
-    meaning: str
+# Plain classes, not typing.NamedTuple: HELP_POINTER puts this module on
+# every proxy's start-up path, where importing typing (or collections) would
+# cost more than the rest of the module.
+class Subcommand:
+    __slots__ = ("usage", "meaning")
+
+    def __init__(self, usage: str, meaning: str):
+        self.usage = usage
+        self.meaning = meaning
 
 
-class Variable(NamedTuple):
-    name: str
-    default: str
-    meaning: str
-    group: str = "proxy"  # proxy (read at start-up), engine, build (and install), or tests
-    note: str = ""
+class Variable:
+    __slots__ = ("name", "default", "meaning", "group", "note")
+
+    def __init__(self, name: str, default: str, meaning: str, group: str = "proxy",
+                 note: str = ""):
+        self.name = name
+        self.default = default
+        self.meaning = meaning
+        self.group = group  # proxy (read at start-up), engine, build (and install), or tests
+        self.note = note
 
 
 SUBCOMMANDS = (

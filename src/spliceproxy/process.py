@@ -23,6 +23,7 @@ import _signal
 import os
 
 from spliceproxy import _engine, goflags, settings
+from spliceproxy.helptext import HELP_POINTER
 from spliceproxy.log import Logger
 from spliceproxy.proxy import Proxy, StartupError, go_strerror
 from spliceproxy.status import StatusPipe
@@ -73,7 +74,7 @@ def _start(argv: list[str], status: StatusPipe):
     """Everything up to a ready, unprivileged proxy; StartupError on failure."""
     from spliceproxy import files, identity
 
-    config = goflags.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
+    config = goflags.parse(argv, HELP_POINTER)  # SystemExit(2/0) on flag errors, -h, -v
     try:
         conf = settings.load(mode="standalone")
     except settings.SettingError as e:

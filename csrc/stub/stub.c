@@ -44,6 +44,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -795,27 +796,33 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 }
 
 /**
- * drop_capabilities() - hold no capability while the mapping is served.
+ * drop_capabilities() - hold only what serving the mapping needs.
+ * @keep: mask of the capabilities (below 32) to keep, effective and permitted
  *
  * Once the engine serves the mapping, this process only waits: on the
  * engine's connection, whose messages it parses (from an engine that runs
- * as an unprivileged user), and on signals.  Nothing of that needs a
- * capability, so the effective, permitted, inheritable and ambient sets are
- * emptied.  Started as root it stays uid 0: the control socket's directory
- * is root's alone (0700), the SIGHUP reopen of SPLICEPROXY_LOG_FILE is
- * root's file, and an engine it starts after the old one died must start as
- * root, which its exec regains within the bounding set, kept as it is.
+ * as an unprivileged user), and on signals.  All it may still do with
+ * privilege is reopen SPLICEPROXY_LOG_FILE on SIGHUP with dockerd's rights
+ * (CAP_DAC_OVERRIDE, kept only when that variable is set), so the other
+ * capabilities go from every set but the bounding one.  Started as root it
+ * stays uid 0: the control socket's directory is root's alone (0700), and
+ * an engine it starts after the old one died must start as root, which its
+ * exec regains within the bounding set, kept as it is.
  */
-static void drop_capabilities(void)
+static void drop_capabilities(uint32_t keep)
 {
 	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3 };
-	struct __user_cap_data_struct none[_LINUX_CAPABILITY_U32S_3];
+	struct __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3];
 
-	memset(none, 0, sizeof(none));
+	memset(caps, 0, sizeof(caps));
+	if (geteuid() == 0) {
+		caps[0].effective = keep;
+		caps[0].permitted = keep;
+	}
 	/* Lowering cannot fail for want of privilege; a kernel without ambient
 	 * capabilities (before 4.3) has none to clear. */
 	prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-	syscall(SYS_capset, &hdr, none);
+	syscall(SYS_capset, &hdr, caps);
 }
 
 /* Go's strconv.ParseBool true values, as settings.boolean() takes them. */
@@ -1281,7 +1288,7 @@ int main(int argc, char **argv)
 	 * reads the verdict finds it closed, as from the standalone proxy (our
 	 * own duplicate is listen_fd). */
 	close(LISTEN_FD);
-	drop_capabilities();
+	drop_capabilities(log_fd >= 0 ? CAP_TO_MASK(CAP_DAC_OVERRIDE) : 0);
 	if (have_status) {
 		write_all(STATUS_FD, "0\n", 2);
 		close(STATUS_FD);

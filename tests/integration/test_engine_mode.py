@@ -666,15 +666,19 @@ def test_engine_drops_privileges_keeping_only_low_port_binding(host):
 @pytest.mark.skipif(os.geteuid() != 0, reason="capabilities are only held (and dropped) as root")
 def test_a_stub_holds_no_capability_once_its_port_is_served(host):
     """The stub only waits once mapped: root's uid (its socket directory is
-    root's) but no capability; an engine it restarts still starts as root."""
+    root's) and, with a log file to reopen on SIGHUP, CAP_DAC_OVERRIDE alone;
+    an engine it restarts still starts as root."""
     mine = srv.proc_status(os.getpid())
+    dac_override = 1 << 1
     with srv.EchoServer() as echo:
-        lp = host.start("tcp", echo.port)
-        st = srv.proc_status(lp.pid)
-        assert st["Uid"].split() == ["0"] * 4
-        for field in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
-            assert int(st[field], 16) == 0, (field, st[field])
-        assert st["CapBnd"] == mine["CapBnd"]
+        logged = host.start("tcp", echo.port)  # EngineHost sets SPLICEPROXY_LOG_FILE
+        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_LOG_FILE": ""})
+        for stub, keep in ((lp, 0), (logged, dac_override)):
+            st = srv.proc_status(stub.pid)
+            assert st["Uid"].split() == ["0"] * 4
+            assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == keep, st
+            assert int(st["CapInh"], 16) == int(st["CapAmb"], 16) == 0, st
+            assert st["CapBnd"] == mine["CapBnd"]
         old = host.engine_pid()
         os.kill(old, signal.SIGKILL)
         assert srv.wait_for(lambda: host.note_engine() not in (None, old), 10.0)

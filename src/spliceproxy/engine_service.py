@@ -36,7 +36,7 @@ import time
 
 from spliceproxy import _engine, control, goflags, settings
 from spliceproxy.helptext import HELP_POINTER
-from spliceproxy.log import Logger
+from spliceproxy.log import Logger, NoWaitOutput
 from spliceproxy.proxy import (
     AF_INET,
     AF_INET6,
@@ -222,7 +222,7 @@ def _text_stream(fd: int | None):
     pipe loses the text instead); None when there is nowhere to write."""
     if fd is None:
         return None
-    out = _nowait_output(os.dup(fd))
+    out = NoWaitOutput.of(os.dup(fd))
     return _NoWaitText(out) if out is not None else None
 
 
@@ -717,21 +717,8 @@ class Service:
                 os.close(fd)
             self._reply_error(conn, "log: needs this connection's mapping and a log descriptor")
             return
-        out = _nowait_output(fd)
-        if out is None:
+        if not m.log.use_fd(fd):
             self._reply_error(conn, "log: not a file")
-            return
-        from spliceproxy.log import _is_devnull
-
-        log = m.log
-        log.flush()
-        old = log.fd if log._own_fd else None
-        log.fd, log._send, log._own_fd = out.fd, out.send, True
-        log.enabled = not _is_devnull(os.fstat(out.fd))
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.close(old)
-        log.flush()
 
     # -- mappings --------------------------------------------------------
 
@@ -996,52 +983,11 @@ class Service:
         conn.sock.setblocking(False)
 
 
-class _NoWaitOutput:
-    """Writes to a stub's stdout or stderr that never block the loop.
-
-    The descriptor is the stub's (shared with dockerd or a terminal), so it
-    is not made O_NONBLOCK; each write asks for no waiting instead
-    (pwritev2 RWF_NOWAIT, which pipes honour): a pipe nobody reads drops
-    lines rather than stopping every port.  A terminal, which does not take
-    the flag, gets plain writes.  send() raises BlockingIOError like a
-    non-blocking descriptor, which Logger expects.
-    """
-
-    __slots__ = ("fd", "plain")
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.plain = False
-
-    def send(self, data) -> int:
-        if not self.plain:
-            try:
-                return os.pwritev(self.fd, [data], -1, os.RWF_NOWAIT)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
-                    raise
-                self.plain = True
-        return os.write(self.fd, data)
-
-
-def _nowait_output(fd: int) -> _NoWaitOutput | None:
-    """A writer for fd (owned from now on), or None (fd closed) for a socket,
-    which takes no such flag (under dockerd stdio is /dev/null anyway)."""
-    try:
-        kind = os.fstat(fd).st_mode & 0o170000
-    except OSError:
-        kind = 0o140000
-    if kind == 0o140000:
-        os.close(fd)
-        return None
-    return _NoWaitOutput(fd)
-
-
 class _NoWaitText:
     """The text stream goflags writes usage and flag errors to (lost if the
     output does not take them at once)."""
 
-    def __init__(self, out: _NoWaitOutput):
+    def __init__(self, out: NoWaitOutput):
         self.out = out
         self.buffer = self
 
@@ -1060,25 +1006,11 @@ class _NoWaitText:
 
 def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str]) -> Logger:
     """The mapping's log: the file its stub opened, else the stub's stderr."""
-    from spliceproxy.log import _is_devnull
-
     if log_fd is not None and err_fd is not None:
         os.close(err_fd)
-    fd = log_fd if log_fd is not None else err_fd
-    out = _nowait_output(fd) if fd is not None else None
-    log = Logger()  # then pointed at the stub's descriptor instead of ours
-    if log._own_fd:
-        os.close(log.fd)
-    log._own_fd = False
-    log._send = None
-    log.enabled = False
-    if out is not None:
-        log.fd = out.fd
-        log._own_fd = True
-        log._send = out.send
-        log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
-        log.enabled = not _is_devnull(os.fstat(out.fd))
-    return log
+    if log_fd is not None:
+        return Logger.for_fd(log_fd, env.get("SPLICEPROXY_LOG_FILE", ""))
+    return Logger.for_fd(err_fd)
 
 
 def _bound_port(fd: int, default: int) -> int:

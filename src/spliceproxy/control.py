@@ -53,6 +53,8 @@ import socket
 import stat
 import sys
 
+from spliceproxy.settings import GO_TRUE
+
 __all__ = [
     "MSG_MAX",
     "ProtocolError",
@@ -71,13 +73,11 @@ MAX_FDS = 8
 DEFAULT_ROOT_DIR = "/run/spliceproxy"
 FD_ROLES = ("1", "2", "3", "4", "log", "listen", "netns")
 NETNS_PATH = "/proc/self/ns/net"
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path): a path must fit with its NUL
 
 
 class ProtocolError(ValueError):
     """A message that does not follow the format above."""
-
-
-_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
 
 
 def engine_enabled(env=None) -> bool:
@@ -89,7 +89,7 @@ def engine_enabled(env=None) -> bool:
     """
     env = os.environ if env is None else env
     value = env.get("SPLICEPROXY_ENGINE", "")
-    return value == "" or value in _GO_TRUE
+    return value == "" or value in GO_TRUE
 
 
 def netns_id(fd_or_path: int | str = NETNS_PATH) -> tuple[int, int]:
@@ -111,12 +111,13 @@ def socket_name(ident: tuple[int, int]) -> str:
 def resolve_socket(env=None, euid: int | None = None,
                    netns: tuple[int, int] | None = None) -> str | None:
     """The control socket path of this namespace's engine, as the stub resolves
-    it; None when there is none."""
+    it; None when there is none (no directory applies, or the path does not
+    fit a socket address)."""
     env = os.environ if env is None else env
     euid = os.geteuid() if euid is None else euid
     path = env.get("SPLICEPROXY_ENGINE_SOCKET", "")
     if path:
-        return path
+        return path if len(os.fsencode(path)) < SUN_PATH_MAX else None
     directory = env.get("SPLICEPROXY_ENGINE_DIR", "")
     if not directory:
         if euid == 0:
@@ -126,7 +127,8 @@ def resolve_socket(env=None, euid: int | None = None,
             if not runtime.startswith("/"):
                 return None
             directory = os.path.join(runtime, "spliceproxy")
-    return os.path.join(directory, socket_name(netns_id() if netns is None else netns))
+    path = os.path.join(directory, socket_name(netns_id() if netns is None else netns))
+    return path if len(os.fsencode(path)) < SUN_PATH_MAX else None
 
 
 def check_dir(path: str, create: bool = True) -> None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import sys
 
+from spliceproxy.settings import GO_FALSE, GO_TRUE
+
 __all__ = [
     "AF_INET",
     "AF_INET6",
@@ -73,8 +75,8 @@ _DEFAULT_SHOWN = {
 
 _TYPE_SHOWN = {_STRING: "string", _INT: "int", _BOOL: "", _IP: "value"}
 
-_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
-_FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
+_TRUE = frozenset(GO_TRUE)
+_FALSE = frozenset(GO_FALSE)
 
 
 class ProxyConfig:

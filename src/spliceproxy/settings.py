@@ -36,8 +36,11 @@ class SettingError(Exception):
 # --------------------------------------------------------------------------
 # Value parsers: text -> value, ValueError(reason) on a bad value.
 
-_TRUE = ("1", "t", "T", "TRUE", "true", "True")
-_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+# Go's strconv.ParseBool words: the one Python copy (goflags and control use
+# it; the stub's go_true() is C, held to the same table by
+# tests/integration/test_rules_c_python.py).
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
 _DIGITS = "0123456789"
 
 
@@ -47,11 +50,11 @@ def _ascii_digits(s: str) -> bool:
 
 def boolean(text: str) -> bool:
     """Go's strconv.ParseBool, exactly."""
-    if text in _TRUE:
+    if text in GO_TRUE:
         return True
-    if text in _FALSE:
+    if text in GO_FALSE:
         return False
-    raise ValueError("not a boolean: use one of %s" % ", ".join(_TRUE + _FALSE))
+    raise ValueError("not a boolean: use one of %s" % ", ".join(GO_TRUE + GO_FALSE))
 
 
 def integer(lo: int, hi: int):

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -195,6 +196,14 @@ class SharedEngine:
     (SPLICEPROXY_ENGINE_IDLE_EXIT=never).  Should a test's stub start another
     (the engine killed), that one stays up too, and close() ends them all
     and checks that none is left and that the directory is gone.
+
+    It dies with the test session that started it, however that ends (a
+    killed or cancelled run does not reach close()): a watcher process, in a
+    session of its own so a Ctrl-C does not reach it first, waits on a pipe
+    whose other end only this process holds, and at its end of file kills
+    every engine of the socket and removes the directory.  (A parent-death
+    signal would not do: the engine changes its credentials, which clears
+    it.)
     """
 
     def __init__(self, proxy_path: str):
@@ -228,6 +237,7 @@ class SharedEngine:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise AssertionError("the session's engine did not start: %r %s" % (ready, why))
         self.pids = {self.proc.pid}
+        self.watcher, self._lifeline = watch_session(self.sock, self.dir, self.proc.pid)
 
     def mode_env(self) -> dict[str, str]:
         """What a test's environment holds in engine mode."""
@@ -264,9 +274,36 @@ class SharedEngine:
         self.proc.wait()
         left = srv.wait_for(lambda: not any(alive(p) for p in self.pids), 5.0)
         shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self._lifeline)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.watcher.wait(10.0)
         assert left, "engine processes left running: %r" % self.pids
         assert not os.path.exists(self.dir)
         assert not mappings, "mappings left in the session's engine at its end: %r" % mappings
+
+
+# The watcher: blocks on stdin until every writer is gone, then kills the
+# engines of the socket (argv[2]; argv[3] the first one's pid) and removes
+# their directory (argv[4]).
+_WATCH = ("import os, shutil, sys; sys.path.insert(0, sys.argv[1]); "
+          "from support.engine import kill_engines\n"
+          "while os.read(0, 64): pass\n"
+          "kill_engines(sys.argv[2], {int(sys.argv[3])}); "
+          "shutil.rmtree(sys.argv[4], ignore_errors=True)")
+
+
+def watch_session(sock: str, directory: str, pid: int) -> tuple[subprocess.Popen, int]:
+    """Start the process that ends the engines of sock when this process ends;
+    return it and the pipe end to close (only this process holds it)."""
+    r, w = os.pipe()  # not inherited by anything else started later
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _WATCH, tests, sock, str(pid),
+                                 directory], stdin=r, stdout=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        os.close(r)
+    return proc, w
 
 
 def select_readable(fd: int, timeout: float) -> bool:

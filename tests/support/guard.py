@@ -55,6 +55,7 @@ def expect_engine(shared) -> None:
     """The running test uses the session's engine (a support.engine.SharedEngine);
     the mappings it holds now (a module-scoped fixture's) are not the test's."""
     _kept.update(shared.pids)
+    _kept.add(shared.watcher.pid)  # ends its engines should the session die
     try:
         held = {m["stub_pid"] for m in shared.mappings()}
     except Exception:  # noqa: BLE001 - check() reports an engine that does not answer

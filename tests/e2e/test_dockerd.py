@@ -503,9 +503,10 @@ def test_engine_killed_under_load_every_mapping_serves_within_1s(docker, engine_
 
 def test_two_dockerds_on_one_host_have_separate_engines(docker, scratch_dockerd, engine_mode,
                                                         page_token):
-    """Two daemons, each with its own SPLICEPROXY_ENGINE_SOCKET, publishing the same
-    port in their own namespaces: two engines, each with its own daemon's
-    mappings only; killing one leaves the other alone."""
+    """Two daemons in namespaces of their own, nothing set but the shared engine
+    directory, publishing the same port: each namespace's stubs find their own
+    engine (two engines, each with its own daemon's mappings only); killing
+    one leaves the other alone."""
     a, b = docker, scratch_dockerd
     port = 18130
     for d in (a, b):
@@ -518,9 +519,11 @@ def test_two_dockerds_on_one_host_have_separate_engines(docker, scratch_dockerd,
     (ea,), (eb,) = a.engines(), b.engines()
     assert ea.pid != eb.pid
     assert str(a.engine_socket) in ea.args and str(b.engine_socket) in eb.args
+    assert a.engine_socket != b.engine_socket
     for d in (a, b):
         st = d.status()
         assert st["engine"]["socket"] == str(d.engine_socket)
+        assert st["engine"]["netns"] == "net:[%d]" % d.netns.ino()[1]
         assert {m["stub_pid"] for m in st["mappings"]} == {p.pid for p in d.proxies()}, st
 
     a.netns.run(["kill", "-9", ea.pid], check=True)
@@ -566,13 +569,13 @@ def test_status_during_traffic(docker, engine_mode, page_token):
         else:
             assert c["tcp_accepted"] >= 4 and c["bytes_b2c"] > 3 * len(page_token), c
 
-        env = dict(os.environ, SPLICEPROXY_ENGINE_SOCKET=str(d.engine_socket))
-        table = subprocess.run([d.proxy.path, "status"], capture_output=True, text=True,
+        env = d.status_env()
+        table = subprocess.run(d.status_argv(), capture_output=True, text=True,
                                timeout=20, env=env)
         assert table.returncode == 0, table.stderr
         assert f"0.0.0.0:{port}" in table.stdout and str(v4[0]["stub_pid"]) in table.stdout, \
             table.stdout
-        prom = subprocess.run([d.proxy.path, "status", "--prometheus"], capture_output=True,
+        prom = subprocess.run(d.status_argv("--prometheus"), capture_output=True,
                               text=True, timeout=20, env=env)
         assert prom.returncode == 0, prom.stderr
         assert f":{port}" in prom.stdout and "# TYPE" in prom.stdout, prom.stdout

@@ -1113,8 +1113,14 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		return;
 	}
 	bfd = backend_socket(e, l, &connect_err, &bport);
-	if ((bfd == -EMFILE || bfd == -ENFILE) && reclaim_for_room(e, true))
+	if ((bfd == -EMFILE || bfd == -ENFILE) && t->half_head != NIL) {
+		/* Out of descriptors the engine does not count (the front
+		 * end's): make room as accepting does, rather than drop this
+		 * client, and try once more. */
+		sp_lcount_error(e, l->id, -bfd);
+		reclaim_for_room(e, true);
 		bfd = backend_socket(e, l, &connect_err, &bport);
+	}
 	if (bfd < 0) {
 		int err = -bfd;
 

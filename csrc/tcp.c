@@ -108,6 +108,8 @@ static inline unsigned otheri(unsigned sidei)
 /* A TCP listener's own state (l->state). */
 struct sp_tcp_listener {
 	bool paused;                  /* accept paused after EMFILE */
+	bool for_room;                /* paused for lack of descriptors, which a
+				       * reclaimable pair makes up for */
 	bool pause_reported;          /* "paused" logged, "resumed" not yet */
 	int64_t resume_at_ms;
 };
@@ -293,6 +295,8 @@ static int64_t idle_step(int64_t timeout)
 	return step;
 }
 
+static void resume_listeners(struct sp_engine *e, bool reclaimable);
+
 /**
  * halfclosed_link() - put a connection on the half-closed list, newest first
  * @e:   engine
@@ -300,7 +304,8 @@ static int64_t idle_step(int64_t timeout)
  * @idx: its slot
  *
  * The idle scan is brought forward to this pair's step when its listener's
- * timeout is shorter than those of the pairs already listed.
+ * timeout is shorter than those of the pairs already listed.  A listener
+ * paused for lack of descriptors accepts again: this pair can make room.
  */
 static void halfclosed_link(struct sp_engine *e, struct sp_conn *c, uint32_t idx)
 {
@@ -323,6 +328,8 @@ static void halfclosed_link(struct sp_engine *e, struct sp_conn *c, uint32_t idx
 	t->half_head = idx;
 	c->in_halfclosed = true;
 	t->n_half++;
+	if (t->paused_listeners)
+		resume_listeners(e, true);
 }
 
 /**
@@ -360,20 +367,31 @@ static void resume_listener(struct sp_engine *e, struct sp_listener *l)
 }
 
 /**
- * resume_listeners() - resume listeners paused for lack of descriptors
+ * resume_listeners() - resume the listeners a shortage paused, now that it may be over
+ * @e:           engine
+ * @reclaimable: a half-closed pair turned reclaimable (else descriptors were freed)
  *
- * Resume listeners paused for lack of descriptors: some were just freed.
+ * With descriptors to spare every paused listener resumes.  Without, a
+ * listener paused for lack of descriptors still resumes when a pair turned
+ * reclaimable: accepting makes its room from that pair.  It must not wait
+ * for a descriptor to be freed, or for its backoff: a pair turns
+ * half-closed when its client's FIN is read, which frees nothing, and
+ * before, a burst of clients that filled the descriptors fully open and
+ * sent their FINs later kept accepting paused until the idle timeout, with
+ * the backlog (and every new client in it) waiting behind them.
  */
-static void resume_listeners(struct sp_engine *e)
+static void resume_listeners(struct sp_engine *e, bool reclaimable)
 {
+	bool room = fd_room(e);
 	int i;
 
-	if (!fd_room(e))
+	if (!room && !(reclaimable && e->tcp->half_head != NIL))
 		return;
 	for (i = 0; i < e->n_listeners; i++) {
 		struct sp_listener *l = &e->listeners[i];
 
-		if (l->proto == &sp_tcp_proto && l->state && tl(l)->paused && l->fd >= 0)
+		if (l->proto == &sp_tcp_proto && l->state && tl(l)->paused && l->fd >= 0 &&
+		    (room || tl(l)->for_room))
 			resume_listener(e, l);
 	}
 }
@@ -414,7 +432,7 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c, boo
 	sp_lgauge_sub(e, c->listener, SP_STAT_TCP_ACTIVE, 1);
 	sp_lcount(e, c->listener, SP_STAT_TCP_CLOSED, 1);
 	if (t->paused_listeners)
-		resume_listeners(e);
+		resume_listeners(e, false);
 	if (t->n_starved)
 		t->starved_retry_ms = e->now_ms;  /* descriptors were freed: retry now */
 }
@@ -905,6 +923,7 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 	if (sp_epoll_mod(e, l->fd, 0, listener_ref(l)) < 0)
 		return;
 	tls->paused = true;
+	tls->for_room = err == EMFILE || err == ENFILE;
 	tls->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 	e->tcp->paused_listeners++;
 	sp_lcount(e, l->id, SP_STAT_ACCEPT_PAUSES, 1);
@@ -1094,6 +1113,14 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		return;
 	}
 	bfd = backend_socket(e, l, &connect_err, &bport);
+	if ((bfd == -EMFILE || bfd == -ENFILE) && t->half_head != NIL) {
+		/* Out of descriptors the engine does not count (the front
+		 * end's): make room as accepting does, rather than drop this
+		 * client, and try once more. */
+		sp_lcount_error(e, l->id, -bfd);
+		reclaim_for_room(e, true);
+		bfd = backend_socket(e, l, &connect_err, &bport);
+	}
 	if (bfd < 0) {
 		int err = -bfd;
 
@@ -1297,6 +1324,12 @@ static void conn_event(struct sp_engine *e, unsigned sidei, uint32_t idx, struct
 	if (c->state == CONN_CONNECTING) {
 		if (sidei == SIDE_BACKEND && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
 			conn_connected(e, idx, c);
+		else if (sidei == SIDE_CLIENT && (events & (EPOLLRDHUP | EPOLLHUP)))
+			/* The client finished before the backend answered (its
+			 * FIN came with it from the backlog, or while connecting):
+			 * as abandoned as a half-closed pair, and as reclaimable,
+			 * so a backend slow to answer does not hold the room. */
+			halfclosed_link(e, c, idx);
 		return;
 	}
 	if (events & EPOLLERR) {
@@ -1389,7 +1422,7 @@ static int64_t tcp_timer(struct sp_engine *e)
 				continue;
 			left = tls->resume_at_ms - e->now_ms;
 			if (left <= 0) {
-				if (fd_room(e)) {
+				if (fd_room(e) || (tls->for_room && t->half_head != NIL)) {
 					resume_listener(e, l);
 					if (!tls->paused)
 						continue;

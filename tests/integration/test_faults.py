@@ -490,6 +490,45 @@ def test_tcp_immediate_connect_enobufs_is_counted(faultshim, proxy_path, tmp_pat
     assert d["err_enobufs"] == 1, "connect() ENOBUFS not counted in err_enobufs: %r" % d
 
 
+def test_tcp_backend_socket_emfile_makes_room_from_a_half_closed_pair(
+        faultshim, proxy_path, tmp_path):
+    """socket() for a new client's backend fails with EMFILE (descriptors the
+    engine does not count ran out) while an abandoned half-closed pair is
+    held: that pair is reset to make room and the new client is served, not
+    closed (issue 23)."""
+    faults = Faults(faultshim, tmp_path / "faults", "socket:EMFILE:1:after=1:max=1")
+    with srv.AcceptingBackend() as backend, \
+            srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", backend.port,
+                      env=faults.env()) as proxy:
+        assert faults.read()["armed"] == 1
+        st0 = proxy.stats()
+        with srv.connect("127.0.0.1", proxy.port) as abandoned:
+            abandoned.sendall(b"a")
+            abandoned.shutdown(socket.SHUT_WR)
+            held = backend.accept()
+            try:
+                assert srv.recv_to_eof(held)[0] == 1  # the pair is half-closed now
+                with srv.connect("127.0.0.1", proxy.port) as c:
+                    c.sendall(b"ping")
+                    conn = backend.accept()
+                    with conn:
+                        assert srv.recv_exact(conn, 4) == b"ping"
+                        conn.sendall(b"pong")
+                        assert srv.recv_exact(c, 4) == b"pong"
+                assert faults.read()["faults"]["socket"] == 1
+                # The abandoned pair was reset (after its FIN, the kernel
+                # reports that reset as EPIPE).
+                with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                    held.sendall(b"x")
+            finally:
+                held.close()
+        st = proxy.stats()
+        d = {k: st[k] - st0[k] for k in st}
+        assert d["headroom_reclaimed"] == 1 and d["err_emfile"] == 1, d
+        assert d["tcp_failed"] == 0 and d["tcp_accepted"] == 2, d
+        assert proxy.alive()
+
+
 # --------------------------------------------------------------------------
 # UDP.
 

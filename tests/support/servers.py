@@ -490,9 +490,9 @@ class Proxy:
             self.stats_path = os.path.join(tmpdir, "proxy-%s.stats" % tag)
             full_env = dict(os.environ)
             full_env["SPLICEPROXY_LOG_FILE"] = self.log_path
-            self.engine_socket = (full_env.get("SPLICEPROXY_ENGINE_SOCKET")
-                                  if control.engine_enabled({**full_env, **(env or {})})
-                                  else None)
+            mode_env = {**full_env, **(env or {})}
+            self.engine_socket = (mode_env.get("SPLICEPROXY_ENGINE_SOCKET")
+                                  if control.engine_enabled(mode_env) else None)
             if self.engine_socket is None:
                 full_env["SPLICEPROXY_STATS_FILE"] = self.stats_path
             full_env.update(env or {})

@@ -27,6 +27,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
+from spliceproxy.bench import procs
+
 PREFIX = "spb-"
 SUBNET = "198.18.1.0/24"
 NETNS_DIR = "/var/run/netns"
@@ -169,16 +171,6 @@ def _lookup(ns, ifname: str, timeout: float = 5.0) -> int:
         time.sleep(0.02)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(prefix: str = PREFIX) -> list[str]:
     """Remove <prefix><pid>-* namespaces whose creating process no longer exists.
 
@@ -196,7 +188,7 @@ def clean_stale(prefix: str = PREFIX) -> list[str]:
         if not m:
             continue
         pid = int(m.group(1) or m.group(3))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and procs.alive(pid):
             continue
         if pid == os.getpid() and any(name in t.names for t in _live):
             continue

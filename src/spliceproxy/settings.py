@@ -115,32 +115,29 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def duration_ms(lo_ms: int, hi_ms: int):
-    """A duration (see parse_duration) in whole milliseconds between lo_ms and hi_ms."""
+def _bounded_duration(per_second: float, lo: int, hi: int, lo_text: str, hi_text: str):
+    """A duration (see parse_duration) in whole 1/per_second seconds between lo and
+    hi; out of range, an error naming the bound as lo_text or hi_text."""
 
     def parse(text: str) -> int:
-        ms = int(round(parse_duration(text) * 1000))
-        if ms < lo_ms:
-            raise ValueError("must be at least %dms" % lo_ms)
-        if ms > hi_ms:
-            raise ValueError("must be at most %ds" % (hi_ms // 1000))
-        return ms
+        n = int(round(parse_duration(text) * per_second))
+        if n < lo:
+            raise ValueError("must be at least " + lo_text)
+        if n > hi:
+            raise ValueError("must be at most " + hi_text)
+        return n
 
     return parse
+
+
+def duration_ms(lo_ms: int, hi_ms: int):
+    """A duration (see parse_duration) in whole milliseconds between lo_ms and hi_ms."""
+    return _bounded_duration(1000, lo_ms, hi_ms, "%dms" % lo_ms, "%ds" % (hi_ms // 1000))
 
 
 def duration_us(lo_us: int, hi_us: int):
     """A duration (see parse_duration) in whole microseconds between lo_us and hi_us."""
-
-    def parse(text: str) -> int:
-        us = int(round(parse_duration(text) * 1e6))
-        if us < lo_us:
-            raise ValueError("must be at least %dus" % lo_us)
-        if us > hi_us:
-            raise ValueError("must be at most %dus" % hi_us)
-        return us
-
-    return parse
+    return _bounded_duration(1e6, lo_us, hi_us, "%dus" % lo_us, "%dus" % hi_us)
 
 
 def choice(**values):

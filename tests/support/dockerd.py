@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from spliceproxy import fastpath as fastpath_mod
-from spliceproxy.bench import topology
+from spliceproxy.bench import procs, topology
 
 E2E = Path(__file__).resolve().parent.parent / "e2e"
 CLIENT = E2E / "netns_client.py"
@@ -210,7 +210,7 @@ def clean_stale(prefix: str) -> list[str]:
 
 
 def _creator_alive(pid: int) -> bool:
-    return pid == os.getpid() or topology.pid_alive(pid)
+    return pid == os.getpid() or procs.alive(pid)
 
 
 def unmount_under(path: Path) -> None:

@@ -1277,6 +1277,14 @@ static void conn_connected(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	int err = sock_error(e, c->side[SIDE_BACKEND].fd);
 
+	if (err == ECONNRESET) {
+		/* The backend accepted and reset before the connect's completion
+		 * was seen: not a failed connect but a reset from that side,
+		 * passed on as any other (the client sees the reset, not a
+		 * FIN; before, it depended on which event came first). */
+		conn_abort(e, idx, c, err);
+		return;
+	}
 	if (err) {
 		conn_connect_failed(e, idx, c, err);
 		return;

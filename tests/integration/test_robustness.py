@@ -735,3 +735,22 @@ def test_random_peer_behaviour_across_connections(fuzz_proxy, scripts):
             b.close()
     assert p.alive()
     settled(p)
+
+
+def test_a_backend_reset_right_after_accept_reaches_the_client_as_a_reset(fuzz_proxy):
+    """The backend accepts and resets at once, often before the proxy has seen
+    its connect complete (SO_ERROR then says ECONNRESET): that is a reset from
+    the backend like any other, never a plain close of the client."""
+    p, backend = fuzz_proxy
+    seen = []
+    for _ in range(100):
+        c = p.connect()
+        try:
+            srv.abortive_close(backend.accept())
+            seen.append(expect_reset_or_eof(c))
+        finally:
+            c.close()
+    assert seen == ["reset"] * len(seen), "%d of %d clients saw a FIN" % (
+        seen.count("eof"), len(seen))
+    assert p.alive()
+    settled(p)

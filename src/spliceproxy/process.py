@@ -63,6 +63,12 @@ FASTPATH_OFF = ("fast path not active: SPLICEPROXY_FASTPATH needs the host engin
                 "(engine mode, the default unless SPLICEPROXY_ENGINE is false), which owns "
                 "the programs; every client of this proxy takes the relay")
 
+# Refused rather than ignored: a container that should see its clients'
+# addresses would silently see the host's.
+TRANSPARENT_STANDALONE = ("SPLICEPROXY_TRANSPARENT needs the host engine (engine mode, the "
+                          "default unless SPLICEPROXY_ENGINE is false), which owns the policy "
+                          "route; a standalone proxy does not relay transparently")
+
 # Set by the stub (csrc/stub/stub.c) when engine mode was wanted but no
 # control socket is possible: the reason, logged once by the standalone proxy.
 STANDALONE_WHY_ENV = "_SPLICEPROXY_STANDALONE_WHY"
@@ -90,6 +96,12 @@ def _start(argv: list[str], status: StatusPipe):
     if why:
         # Meant for the host engine (the default), served here: say so once.
         log.log(STANDALONE_WHY % why)
+    if conf.transparent:
+        msg = TRANSPARENT_STANDALONE if not why else "%s (%s)" % (
+            TRANSPARENT_STANDALONE, STANDALONE_WHY % why)
+        log.log(msg)
+        log.close()
+        raise StartupError(msg)
     stats = None
     if conf.stats_file:
         from spliceproxy import statsfile

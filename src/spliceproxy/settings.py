@@ -269,6 +269,11 @@ VARIABLES = (
         help="true lets host-local clients skip the relay through the kernel; in engine "
         "mode only (the host engine loads the programs), a standalone proxy logs that it "
         "is not active"),
+    Var("TRANSPARENT", boolean, False, shown="false",
+        help="true relays TCP and UDP to containers from the client's own address and port "
+             "(IP_TRANSPARENT and a policy route in the engine's namespace; engine mode only, "
+             "a standalone proxy refuses to start); clients whose address cannot be kept are "
+             "relayed as without it (docs/transparent.md)"),
     # For tests and special setups: the programs affect every process below
     # the cgroup they are attached to, the whole host by default.
     Var("FASTPATH_CGROUP", cgroup2_dir, None, shown="the cgroup v2 root",

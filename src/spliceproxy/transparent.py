@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 
 # The engine's own names: documented in docs/transparent.md.
@@ -33,6 +34,10 @@ TABLE = 5350                # routing table holding the local default route
 PREF = 5350                 # the ip rule's priority (before main's 32766)
 CHAIN = "SPLICEPROXY-TRANSPARENT"  # iptables mangle chain
 COMMENT = "spliceproxy"     # iptables comment of the jump to the chain
+# The jump's comment when adding the chain made the mangle table (iptables-nft
+# on a host without one): removing everything then deletes the table too.
+COMMENT_MADE = "spliceproxy-made-mangle"
+_BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 NFT_TABLE = "spliceproxy"   # nftables table (inet family)
 
 CAP_NET_ADMIN = 12
@@ -70,6 +75,86 @@ def run(argv: list[str], stdin: str | None = None, check: bool = True) -> str:
         raise Unavailable("%s: %s" % (" ".join(argv), (p.stderr or p.stdout).strip()
                                       or "exit status %d" % p.returncode))
     return p.stdout if p.returncode == 0 else ""
+
+
+# nf_tables over netlink, for the one thing iptables cannot do: delete a
+# table (linux/netfilter/nfnetlink.h, nf_tables.h).
+_NETLINK_NETFILTER = 12
+_NFNL_SUBSYS_NFTABLES = 10
+_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 0x10, 0x11
+_NFNL_BATCH_GENID = 1
+_NFT_MSG_DELTABLE, _NFT_MSG_GETGEN = 2, 16
+_NFTA_TABLE_NAME = 1
+_NFTA_GEN_ID = 1
+_NLM_F_REQUEST, _NLM_F_ACK = 1, 4
+_NLMSG_ERROR = 2
+NFPROTO = {socket.AF_INET: 2, socket.AF_INET6: 10}
+
+
+def _nlattr(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n % 4)
+
+
+def _nlmsg(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:
+    body = struct.pack("=BBH", family, 0, socket.htons(res_id)) + attrs
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def _nl_replies(sock: socket.socket, seq_max: int) -> dict[int, tuple[int, bytes]]:
+    """seq -> (errno, payload) of the kernel's answers up to seq_max's ack."""
+    out: dict[int, tuple[int, bytes]] = {}
+    while seq_max not in out:
+        data = sock.recv(65536)
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+            if length < 16:
+                break
+            payload = data[off + 16:off + length]
+            if kind == _NLMSG_ERROR:
+                out[seq] = (-struct.unpack_from("=i", payload)[0], payload)
+            else:
+                out.setdefault(seq, (0, payload))
+            off += (length + 3) & ~3
+    return out
+
+
+def delete_empty_table(family: int, name: str, empty) -> bool:
+    """Delete nf_tables table name of family (what iptables-nft made) if
+    empty() says it holds nothing, in a batch that the kernel refuses if the
+    ruleset changed since empty() looked (its generation id).  Whether it
+    was deleted."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sk:
+        sk.settimeout(TIMEOUT_S)
+        sk.bind((0, 0))
+        sk.send(_nlmsg((_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN,
+                       _NLM_F_REQUEST | _NLM_F_ACK, 1, 0, 0, b""))
+        err, payload = _nl_replies(sk, 1).get(1, (0, b""))
+        # The answer: nfgenmsg, then NFTA_GEN_ID.
+        gen = None
+        off = 4
+        while off + 4 <= len(payload):
+            n, kind = struct.unpack_from("=HH", payload, off)
+            if n < 4:
+                break
+            if kind & 0x3fff == _NFTA_GEN_ID and n >= 8:
+                gen = struct.unpack_from("!I", payload, off + 4)[0]
+            off += (n + 3) & ~3
+        if gen is None or not empty():
+            return False
+        batch = (_nlmsg(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, 2, 0, _NFNL_SUBSYS_NFTABLES,
+                        _nlattr(_NFNL_BATCH_GENID, struct.pack("!I", gen)))
+                 + _nlmsg((_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_DELTABLE,
+                          _NLM_F_REQUEST | _NLM_F_ACK, 3, NFPROTO[family], 0,
+                          _nlattr(_NFTA_TABLE_NAME, name.encode() + b"\0"))
+                 + _nlmsg(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, 4, 0, _NFNL_SUBSYS_NFTABLES, b""))
+        sk.send(batch)
+        try:
+            err, _ = _nl_replies(sk, 3)[3]
+        except (OSError, KeyError):
+            return False
+        return err == 0
 
 
 def firewall() -> str:
@@ -134,24 +219,46 @@ class Rules:
         return sum(1 for r in routes if r.get("type") == "local" and r.get("dst") == "default"
                    and r.get("dev") == "lo")
 
-    def _our_jumps(self, family: int) -> list[list[str]]:
-        """iptables -D argument lists for our jumps in mangle PREROUTING."""
-        try:
-            text = run([self._iptables(family), "-w", "-t", "mangle", "-S", "PREROUTING"])
-        except Unavailable:
-            return []
-        out = []
-        for line in text.splitlines():
+    def _save(self, family: int) -> str:
+        """The mangle table as iptables-save shows it, "" when there is none.
+        (Asked for all tables: with -t mangle, iptables-nft shows an absent
+        table as empty built-in chains.)"""
+        base = "ip6tables" if family == socket.AF_INET6 else "iptables"
+        tool = base + ("-legacy-save" if self.tool == "iptables-legacy" else "-save")
+        out, inside = [], False
+        for line in run([tool], check=False).splitlines():
+            if line.startswith("*"):
+                inside = line == "*mangle"
+            if inside:
+                out.append(line)
+        return "\n".join(out)
+
+    def _mangle_empty(self, family: int) -> bool:
+        """The mangle table holds nothing: no rule, no chain of anyone's,
+        every built-in chain's policy ACCEPT."""
+        for line in self._save(family).splitlines():
+            if line.startswith(("#", "*", "COMMIT")) or not line.strip():
+                continue
             words = line.split()
-            if words[:2] == ["-A", "PREROUTING"] and "-j" in words and \
+            if line.startswith(":") and words[0][1:] in _BUILTIN and words[1] == "ACCEPT":
+                continue
+            return False
+        return True
+
+    def _our_jumps(self, family: int) -> list[list[str]]:
+        """iptables -D argument lists for our jumps in mangle PREROUTING.
+        (Read from iptables-save, which, unlike iptables -S, does not make the
+        table it lists with iptables-nft.)"""
+        out = []
+        for line in self._save(family).splitlines():
+            words = line.split()
+            if words[:2] == ["-A", "PREROUTING"] and "-j" in words[:-1] and \
                     words[words.index("-j") + 1] == CHAIN:
                 out.append(["-D"] + words[1:])
         return out
 
     def _chain_exists(self, family: int) -> bool:
-        p = subprocess.run([self._iptables(family), "-w", "-t", "mangle", "-S", CHAIN],
-                           capture_output=True, preexec_fn=_raise_ambient, timeout=TIMEOUT_S)
-        return p.returncode == 0
+        return any(line.split()[:1] == [":" + CHAIN] for line in self._save(family).splitlines())
 
     def _nft_exists(self) -> bool:
         p = subprocess.run(["nft", "list", "table", "inet", NFT_TABLE], capture_output=True,
@@ -189,12 +296,13 @@ class Rules:
         ip = self._ip(family)
         if self.tool.startswith("iptables"):
             ipt = [self._iptables(family), "-w", "-t", "mangle"]
+            made = not self._save(family).strip()
             run(ipt + ["-N", CHAIN])
             run(ipt + ["-A", CHAIN, "-m", "socket", "--transparent", "-m", "comment",
                        "--comment", COMMENT, "-j", "MARK", "--set-xmark",
                        "%#x/%#x" % (MARK, MARK)])
-            run(ipt + ["-I", "PREROUTING", "1", "-m", "comment", "--comment", COMMENT,
-                       "-j", CHAIN])
+            run(ipt + ["-I", "PREROUTING", "1", "-m", "comment", "--comment",
+                       COMMENT_MADE if made else COMMENT, "-j", CHAIN])
         run(ip + ["route", "add", "local", "default", "dev", "lo", "table", str(TABLE)])
         run(ip + ["rule", "add", "pref", str(PREF), "fwmark", "%#x/%#x" % (MARK, MARK),
                   "table", str(TABLE)])
@@ -238,11 +346,19 @@ class Rules:
                 check=False)
         if self.tool.startswith("iptables"):
             ipt = self._iptables(family)
-            for args in self._our_jumps(family):
+            jumps = self._our_jumps(family)
+            for args in jumps:
                 run([ipt, "-w", "-t", "mangle"] + args, check=False)
             if self._chain_exists(family):
                 run([ipt, "-w", "-t", "mangle", "-F", CHAIN], check=False)
                 run([ipt, "-w", "-t", "mangle", "-X", CHAIN], check=False)
+            if self.tool == "iptables-nft" and any(COMMENT_MADE in a for a in jumps):
+                # The table was not there before: leave none, unless someone
+                # has put something in it since.
+                try:
+                    delete_empty_table(family, "mangle", lambda: self._mangle_empty(family))
+                except OSError:
+                    pass
 
 
 def container_networks(backends=()) -> list[tuple[int, bytes, int]]:

@@ -21,6 +21,7 @@ Needs root; skips with the reason otherwise.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
@@ -39,27 +40,40 @@ PORT = 8082        # the container's port
 HPORT = 18082      # the published port (in the host namespace)
 
 
-def _setup_host_routing(t: te.Topology) -> None:
-    """Rules the host had before the engine: they must survive untouched."""
+def _setup_host_routing(t: te.Topology, mangle: bool = True) -> None:
+    """Rules the host had before the engine: they must survive untouched.
+    Without mangle, the host has no mangle table (iptables-nft makes one for
+    the mode's chain, and must delete it again)."""
     ip("-n", t.host, "rule", "add", "pref", "1000", "from", "198.18.82.200", "lookup", "100")
     ip("-n", t.host, "route", "add", "198.18.82.192/26", "dev", "out0", "table", "100")
     ip("-n", t.host, "-6", "rule", "add", "pref", "1000", "from", "fd00:82::1:c8",
        "lookup", "100")
     for tool in ("iptables", "ip6tables"):
-        subprocess.run(["ip", "netns", "exec", t.host, tool, "-w", "-t", "mangle", "-A",
-                        "PREROUTING", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"], check=True)
+        if mangle:
+            subprocess.run(["ip", "netns", "exec", t.host, tool, "-w", "-t", "mangle", "-A",
+                            "PREROUTING", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"],
+                           check=True)
         subprocess.run(["ip", "netns", "exec", t.host, tool, "-w", "-A", "FORWARD", "-p",
                         "udp", "--dport", "9", "-j", "ACCEPT"], check=True)
 
 
-@pytest.fixture
-def topo():
+def _topology(mangle: bool):
     reason = te.skip_reason()
     if reason:
         pytest.skip(reason)
     with te.Topology("tpe", "198.18.82", "198.18.83", "fd00:82::1", "fd00:82::2", PORT) as t:
-        _setup_host_routing(t)
+        _setup_host_routing(t, mangle)
         yield t
+
+
+@pytest.fixture
+def topo():
+    yield from _topology(True)
+
+
+@pytest.fixture
+def bare_topo():
+    yield from _topology(False)
 
 
 @pytest.fixture
@@ -94,7 +108,8 @@ def ours(t: te.Topology, before: dict) -> dict:
     for key, (gone, new) in diff.items():
         assert not gone, "%s lost %r" % (key, gone)
         for line in new:
-            assert (str(transparent.TABLE) in line or transparent.CHAIN in line), \
+            assert (str(transparent.TABLE) in line or transparent.CHAIN in line
+                    or line in ("*mangle", "COMMIT") or re.match(r":[A-Z]+ ACCEPT ", line)), \
                 "%s: %r is not the mode's" % (key, line)
     return diff
 
@@ -186,6 +201,20 @@ def test_normal_stop_removes_everything(topo, engine_host):
     stop_engine(h)
     assert te.routing(t.host) == before, te.difference(before, te.routing(t.host))
     assert "policy route removed" in h.log()
+
+
+def test_a_mangle_table_it_made_goes_too(bare_topo, engine_host):
+    t = bare_topo
+    before = te.routing(t.host)
+    assert not any(ln.startswith("*mangle") for ln in before.get("iptables-save", []))
+    h = engine_host()
+    publish(h, t, "tcp")
+    publish(h, t, "udp", 6)
+    assert ours(t, before)
+    seen_ip, _, _ = t.in_client(lambda: te.ask_tcp(t.host4, HPORT))[0]
+    assert seen_ip == t.client4
+    stop_engine(h)
+    assert te.routing(t.host) == before, te.difference(before, te.routing(t.host))
 
 
 def test_after_kill_9_the_next_engine_cleans_up(topo, engine_host):

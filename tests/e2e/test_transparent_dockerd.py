@@ -119,6 +119,8 @@ def client_ns(request, proxy_under_test):
 
 def test_the_container_sees_the_outside_client(client_ns):
     d, client_ns = client_ns
+    version = d.docker("version", "--format", "{{.Server.Version}}").stdout.strip()
+    print("dockerd", version)
     # Unset: the container sees the daemon's bridge address, as with docker-proxy.
     restart(d, {})
     d.docker("run", "-d", "--name", "peer", "-p", f"{PORT}:80", IMAGE, "sh", "-c", SERVE)
@@ -133,7 +135,7 @@ def test_the_container_sees_the_outside_client(client_ns):
     wait_served(client_ns)
     got = in_netns(client_ns, lambda: ask(200))
     wrong = [g for g in got if (g[0], g[1]) != (CLIENT, g[2])]
-    assert not wrong, (wrong[:5], d.diagnostics())
+    assert not wrong, (version, wrong[:5], d.diagnostics())
     st = d.status()
     assert st["engine"]["transparent"]["on"] and st["engine"]["transparent"]["rules"]
     assert st["engine"]["counters"]["tcp_transparent"] >= 200

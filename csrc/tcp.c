@@ -956,9 +956,12 @@ again:
 	}
 	set_sockopts(e, fd);
 	/* Every backend socket carries SO_REUSEADDR, so that its TIME_WAIT
-	 * remnant does not block a later explicit bind to its port. */
-	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	 * remnant does not block a later explicit bind to its port (a
+	 * transparent one has it already). */
+	if (!tp) {
+		sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	}
 	port = reuse && !tp ? sp_ports_bind(e, ps, l->id, fd, l->backend.ss_family) : 0;
 	*bound_port = port;
 	do {

@@ -255,7 +255,8 @@ cdef class Engine:
             raise ValueError("more than %d prefixes" % SP_TRANSPARENT_EXCLUDE_MAX)
         for family, addr, length in items:
             raw = bytes(addr)
-            if len(raw) not in (4, 16) or not 0 <= length <= 8 * len(raw):
+            if len(raw) != (4 if family == AF_INET else 16 if family == AF_INET6 else -1) \
+                    or not 0 <= length <= 8 * len(raw):
                 raise ValueError("bad prefix %r/%r" % (addr, length))
             memset(&buf[n], 0, sizeof(sp_prefix))
             buf[n].family = family

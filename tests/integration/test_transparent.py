@@ -295,3 +295,27 @@ def test_the_engine_keeps_only_net_admin(topo, engine_host):
     want = (1 << 10) | (1 << 12)  # CAP_NET_BIND_SERVICE, CAP_NET_ADMIN
     assert int(status["CapEff"], 16) == want
     assert int(status["CapBnd"], 16) == want
+
+
+@pytest.mark.parametrize("bridge_nf", ["0", "1"])
+def test_strict_rp_filter_and_bridge_netfilter(topo, engine_host, bridge_nf):
+    """docs/transparent.md: nothing to change for either."""
+    t = topo
+    for ns in (t.host, t.cont):
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                        "net.ipv4.conf.all.rp_filter=1"], check=True)
+    nf = subprocess.run(["ip", "netns", "exec", t.host, "sysctl", "-qw",
+                         "net.bridge.bridge-nf-call-iptables=" + bridge_nf,
+                         "net.bridge.bridge-nf-call-ip6tables=" + bridge_nf])
+    if nf.returncode != 0:
+        pytest.skip("no bridge netfilter in this kernel")
+    h = engine_host()
+    publish(h, t, "tcp")
+    publish(h, t, "udp")
+    seen_ip, seen_port, mine = t.in_client(lambda: te.ask_tcp(t.host4, HPORT))[0]
+    assert (seen_ip, seen_port) == (t.client4, mine)
+    seen_ip, seen_port, mine = t.in_client(lambda: te.ask_udp(t.host4, HPORT))
+    assert (seen_ip, seen_port) == (t.client4, mine)
+    # A neighbour on the bridge still falls back, its traffic bridged past the rule.
+    seen_ip, _, _ = t.in_neighbour(lambda: te.ask_tcp(t.bridge4, HPORT))[0]
+    assert seen_ip == t.bridge4

@@ -494,7 +494,7 @@ class Service:
         elif not self.tp_mappings:
             try:
                 stale = rules.install()
-            except transparent.Unavailable as e:
+            except (transparent.Unavailable, OSError, subprocess.SubprocessError) as e:
                 why = "cannot add its policy route: %s" % e
             else:
                 if stale:

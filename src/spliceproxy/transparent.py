@@ -157,6 +157,15 @@ def delete_empty_table(family: int, name: str, empty) -> bool:
         return err == 0
 
 
+def succeeds(argv: list[str]) -> bool:
+    """Whether a command ran and exited 0 (its output discarded)."""
+    try:
+        run(argv)
+    except Unavailable:
+        return False
+    return True
+
+
 def firewall() -> str:
     """Which tool the host's firewall is written with: "iptables-nft",
     "iptables-legacy" or "nft"; Unavailable if none."""
@@ -261,9 +270,7 @@ class Rules:
         return any(line.split()[:1] == [":" + CHAIN] for line in self._save(family).splitlines())
 
     def _nft_exists(self) -> bool:
-        p = subprocess.run(["nft", "list", "table", "inet", NFT_TABLE], capture_output=True,
-                           preexec_fn=_raise_ambient, timeout=TIMEOUT_S)
-        return p.returncode == 0
+        return succeeds(["nft", "list", "table", "inet", NFT_TABLE])
 
     def present(self) -> list[str]:
         """What of ours is in the namespace now, as words for a log line."""

@@ -251,7 +251,8 @@ def routing(ns: str | None) -> dict[str, list[str]]:
             snap[tool] = [re.sub(r"\[\d+:\d+\]", "", ln) for ln in text.splitlines()
                           if not ln.startswith("#")]
     if shutil.which("nft"):
-        snap["nft"] = _out(ns, ["nft", "list", "ruleset"]).splitlines()
+        snap["nft"] = [re.sub(r"counter packets \d+ bytes \d+", "counter", ln)
+                       for ln in _out(ns, ["nft", "list", "ruleset"]).splitlines()]
     return snap
 
 

@@ -133,11 +133,23 @@ def main(argv: list[str]) -> int:
                            "ratio_median": statistics.median(ratios),
                            "ratio_min": min(ratios), "ratio_max": max(ratios),
                            "rounds": len(ratios)}
-        st = subprocess.run([exe, "status", "--json", "--socket",
-                             os.path.join(tmp, "transparent", "engine.sock")],
-                            capture_output=True, text=True, timeout=10)
-        counters = json.loads(st.stdout)["engine"]["counters"] if st.returncode == 0 else {}
-        out["transparent_counters"] = {k: counters.get(k) for k in
+        def counters(name: str) -> dict:
+            st = subprocess.run([exe, "status", "--json", "--socket",
+                                 os.path.join(tmp, name, "engine.sock")],
+                                capture_output=True, text=True, timeout=10, check=True)
+            return json.loads(st.stdout)["engine"]["counters"]
+
+        # Deterministic: the engine's own count of system calls per connection
+        # (connect, one-byte exchange, close), over one more connection run.
+        for name in ports:
+            c0 = counters(name)
+            conns(ports[name][0])
+            c1 = counters(name)
+            n = c1["tcp_accepted"] - c0["tcp_accepted"]
+            out.setdefault("syscalls_per_connection", {})[name] = round(
+                (c1["syscalls"] - c0["syscalls"]) / max(n, 1), 2)
+        c = counters("transparent")
+        out["transparent_counters"] = {k: c.get(k) for k in
                                        ("tcp_transparent", "transparent_fallbacks",
                                         "tcp_accepted")}
         print(json.dumps(out, indent=1))

@@ -101,23 +101,25 @@ def _nlmsg(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: byt
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
-def _nl_replies(sock: socket.socket, seq_max: int) -> dict[int, tuple[int, bytes]]:
-    """seq -> (errno, payload) of the kernel's answers up to seq_max's ack."""
-    out: dict[int, tuple[int, bytes]] = {}
-    while seq_max not in out:
-        data = sock.recv(65536)
+def _nl_wait(sock: socket.socket, seqs: tuple[int, ...], last: int):
+    """Read the kernel's answers to the messages numbered seqs until the ack
+    of last or an error for any of them: ({seq: errno}, {seq: payload})."""
+    errs: dict[int, int] = {}
+    data: dict[int, bytes] = {}
+    while last not in errs and not any(errs.get(q) for q in seqs):
+        buf = sock.recv(65536)
         off = 0
-        while off + 16 <= len(data):
-            length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+        while off + 16 <= len(buf):
+            length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", buf, off)
             if length < 16:
                 break
-            payload = data[off + 16:off + length]
+            payload = buf[off + 16:off + length]
             if kind == _NLMSG_ERROR:
-                out[seq] = (-struct.unpack_from("=i", payload)[0], payload)
+                errs[seq] = -struct.unpack_from("=i", payload)[0]
             else:
-                out.setdefault(seq, (0, payload))
+                data.setdefault(seq, payload)
             off += (length + 3) & ~3
-    return out
+    return errs, data
 
 
 def delete_empty_table(family: int, name: str, empty) -> bool:
@@ -126,11 +128,12 @@ def delete_empty_table(family: int, name: str, empty) -> bool:
     ruleset changed since empty() looked (its generation id).  Whether it
     was deleted."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sk:
-        sk.settimeout(TIMEOUT_S)
+        sk.settimeout(2.0)
         sk.bind((0, 0))
         sk.send(_nlmsg((_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN,
                        _NLM_F_REQUEST | _NLM_F_ACK, 1, 0, 0, b""))
-        err, payload = _nl_replies(sk, 1).get(1, (0, b""))
+        errs, data = _nl_wait(sk, (1,), 1)
+        payload = data.get(1, b"")
         # The answer: nfgenmsg, then NFTA_GEN_ID.
         gen = None
         off = 4
@@ -141,7 +144,7 @@ def delete_empty_table(family: int, name: str, empty) -> bool:
             if kind & 0x3fff == _NFTA_GEN_ID and n >= 8:
                 gen = struct.unpack_from("!I", payload, off + 4)[0]
             off += (n + 3) & ~3
-        if gen is None or not empty():
+        if errs.get(1) or gen is None or not empty():
             return False
         batch = (_nlmsg(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, 2, 0, _NFNL_SUBSYS_NFTABLES,
                         _nlattr(_NFNL_BATCH_GENID, struct.pack("!I", gen)))
@@ -151,10 +154,10 @@ def delete_empty_table(family: int, name: str, empty) -> bool:
                  + _nlmsg(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, 4, 0, _NFNL_SUBSYS_NFTABLES, b""))
         sk.send(batch)
         try:
-            err, _ = _nl_replies(sk, 3)[3]
-        except (OSError, KeyError):
+            errs, _ = _nl_wait(sk, (2, 3, 4), 3)
+        except OSError:
             return False
-        return err == 0
+        return errs.get(3) == 0 and not any(errs.get(q) for q in (2, 4))
 
 
 def succeeds(argv: list[str]) -> bool:

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 
@@ -34,7 +35,7 @@ from spliceproxy import transparent
 from support import engine as engine_support
 from support import servers as srv
 from support import transparent_env as te
-from support.fastpath_env import ip
+from support.fastpath_env import in_netns, ip
 
 pytestmark = pytest.mark.root
 
@@ -413,3 +414,42 @@ def test_iptables_legacy(topo, engine_host, root):
                        for ln in after[key]), after
     finally:
         shutil.rmtree(bindir)
+
+
+def test_a_table_changed_meanwhile_is_not_deleted():
+    """delete_empty_table's batch carries the generation the emptiness was
+    seen at: a rule added in between makes the kernel refuse it."""
+    reason = te.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    ns = "tpe-gen-%d" % os.getpid()
+    ip("netns", "add", ns)
+    try:
+        def in_ns(*argv):
+            subprocess.run(["ip", "netns", "exec", ns, *argv], check=True)
+
+        def save() -> str:
+            return subprocess.run(["ip", "netns", "exec", ns, "iptables-save"],
+                                  capture_output=True, text=True).stdout
+
+        in_ns("iptables", "-w", "-t", "mangle", "-N", "X")
+        in_ns("iptables", "-w", "-t", "mangle", "-X", "X")
+
+        def racing() -> bool:
+            in_ns("iptables", "-w", "-t", "mangle", "-A", "PREROUTING", "-p", "tcp",
+                  "--dport", "9", "-j", "ACCEPT")
+            return True
+
+        def delete(empty) -> bool:
+            return in_netns(ns, lambda: transparent.delete_empty_table(
+                socket.AF_INET, "mangle", empty))
+
+        if "*mangle" not in save():
+            pytest.skip("iptables is not iptables-nft")
+        assert delete(racing) is False
+        assert "--dport 9" in save()
+        in_ns("iptables", "-w", "-t", "mangle", "-F")
+        assert delete(lambda: True) is True
+        assert "*mangle" not in save()
+    finally:
+        ip("netns", "del", ns, check=False)

@@ -80,8 +80,14 @@ def routing(d) -> dict[str, list[str]]:
 
 
 def restart(d, env: dict) -> None:
+    """dockerd again with env for its proxies, once the engine of its last
+    run has exited (an engine keeps the settings it started with)."""
     d.remove_all_containers()
     d.stop_dockerd()
+    deadline = time.monotonic() + 15
+    while d.engines():
+        assert time.monotonic() < deadline, d.diagnostics()
+        time.sleep(0.2)
     d.extra_args = ["--iptables=false"]
     d.extra_env = env
     d.start_dockerd()

@@ -36,6 +36,7 @@
 #include "mover.h"
 #include "portreuse.h"
 #include "proto.h"
+#include "transparent.h"
 
 #define CONN_CHUNK 1024          /* connections per allocation chunk */
 #define ACCEPT_BATCH 64          /* accepts per listener wakeup (fairness) */
@@ -935,39 +936,68 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 
 /**
  * backend_socket() - a nonblocking backend socket, connect() started
+ * @e:           engine
+ * @l:           listener
+ * @connect_err: set to connect()'s errno when the socket was made but
+ *               connect() failed at once, else 0
+ * @bound_port:  set to the reused TIME_WAIT port bound, or 0
+ * @client:      the client's address, to bind the socket to
+ *               (SP_OPT_TRANSPARENT, transparent.c), or NULL
+ * @client_len:  its length
  *
- * A nonblocking backend socket, connect() started.  Returns the socket
- * (connect in progress or done) or -errno; *connect_err is the connect()
- * errno when the socket was made but connect() failed at once.
+ * Return: the socket (connect in progress or done), or -errno
  */
 static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *connect_err,
-			  uint16_t *bound_port)
+			  uint16_t *bound_port, const struct sockaddr *client,
+			  socklen_t client_len)
 {
 	struct sp_ports *ps = &e->tcp->ports;
 	bool reuse = true;
-	int fd, rc, one = 1;
+	int fd, rc, one = 1, tp = 0;
 	uint16_t port;
 
 	*bound_port = 0;
 again:
 	*connect_err = 0;
-	sp_sys(e, SP_STAT_SYS_SOCKET);
-	fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd == -1)
-		return -errno;
-	sp_fd_opened(e);
+	fd = -1;
+	if (client) {
+		tp = sp_transparent_socket(e, l->id, SOCK_STREAM, &l->backend, client, client_len,
+					   &fd);
+		if (tp < 0)
+			return tp;
+	}
+	if (fd < 0) {
+		sp_sys(e, SP_STAT_SYS_SOCKET);
+		fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (fd == -1)
+			return -errno;
+		sp_fd_opened(e);
+	}
 	set_sockopts(e, fd);
 	/* Every backend socket carries SO_REUSEADDR, so that its TIME_WAIT
-	 * remnant does not block a later explicit bind to its port. */
-	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	port = reuse ? sp_ports_bind(e, ps, l->id, fd, l->backend.ss_family) : 0;
+	 * remnant does not block a later explicit bind to its port (a
+	 * transparent one has it already). */
+	if (!tp) {
+		sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	}
+	port = reuse && !tp ? sp_ports_bind(e, ps, l->id, fd, l->backend.ss_family) : 0;
 	*bound_port = port;
 	do {
 		sp_sys(e, SP_STAT_SYS_CONNECT);
 		rc = connect(fd, (struct sockaddr *)&l->backend, l->backend_len);
 	} while (rc == -1 && errno == EINTR);
 	if (rc == -1 && errno != EINPROGRESS) {
+		if (tp && (errno == EADDRNOTAVAIL || errno == EADDRINUSE)) {
+			/* The client's 4-tuple to the backend is taken (the same
+			 * client port through another listener, or a TIME_WAIT
+			 * the backend keeps): from the host's address. */
+			sp_transparent_fallback(e, l->id, SP_EV_TP_FAILED, errno);
+			sp_close(e, fd);
+			client = NULL;
+			tp = 0;
+			goto again;
+		}
 		if (port && (errno == EADDRNOTAVAIL || errno == EADDRINUSE)) {
 			/* That 4-tuple is not free to take over (e.g. a backend
 			 * without timestamps): use a port of the kernel's. */
@@ -980,7 +1010,34 @@ again:
 	} else if (port) {
 		sp_ports_result(e, ps, l->id, 0);
 	}
+	if (tp && !*connect_err)
+		sp_lcount(e, l->id, SP_STAT_TCP_TRANSPARENT, 1);
 	return fd;
+}
+
+/**
+ * client_address() - the peer of an accepted socket, for SP_OPT_TRANSPARENT
+ * @e:   engine
+ * @l:   listener
+ * @cfd: accepted socket
+ * @ss:  where to put the address
+ * @len: set to its length
+ *
+ * Return: ss, or NULL when the listener is not transparent or the peer is
+ * unknown (the connection is relayed from the host's address)
+ */
+static const struct sockaddr *client_address(struct sp_engine *e, struct sp_listener *l,
+					     int cfd, struct sockaddr_storage *ss, socklen_t *len)
+{
+	if (!sp_lopt(e, l->id, SP_OPT_TRANSPARENT))
+		return NULL;
+	*len = sizeof(*ss);
+	sp_sys(e, SP_STAT_SYS_OTHER);
+	if (getpeername(cfd, (struct sockaddr *)ss, len) == -1) {
+		sp_transparent_fallback(e, l->id, SP_EV_TP_FAILED, errno);
+		return NULL;
+	}
+	return (const struct sockaddr *)ss;
 }
 
 /**
@@ -1105,6 +1162,9 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	uint16_t bport;
 	int64_t connect_timeout;
 	size_t want;
+	struct sockaddr_storage peer;
+	socklen_t peer_len = 0;
+	const struct sockaddr *client;
 
 	if (t->free_head == NIL && table_grow(t) < 0) {
 		sp_lcount_error(e, l->id, ENOMEM);
@@ -1112,14 +1172,15 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		sp_lcount(e, l->id, SP_STAT_TCP_FAILED, 1);
 		return;
 	}
-	bfd = backend_socket(e, l, &connect_err, &bport);
+	client = client_address(e, l, cfd, &peer, &peer_len);
+	bfd = backend_socket(e, l, &connect_err, &bport, client, peer_len);
 	if ((bfd == -EMFILE || bfd == -ENFILE) && t->half_head != NIL) {
 		/* Out of descriptors the engine does not count (the front
 		 * end's): make room as accepting does, rather than drop this
 		 * client, and try once more. */
 		sp_lcount_error(e, l->id, -bfd);
 		reclaim_for_room(e, true);
-		bfd = backend_socket(e, l, &connect_err, &bport);
+		bfd = backend_socket(e, l, &connect_err, &bport, client, peer_len);
 	}
 	if (bfd < 0) {
 		int err = -bfd;
@@ -1600,7 +1661,7 @@ const struct sp_proto sp_tcp_proto = {
 	.listener_free = tcp_listener_free,
 	.listener_options = SP_OPT_BIT(SP_OPT_COPY_MODE) | SP_OPT_BIT(SP_OPT_COPY_BUF) |
 			    SP_OPT_BIT(SP_OPT_PIPE_SIZE) | SP_OPT_BIT(SP_OPT_IDLE_TIMEOUT_MS) |
-			    SP_OPT_BIT(SP_OPT_CONNECT_TIMEOUT_MS),
+			    SP_OPT_BIT(SP_OPT_CONNECT_TIMEOUT_MS) | SP_OPT_BIT(SP_OPT_TRANSPARENT),
 };
 
 /**

@@ -154,6 +154,19 @@ def table(doc: dict) -> str:
         lines.append("fast path active (cgroup %s)" % fp.get("cgroup"))
     elif fp:
         lines.append("fast path not active: %s" % fp.get("reason"))
+    tp = eng.get("transparent")
+    counters = eng.get("counters") or {}
+    if tp and tp.get("on"):
+        lines.append("transparent mode on (firewall %s, policy route %s): %d mapping%s; "
+                     "%s connections and %s UDP entries from the clients' own addresses, "
+                     "%s from the host's (fallbacks)"
+                     % (tp.get("firewall"), "in place" if tp.get("rules") else "not in place",
+                        tp.get("mappings", 0), "" if tp.get("mappings") == 1 else "s",
+                        counters.get("tcp_transparent", "-"),
+                        counters.get("udp_flows_transparent", "-"),
+                        counters.get("transparent_fallbacks", "-")))
+    elif tp and tp.get("reason") and "is not set" not in tp["reason"]:
+        lines.append("transparent mode not available: %s" % tp["reason"])
     return "\n".join(lines) + "\n"
 
 
@@ -202,6 +215,12 @@ def prometheus(doc: dict) -> str:
                    "is attached (1) or not (0).")
         out.append("# TYPE spliceproxy_engine_fastpath_active gauge")
         out.append("spliceproxy_engine_fastpath_active %d" % bool(fp.get("active")))
+    tp = doc["engine"].get("transparent")
+    if tp is not None:
+        out.append("# HELP spliceproxy_engine_transparent_on Whether SPLICEPROXY_TRANSPARENT "
+                   "is on (1) or not (0).")
+        out.append("# TYPE spliceproxy_engine_transparent_on gauge")
+        out.append("spliceproxy_engine_transparent_on %d" % bool(tp.get("on")))
     for name, value in sorted(doc["engine"].get("counters", {}).items()):
         kind = "gauge" if name in GAUGES else "counter"
         metric = "spliceproxy_engine_" + name + ("_total" if kind == "counter" else "")

@@ -30,7 +30,12 @@ ENV_PREFIX = "SPLICEPROXY_"
 
 
 class SettingError(Exception):
-    """An invalid SPLICEPROXY_* value (reported on fd 3, exit 1)."""
+    """An invalid SPLICEPROXY_* value (reported on fd 3, exit 1); mode_refused:
+    a valid one set in a mode where it would do nothing."""
+
+    def __init__(self, msg: str, mode_refused: bool = False):
+        super().__init__(msg)
+        self.mode_refused = mode_refused
 
 
 # --------------------------------------------------------------------------
@@ -334,6 +339,18 @@ VARIABLES = (
         doc="`true` lets host-local clients skip the relay through the kernel, in "
             "[engine mode](engine-mode.md) (the host engine loads the programs; a standalone "
             "proxy logs that it is not active); see [Kernel fast path](fast-path.md)"),
+    Var("TRANSPARENT", boolean, False, shown="false", modes=("engine",),
+        instead="the policy route that brings replies back belongs to the host engine; "
+                "unset SPLICEPROXY_ENGINE (engine mode is the default) or "
+                "SPLICEPROXY_TRANSPARENT",
+        help="true relays TCP and UDP to containers from the client's own address and port "
+             "(IP_TRANSPARENT and a policy route in the engine's namespace; engine mode only, "
+             "a standalone proxy refuses to start); clients whose address cannot be kept are "
+             "relayed as without it (docs/transparent.md)",
+        doc="`true` relays TCP and UDP to containers from the client's own address and port "
+            "(IP_TRANSPARENT and a policy route in the engine's namespace), in engine mode "
+            "only (a standalone proxy refuses to start); clients whose address cannot be kept "
+            "are relayed as without it; see [Transparent relay](transparent.md)"),
     # For tests and special setups: the programs affect every process below
     # the cgroup they are attached to, the whole host by default.
     Var("FASTPATH_CGROUP", cgroup2_dir, None, shown="the cgroup v2 root",
@@ -408,5 +425,6 @@ def load(environ: dict[bytes, bytes] | None = None, mode: str | None = None) -> 
                                % (ENV_PREFIX, v.name, _show(raw), e)) from None
         if mode is not None and mode not in v.modes:
             raise SettingError("%s%s works in %s mode only: %s"
-                               % (ENV_PREFIX, v.name, " and ".join(v.modes), v.instead))
+                               % (ENV_PREFIX, v.name, " and ".join(v.modes), v.instead),
+                               mode_refused=True)
     return Settings(**values)

@@ -368,6 +368,32 @@ def scratch_dockerd(proxy_under_test, docker_build, image_rootfs, e2e_network, e
     _finish(d)
 
 
+@pytest.fixture
+def nsenter_dockerd(proxy_under_test, docker_build, image_rootfs, e2e_network, engine_dir,
+                    tmp_path_factory):
+    """A daemon of its own whose userland proxy is started the way dockerd 29.5
+    starts it for rootless detach-netns, `nsenter -n<netns> -F -- <proxy> ...`
+    (here into the daemon's own namespace, where its bridge is): a wrapper
+    script given as userland-proxy-path."""
+    name = f"{NETNS_PREFIX}{os.getpid()}-b"
+    d = Path(tempfile.mkdtemp(prefix=f"{name}-nsenter-", dir="/tmp"))
+    d.chmod(0o755)
+    wrapper = d / "proxy"
+    wrapper.write_text('#!/bin/sh\nexec nsenter -n/run/netns/%s -F -- %s "$@"\n'
+                       % (name, proxy_under_test.path))
+    wrapper.chmod(0o755)
+    daemon = _new_daemon(proxy_under_test, docker_build, image_rootfs, e2e_network.scratch_bip,
+                         "-b", engine_dir=engine_dir,
+                         extra_args=["--userland-proxy-path", str(wrapper)])
+    try:
+        yield daemon
+    finally:
+        try:
+            _finish(daemon)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -837,3 +837,28 @@ def _relayed(d, port: int) -> int:
         if m["host"] == f"0.0.0.0:{port}":
             return (m.get("counters") or {}).get("tcp_accepted", 0)
     raise AssertionError(f"no mapping 0.0.0.0:{port}: {d.status()}")
+
+
+def test_rootless_detach_netns_invocation(nsenter_dockerd, engine_mode, page_token):
+    """dockerd 29.5 (rootless, --detach-netns) starts the proxy as
+    `nsenter -n<netns> -F -- <proxy> ...`: descriptors 3 and 4 pass through
+    nsenter, and the stub finds the engine of the namespace it was put in."""
+    d = nsenter_dockerd
+    port = 18150
+    d.docker("run", "-d", "--name", "ns", "-p", f"{port}:80", "-p", f"{port}:5353/udp",
+             "local/spe2e-busybox:test", "/bin/sh", "-c",
+             "/bin/udp_echo 5353 & exec /bin/httpd -f -p 80 -h /www")
+    d.wait_log("ns", "ready 5353")
+    for host in ("127.0.0.1", "::1"):
+        assert_pages_outside_cgroup(d, host, [port], page_token)
+        res = d.netns.client("udp", host, port, "--clients", "2", "--count", "3",
+                             cgroup=False)
+        assert res["echoed"] == res["sent"] == 6 and not res["failures"], res
+    stubs = d.proxies()
+    assert len(stubs) == 4 and all(p.comm == "spliceproxy" for p in stubs), stubs
+    doc = d.status()
+    assert doc["engine"]["netns"] == "net:[%d]" % d.netns.ino()[1]
+    assert {m["stub_pid"] for m in doc["mappings"]} == {p.pid for p in stubs}, doc
+    d.docker("rm", "-f", "ns")
+    assert_port_free(d, "tcp", port)
+    assert_port_free(d, "udp", port)

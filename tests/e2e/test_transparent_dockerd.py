@@ -94,8 +94,9 @@ def restart(d, env: dict) -> None:
 
 
 @pytest.fixture
-def client_ns(request, proxy_under_test):
-    """(the scratch daemon, the client namespace's name)."""
+def client_ns(request, proxy_under_test, docker_build):
+    """(the scratch daemon, the client namespace's name), under each dockerd
+    build (docker_build named here, so the daemon asked for below has one)."""
     if not proxy_under_test.engine or proxy_under_test.fastpath:
         pytest.skip("SPLICEPROXY_TRANSPARENT is the host engine's (engine mode, without the "
                     "fast path's cgroup setup)")

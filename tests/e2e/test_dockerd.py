@@ -558,7 +558,7 @@ def test_status_during_traffic(docker, engine_mode, page_token):
         prom = subprocess.run([d.proxy.path, "status", "--prometheus"], capture_output=True,
                               text=True, timeout=20, env=env)
         assert prom.returncode == 0, prom.stderr
-        assert f":{port}" in prom.stdout and "# TYPE" in prom.stdout, prom.stdout
+        assert f'host_port="{port}"' in prom.stdout and "# TYPE" in prom.stdout, prom.stdout
     finally:
         held.stdin.close()
         held.wait(10)

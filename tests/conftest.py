@@ -50,7 +50,8 @@ if settings is not None:
 MODES = ("standalone", "engine")
 
 # Modules that are about one mode already, and set it themselves.
-_ONE_MODE = re.compile(r"^test_(engine_mode|engine_fastpath|fastpath|fastpath_setting)$")
+_ONE_MODE = re.compile(
+    r"^test_(engine_mode|engine_fastpath|engine_metrics|fastpath|fastpath_setting)$")
 
 
 def pytest_configure(config):

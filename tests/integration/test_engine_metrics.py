@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -109,9 +110,26 @@ def udp_roundtrip(port: int, payload: bytes) -> bytes:
         return s.recv(65536)
 
 
+def metrics_port() -> int:
+    """A free port below the ephemeral range: no port-0 bind (a server, a
+    mapping) and no outgoing connection of the test can take it before the
+    engine binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 10000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port below %d" % low)
+
+
 @pytest.fixture
 def tcp_addr() -> str:
-    return "127.0.0.1:%d" % srv.free_port()
+    return "127.0.0.1:%d" % metrics_port()
 
 
 @contextlib.contextmanager
@@ -436,7 +454,7 @@ def test_standalone_refuses_it(proxy_path, tcp_addr):
 
 
 def test_the_engine_serves_the_first_mappings_address_and_logs_the_others(proxy_path, tcp_addr):
-    other = "127.0.0.1:%d" % srv.free_port()
+    other = "127.0.0.1:%d" % metrics_port()
     with engine_with(proxy_path, tcp_addr) as host, srv.EchoServer() as echo:
         host.start("tcp", echo.port)
         second = host.start("tcp", echo.port, env={"SPLICEPROXY_METRICS_ADDR": other})
@@ -465,7 +483,7 @@ def _prom_query(web: str, query: str) -> list:
                     reason="no prometheus binary (Debian's prometheus package; CI installs it)")
 def test_a_real_prometheus_scrapes_it(proxy_path, tcp_addr):
     base = private_dir("mt-p-")
-    web = "127.0.0.1:%d" % srv.free_port()
+    web = "127.0.0.1:%d" % metrics_port()
     conf = os.path.join(base, "prometheus.yml")
     with open(conf, "w") as f:
         f.write("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"

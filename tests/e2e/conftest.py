@@ -408,6 +408,11 @@ class Daemon:
         return self.workdir / "engine.sock"
 
     @property
+    def metrics_socket(self) -> Path:
+        """Where the engine serves /metrics (engine mode), beside its control socket."""
+        return self.workdir / "metrics.sock"
+
+    @property
     def gateway(self) -> str:
         return self.bip.split("/")[0]
 
@@ -434,11 +439,12 @@ class Daemon:
         env["SPLICEPROXY_LOG_FILE"] = str(self.proxy_log)
         for k in ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET",
                   "SPLICEPROXY_ENGINE_IDLE_EXIT", "SPLICEPROXY_FASTPATH",
-                  "SPLICEPROXY_FASTPATH_CGROUP"):
+                  "SPLICEPROXY_FASTPATH_CGROUP", "SPLICEPROXY_METRICS_ADDR"):
             env.pop(k, None)
         if self.proxy.engine:
             env["SPLICEPROXY_ENGINE"] = "1"
             env["SPLICEPROXY_ENGINE_SOCKET"] = str(self.engine_socket)
+            env["SPLICEPROXY_METRICS_ADDR"] = "unix:" + str(self.metrics_socket)
             # Teardown waits 5 s for the namespace to empty: the engine's
             # default grace (5 s) would count as a leak.
             env["SPLICEPROXY_ENGINE_IDLE_EXIT"] = "1s"

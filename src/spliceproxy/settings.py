@@ -223,7 +223,7 @@ def metrics_address(text: str) -> tuple:
     try:
         socket.inet_pton(family, host)
     except (OSError, ValueError):
-        raise ValueError("%r is not an IP%s address (IPv6 in brackets: [::1]:9100)"
+        raise ValueError("%r is not an IP%s address (IPv6 in brackets: [::1]:9465)"
                          % (host, "v4" if kind == "tcp4" else "v6")) from None
     return (kind, host, int(port, 10))
 
@@ -315,7 +315,7 @@ VARIABLES = (
     # Engine-wide: the engine's own environment (its first stub's) decides.
     Var("METRICS_ADDR", metrics_address, None, shown="off",
         help="the host engine serves GET /metrics (Prometheus text format) on this address: "
-             "127.0.0.1:9100, [::1]:9100 or unix:/path (docs/metrics.md); unauthenticated; "
+             "127.0.0.1:9465, [::1]:9465 or unix:/path (docs/metrics.md); unauthenticated; "
              "in engine mode only"),
 )
 

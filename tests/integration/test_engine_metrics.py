@@ -418,9 +418,9 @@ def test_too_many_scrapers_at_once_are_refused(proxy_path, tcp_addr):
 
 
 @pytest.mark.parametrize("bad,why", [
-    ("localhost:9100", "'localhost' is not an IPv4 address (IPv6 in brackets: [::1]:9100)"),
-    ("::1:9100", "'::1' is not an IPv4 address (IPv6 in brackets: [::1]:9100)"),
-    ("[127.0.0.1]:9100", "'127.0.0.1' is not an IPv6 address (IPv6 in brackets: [::1]:9100)"),
+    ("localhost:9465", "'localhost' is not an IPv4 address (IPv6 in brackets: [::1]:9465)"),
+    ("::1:9465", "'::1' is not an IPv4 address (IPv6 in brackets: [::1]:9465)"),
+    ("[127.0.0.1]:9465", "'127.0.0.1' is not an IPv6 address (IPv6 in brackets: [::1]:9465)"),
     ("127.0.0.1", "use host:port (an IPv4 address), [v6]:port or unix:/path"),
     ("127.0.0.1:0", "port must be a number between 1 and 65535"),
     ("127.0.0.1:\u0661\u0662", "port must be a number between 1 and 65535"),

@@ -14,10 +14,10 @@ parser = pytest.importorskip("prometheus_client.parser",
 
 
 @pytest.mark.parametrize("text,want", [
-    ("127.0.0.1:9100", ("tcp4", "127.0.0.1", 9100)),
+    ("127.0.0.1:9465", ("tcp4", "127.0.0.1", 9465)),
     ("0.0.0.0:1", ("tcp4", "0.0.0.0", 1)),
     ("[::1]:65535", ("tcp6", "::1", 65535)),
-    ("[fe80::1%lo]:9100", None),
+    ("[fe80::1%lo]:9465", None),
     ("unix:/run/spliceproxy/metrics.sock", ("unix", "/run/spliceproxy/metrics.sock")),
 ])
 def test_metrics_address(text, want):
@@ -72,7 +72,7 @@ def test_one_renderer_every_family_with_help_and_type_and_loops_merged():
     loops = [{n: 1 for n in per}, {n: 2 for n in per}]
     totals = [{"syscalls": 10, "fds_open": 3}, {"syscalls": 5, "fds_open": 4}]
     text = engine_status.prometheus(_doc(loops, totals, {"metrics": {
-        "address": "127.0.0.1:9100", "listening": True, "error": None, "connections": 1,
+        "address": "127.0.0.1:9465", "listening": True, "error": None, "connections": 1,
         "scrapes": 5, "bad_requests": 0, "refused": 0, "dropped": 1}}))
     fams = {f.name: f for f in parser.text_string_to_metric_families(text)}
     lines = text.splitlines()

@@ -315,8 +315,8 @@ int sp_engine_run(struct sp_engine *e, int timeout_ms)
 	 * moved bytes the answer is usually a round trip away, so keep
 	 * polling until spin_until.  A clock bound, re-armed only by traffic,
 	 * so an idle engine sleeps again within SP_OPT_SPIN_US of its last
-	 * byte.  Measured on this project's VMs it did not pay (README,
-	 * "Busy-poll"), hence opt-in. */
+	 * byte.  Measured on this project's VMs it did not pay
+	 * (docs/benchmarking.md, "Busy-poll"), hence opt-in. */
 	int64_t spin_until = 0;
 	int result = -1;
 

@@ -44,15 +44,19 @@
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/capability.h>
 #include <sys/file.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 
@@ -61,6 +65,7 @@
 #define MSG_MAX 65536           /* the engine accepts requests up to this size */
 #define START_WAIT_MS 12000     /* dockerd gives up after 16 s */
 #define STOP_WAIT_MS 2000       /* longest a stop waits for the engine */
+#define SPAWN_TRIES 3           /* engines started for one request, at most */
 #define ENV_PREFIX "SPLICEPROXY_"
 #define LAUNCHER_NAME "spliceproxy-front"  /* the Python front end, beside us */
 /* How the front end learns the name it was run by (shown_name()); not a
@@ -69,11 +74,17 @@
 /* Why a proxy command line meant for the engine is served standalone after
  * all (no control socket possible); the front end logs it once. */
 #define WHY_ENV "_SPLICEPROXY_STANDALONE_WHY"
+/* The control socket of the engine of one network namespace, by its device
+ * and inode (control.py's socket_name() says the same). */
+#define SOCKET_NAME_FMT "engine-netns-%lu-%lu.sock"
 
 extern char **environ;
 
 static char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 static char sock_dir[sizeof(sock_path)];
+/* Our network namespace, passed with every mapping: the engine serves only
+ * the namespace it runs in, and checks. */
+static int netns_fd = -1;
 static char msg_buf[MSG_MAX];
 static int have_status;
 static int have_listen;
@@ -213,25 +224,45 @@ static const char *shown_name(const char *arg0)
 /**
  * resolve_socket() - the engine's control socket path and its directory.
  *
- * SPLICEPROXY_ENGINE_SOCKET if set; root's /run/spliceproxy/engine.sock;
- * a user's $XDG_RUNTIME_DIR/spliceproxy/engine.sock.  Returns -ENOENT when
- * none applies (no runtime directory) and -ENAMETOOLONG for a path that
- * does not fit a socket address: the port is then served standalone.
+ * One engine per network namespace: a mapping must be bound and connected
+ * from its own stub's namespace (where dockerd is, and its route to the
+ * bridge), so the socket's name is derived from the namespace's identity,
+ * the device and inode of /proc/self/ns/net, in SPLICEPROXY_ENGINE_DIR,
+ * root's /run/spliceproxy or a user's $XDG_RUNTIME_DIR/spliceproxy.
+ * SPLICEPROXY_ENGINE_SOCKET names one socket outright; its engine still
+ * refuses a stub of another namespace.  Opens netns_fd.  Returns -ENOENT
+ * when no directory applies (no runtime directory) and -ENAMETOOLONG for a
+ * path that does not fit a socket address (the port is then served
+ * standalone), another -errno when the namespace cannot be known (no /proc;
+ * -ENODEV for ENOENT).
  */
 static int resolve_socket(void)
 {
 	const char *env = getenv(ENV_PREFIX "ENGINE_SOCKET");
-	int n;
+	const char *dir = getenv(ENV_PREFIX "ENGINE_DIR");
+	struct stat st;
 	char *slash;
+	int n;
 
-	if (env && *env)
+	netns_fd = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+	if (netns_fd == -1 || fstat(netns_fd, &st) == -1)
+		return errno == ENOENT ? -ENODEV : -errno;
+	if (env && *env) {
 		n = snprintf(sock_path, sizeof(sock_path), "%s", env);
-	else if (geteuid() == 0)
-		n = snprintf(sock_path, sizeof(sock_path), "/run/spliceproxy/engine.sock");
-	else if ((env = getenv("XDG_RUNTIME_DIR")) && env[0] == '/')
-		n = snprintf(sock_path, sizeof(sock_path), "%s/spliceproxy/engine.sock", env);
-	else
-		return -ENOENT;
+	} else {
+		if (dir && *dir)
+			n = snprintf(sock_dir, sizeof(sock_dir), "%s", dir);
+		else if (geteuid() == 0)
+			n = snprintf(sock_dir, sizeof(sock_dir), "/run/spliceproxy");
+		else if ((env = getenv("XDG_RUNTIME_DIR")) && env[0] == '/')
+			n = snprintf(sock_dir, sizeof(sock_dir), "%s/spliceproxy", env);
+		else
+			return -ENOENT;
+		if (n < 0 || (size_t)n >= sizeof(sock_dir))
+			return -ENAMETOOLONG;
+		n = snprintf(sock_path, sizeof(sock_path), "%s/" SOCKET_NAME_FMT, sock_dir,
+			     (unsigned long)st.st_dev, (unsigned long)st.st_ino);
+	}
 	if (n < 0 || (size_t)n >= sizeof(sock_path))
 		return -ENAMETOOLONG;
 	memcpy(sock_dir, sock_path, sizeof(sock_dir));
@@ -379,7 +410,8 @@ static int spawn_engine(void)
 }
 
 /* Has the spawned engine answered on its ready pipe?  0: not yet; 1: "ok";
- * -EIO: it failed (engine_error says why). */
+ * -EIO: it failed (engine_error says why); -ESRCH: it ended saying nothing
+ * (killed while starting: engine_error says so, for when that repeats). */
 static int engine_ready(int fd, int wait_ms)
 {
 	struct pollfd pfd = { .fd = fd, .events = POLLIN };
@@ -402,26 +434,28 @@ static int engine_ready(int fd, int wait_ms)
 	p = n >= 2 && !memcmp(buf, "1\n", 2) ? buf + 2 : buf;
 	snprintf(engine_error, sizeof(engine_error), "%s",
 		 *p ? p : "it exited without saying why (is the launcher beside the stub?)");
-	return -EIO;
+	return *p ? -EIO : -ESRCH;
 }
 
 /**
  * engine_connect_or_start() - a connection to the engine, starting it if needed.
  *
- * Under an exclusive lock on start.lock in the socket's directory: whoever
+ * Under an exclusive lock on <socket>.start, beside the socket: whoever
  * holds it either finds the engine another stub started, or starts it and
- * waits until it accepts.  Returns the connected socket or -errno (-EIO:
+ * waits until it accepts.  An engine that ends while starting without a
+ * word (killed: an operator's pkill, the OOM killer) is started again, up
+ * to SPAWN_TRIES times.  Returns the connected socket or -errno (-EIO:
  * the engine failed to start, engine_error says why).
  */
 static int engine_connect_or_start(int64_t deadline)
 {
-	char lock_path[sizeof(sock_dir) + 16];
-	int fd, lock, ready = -1, state = 0;
+	char lock_path[sizeof(sock_path) + 8];
+	int fd, lock, ready = -1, state = 0, spawns = 0;
 
 	fd = connect_engine();
 	if (fd >= 0 || (fd != -ENOENT && fd != -ECONNREFUSED))
 		return fd;
-	snprintf(lock_path, sizeof(lock_path), "%s/start.lock", sock_dir);
+	snprintf(lock_path, sizeof(lock_path), "%s.start", sock_path);
 	lock = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
 	if (lock == -1)
 		return -errno;
@@ -443,6 +477,7 @@ static int engine_connect_or_start(int64_t deadline)
 				fd = ready;
 				break;
 			}
+			spawns++;
 		}
 		if (now_ms() >= deadline) {
 			fd = -ETIMEDOUT;
@@ -450,8 +485,14 @@ static int engine_connect_or_start(int64_t deadline)
 		}
 		if (ready >= 0 && state == 0) {
 			state = engine_ready(ready, 5);
+			if (state == -ESRCH && spawns < SPAWN_TRIES) {
+				close(ready);
+				ready = -1;
+				state = 0;
+				continue;
+			}
 			if (state < 0) {
-				fd = state;
+				fd = -EIO;
 				break;
 			}
 		} else {
@@ -585,6 +626,20 @@ static int stop_signalled(void)
 
 enum reply { REPLY_OK, REPLY_EXIT, REPLY_ERROR, REPLY_LOST, REPLY_SIGNAL, REPLY_TIMEOUT };
 
+/* An "exit" reply's code: decimal 0 to 255; anything else is a failure, 1
+ * (the engine is not trusted to say something sensible). */
+static int exit_code(const char *text)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(text, &end, 10);
+	if (errno || end == text || *end || v < 0 || v > 255)
+		return 1;
+	return (int)v;
+}
+
 /**
  * wait_reply() - wait for the engine's answer to a request.
  * @code: REPLY_EXIT: the exit code; REPLY_OK: the passed descriptor, or -1
@@ -628,7 +683,7 @@ static enum reply wait_reply(int sock, int *code, char *text, size_t text_cap, i
 			const char *c = buf + sizeof("exit");
 			size_t k = strlen(c) + 1;
 
-			*code = atoi(c);
+			*code = exit_code(c);
 			text[0] = '\0';
 			if ((size_t)(c - buf) + k < (size_t)n) {
 				size_t m = strnlen(c + k, text_cap - 1);
@@ -695,8 +750,8 @@ static void __attribute__((noreturn)) stop(int sock, int listen_fd)
  */
 static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 {
-	static const char *const roles_log[] = { "listen", "log" };
-	int fds[2] = { listen_fd, log_fd };
+	static const char *const roles_log[] = { "listen", "netns", "log" };
+	int fds[3] = { listen_fd, netns_fd, log_fd };
 	int backoff = 0;
 	char text[512];
 
@@ -717,8 +772,8 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 		sock = engine_connect_or_start(now_ms() + START_WAIT_MS);
 		if (sock < 0)
 			continue;
-		len = build_request("adopt", argc, argv, roles_log, log_fd >= 0 ? 2 : 1);
-		if (len < 0 || send_msg(sock, msg_buf, (size_t)len, fds, log_fd >= 0 ? 2 : 1)) {
+		len = build_request("adopt", argc, argv, roles_log, log_fd >= 0 ? 3 : 2);
+		if (len < 0 || send_msg(sock, msg_buf, (size_t)len, fds, log_fd >= 0 ? 3 : 2)) {
 			close(sock);
 			continue;
 		}
@@ -738,6 +793,36 @@ static int adopt(int argc, char **argv, int listen_fd, int log_fd)
 			_exit(1);
 		}
 	}
+}
+
+/**
+ * drop_capabilities() - hold only what serving the mapping needs.
+ * @keep: mask of the capabilities (below 32) to keep, effective and permitted
+ *
+ * Once the engine serves the mapping, this process only waits: on the
+ * engine's connection, whose messages it parses (from an engine that runs
+ * as an unprivileged user), and on signals.  All it may still do with
+ * privilege is reopen SPLICEPROXY_LOG_FILE on SIGHUP with dockerd's rights
+ * (CAP_DAC_OVERRIDE, kept only when that variable is set), so the other
+ * capabilities go from every set but the bounding one.  Started as root it
+ * stays uid 0: the control socket's directory is root's alone (0700), and
+ * an engine it starts after the old one died must start as root, which its
+ * exec regains within the bounding set, kept as it is.
+ */
+static void drop_capabilities(uint32_t keep)
+{
+	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3 };
+	struct __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3];
+
+	memset(caps, 0, sizeof(caps));
+	if (geteuid() == 0) {
+		caps[0].effective = keep;
+		caps[0].permitted = keep;
+	}
+	/* Lowering cannot fail for want of privilege; a kernel without ambient
+	 * capabilities (before 4.3) has none to clear. */
+	prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+	syscall(SYS_capset, &hdr, caps);
 }
 
 /* Go's strconv.ParseBool true values, as settings.boolean() takes them. */
@@ -1103,10 +1188,18 @@ int main(int argc, char **argv)
 	i = resolve_socket();
 	if (i == -ENOENT)
 		standalone(argc, argv, "no control socket: not root, and XDG_RUNTIME_DIR is "
-			   "not an absolute path (SPLICEPROXY_ENGINE_SOCKET names one)");
-	if (i < 0)
+			   "not an absolute path (SPLICEPROXY_ENGINE_DIR names a directory)");
+	if (i == -ENAMETOOLONG)
 		standalone(argc, argv, "the engine socket path is too long for a socket "
-			   "address (SPLICEPROXY_ENGINE_SOCKET)");
+			   "address (SPLICEPROXY_ENGINE_DIR, SPLICEPROXY_ENGINE_SOCKET)");
+	if (i < 0) {
+		/* Without /proc this stub could not even start the front end:
+		 * a clear failure, never a guess at the engine. */
+		snprintf(msg, sizeof(msg), "cannot tell this proxy's network namespace "
+			 "(/proc/self/ns/net: %s): the engine it needs is its namespace's",
+			 strerror(i == -ENODEV ? ENOENT : -i));
+		fail(msg);
+	}
 	if (check_dir(msg, sizeof(msg)) < 0)
 		standalone(argc, argv, msg);
 
@@ -1116,6 +1209,8 @@ int main(int argc, char **argv)
 			fds[nfds++] = i;
 		}
 	}
+	roles[nfds] = "netns";
+	fds[nfds++] = netns_fd;
 	/* fd 3 stays here: the engine answers in its reply, and this stub writes
 	 * it.  Passed on, a hung engine would hold dockerd's status pipe open in
 	 * an unread message, and dockerd would see no EOF after our failure. */
@@ -1193,6 +1288,7 @@ int main(int argc, char **argv)
 	 * reads the verdict finds it closed, as from the standalone proxy (our
 	 * own duplicate is listen_fd). */
 	close(LISTEN_FD);
+	drop_capabilities(log_fd >= 0 ? CAP_TO_MASK(CAP_DAC_OVERRIDE) : 0);
 	if (have_status) {
 		write_all(STATUS_FD, "0\n", 2);
 		close(STATUS_FD);

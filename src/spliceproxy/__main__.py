@@ -7,8 +7,6 @@ they need themselves: the proxy's start-up path stays as lean as it was.
 
 import sys
 
-HELP_POINTER = "Run 'spliceproxy help' for the subcommands and the SPLICEPROXY_* variables.\n"
-
 # What `spliceproxy bench` needs beyond the package (the bench extra).
 _BENCH_MODULES = (("_cffi_backend", "cffi"), ("pyroute2", "pyroute2"))
 
@@ -152,11 +150,9 @@ def main(argv=None):
             return _incomplete(e)
         return sub_main(argv[2:])
     try:
-        from spliceproxy import goflags  # the Go-flag parser: -h gets one more line
         from spliceproxy.process import main as proxy_main
     except ImportError as e:
         return _incomplete(e)
-    goflags.help_footer = HELP_POINTER
     proxy_main(argv)
     return 0
 

@@ -1,7 +1,13 @@
 """The host engine's control socket: where it is, who may use it, what is said on it.
 
-One engine serves every published port of a user (root's under /run, a
-user's under $XDG_RUNTIME_DIR; SPLICEPROXY_ENGINE_SOCKET overrides it).  The
+One engine serves every published port of a user in one network namespace:
+its socket's name is derived from the namespace's identity (device and inode
+of /proc/self/ns/net), in root's /run/spliceproxy, a user's
+$XDG_RUNTIME_DIR/spliceproxy or SPLICEPROXY_ENGINE_DIR, so a stub finds the
+engine of its own namespace without configuration (SPLICEPROXY_ENGINE_SOCKET
+names one socket outright).  Every mapping passes its stub's namespace, and
+the engine refuses one of another namespace: a mapping is bound and
+connected only where its dockerd is.  The
 socket is AF_UNIX SOCK_SEQPACKET: one request or reply is one message, so
 there is no framing to get wrong, and a peer that dies is a hang-up the
 engine sees at once.
@@ -14,14 +20,15 @@ the others start with a tag character:
     d<role>        one descriptor passed with SCM_RIGHTS, in the order of the
                    array: "1", "2", "4" (the stub's fds of those numbers),
                    "log" (its SPLICEPROXY_LOG_FILE, opened with its
-                   privileges), "listen" (its duplicate of the listener);
+                   privileges), "listen" (its duplicate of the listener),
+                   "netns" (its /proc/self/ns/net);
                    "3", a status pipe the engine answers itself, for other
                    clients (the stub keeps dockerd's: a hung engine would
                    hold it open in an unread message)
 
 Requests (stub or status client to engine) and their replies:
 
-    map      a new mapping: argv, environment, fds 1, 2, 4 and log  ->  "ok"
+    map      a new mapping: argv, environment, fds 1, 2, 4, log and netns  ->  "ok"
              with a duplicate of the listening socket (the stub writes
              "0\\n" on fd 3), or "exit" <code> [<text>]: the stub exits with
              code, after writing "1\\n<text>" on fd 3 for a startup failure
@@ -46,11 +53,14 @@ import socket
 import stat
 import sys
 
+from spliceproxy.settings import GO_TRUE
+
 __all__ = [
     "MSG_MAX",
     "ProtocolError",
     "Request",
     "check_dir",
+    "netns_id",
     "decode",
     "encode",
     "engine_enabled",
@@ -60,15 +70,14 @@ __all__ = [
 
 MSG_MAX = 65536
 MAX_FDS = 8
-DEFAULT_ROOT_SOCKET = "/run/spliceproxy/engine.sock"
-FD_ROLES = ("1", "2", "3", "4", "log", "listen")
+DEFAULT_ROOT_DIR = "/run/spliceproxy"
+FD_ROLES = ("1", "2", "3", "4", "log", "listen", "netns")
+NETNS_PATH = "/proc/self/ns/net"
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path): a path must fit with its NUL
 
 
 class ProtocolError(ValueError):
     """A message that does not follow the format above."""
-
-
-_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
 
 
 def engine_enabled(env=None) -> bool:
@@ -80,22 +89,46 @@ def engine_enabled(env=None) -> bool:
     """
     env = os.environ if env is None else env
     value = env.get("SPLICEPROXY_ENGINE", "")
-    return value == "" or value in _GO_TRUE
+    return value == "" or value in GO_TRUE
 
 
-def resolve_socket(env=None, euid: int | None = None) -> str | None:
-    """The control socket path, as the stub resolves it; None when there is none."""
+def netns_id(fd_or_path: int | str = NETNS_PATH) -> tuple[int, int]:
+    """A network namespace's identity: (device, inode) of its nsfs file."""
+    st = os.stat(fd_or_path)
+    return st.st_dev, st.st_ino
+
+
+def netns_name(ident: tuple[int, int]) -> str:
+    """As the kernel shows it (ip netns identify, /proc/PID/ns/net): net:[inode]."""
+    return "net:[%d]" % ident[1]
+
+
+def socket_name(ident: tuple[int, int]) -> str:
+    """The control socket's file name for the namespace ident (stub.c: SOCKET_NAME_FMT)."""
+    return "engine-netns-%d-%d.sock" % ident
+
+
+def resolve_socket(env=None, euid: int | None = None,
+                   netns: tuple[int, int] | None = None) -> str | None:
+    """The control socket path of this namespace's engine, as the stub resolves
+    it; None when there is none (no directory applies, or the path does not
+    fit a socket address)."""
     env = os.environ if env is None else env
     euid = os.geteuid() if euid is None else euid
     path = env.get("SPLICEPROXY_ENGINE_SOCKET", "")
     if path:
-        return path
-    if euid == 0:
-        return DEFAULT_ROOT_SOCKET
-    runtime = env.get("XDG_RUNTIME_DIR", "")
-    if runtime.startswith("/"):
-        return os.path.join(runtime, "spliceproxy", "engine.sock")
-    return None
+        return path if len(os.fsencode(path)) < SUN_PATH_MAX else None
+    directory = env.get("SPLICEPROXY_ENGINE_DIR", "")
+    if not directory:
+        if euid == 0:
+            directory = DEFAULT_ROOT_DIR
+        else:
+            runtime = env.get("XDG_RUNTIME_DIR", "")
+            if not runtime.startswith("/"):
+                return None
+            directory = os.path.join(runtime, "spliceproxy")
+    path = os.path.join(directory, socket_name(netns_id() if netns is None else netns))
+    return path if len(os.fsencode(path)) < SUN_PATH_MAX else None
 
 
 def check_dir(path: str, create: bool = True) -> None:

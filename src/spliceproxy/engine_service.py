@@ -35,7 +35,8 @@ import sys
 import time
 
 from spliceproxy import _engine, control, goflags, metrics, settings
-from spliceproxy.log import Logger
+from spliceproxy.helptext import HELP_POINTER
+from spliceproxy.log import Logger, NoWaitOutput
 from spliceproxy.proxy import (
     AF_INET,
     AF_INET6,
@@ -59,15 +60,16 @@ from spliceproxy.settings import ENV_PREFIX, Settings, parse_duration
 
 
 def parse_flags(argv: list[str]):
-    return goflags.parse(argv)
+    return goflags.parse(argv, HELP_POINTER)
 
 
-def load_settings(env: dict[str, str]) -> Settings:
+def load_settings(env: dict[str, str], mode: str | None = None) -> Settings:
     """A mapping's SPLICEPROXY_* settings (as its stub's environment has them);
-    StartupError with the standalone proxy's message if one is invalid."""
+    StartupError with the standalone proxy's message if one is invalid (or,
+    with mode, does not work in that mode)."""
     raw = {k.encode(): os.fsencode(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
     try:
-        return settings.load(raw)
+        return settings.load(raw, mode)
     except settings.SettingError as e:
         raise StartupError(str(e)) from None
 
@@ -221,7 +223,7 @@ def _text_stream(fd: int | None):
     pipe loses the text instead); None when there is nowhere to write."""
     if fd is None:
         return None
-    out = _nowait_output(os.dup(fd))
+    out = NoWaitOutput.of(os.dup(fd))
     return _NoWaitText(out) if out is not None else None
 
 
@@ -284,13 +286,16 @@ class Service:
         self.fastpath_reason = "SPLICEPROXY_FASTPATH is not set"
         self.fastpath_cgroup: str | None = None
         self.addr_watch = None  # fastpath.AddressWatch, for wildcard mappings
+        # The one network namespace this engine serves: where it runs.
+        self.netns = control.netns_id()
         self.metrics: metrics.MetricsServer | None = None  # SPLICEPROXY_METRICS_ADDR
 
     # -- setup -----------------------------------------------------------
 
     def _take_lock(self) -> None:
-        """engine.lock, held for the engine's life: one engine per socket."""
-        path = os.path.join(self.dir, "engine.lock")
+        """<socket>.lock, held for the engine's life: one engine per socket (a
+        directory may hold the sockets of several namespaces' engines)."""
+        path = self.sock_path + ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -724,21 +729,8 @@ class Service:
                 os.close(fd)
             self._reply_error(conn, "log: needs this connection's mapping and a log descriptor")
             return
-        out = _nowait_output(fd)
-        if out is None:
+        if not m.log.use_fd(fd):
             self._reply_error(conn, "log: not a file")
-            return
-        from spliceproxy.log import _is_devnull
-
-        log = m.log
-        log.flush()
-        old = log.fd if log._own_fd else None
-        log.fd, log._send, log._own_fd = out.fd, out.send, True
-        log.enabled = not _is_devnull(os.fstat(out.fd))
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.close(old)
-        log.flush()
 
     # -- mappings --------------------------------------------------------
 
@@ -756,7 +748,8 @@ class Service:
         log_fd = req.take("log")
         log = _mapping_logger(log_fd, err_fd, req.env)
         try:
-            options = load_settings(req.env)
+            self._check_netns(req.take("netns"))
+            options = load_settings(req.env, "engine")
         except StartupError as e:
             self._startup_failed(conn, status_fd, log, str(e))
             return
@@ -777,6 +770,27 @@ class Service:
         finally:
             if dup is not None:
                 os.close(dup)
+
+    def _check_netns(self, fd: int | None) -> None:
+        """A mapping is served only in the network namespace of its stub (fd, its
+        /proc/self/ns/net): bound and connected from anywhere else it would take
+        another namespace's port and miss the route to the container."""
+        if fd is None:
+            raise StartupError("the proxy passed no network namespace (is its stub of "
+                               "another spliceproxy version? reinstall)")
+        try:
+            theirs = control.netns_id(fd)
+        except OSError as e:
+            raise StartupError("the proxy's network namespace: %s"
+                               % go_strerror(e.errno or errno.EBADF)) from None
+        finally:
+            os.close(fd)
+        if theirs != self.netns:
+            raise StartupError(
+                "the spliceproxy engine at %s serves network namespace %s; this proxy runs "
+                "in %s: unset SPLICEPROXY_ENGINE_SOCKET, and each namespace gets an "
+                "engine of its own" % (self.sock_path, control.netns_name(self.netns),
+                                        control.netns_name(theirs)))
 
     def _startup_failed(self, conn: Conn, status_fd: int | None, log: Logger, msg: str) -> None:
         """Exit code 1 and the text for the stub to write on dockerd's fd 3
@@ -952,6 +966,7 @@ class Service:
                 "pid": os.getpid(),
                 "uid": os.geteuid(),
                 "socket": self.sock_path,
+                "netns": control.netns_name(self.netns),
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "mappings": len(maps),
                 "counters": engine.stats(),
@@ -986,52 +1001,11 @@ class Service:
         conn.sock.setblocking(False)
 
 
-class _NoWaitOutput:
-    """Writes to a stub's stdout or stderr that never block the loop.
-
-    The descriptor is the stub's (shared with dockerd or a terminal), so it
-    is not made O_NONBLOCK; each write asks for no waiting instead
-    (pwritev2 RWF_NOWAIT, which pipes honour): a pipe nobody reads drops
-    lines rather than stopping every port.  A terminal, which does not take
-    the flag, gets plain writes.  send() raises BlockingIOError like a
-    non-blocking descriptor, which Logger expects.
-    """
-
-    __slots__ = ("fd", "plain")
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.plain = False
-
-    def send(self, data) -> int:
-        if not self.plain:
-            try:
-                return os.pwritev(self.fd, [data], -1, os.RWF_NOWAIT)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
-                    raise
-                self.plain = True
-        return os.write(self.fd, data)
-
-
-def _nowait_output(fd: int) -> _NoWaitOutput | None:
-    """A writer for fd (owned from now on), or None (fd closed) for a socket,
-    which takes no such flag (under dockerd stdio is /dev/null anyway)."""
-    try:
-        kind = os.fstat(fd).st_mode & 0o170000
-    except OSError:
-        kind = 0o140000
-    if kind == 0o140000:
-        os.close(fd)
-        return None
-    return _NoWaitOutput(fd)
-
-
 class _NoWaitText:
     """The text stream goflags writes usage and flag errors to (lost if the
     output does not take them at once)."""
 
-    def __init__(self, out: _NoWaitOutput):
+    def __init__(self, out: NoWaitOutput):
         self.out = out
         self.buffer = self
 
@@ -1050,25 +1024,11 @@ class _NoWaitText:
 
 def _mapping_logger(log_fd: int | None, err_fd: int | None, env: dict[str, str]) -> Logger:
     """The mapping's log: the file its stub opened, else the stub's stderr."""
-    from spliceproxy.log import _is_devnull
-
     if log_fd is not None and err_fd is not None:
         os.close(err_fd)
-    fd = log_fd if log_fd is not None else err_fd
-    out = _nowait_output(fd) if fd is not None else None
-    log = Logger()  # then pointed at the stub's descriptor instead of ours
-    if log._own_fd:
-        os.close(log.fd)
-    log._own_fd = False
-    log._send = None
-    log.enabled = False
-    if out is not None:
-        log.fd = out.fd
-        log._own_fd = True
-        log._send = out.send
-        log.path = env.get("SPLICEPROXY_LOG_FILE", "") if log_fd is not None else ""
-        log.enabled = not _is_devnull(os.fstat(out.fd))
-    return log
+    if log_fd is not None:
+        return Logger.for_fd(log_fd, env.get("SPLICEPROXY_LOG_FILE", ""))
+    return Logger.for_fd(err_fd)
 
 
 def _bound_port(fd: int, default: int) -> int:
@@ -1186,8 +1146,12 @@ start it by themselves when none runs; run it under a service manager to
 keep it up.
 
   --socket PATH   control socket (default: SPLICEPROXY_ENGINE_SOCKET, else
-                  /run/spliceproxy/engine.sock for root,
-                  $XDG_RUNTIME_DIR/spliceproxy/engine.sock for a user)
+                  engine-netns-<dev>-<inode>.sock of this network namespace
+                  in SPLICEPROXY_ENGINE_DIR, /run/spliceproxy for root,
+                  $XDG_RUNTIME_DIR/spliceproxy for a user)
+
+An engine serves the proxies of its own network namespace only: each
+namespace where dockerd runs gets an engine of its own.
 
 SPLICEPROXY_ENGINE_IDLE_EXIT (default 5s; "never") is how long it stays up
 without mappings.  Each mapping has the relay settings of its stub's
@@ -1227,12 +1191,12 @@ def main(argv: list[str]) -> int:
     if sock_path is None:
         sock_path = control.resolve_socket()
     if not sock_path:
-        msg = "no control socket: set SPLICEPROXY_ENGINE_SOCKET or XDG_RUNTIME_DIR"
+        msg = ("no control socket: set SPLICEPROXY_ENGINE_DIR, SPLICEPROXY_ENGINE_SOCKET "
+               "or XDG_RUNTIME_DIR")
         _tell_ready(ready_fd, msg)
         sys.stderr.write("spliceproxy engine: %s\n" % msg)
         return 1
     sock_path = os.path.abspath(sock_path)
-    _help_footer()
     log = _engine_logger()
     # Started from a stub, the working directory is dockerd's; hold no mount.
     with contextlib.suppress(OSError):
@@ -1269,15 +1233,6 @@ def _engine_logger() -> Logger:
         except (OSError, files.FileRefused):
             pass
     return Logger()
-
-
-def _help_footer() -> None:
-    """-h in engine mode prints what it prints standalone."""
-    try:
-        from spliceproxy.__main__ import HELP_POINTER
-    except ImportError:
-        return
-    goflags.help_footer = HELP_POINTER
 
 
 if __name__ == "__main__":  # pragma: no cover

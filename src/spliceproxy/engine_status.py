@@ -143,9 +143,10 @@ def table(doc: dict) -> str:
                  for i in range(len(head))]
         lines.append("  ".join(cells).rstrip())
     lines.append("")
-    lines.append("engine pid %d (uid %d), %s, up %s, %d mapping%s"
-                 % (eng["pid"], eng["uid"], eng["socket"], _duration(eng["uptime_s"]),
-                    eng["mappings"], "" if eng["mappings"] == 1 else "s"))
+    lines.append("engine pid %d (uid %d), network namespace %s, %s, up %s, %d mapping%s"
+                 % (eng["pid"], eng["uid"], eng.get("netns", "?"), eng["socket"],
+                    _duration(eng["uptime_s"]), eng["mappings"],
+                    "" if eng["mappings"] == 1 else "s"))
     fp = eng.get("fastpath")
     if fp and fp.get("active"):
         lines.append("fast path active (cgroup %s)" % fp.get("cgroup"))
@@ -303,8 +304,8 @@ def main(argv: list[str]) -> int:
     path = args["socket"]
     path = path or control.resolve_socket()
     if not path:
-        sys.stderr.write("spliceproxy status: no control socket: set SPLICEPROXY_ENGINE_SOCKET "
-                         "or XDG_RUNTIME_DIR\n")
+        sys.stderr.write("spliceproxy status: no control socket: set SPLICEPROXY_ENGINE_DIR, "
+                         "SPLICEPROXY_ENGINE_SOCKET or XDG_RUNTIME_DIR\n")
         return 1
     try:
         doc = query(path)

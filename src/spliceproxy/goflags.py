@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import sys
 
+from spliceproxy.settings import GO_FALSE, GO_TRUE
+
 __all__ = [
     "AF_INET",
     "AF_INET6",
@@ -73,11 +75,8 @@ _DEFAULT_SHOWN = {
 
 _TYPE_SHOWN = {_STRING: "string", _INT: "int", _BOOL: "", _IP: "value"}
 
-# Added after the usage on -h/-help by the `spliceproxy` command only.
-help_footer = ""
-
-_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
-_FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
+_TRUE = frozenset(GO_TRUE)
+_FALSE = frozenset(GO_FALSE)
 
 
 class ProxyConfig:
@@ -451,12 +450,13 @@ def _fail(prog: str, message: str) -> SystemExit:
 # ---------------------------------------------------------------------------
 
 
-def parse(argv: list[str]) -> ProxyConfig:
+def parse(argv: list[str], footer: str = "") -> ProxyConfig:
     """Parse ``argv`` (``argv[0]`` is the program) like docker-proxy.
 
     Exits through ``SystemExit`` where docker-proxy exits: 2 after a flag
     error (message and usage on stderr), 0 after ``-h``/``-help`` (usage on
-    stderr) and 0 after ``-v``/``-version`` (version line on stdout).
+    stderr, then ``footer``) and 0 after ``-v``/``-version`` (version line
+    on stdout).
     """
     prog = argv[0] if argv else ""
     args = argv[1:]
@@ -484,7 +484,7 @@ def parse(argv: list[str]) -> ProxyConfig:
         flag = _FLAGS.get(name)
         if flag is None:
             if name in ("h", "help"):
-                _write(sys.stderr, usage_text(prog) + help_footer)
+                _write(sys.stderr, usage_text(prog) + footer)
                 raise SystemExit(0)
             raise _fail(prog, f"flag provided but not defined: -{name}")
         kind, attr, _help = flag

@@ -6,25 +6,38 @@ that every variable the code reads is in it.  The proxy's own rows come from
 ``settings.VARIABLES`` (the one table the proxy parses them with); the build
 and test variables, which the proxy never reads, are listed here.
 
-Not on the proxy's startup path: imported only for `spliceproxy help`.
+On the proxy's start-up path for HELP_POINTER alone, so it imports nothing
+costly (settings, for the proxy's rows, is on that path anyway).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+# The line -h adds to docker-proxy's usage (goflags.parse's footer), for the
+# standalone proxy and the engine alike.
+HELP_POINTER = "Run 'spliceproxy help' for the subcommands and the SPLICEPROXY_* variables.\n"
 
 
-class Subcommand(NamedTuple):
-    usage: str
-    meaning: str
+# Plain classes, not typing.NamedTuple: HELP_POINTER puts this module on
+# every proxy's start-up path, where importing typing (or collections) would
+# cost more than the rest of the module.
+class Subcommand:
+    __slots__ = ("usage", "meaning")
+
+    def __init__(self, usage: str, meaning: str):
+        self.usage = usage
+        self.meaning = meaning
 
 
-class Variable(NamedTuple):
-    name: str
-    default: str
-    meaning: str
-    group: str = "proxy"  # proxy (read at start-up), engine, build (and install), or tests
-    note: str = ""
+class Variable:
+    __slots__ = ("name", "default", "meaning", "group", "note")
+
+    def __init__(self, name: str, default: str, meaning: str, group: str = "proxy",
+                 note: str = ""):
+        self.name = name
+        self.default = default
+        self.meaning = meaning
+        self.group = group  # proxy (read at start-up), engine, build (and install), or tests
+        self.note = note
 
 
 SUBCOMMANDS = (
@@ -59,9 +72,14 @@ def _proxy_rows() -> tuple[Variable, ...]:
 
 
 ENVIRONMENT = _proxy_rows() + (
-    Variable("SPLICEPROXY_ENGINE_SOCKET",
-             "/run/spliceproxy/engine.sock (root), $XDG_RUNTIME_DIR/spliceproxy/engine.sock",
-             "the engine's control socket; its directory must be the user's own, mode 0700",
+    Variable("SPLICEPROXY_ENGINE_DIR",
+             "/run/spliceproxy (root), $XDG_RUNTIME_DIR/spliceproxy",
+             "directory of the engines' control sockets, engine-netns-<dev>-<inode>.sock for "
+             "each network namespace; it must be the user's own, mode 0700",
+             group="engine"),
+    Variable("SPLICEPROXY_ENGINE_SOCKET", "derived from the namespace (SPLICEPROXY_ENGINE_DIR)",
+             "one engine's control socket outright; its directory must be the user's own, "
+             "mode 0700; the engine serves only its own network namespace's proxies",
              group="engine"),
     Variable("SPLICEPROXY_ENGINE_IDLE_EXIT", "5s",
              "how long the engine stays up without mappings; never: until stopped",
@@ -95,7 +113,7 @@ ENVIRONMENT = _proxy_rows() + (
 _GROUPS = (
     ("proxy", "Environment (read by the proxy at start-up, inherited from dockerd; an invalid "
               "value is a start-up failure reported on fd 3):"),
-    ("engine", "Engine mode (read by the stub and the engine; README, Engine mode):"),
+    ("engine", "Engine mode (read by the stub and the engine; docs/engine-mode.md):"),
     ("build", "Installing and building (scripts/install-venv, pip install):"),
     ("tests", "Test suite:"),
 )
@@ -124,5 +142,7 @@ def help_text() -> str:
             out.append("  %s (default: %s)" % (var.name, var.default))
             meaning = var.meaning + (" (%s)" % var.note if var.note else "")
             out += _wrap(meaning, 6)
-    out += ["", "Documentation: README.md of the project (Quick start, Use with Docker)."]
+    out += [""] + _wrap("Documentation: README.md of the project (Quick start, Use with "
+                        "Docker), and the manual in its docs/ (docs/README.md lists the "
+                        "pages).", 0)
     return "\n".join(out) + "\n"

@@ -24,6 +24,7 @@ from several proxies sharing one file never interleave.  ``reopen()``
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -72,6 +73,37 @@ class Logger:
             self.enabled = not _is_devnull(os.fstat(self.fd))
         else:
             self._use_stderr()
+
+    @classmethod
+    def for_fd(cls, fd: int | None, path: str = "") -> Logger:
+        """A log on a descriptor another process opened (a stub's log file or
+        its stderr), owned from now on, whose writes never wait (NoWaitOutput):
+        the engine logs each mapping there.  fd None, or a socket: a log that
+        writes nothing."""
+        log = cls.__new__(cls)
+        log.fd, log.path, log.enabled, log.dropped = -1, path, False, 0
+        log._pending, log._own_fd, log._send = bytearray(), False, None
+        if fd is not None:
+            log.use_fd(fd)
+        return log
+
+    def use_fd(self, fd: int) -> bool:
+        """Log to fd from now on (a stub's SIGHUP reopen), as for_fd() does;
+        False, with fd closed and nothing changed, when it is a socket."""
+        out = NoWaitOutput.of(fd)
+        if out is None:
+            return False
+        self.flush()
+        old = self.fd if self._own_fd else None
+        self.fd, self._send, self._own_fd = out.fd, out.send, True
+        self.enabled = not _is_devnull(os.fstat(out.fd))
+        if old is not None:
+            try:
+                os.close(old)
+            except OSError:
+                pass
+        self.flush()
+        return True
 
     @staticmethod
     def _open(path: str) -> int:
@@ -229,3 +261,44 @@ class Logger:
     def __repr__(self) -> str:
         where = self.path or "stderr"
         return f"Logger({where}, enabled={self.enabled})"
+
+
+class NoWaitOutput:
+    """Writes to another process's stdout, stderr or log file that never block.
+
+    The descriptor is shared (with dockerd, a terminal, other proxies), so it
+    is not made O_NONBLOCK; each write asks for no waiting instead
+    (pwritev2 RWF_NOWAIT, which pipes honour): a pipe nobody reads drops
+    lines rather than stopping every port.  A terminal, which does not take
+    the flag, gets plain writes.  send() raises BlockingIOError like a
+    non-blocking descriptor, which Logger expects.
+    """
+
+    __slots__ = ("fd", "plain")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.plain = False
+
+    @classmethod
+    def of(cls, fd: int) -> NoWaitOutput | None:
+        """A writer for fd (owned from now on), or None (fd closed) for a socket,
+        which takes no such flag (under dockerd stdio is /dev/null anyway)."""
+        try:
+            kind = os.fstat(fd).st_mode & _S_IFMT
+        except OSError:
+            kind = _S_IFSOCK
+        if kind == _S_IFSOCK:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def send(self, data) -> int:
+        if not self.plain:
+            try:
+                return os.pwritev(self.fd, [data], -1, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                    raise
+                self.plain = True
+        return os.write(self.fd, data)

@@ -23,6 +23,7 @@ import _signal
 import os
 
 from spliceproxy import _engine, goflags, settings
+from spliceproxy.helptext import HELP_POINTER
 from spliceproxy.log import Logger
 from spliceproxy.proxy import Proxy, StartupError, go_strerror
 from spliceproxy.status import StatusPipe
@@ -59,15 +60,6 @@ class _Signals:
             pass
 
 
-METRICS_STANDALONE = (
-    "SPLICEPROXY_METRICS_ADDR works in engine mode only; a standalone proxy "
-    "(SPLICEPROXY_ENGINE=0) serves one port per process and has no endpoint: unset "
-    "SPLICEPROXY_ENGINE (engine mode is the default) to have the host engine serve /metrics, "
-    "or unset SPLICEPROXY_METRICS_ADDR and read each proxy's counters with "
-    "SPLICEPROXY_STATS_FILE")
-METRICS_FALLBACK = ("metrics not served: SPLICEPROXY_METRICS_ADDR needs the host engine, and "
-                    "this port is served standalone")
-
 FASTPATH_OFF = ("fast path not active: SPLICEPROXY_FASTPATH needs the host engine "
                 "(engine mode, the default unless SPLICEPROXY_ENGINE is false), which owns "
                 "the programs; every client of this proxy takes the relay")
@@ -82,9 +74,9 @@ def _start(argv: list[str], status: StatusPipe):
     """Everything up to a ready, unprivileged proxy; StartupError on failure."""
     from spliceproxy import files, identity
 
-    config = goflags.parse(argv)  # SystemExit(2/0) on flag errors, -h, -v
+    config = goflags.parse(argv, HELP_POINTER)  # SystemExit(2/0) on flag errors, -h, -v
     try:
-        conf = settings.load()
+        conf = settings.load(mode="standalone")
     except settings.SettingError as e:
         raise StartupError(str(e)) from None
     try:
@@ -99,15 +91,6 @@ def _start(argv: list[str], status: StatusPipe):
     if why:
         # Meant for the host engine (the default), served here: say so once.
         log.log(STANDALONE_WHY % why)
-    if conf.metrics_addr is not None:
-        if not why:
-            # Standalone by choice: the setting cannot work in this mode.
-            log.log(METRICS_STANDALONE)
-            log.close()
-            raise StartupError(METRICS_STANDALONE)
-        # Engine mode was asked for and is not possible: the port is served
-        # all the same, as every other engine-only setting leaves it.
-        log.log(METRICS_FALLBACK)
     stats = None
     if conf.stats_file:
         from spliceproxy import statsfile

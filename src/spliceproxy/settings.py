@@ -36,8 +36,11 @@ class SettingError(Exception):
 # --------------------------------------------------------------------------
 # Value parsers: text -> value, ValueError(reason) on a bad value.
 
-_TRUE = ("1", "t", "T", "TRUE", "true", "True")
-_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+# Go's strconv.ParseBool words: the one Python copy (goflags and control use
+# it; the stub's go_true() is C, held to the same table by
+# tests/integration/test_rules_c_python.py).
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
 _DIGITS = "0123456789"
 
 
@@ -47,11 +50,11 @@ def _ascii_digits(s: str) -> bool:
 
 def boolean(text: str) -> bool:
     """Go's strconv.ParseBool, exactly."""
-    if text in _TRUE:
+    if text in GO_TRUE:
         return True
-    if text in _FALSE:
+    if text in GO_FALSE:
         return False
-    raise ValueError("not a boolean: use one of %s" % ", ".join(_TRUE + _FALSE))
+    raise ValueError("not a boolean: use one of %s" % ", ".join(GO_TRUE + GO_FALSE))
 
 
 def integer(lo: int, hi: int):
@@ -233,17 +236,29 @@ def metrics_address(text: str) -> tuple:
 # "VAR=" to mean "not set").
 
 
+MODES = ("standalone", "engine")
+
+
 class Var:
-    __slots__ = ("name", "parse", "default", "option", "help", "shown")
+    __slots__ = ("name", "parse", "default", "option", "help", "shown", "modes", "instead",
+                 "doc", "doc_default")
 
     def __init__(self, name: str, parse, default, option: str | None = None, help: str = "",
-                 shown: str = ""):
+                 shown: str = "", modes: tuple[str, ...] = MODES, instead: str = "",
+                 doc: str = "", doc_default: str = ""):
         self.name = name          # without the SPLICEPROXY_ prefix
         self.parse = parse        # text -> value, ValueError(reason)
         self.default = default    # the value when unset or empty
         self.option = option      # engine option (an _engine.OPT_* name) it sets, if any
         self.help = help          # its meaning, for `spliceproxy help` (helptext)
         self.shown = shown        # the default as `spliceproxy help` shows it
+        self.modes = modes        # where it works; set elsewhere, the start is refused
+        self.instead = instead    # what to use there instead (the refusal says it)
+        # The manual's row (docs/configuration.md, made by spliceproxy.manual):
+        # its meaning in Markdown (links relative to docs/), else help; its
+        # default, else shown as code.
+        self.doc = doc
+        self.doc_default = doc_default
 
     @property
     def attr(self) -> str:
@@ -261,62 +276,129 @@ VARIABLES = (
     Var("ENGINE", boolean, True, shown="true",
         help="false (0, f, false, ...) serves each port in its own process, standalone; "
              "otherwise one host engine serves every port and each proxy is a small stub "
-             "(README, Engine mode); with no control socket possible the port is served "
-             "standalone and a log line says why"),
+             "(docs/engine-mode.md); with no control socket possible the port is served "
+             "standalone and a log line says why",
+        doc="a Go false (`0`, `false`, ...) serves each port in its own process, standalone; "
+            "otherwise one host engine serves every port, see [Engine mode](engine-mode.md); "
+            "anything but a Go boolean is a startup error"),
     Var("LOG_FILE", path, None, shown="stderr",
         help="append log lines (docker-proxy's format) to this file; dockerd discards "
-             "stderr; SIGHUP reopens it"),
-    Var("STATS_FILE", path, None, shown="none",
-        help="write copies of the engine's counters to this file, readable while the proxy "
-             "runs; a directory or a path with %p gives each proxy its own file"),
+             "stderr; SIGHUP reopens it",
+        doc="append log lines (docker-proxy's format) to this regular file (see "
+            "[Files](#files-the-proxy-writes)); SIGHUP reopens it",
+        doc_default="stderr"),
+    Var("STATS_FILE", path, None, shown="none", modes=("standalone",),
+        instead="in engine mode (the default) `spliceproxy status --json` (or --prometheus) "
+                "has every mapping's counters; SPLICEPROXY_ENGINE=0 serves each port in its "
+                "own process, with this file",
+        help="standalone mode: write copies of the engine's counters to this file, readable "
+             "while the proxy runs; a directory or a path with %p gives each proxy its own "
+             "file (engine mode refuses it: `spliceproxy status` has the counters)",
+        doc="standalone mode only: write copies of the engine's counters to this file, "
+            "readable while it runs (`spliceproxy.stats.read_stats_file`); a directory or a "
+            "path with `%p` gives each proxy its own file; see "
+            "[Counters file](#counters-file); engine mode refuses it at start-up "
+            "(`spliceproxy status` has every mapping's counters)",
+        doc_default="none"),
     Var("UDP_TIMEOUT", duration_ms(1, _YEAR_MS), 90_000, "OPT_UDP_TIMEOUT_MS", shown="90s",
-        help="UDP client entry expiry (Go duration or seconds)"),
+        help="UDP client entry expiry (Go duration or seconds)",
+        doc="UDP client entry expiry (Go duration or seconds); an entry lives while either "
+            "side sends"),
     Var("UDP_MAX_FLOWS", integer(1, 1 << 24), 16384, "OPT_UDP_MAX_FLOWS", shown="16384",
         help="UDP client entries per port; beyond it one of the least recently used is "
-             "evicted"),
+             "evicted",
+        doc="UDP client entries per port; beyond it an entry is evicted: of the least "
+            "recently used few, one of the client address holding the most entries"),
     Var("UDP_MAX_FLOWS_PER_ADDR", integer(0, 1 << 24), 0, "OPT_UDP_MAX_FLOWS_PER_ADDR",
         shown="a 16th of SPLICEPROXY_UDP_MAX_FLOWS",
         help="UDP client entries one client address (any port) may hold; beyond it the "
-             "address's own least recently used entry is replaced; 0 = the default"),
+             "address's own least recently used entry is replaced; 0 = the default",
+        doc="UDP entries one client address (any port) may hold; a new entry of an address "
+            "at its bound replaces that address's own least recently used one, never another "
+            "address's, so a flood of source ports cannot push established clients to new "
+            "backend ports. IPv6 addresses count whole (not by /64). `0` = the default",
+        doc_default="a 16th of `SPLICEPROXY_UDP_MAX_FLOWS` (1024)"),
     # Half-closed pairs are reclaimed after two minutes by default, as
     # conntrack forgets a CLOSE_WAIT entry; 0 = never.
     Var("IDLE_TIMEOUT", duration_ms(0, _YEAR_MS), 120_000, "OPT_IDLE_TIMEOUT_MS", shown="2m",
-        help="reset half-closed TCP pairs that saw no traffic for this long; 0 = never"),
+        help="reset half-closed TCP pairs that saw no traffic for this long; 0 = never",
+        doc="reset half-closed TCP pairs that saw no traffic for this long (Go duration or "
+            "seconds; conntrack forgets such a pair after about as long); `0` = never"),
     Var("CONNECT_TIMEOUT", duration_ms(0, _YEAR_MS), 30_000, "OPT_CONNECT_TIMEOUT_MS",
         shown="30s",
         help="give up a backend connect not completed after this long; 0 = the kernel's own "
-             "limit (about two minutes)"),
+             "limit (about two minutes)",
+        doc="give up a backend connect that has not completed after this long (the client's "
+            "connection is closed, as for a refused connect); `0` = the kernel's own limit "
+            "(about two minutes)"),
     Var("PIPE_SIZE", integer(4096, 1 << 30), 1 << 20, "OPT_PIPE_SIZE", shown="1048576",
-        help="bytes per relay pipe (capped by /proc/sys/fs/pipe-max-size)"),
+        help="bytes per relay pipe (capped by /proc/sys/fs/pipe-max-size)",
+        doc="bytes per relay pipe (capped by `/proc/sys/fs/pipe-max-size`); when the kernel "
+            "refuses the size (the user is over `/proc/sys/fs/pipe-user-pages-soft`), pipes "
+            "stay at 64 KiB and the size is asked for again a second later, or as soon as "
+            "the proxy closes a pipe, so it recovers with the budget (`pipe_resize_denied` "
+            "counts refusals)"),
     Var("COPY_MODE", choice(splice="COPY_SPLICE", readwrite="COPY_READWRITE"), "COPY_SPLICE",
         "OPT_COPY_MODE", shown="splice",
-        help="readwrite copies through user space instead (slower, for comparisons)"),
+        help="readwrite copies through user space instead (slower, for comparisons)",
+        doc="`readwrite` copies through user space instead: a deliberately slower mode for "
+            "comparisons and for proving the benchmark gate"),
     Var("COPY_BUF", integer(1, 64 << 20), 65536, "OPT_COPY_BUF", shown="65536",
-        help="buffer bytes per direction in readwrite mode"),
+        help="buffer bytes per direction in readwrite mode",
+        doc="buffer bytes per direction in `readwrite` mode"),
     # Off by default: measured in the benchmark (spliceproxy-spin path), see
-    # README "Busy-poll".
+    # docs/benchmarking.md, "Busy-poll".
     Var("SPIN", duration_us(0, 10_000), 0, "OPT_SPIN_US", shown="0 (off)",
         help="after a wake-up that relayed bytes, keep polling without sleeping for this "
              "long (Go duration, e.g. 50us; at most 10ms): lower request/response latency "
-             "for more CPU; 0 = off"),
+             "for more CPU; 0 = off",
+        doc="after a wake-up that relayed bytes, keep polling (`epoll_wait` with a zero "
+            "timeout) for this long before sleeping, a Go duration such as `50us` (at most "
+            "`10ms`); clock-bounded, so an idle proxy sleeps again that long after its last "
+            "byte. Measured on this project's machines it does not pay, see "
+            "[Busy-poll](benchmarking.md#busy-poll-spliceproxy_spin-measured-off-by-default); "
+            "`spin_polls` and `spin_hits` in the counters file count its polls and those "
+            "that found work",
+        doc_default="`0` (off)"),
     Var("USER", user, None, shown="a uid of its own",
-        help="user (name or uid) a proxy started as root becomes once its sockets are set up"),
+        help="user (name or uid) a proxy started as root becomes once its sockets are set up",
+        doc="user (name or uid) a proxy started as root becomes once its sockets are set up; "
+            "see [Least privilege](behaviour.md#least-privilege)",
+        doc_default="a uid of its own"),
     Var("KEEP_PRIVILEGES", boolean, False, shown="false",
-        help="true keeps root: no privilege drop"),
+        help="true keeps root: no privilege drop",
+        doc="`true` keeps root: no privilege drop"),
     Var("FASTPATH", boolean, False, shown="false",
         help="true lets host-local clients skip the relay through the kernel; in engine "
         "mode only (the host engine loads the programs), a standalone proxy logs that it "
-        "is not active"),
+        "is not active",
+        doc="`true` lets host-local clients skip the relay through the kernel, in "
+            "[engine mode](engine-mode.md) (the host engine loads the programs; a standalone "
+            "proxy logs that it is not active); see [Kernel fast path](fast-path.md)"),
     # For tests and special setups: the programs affect every process below
     # the cgroup they are attached to, the whole host by default.
     Var("FASTPATH_CGROUP", cgroup2_dir, None, shown="the cgroup v2 root",
         help="cgroup v2 directory the host engine attaches the fast path to (only processes "
-             "in it and below are rewritten); for tests and special setups"),
+             "in it and below are rewritten); for tests and special setups",
+        doc="the cgroup v2 directory the host engine attaches the fast path to: only "
+            "processes in it and below it are rewritten. For tests and special setups; an "
+            "absolute path to a cgroup v2 directory (one with `cgroup.controllers`), anything "
+            "else is a startup error",
+        doc_default="the cgroup v2 root (`/sys/fs/cgroup/unified` where cgroup v2 is mounted "
+                    "there, else `/sys/fs/cgroup`)"),
     # Engine-wide: the engine's own environment (its first stub's) decides.
-    Var("METRICS_ADDR", metrics_address, None, shown="off",
+    Var("METRICS_ADDR", metrics_address, None, shown="off", modes=("engine",),
+        instead="a standalone proxy serves one port per process and has no endpoint; leave "
+                "SPLICEPROXY_ENGINE unset (engine mode is the default) for the host engine to "
+                "serve /metrics, or read each proxy's counters with SPLICEPROXY_STATS_FILE",
         help="the host engine serves GET /metrics (Prometheus text format) on this address: "
              "127.0.0.1:9465, [::1]:9465 or unix:/path (docs/metrics.md); unauthenticated; "
-             "in engine mode only"),
+             "in engine mode only",
+        doc="the host engine serves `GET /metrics` (Prometheus text format) on "
+            "`127.0.0.1:PORT`, `[::1]:PORT` or `unix:/path`, unauthenticated; engine mode "
+            "only (the engine's own environment decides, standalone refuses it); see "
+            "[Metrics](metrics.md)",
+        doc_default="off"),
 )
 
 
@@ -355,8 +437,12 @@ def _show(raw: bytes) -> str:
         return repr(raw)[1:]
 
 
-def load(environ: dict[bytes, bytes] | None = None) -> Settings:
-    """Parse every SPLICEPROXY_* variable (from os.environb by default)."""
+def load(environ: dict[bytes, bytes] | None = None, mode: str | None = None) -> Settings:
+    """Parse every SPLICEPROXY_* variable (from os.environb by default).
+
+    With a mode (one of MODES), a variable set that does not work in it is a
+    SettingError saying what to use instead: nothing set is silently ignored.
+    """
     env = os.environb if environ is None else environ
     values = {}
     for v in VARIABLES:
@@ -374,4 +460,7 @@ def load(environ: dict[bytes, bytes] | None = None) -> Settings:
         except ValueError as e:
             raise SettingError("invalid %s%s=%s: %s"
                                % (ENV_PREFIX, v.name, _show(raw), e)) from None
+        if mode is not None and mode not in v.modes:
+            raise SettingError("%s%s works in %s mode only: %s"
+                               % (ENV_PREFIX, v.name, " and ".join(v.modes), v.instead))
     return Settings(**values)

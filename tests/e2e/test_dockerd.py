@@ -1,4 +1,4 @@
-"""The proxy in its real setting: dockerd 20.10 starts it for every published port.
+"""The proxy in its real setting: dockerd 20.10 and 28.5 start it for every published port.
 
 Each scenario drives the docker CLI and checks what a user would see: pages
 served through published ports, `ps` output, errors from `docker run`, ports
@@ -11,6 +11,11 @@ straight to the container (the mapping's fast-path count grows, its relay's
 does not); a `::1` client of dockerd's `::` binding (an IPv4 container: 6->4),
 a client outside the clients' cgroup or in another network namespace is
 relayed; a stopped mapping is refused, never rewritten.
+
+Every scenario runs under both daemons (the ``docker_build`` parameter); the
+last ones are about what only dockerd 28+ does (the socket on fd 4, proxies
+that follow a container's networks, IPv6 networks, the hairpin left to the
+proxy) and skip under 20.10 with "needs dockerd 28+".
 """
 
 from __future__ import annotations
@@ -20,21 +25,26 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from spliceproxy import fastpath
+
+from support.dockerd import BindTrace, socket_inodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
 
 HTTPD = ["/bin/httpd", "-f", "-p", "80", "-h", "/www"]
 
 
-def argv_tail(proto: str, host_ip: str, host_port: int, container_ip: str,
+def argv_tail(d, proto: str, host_ip: str, host_port: int, container_ip: str,
               container_port: int) -> str:
-    """dockerd's argv for one binding, as `ps` prints it after the program path."""
+    """dockerd's argv for one binding, as `ps` prints it after the program path
+    (dockerd 28+ passes the socket on fd 4 and says so last)."""
     return (f"-proto {proto} -host-ip {host_ip} -host-port {host_port}"
-            f" -container-ip {container_ip} -container-port {container_port}")
+            f" -container-ip {container_ip} -container-port {container_port}"
+            + (" -use-listen-fd" if d.major >= 28 else ""))
 
 
 def proxies_for_port(d, host_port: int):
@@ -166,7 +176,7 @@ def test_http_through_ipv4_and_ipv6(docker, proxy_under_test, page_token):
     procs = d.netns.ps()
     listing = "\n".join(map(str, procs))
     for host_ip in ("0.0.0.0", "::"):
-        tail = argv_tail("tcp", host_ip, port, ip, 80)
+        tail = argv_tail(d, "tcp", host_ip, port, ip, 80)
         started = [p for p in procs
                    if p.args.endswith(tail) and p.ppid == d.pid
                    and any(x in p.args.split()[:4] for x in proxy_under_test.programs)]
@@ -204,7 +214,7 @@ def test_udp_echo_several_clients(docker):
 
     listing = [p.args for p in d.proxies()]
     for host_ip in ("0.0.0.0", "::"):
-        tail = argv_tail("udp", host_ip, port, ip, 5353)
+        tail = argv_tail(d, "udp", host_ip, port, ip, 5353)
         assert any(a.endswith(tail) for a in listing), (tail, listing)
 
 
@@ -287,6 +297,8 @@ def test_recreate_on_same_port_while_time_wait(docker, page_token):
 
 
 def test_port_in_use_fails_fast_with_proxy_error(docker, page_token):
+    """A port another process holds: the container's start fails at once with
+    the reason (from the proxy before 28, from dockerd's own bind since)."""
     d = docker
     port = 18110
     holder = d.netns.hold_port(port)
@@ -296,7 +308,11 @@ def test_port_in_use_fails_fast_with_proxy_error(docker, page_token):
                      "local/spe2e-busybox:test", *HTTPD, check=False, timeout=30)
         took = time.monotonic() - t0
         assert r.returncode != 0, f"docker run succeeded on a taken port\n{d.diagnostics()}"
-        assert "Error starting userland proxy" in r.stderr, r.stderr
+        if d.major >= 28:
+            # dockerd binds the port itself: the proxy is never started.
+            assert "failed to bind host port" in r.stderr, r.stderr
+        else:
+            assert "Error starting userland proxy" in r.stderr, r.stderr
         assert "address already in use" in r.stderr, r.stderr
         # The proxy reports over fd 3 at once; dockerd's own timeout is 16 s.
         assert took < 5.0, f"docker run took {took:.1f}s to fail: {r.stderr}"
@@ -307,6 +323,7 @@ def test_port_in_use_fails_fast_with_proxy_error(docker, page_token):
     finally:
         holder.stdin.close()
         holder.wait(10)
+        holder.stdout.close()
 
     # Once the other listener is gone, the same container starts.
     d.docker("start", "clash", timeout=30)
@@ -335,7 +352,7 @@ def test_port_range_every_port_answers(docker, page_token):
         + "\n".join(map(str, procs)))
     for port in ports:
         for host_ip in ("0.0.0.0", "::"):
-            tail = argv_tail("tcp", host_ip, port, ip, port)
+            tail = argv_tail(d, "tcp", host_ip, port, ip, port)
             assert any(p.args.endswith(tail) for p in procs), tail
     with Routes(d, ports) as routes:
         assert_pages(d, "127.0.0.1", ports, page_token)
@@ -429,7 +446,7 @@ def test_port_range_100_ipv4_and_ipv6_twins(docker, page_token):
         + "\n".join(map(str, procs)))
     for i in range(count):
         for host_ip in ("127.0.0.1", "::1"):
-            tail = argv_tail("tcp", host_ip, first + i, ip, cfirst + i)
+            tail = argv_tail(d, "tcp", host_ip, first + i, ip, cfirst + i)
             assert any(p.args.endswith(tail) for p in procs), tail
     if d.proxy.engine:
         assert len(d.engines()) == 1, d.diagnostics()
@@ -586,3 +603,248 @@ def _settled(probe, timeout: float = 3.0):
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+# dockerd's own limit on a userland proxy's start (portmapper/proxy.go): a
+# proxy that has not reported on fd 3 by then fails the container's start.
+DOCKERD_PROXY_TIMEOUT = 16.0
+
+
+def test_burst_8_containers_2_ports_started_at_once(docker, page_token):
+    """As `docker compose up` does: 8 containers with 2 published TCP ports
+    each, `docker run -d` all at once (in engine mode with no engine running:
+    the stubs race to start it).  Every run succeeds well within dockerd's
+    16 s limit on a proxy's start, and every port serves."""
+    d = docker
+    if d.proxy.engine:
+        # The previous test's mappings are gone; so is their engine (1 s idle exit).
+        assert not _settled(d.engines, timeout=10.0), d.diagnostics()
+    base, count = 18300, 8
+    ports = [base + i for i in range(2 * count)]
+
+    def run(i: int) -> tuple[int, float, str]:
+        t0 = time.monotonic()
+        r = d.docker("run", "-d", "--name", f"burst{i}", "-p", f"{base + 2 * i}:80",
+                     "-p", f"{base + 2 * i + 1}:81", "local/spe2e-busybox:test", "/bin/sh", "-c",
+                     "httpd -p 81 -h /www && exec httpd -f -p 80 -h /www", check=False,
+                     timeout=60)
+        return r.returncode, time.monotonic() - t0, r.stderr.strip()
+
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(run, range(count)))
+    failed = [(i, r) for i, r in enumerate(results) if r[0] != 0]
+    assert not failed, f"docker run failed in the burst: {failed}\n{d.diagnostics()}"
+    slowest = max(r[1] for r in results)
+    assert slowest < DOCKERD_PROXY_TIMEOUT, (
+        f"slowest docker run took {slowest:.1f}s: {results}\n{d.diagnostics()}")
+    procs = d.proxies()
+    assert len(procs) == 2 * len(ports), (
+        f"{len(procs)} proxies for {len(ports)} ports\n" + "\n".join(map(str, procs)))
+    if d.proxy.engine:
+        assert len(d.engines()) == 1, d.diagnostics()
+        assert len(d.status()["mappings"]) == 2 * len(ports)
+    with Routes(d, ports) as routes:
+        assert_pages(d, "127.0.0.1", ports, page_token)
+    routes.expect(fast=[("0.0.0.0", p) for p in ports])
+    assert_pages(d, "::1", ports, page_token)
+    print(f"burst of {count} docker run with 2 ports each: slowest {slowest:.2f}s, "
+          f"mean {sum(r[1] for r in results) / count:.2f}s")
+
+
+# --------------------------------------------------------------------------
+# what only dockerd 28+ does
+
+
+def _ours(d) -> set[int]:
+    """Pids of the proxy under test's processes in the daemon's namespace."""
+    return {p.pid for p in d.proxies()} | {e.pid for e in d.engines()}
+
+
+def test_listen_fd_adopted_for_tcp_and_udp(dockerd28, docker, page_token):
+    """dockerd 28 binds each port itself and starts the proxy with the socket on
+    fd 4 and `-use-listen-fd`: the proxy (stub and engine) serves that very
+    socket and binds none of its own; UDP arrives with PKTINFO set, so a reply
+    leaves from the address the datagram was sent to (127.0.0.2, an extra
+    IPv6 address) and the connected clients accept it."""
+    d = docker
+    tcp, udp = 18200, 18201
+    with BindTrace(d.pid, d.workdir / "binds.trace") as trace:
+        d.docker("run", "-d", "--name", "fd4", "-p", f"{tcp}:80", "-p", f"{udp}:5353/udp",
+                 "local/spe2e-busybox:test", "/bin/sh", "-c",
+                 "/bin/udp_echo 5353 & exec /bin/httpd -f -p 80 -h /www")
+    d.wait_log("fd4", "ready 5353")
+    ip = d.container_ip("fd4")
+    procs = d.proxies()
+    ours = _ours(d)
+    listing = "\n".join(map(str, procs))
+    for proto, port, cport in (("tcp", tcp, 80), ("udp", udp, 5353)):
+        for host_ip in ("0.0.0.0", "::"):
+            tail = argv_tail(d, proto, host_ip, port, ip, cport)
+            assert tail.endswith(" -use-listen-fd")
+            assert any(p.args.endswith(tail) for p in procs), f"no `{tail}`:\n{listing}"
+        binds = trace.binds(port)
+        # dockerd's threads bound the port, one socket per family; nothing of ours did.
+        assert sorted(b.family for b in binds if b.ok) == ["AF_INET", "AF_INET6"], binds
+        assert not [b for b in binds if b.pid in ours], (
+            f"the proxy bound port {port} itself: {binds}\n{listing}")
+        assert all(os.path.exists(f"/proc/{d.pid}/task/{b.pid}") for b in binds), (
+            f"a bind of port {port} by something other than dockerd: {binds}")
+        # The socket on the port is the proxy's (the stub's, and in engine
+        # mode the engine's too: the stub handed it over and keeps it).
+        listeners = d.netns.listeners(proto, port)
+        assert set(listeners) == {"0.0.0.0", "::"}, listeners
+        for host_ip, ino in listeners.items():
+            (stub,) = [p for p in procs if f" -proto {proto} -host-ip {host_ip} " in p.args
+                       and f" -host-port {port} " in p.args]
+            assert ino in socket_inodes(stub.pid), (host_ip, ino, stub)
+            if d.proxy.engine:
+                (engine,) = d.engines()
+                assert ino in socket_inodes(engine.pid), (host_ip, ino, engine)
+
+    # Relayed traffic (outside the fast path's cgroup): the proxy's own work.
+    for host in ("127.0.0.1", "::1"):
+        res = d.netns.client("http", host, tcp, cgroup=False)
+        assert all(r["ok"] and r["body"].strip() == page_token for r in res["results"]), res
+    d.netns.run(["ip", "addr", "replace", "2001:2:0:ffff::7/128", "dev", "lo", "nodad"],
+                check=True)
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "2001:2:0:ffff::7"):
+        res = d.netns.client("udp", host, udp, "--clients", "3", "--count", "3", cgroup=False)
+        assert res["echoed"] == res["sent"] == 9 and not res["failures"], (
+            f"UDP via {host}: {res}\n{d.diagnostics()}")
+
+
+def _ipv4_in(d, name: str, network: str) -> str:
+    return d.docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}")'
+                    '.IPAddress}}', name).stdout.strip()
+
+
+def _proxied_ips(d, port: int) -> set[str]:
+    """The container addresses of the proxies of host port `port`."""
+    out = set()
+    for p in proxies_for_port(d, port):
+        words = p.args.split()
+        out.add(words[words.index("-container-ip") + 1])
+    return out
+
+
+def test_proxies_follow_the_gateway_network(dockerd28, docker, e2e_network, page_token):
+    """dockerd 28 publishes a container's ports on its gateway network only:
+    connecting a second network changes nothing; disconnecting the gateway
+    network stops its proxies and starts new ones to the address on the
+    network left; disconnecting that one too stops them all and frees the
+    port; connecting again starts them again."""
+    d = docker
+    port = 18210
+    net_a, net_b = "spe2e-a", "spe2e-b"
+    d.docker("network", "create", "--subnet", e2e_network.spare[0], net_a)
+    try:
+        d.docker("network", "create", "--subnet", e2e_network.spare[1], net_b)
+        d.docker("run", "-d", "--name", "moving", "--network", net_a, "-p", f"{port}:80",
+                 "local/spe2e-busybox:test", *HTTPD)
+        ip_a = _ipv4_in(d, "moving", net_a)
+        assert _proxied_ips(d, port) == {ip_a}, d.diagnostics()
+        first = {p.pid for p in proxies_for_port(d, port)}
+        assert len(first) == 2
+        assert_pages(d, "127.0.0.1", [port], page_token)
+
+        d.docker("network", "connect", net_b, "moving")
+        ip_b = _ipv4_in(d, "moving", net_b)
+        assert ip_b and ip_b != ip_a
+        assert {p.pid for p in proxies_for_port(d, port)} == first, d.diagnostics()
+        assert_pages(d, "127.0.0.1", [port], page_token)
+
+        d.docker("network", "disconnect", net_a, "moving")
+        moved = _settled(lambda: [p for p in d.proxies() if p.pid in first])
+        assert not moved, f"proxies to {ip_a} outlived its network: {moved}\n{d.diagnostics()}"
+        assert _proxied_ips(d, port) == {ip_b}, d.diagnostics()
+        assert len(proxies_for_port(d, port)) == 2, d.diagnostics()
+        with Routes(d, [port]) as routes:
+            assert_pages(d, "127.0.0.1", [port], page_token)
+        routes.expect(fast=[("0.0.0.0", port)])
+        assert_pages(d, "::1", [port], page_token)
+
+        d.docker("network", "disconnect", net_b, "moving")
+        left = _settled(lambda: proxies_for_port(d, port))
+        assert not left, f"proxies outlived the last network: {left}\n{d.diagnostics()}"
+        assert_port_free(d, "tcp", port)
+        assert_refused(d, "127.0.0.1", port)
+
+        d.docker("network", "connect", net_a, "moving")
+        assert _proxied_ips(d, port) == {_ipv4_in(d, "moving", net_a)}, d.diagnostics()
+        assert_pages(d, "127.0.0.1", [port], page_token)
+    finally:
+        d.remove_all_containers()
+        d.docker("network", "rm", net_a, net_b, check=False)
+
+
+def test_ipv6_network_v6_to_v6_and_6to4(dockerd28, docker, e2e_network, page_token):
+    """A network made with --ipv6 and a v6 subnet: dockerd 28 gives the `::`
+    binding the container's IPv6 address (v6 host address -> v6 container,
+    TCP and UDP); a container on an IPv4-only network keeps the 6->4 path."""
+    d = docker
+    web, echo, web4 = 18220, 18221, 18222
+    net = "spe2e-v6"
+    d.docker("network", "create", "--ipv6", "--subnet", e2e_network.spare[0],
+             "--subnet", e2e_network.spare6[0], net)
+    try:
+        d.docker("run", "-d", "--name", "six", "--network", net, "-p", f"{web}:80",
+                 "-p", f"{echo}:5353/udp", "local/spe2e-busybox:test", "/bin/sh", "-c",
+                 "/bin/udp_echo 5353 6 & exec /bin/httpd -f -p 80 -h /www")
+        d.docker("run", "-d", "--name", "four", "-p", f"{web4}:80", "local/spe2e-busybox:test",
+                 *HTTPD)
+        d.wait_log("six", "ready 5353")
+        ip6 = d.docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net}")'
+                       '.GlobalIPv6Address}}', "six").stdout.strip()
+        ip4 = _ipv4_in(d, "six", net)
+        assert ip6.startswith(e2e_network.spare6[0].split("::")[0] + ":"), ip6
+        four = d.container_ip("four")
+        procs = d.proxies()
+        listing = "\n".join(map(str, procs))
+        for tail in (argv_tail(d, "tcp", "::", web, ip6, 80),
+                     argv_tail(d, "udp", "::", echo, ip6, 5353),
+                     argv_tail(d, "tcp", "0.0.0.0", web, ip4, 80),
+                     argv_tail(d, "udp", "0.0.0.0", echo, ip4, 5353),
+                     argv_tail(d, "tcp", "::", web4, four, 80)):
+            assert any(p.args.endswith(tail) for p in procs), f"no `{tail}`:\n{listing}"
+
+        # ::1 is never NATed: the proxy's.  v6 -> v6 and 6 -> 4 side by side.
+        res = d.netns.client("http", "::1", web, web4, cgroup=False)
+        assert all(r["ok"] and r["body"].strip() == page_token for r in res["results"]), res
+        assert_pages(d, "127.0.0.1", [web, web4], page_token)
+        for host in ("::1", "127.0.0.1"):
+            res = d.netns.client("udp", host, echo, "--clients", "3", "--count", "3",
+                                 cgroup=False)
+            assert res["echoed"] == res["sent"] == 9 and not res["failures"], (
+                f"UDP via {host}: {res}\n{d.diagnostics()}")
+    finally:
+        d.remove_all_containers()
+        d.docker("network", "rm", net, check=False)
+
+
+def test_hairpin_container_reaches_its_own_published_port(dockerd28, docker, page_token):
+    """A container dialling its own published port on the host's address: with
+    the userland proxy on, dockerd 28 leaves traffic from the bridge out of
+    its DNAT rules, so the proxy serves it (and in engine mode counts it)."""
+    d = docker
+    port = 18230
+    d.docker("run", "-d", "--name", "self", "-p", f"{port}:80", "local/spe2e-busybox:test",
+             *HTTPD)
+    nat = d.netns.run(["iptables", "-t", "nat", "-S", "DOCKER"], check=True).stdout
+    assert "-A DOCKER -i docker0 -j RETURN" in nat, nat
+    before = _relayed(d, port)
+    pid = d.docker("inspect", "-f", "{{.State.Pid}}", "self").stdout.strip()
+    res = d.netns.client("http", d.gateway, port, netns_path=f"/proc/{pid}/ns/net")
+    assert all(r["ok"] and r["body"].strip() == page_token for r in res["results"]), (
+        f"{res}\n{d.diagnostics()}")
+    if d.proxy.engine:
+        assert _relayed(d, port) > before, d.diagnostics()
+
+
+def _relayed(d, port: int) -> int:
+    """Connections the engine relayed on the 0.0.0.0 mapping of port (engine mode)."""
+    if not d.proxy.engine:
+        return 0
+    for m in d.status()["mappings"]:
+        if m["host"] == f"0.0.0.0:{port}":
+            return (m.get("counters") or {}).get("tcp_accepted", 0)
+    raise AssertionError(f"no mapping 0.0.0.0:{port}: {d.status()}")

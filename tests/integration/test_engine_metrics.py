@@ -446,8 +446,8 @@ def test_standalone_refuses_it(proxy_path, tcp_addr):
             host.start("tcp", echo.port, env={"SPLICEPROXY_ENGINE": "0",
                                               "SPLICEPROXY_METRICS_ADDR": tcp_addr})
         assert info.value.returncode == 1
-        assert str(info.value).startswith("SPLICEPROXY_METRICS_ADDR works in engine mode only; ")
-        assert "unset SPLICEPROXY_ENGINE" in str(info.value)
+        assert str(info.value).startswith("SPLICEPROXY_METRICS_ADDR works in engine mode only: ")
+        assert "leave SPLICEPROXY_ENGINE unset" in str(info.value)
         assert host.engine_pid() is None
     finally:
         host.close()

@@ -666,6 +666,32 @@ def test_engine_drops_privileges_keeping_only_low_port_binding(host):
 
 
 @pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="capabilities are only held (and dropped) as root")
+def test_a_stub_holds_no_capability_once_its_port_is_served(host):
+    """The stub only waits once mapped: root's uid (its socket directory is
+    root's) and, with a log file to reopen on SIGHUP, CAP_DAC_OVERRIDE alone;
+    an engine it restarts still starts as root."""
+    mine = srv.proc_status(os.getpid())
+    dac_override = 1 << 1
+    with srv.EchoServer() as echo:
+        logged = host.start("tcp", echo.port)  # EngineHost sets SPLICEPROXY_LOG_FILE
+        lp = host.start("tcp", echo.port, env={"SPLICEPROXY_LOG_FILE": ""})
+        for stub, keep in ((lp, 0), (logged, dac_override)):
+            st = srv.proc_status(stub.pid)
+            assert st["Uid"].split() == ["0"] * 4
+            assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == keep, st
+            assert int(st["CapInh"], 16) == int(st["CapAmb"], 16) == 0, st
+            assert st["CapBnd"] == mine["CapBnd"]
+        old = host.engine_pid()
+        os.kill(old, signal.SIGKILL)
+        assert srv.wait_for(lambda: host.note_engine() not in (None, old), 10.0)
+        srv.echo_roundtrip("127.0.0.1", lp.port)
+        # The replacement dropped its own privileges, so it had them to drop.
+        new = srv.proc_status(host.engine_pid())
+        assert int(new["Uid"].split()[0]) != 0 and int(new["CapEff"], 16) == 1 << 10
+
+
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop is only done as root")
 def test_engine_becomes_the_user_its_environment_names(proxy_path):
     h = EngineHost(proxy_path, extra_env={"SPLICEPROXY_USER": "nobody"})

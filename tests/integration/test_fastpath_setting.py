@@ -80,7 +80,7 @@ def test_host_engine_says_once_that_the_fast_path_is_not_active(proxy_path):
             stub = spawn(proxy_argv(proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1",
                                     echo.port), env=env, stderr=subprocess.DEVNULL, timeout=15.0)
             try:
-                with open(os.path.join(d, "engine.lock")) as f:
+                with open(os.path.join(d, "e.sock.lock")) as f:
                     engine_pid = int(f.read().strip() or 0) or None
                 srv.echo_roundtrip("127.0.0.1", port, b"x" * 64)  # served through the relay
             finally:

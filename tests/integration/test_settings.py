@@ -9,12 +9,15 @@ before any socket is opened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 
 import pytest
+
+from spliceproxy import settings
 
 from support import servers as srv
 from support.servers import ProxyStartError, proxy_argv, spawn
@@ -134,3 +137,32 @@ def test_go_false_drops_privileges(proxy_path, value):
             assert int(status["CapEff"], 16) == 0
             srv.echo_roundtrip("127.0.0.1", port)
             assert lp.stop() == 0
+
+
+# A value that parses, for each variable that works in one mode only: set in
+# the other, it must be refused, never silently ignored.
+_ONE_MODE_SAMPLES = {"STATS_FILE": "/tmp/sp-mode-check.stats"}
+
+
+@pytest.mark.parametrize("var", [v for v in settings.VARIABLES if v.modes != settings.MODES],
+                         ids=lambda v: v.name)
+def test_a_setting_that_does_nothing_in_this_mode_is_refused(proxy_path, var):
+    mode = "standalone" if os.environ.get("SPLICEPROXY_ENGINE") == "0" else "engine"
+    assert var.name in _ONE_MODE_SAMPLES, "give %s a sample value here" % var.name
+    extra = {settings.ENV_PREFIX + var.name: _ONE_MODE_SAMPLES[var.name]}
+    if mode in var.modes:
+        port = srv.free_port()
+        argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1", 9)
+        with spawn(argv, env=_env(extra), timeout=10.0) as lp:
+            assert lp.stop() == 0
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_ONE_MODE_SAMPLES[var.name])
+        return
+    port = srv.free_port()
+    msg = str(_start_failure(proxy_path, port, extra))
+    assert msg == "%s%s works in %s mode only: %s" % (
+        settings.ENV_PREFIX, var.name, " and ".join(var.modes), var.instead), msg
+    assert var.instead  # says what to use instead
+    assert not os.path.exists(_ONE_MODE_SAMPLES[var.name])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

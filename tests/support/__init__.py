@@ -16,6 +16,9 @@ does), and every test module imports what it needs from here:
   leaving descriptors, child processes or network namespaces behind.
 - ``support.cc``: the project's C flags (``csrc/cflags.txt``) for the tests
   that compile C.
+- ``support.dockerd``: the dockerd suite's private daemon (``Daemon``), its
+  network namespace (``Netns``), which dockerd (20.10 or 28.5), and what a
+  killed run of the suite left behind (``clean_stale``).
 - ``support.fastpath_env``: the kernel fast-path tests' setting: the container
   namespace behind a veth pair with echo servers on its IPv4 and IPv6
   addresses, the child cgroup a test's clients join, the client launcher.

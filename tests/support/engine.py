@@ -19,16 +19,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 from spliceproxy.bench.launch import proxy_argv, spawn
 
 from support import servers as srv
-
-# The socket every engine-mode command line without a socket of its own
-# would reach if the session did not set one (root's).
-ROOT_SOCKET = "/run/spliceproxy/engine.sock"
 
 
 def alive(pid: int) -> bool:
@@ -86,7 +83,7 @@ class EngineHost:
     """A control socket of the test's own, the stubs started on it, and cleanup.
 
     Teardown stops every stub, then kills the engine (whose pid is in
-    engine.lock) and checks that nothing of it is left running.
+    <socket>.lock) and checks that nothing of it is left running.
     """
 
     def __init__(self, proxy_path: str, idle_exit: str = "30s", extra_env: dict | None = None,
@@ -128,7 +125,7 @@ class EngineHost:
 
     def engine_pid(self) -> int | None:
         try:
-            with open(os.path.join(self.dir, "engine.lock")) as f:
+            with open(self.sock + ".lock") as f:
                 pid = int(f.read().strip() or 0)
         except (FileNotFoundError, ValueError):
             return None
@@ -199,6 +196,14 @@ class SharedEngine:
     (SPLICEPROXY_ENGINE_IDLE_EXIT=never).  Should a test's stub start another
     (the engine killed), that one stays up too, and close() ends them all
     and checks that none is left and that the directory is gone.
+
+    It dies with the test session that started it, however that ends (a
+    killed or cancelled run does not reach close()): a watcher process, in a
+    session of its own so a Ctrl-C does not reach it first, waits on a pipe
+    whose other end only this process holds, and at its end of file kills
+    every engine of the socket and removes the directory.  (A parent-death
+    signal would not do: the engine changes its credentials, which clears
+    it.)
     """
 
     def __init__(self, proxy_path: str):
@@ -232,6 +237,7 @@ class SharedEngine:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise AssertionError("the session's engine did not start: %r %s" % (ready, why))
         self.pids = {self.proc.pid}
+        self.watcher, self._lifeline = watch_session(self.sock, self.dir, self.proc.pid)
 
     def mode_env(self) -> dict[str, str]:
         """What a test's environment holds in engine mode."""
@@ -268,9 +274,36 @@ class SharedEngine:
         self.proc.wait()
         left = srv.wait_for(lambda: not any(alive(p) for p in self.pids), 5.0)
         shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self._lifeline)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.watcher.wait(10.0)
         assert left, "engine processes left running: %r" % self.pids
         assert not os.path.exists(self.dir)
         assert not mappings, "mappings left in the session's engine at its end: %r" % mappings
+
+
+# The watcher: blocks on stdin until every writer is gone, then kills the
+# engines of the socket (argv[2]; argv[3] the first one's pid) and removes
+# their directory (argv[4]).
+_WATCH = ("import os, shutil, sys; sys.path.insert(0, sys.argv[1]); "
+          "from support.engine import kill_engines\n"
+          "while os.read(0, 64): pass\n"
+          "kill_engines(sys.argv[2], {int(sys.argv[3])}); "
+          "shutil.rmtree(sys.argv[4], ignore_errors=True)")
+
+
+def watch_session(sock: str, directory: str, pid: int) -> tuple[subprocess.Popen, int]:
+    """Start the process that ends the engines of sock when this process ends;
+    return it and the pipe end to close (only this process holds it)."""
+    r, w = os.pipe()  # not inherited by anything else started later
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _WATCH, tests, sock, str(pid),
+                                 directory], stdin=r, stdout=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        os.close(r)
+    return proc, w
 
 
 def select_readable(fd: int, timeout: float) -> bool:

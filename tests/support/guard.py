@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 NETNS_DIR = "/run/netns"  # what `ip netns list` lists
 SETTLE_S = 3.0
-ROOT_SOCKET = "/run/spliceproxy/engine.sock"
+ROOT_DIR = "/run/spliceproxy/"  # root's engines, one socket per network namespace
 
 _stray: list[str] = []      # the session's stray socket
 _kept: set[int] = set()     # the session's own children (its engine)
@@ -55,6 +55,7 @@ def expect_engine(shared) -> None:
     """The running test uses the session's engine (a support.engine.SharedEngine);
     the mappings it holds now (a module-scoped fixture's) are not the test's."""
     _kept.update(shared.pids)
+    _kept.add(shared.watcher.pid)  # ends its engines should the session die
     try:
         held = {m["stub_pid"] for m in shared.mappings()}
     except Exception:  # noqa: BLE001 - check() reports an engine that does not answer
@@ -71,9 +72,7 @@ class Snapshot:
 
 
 def _engines() -> dict[int, str]:
-    """Engines of the stray and root sockets: {pid: socket}."""
-    wanted = {b"engine\0--socket\0" + p.encode() + b"\0": p
-              for p in (*_stray, ROOT_SOCKET)}
+    """Engines of the stray socket and of root's directory: {pid: socket}."""
     out = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -83,9 +82,12 @@ def _engines() -> dict[int, str]:
                 cmd = f.read()
         except OSError:
             continue
-        for want, path in wanted.items():
-            if want in cmd:
-                out[int(name)] = path
+        head, found, rest = cmd.partition(b"\0engine\0--socket\0")
+        if not found:
+            continue
+        path = os.fsdecode(rest.partition(b"\0")[0])
+        if path in _stray or path.startswith(ROOT_DIR):
+            out[int(name)] = path
     return out
 
 
@@ -152,7 +154,7 @@ def _engine_problems(before: Snapshot, deadline: float) -> list[str]:
             continue
         problems.append("an engine the test did not choose (pid %d, socket %s): a proxy "
                         "reached engine mode without a mode of the test's" % (pid, path))
-        if path != ROOT_SOCKET:  # root's may be the host's own: never ours to end
+        if not path.startswith(ROOT_DIR):  # root's may be the host's own: never ours to end
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     if _expected:

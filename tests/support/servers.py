@@ -42,7 +42,7 @@ __all__ = ["ProxyStartError", "proxy_argv", "spawn"]  # re-exported: the one lau
 
 # The variables that choose the mode (tests/conftest.py sets them per test):
 # a test that clears the proxy's settings keeps these.
-MODE_VARIABLES = ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET",
+MODE_VARIABLES = ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET", "SPLICEPROXY_ENGINE_DIR",
                   "SPLICEPROXY_ENGINE_IDLE_EXIT")
 
 

@@ -79,12 +79,23 @@ def test_any_bytes_decode_or_are_a_protocol_error(data, nfds):
 
 
 def test_resolve_socket():
-    assert control.resolve_socket({"SPLICEPROXY_ENGINE_SOCKET": "/a/b.sock"}, 1000) == "/a/b.sock"
-    assert control.resolve_socket({}, 0) == "/run/spliceproxy/engine.sock"
-    assert control.resolve_socket({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000) == \
-        "/run/user/1000/spliceproxy/engine.sock"
-    assert control.resolve_socket({"XDG_RUNTIME_DIR": "relative"}, 1000) is None
-    assert control.resolve_socket({}, 1000) is None
+    ns = (4, 4026531840)
+    name = "engine-netns-4-4026531840.sock"
+    assert control.resolve_socket({"SPLICEPROXY_ENGINE_SOCKET": "/a/b.sock"}, 1000, ns) == \
+        "/a/b.sock"
+    assert control.resolve_socket({}, 0, ns) == "/run/spliceproxy/" + name
+    assert control.resolve_socket({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000, ns) == \
+        "/run/user/1000/spliceproxy/" + name
+    assert control.resolve_socket({"SPLICEPROXY_ENGINE_DIR": "/x/y"}, 0, ns) == "/x/y/" + name
+    assert control.resolve_socket({"XDG_RUNTIME_DIR": "relative"}, 1000, ns) is None
+    assert control.resolve_socket({}, 1000, ns) is None
+
+
+def test_resolve_socket_is_this_namespace():
+    st = os.stat("/proc/self/ns/net")
+    assert control.resolve_socket({"SPLICEPROXY_ENGINE_DIR": "/x"}, 0) == \
+        "/x/engine-netns-%d-%d.sock" % (st.st_dev, st.st_ino)
+    assert control.netns_name(control.netns_id()) == os.readlink("/proc/self/ns/net")
 
 
 @pytest.mark.parametrize("value, on", [

@@ -6,6 +6,7 @@ import fcntl
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -294,3 +295,47 @@ def test_undecodable_text_written_as_original_bytes(tmp_path):
     lines = path.read_bytes().splitlines(keepends=True)
     assert lines[0].endswith(b" bad \xff\xfe\n")
     assert lines[1].endswith(b" lone \\ud800\n")
+
+
+def test_for_fd_logs_to_a_descriptor_it_owns_without_waiting():
+    r, w = os.pipe()
+    log = Logger.for_fd(w, "/var/log/x.log")
+    assert log.enabled and log.path == "/var/log/x.log"
+    log.log("first")
+    assert os.read(r, 4096).endswith(b" first\n")
+    # Nobody reads: lines are queued or dropped, never waited for.
+    for _ in range(20000):
+        log.log("x" * 100)
+    r2, w2 = os.pipe()
+    assert log.use_fd(w2)
+    with pytest.raises(OSError):
+        os.fstat(w)  # the old descriptor was the log's: closed
+    log.log("second")
+    got = b""
+    while b" second\n" not in got:  # the lines still queued come first
+        log.flush()
+        got += os.read(r2, 1 << 20)
+    log.close()
+    os.close(r)
+    os.close(r2)
+
+
+def test_for_fd_on_a_socket_or_nothing_writes_nothing():
+    a, b = socket.socketpair()
+    fd = a.detach()
+    log = Logger.for_fd(fd)
+    assert not log.enabled
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed: a socket takes no RWF_NOWAIT
+    log.log("lost")
+    assert not Logger.for_fd(None).enabled
+    r, w = os.pipe()
+    log = Logger.for_fd(w)
+    c, d = socket.socketpair()
+    assert not log.use_fd(c.detach())
+    log.log("still here")
+    assert os.read(r, 4096).endswith(b" still here\n")
+    log.close()
+    for x in (b, d):
+        x.close()
+    os.close(r)

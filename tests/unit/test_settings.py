@@ -192,8 +192,8 @@ def test_engine_options_name_real_engine_options():
 
 
 def test_every_variable_is_an_attribute_and_documented():
-    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
-    with open(readme, encoding="utf-8") as f:
+    page = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "configuration.md")
+    with open(page, encoding="utf-8") as f:
         text = f.read()
     s = Settings()
     for v in settings.VARIABLES:

@@ -30,7 +30,7 @@ SUBJECT = "spliceproxy"
 #
 # Range of each figure over 20 unchanged `spliceproxy bench --quick` runs
 # (four series of five) on the shared 2-core machine, rounds shuffled and
-# latency alternated exchange by exchange on one CPU (see README):
+# latency alternated exchange by exchange on one CPU (docs/benchmarking.md):
 # - counts: syscalls/conn 30.8-31.0, strace's 28.03-28.25; fds/conn 2,
 #   threads 1, RSS/conn 0; idle RSS vs a bare interpreter 0.918-0.921.
 # - system calls per GiB depend on how much each splice moves, i.e. on
@@ -106,7 +106,7 @@ CAPS = {"churn_hold": 1.0}
 # - MISSED (fails): the whole range lies beyond the target and the median
 #   beyond the tolerance.
 # Tolerances from the spread of the fast path's ratios over nine quick runs
-# here (README, measuring): RR p50 0.99-1.00 and UDP p50 0.97-1.05 (pinned);
+# here (docs/benchmarking.md): RR p50 0.99-1.00 and UDP p50 0.97-1.05 (pinned);
 # p99 0.84-1.16 of native, since each path has its own echo server process
 # and p99 falls in the VM's slow wake-up mode (60-90 us); throughput
 # 0.87-1.02 (not pinned); connections/s 0.77-1.19.

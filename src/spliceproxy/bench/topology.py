@@ -169,7 +169,8 @@ def _lookup(ns, ifname: str, timeout: float = 5.0) -> int:
         time.sleep(0.02)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -179,24 +180,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(prefix: str = PREFIX) -> list[str]:
-    """Remove <prefix><pid>-* namespaces whose creating process no longer exists.
+# The bench's namespace names after <prefix><pid>: [-<tag>]-{cli,host,ctr}.
+BENCH_TAIL = r"(?:-.+)?-(?:cli|host|ctr)"
 
-    Only names of exactly that shape: a namespace that merely starts with
-    the prefix belongs to someone else and is left alone (check_free then
-    refuses the prefix).
+
+def clean_stale(prefix: str = PREFIX, tail: str = BENCH_TAIL) -> list[str]:
+    """Remove <prefix><pid><tail> namespaces whose creating process no longer
+    exists, killing whatever still runs in them.
+
+    Only names of exactly that shape (tail a regular expression; the bench's
+    by default, the dockerd suite passes its own): a namespace that merely
+    starts with the prefix belongs to someone else and is left alone
+    (check_free then refuses the prefix).
     """
     removed = []
     if not os.path.isdir(NETNS_DIR):
         return removed
-    shape = re.compile(re.escape(prefix) + r"(\d+)-(cli|host|ctr)$|" + re.escape(prefix)
-                       + r"(\d+)-.+-(cli|host|ctr)$")
+    shape = re.compile(re.escape(prefix) + r"(\d+)" + tail)
     for name in sorted(os.listdir(NETNS_DIR)):
-        m = shape.match(name)
+        m = shape.fullmatch(name)
         if not m:
             continue
-        pid = int(m.group(1) or m.group(3))
-        if pid != os.getpid() and _pid_alive(pid):
+        pid = int(m.group(1))
+        if pid != os.getpid() and pid_alive(pid):
             continue
         if pid == os.getpid() and any(name in t.names for t in _live):
             continue

@@ -284,6 +284,12 @@ class MetricsServer:
                 continue  # ECONNABORTED and the like: that client's own
             sock.setblocking(False)
             if len(self.conns) >= MAX_CONNECTIONS:
+                # A scraper that asks again at once can be here before its
+                # last connection's close was seen (this loop answers each
+                # connection as it takes it): count only those still open.
+                for conn in [c for c in self.conns.values() if c.state == _DRAINING]:
+                    self._drain(conn)
+            if len(self.conns) >= MAX_CONNECTIONS:
                 self.counts["refused"] += 1
                 with contextlib.suppress(OSError):
                     sock.send(_BUSY)  # a few bytes: always taken by a new socket

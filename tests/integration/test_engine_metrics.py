@@ -312,13 +312,17 @@ def test_only_get_and_head_of_metrics_are_answered(proxy_path, tcp_addr):
                     b"get /metrics HTTP/1.1\r\n\r\n", b"GET /metrics HTTP/2\r\n\r\n",
                     b"GET metrics HTTP/1.1\r\n\r\n"):
             assert request(tcp_addr, raw)[0] == 400, raw
+        # A scraper that asks again as soon as it has its answer is never
+        # refused as too many: its closed connections are not counted.
+        codes = [request(tcp_addr, b"GET /x HTTP/1.1\r\n\r\n")[0] for _ in range(60)]
+        assert codes == [404] * 60, codes
         # A request head longer than the bound.
         status, _, body = request(tcp_addr, b"GET /metrics HTTP/1.1\r\nX: "
                                   + b"a" * metrics.REQUEST_MAX + b"\r\n\r\n")
         assert (status, body) == (400, b"request too long\n")
         fams = scrape(tcp_addr)
         assert value(fams, "spliceproxy_metrics_bad_requests",
-                     "spliceproxy_metrics_bad_requests_total") == 9
+                     "spliceproxy_metrics_bad_requests_total") == 9 + 60
         assert value(fams, "spliceproxy_metrics_scrapes", "spliceproxy_metrics_scrapes_total") == 4
 
 

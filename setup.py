@@ -29,7 +29,8 @@ def warning_flags():
 CSRC = [
     "csrc/core.c", "csrc/listener.c", "csrc/pipe.c",     # ground floor
     "csrc/mover_splice.c", "csrc/mover_copy.c",          # byte movers
-    "csrc/portreuse.c", "csrc/tcp.c", "csrc/udp.c",      # protocols
+    "csrc/portreuse.c", "csrc/transparent.c",            # beside the protocols
+    "csrc/tcp.c", "csrc/udp.c",                          # protocols
     "csrc/protos.c", "csrc/loop.c",                      # the loop
     "csrc/process.c", "csrc/stats.c",                    # beside the engine
     "csrc/fastpath.c",                                   # the kernel fast path

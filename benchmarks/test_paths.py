@@ -7,7 +7,7 @@ import re
 import pytest
 
 from spliceproxy.bench.gate import gate_entries
-from spliceproxy.bench.harness import BARE, METRICS, PLAIN, PORTS_STANDALONE, REFS
+from spliceproxy.bench.metrics import BARE, METRICS, PLAIN, PORTS_STANDALONE, REFS
 
 TIMING = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat")
 USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")

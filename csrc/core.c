@@ -230,6 +230,10 @@ int sp_option_check(int option, int64_t value)
 		if (value > 1000000)
 			return -EINVAL;
 		break;
+	case SP_OPT_TRANSPARENT:
+		if (value > 1)
+			return -EINVAL;
+		break;
 	default:
 		break;
 	}

@@ -11,6 +11,7 @@
  *     v
  *   tcp.c  udp.c                protocols (struct sp_proto, proto.h)
  *     |    portreuse.c          TIME_WAIT port reuse (portreuse.h)
+ *     |    transparent.c        backend sockets from the client's address
  *     v
  *   mover_splice.c mover_copy.c byte movers (struct sp_mover_ops, mover.h)
  *     |    pipe.c               the pipe pool (pipe.h)
@@ -153,6 +154,7 @@ struct sp_listener {
 	bool removed;                 /* sp_engine_remove(): the slot may be reused */
 	uint32_t opt_own;             /* bit o: opt[o] overrides the engine's */
 	int64_t opt[SP_OPT_COUNT];    /* sp_engine_set_listener_option() */
+	uint32_t tp_reported;         /* bit k: SP_EV_TP_* event k emitted (transparent.c) */
 	uint64_t stats[SP_STAT_COUNT]; /* this listener's share of the counters
 					* (SP_LISTENER_STATS_LIST only) */
 };
@@ -175,6 +177,9 @@ struct sp_engine {
 	int64_t stats_next_ms;        /* earliest time of the next write */
 
 	int64_t opt[SP_OPT_COUNT];
+
+	struct sp_prefix *tp_exclude; /* transparent.c */
+	int tp_n_exclude;
 
 	struct sp_listener *listeners;
 	int n_listeners;

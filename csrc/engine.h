@@ -53,6 +53,9 @@ struct sp_engine;
 	X(UDP_BYTES_C2B)       D(COUNTER, "UDP payload bytes client -> backend")                  \
 	X(UDP_BYTES_B2C)       D(COUNTER, "UDP payload bytes backend -> client")                  \
 	X(UDP_DROPS)           D(COUNTER, "datagrams that could not be delivered")                \
+	X(TCP_TRANSPARENT)     D(COUNTER, "connections relayed from the client's own address")    \
+	X(UDP_FLOWS_TRANSPARENT) D(COUNTER, "UDP entries relayed from the client's own address")  \
+	X(TRANSPARENT_FALLBACKS) D(COUNTER, "transparent-mode clients relayed from the host's address") \
 	X(PIPES_OPEN)          D(GAUGE,   "kernel pipes open now, pooled or in use")              \
 	X(PIPES_IN_USE)        D(GAUGE,   "pipes holding data in flight")                         \
 	X(PIPE_RESIZE_DENIED)  D(COUNTER, "F_SETPIPE_SZ refused (user pipe budget)")              \
@@ -96,7 +99,8 @@ struct sp_engine;
 	X(HEADROOM_RECLAIMED) X(UDP_FLOWS_ACTIVE) X(UDP_FLOWS_CREATED)         \
 	X(UDP_FLOWS_EXPIRED) X(UDP_FLOWS_EVICTED) X(UDP_ADDR_EVICTED)          \
 	X(UDP_DGRAMS_C2B) X(UDP_DGRAMS_B2C) X(UDP_BYTES_C2B) X(UDP_BYTES_B2C)  \
-	X(UDP_DROPS) X(ERR_EMFILE) X(ERR_ENOBUFS) X(ERR_RESET) X(ERR_OTHER)
+	X(UDP_DROPS) X(ERR_EMFILE) X(ERR_ENOBUFS) X(ERR_RESET) X(ERR_OTHER)    \
+	X(TCP_TRANSPARENT) X(UDP_FLOWS_TRANSPARENT) X(TRANSPARENT_FALLBACKS)
 
 enum sp_stat {
 #define SP_STAT_ENUM(name) SP_STAT_##name,
@@ -149,6 +153,9 @@ enum sp_option {
 	SP_OPT_SPIN_US,            /* after a wake-up that moved bytes, poll without
 				    * blocking for up to this many microseconds
 				    * (at most 1000000); 0 (default) = off */
+	SP_OPT_TRANSPARENT,        /* 1: backend sockets come from the client's own
+				    * address and port (IP_TRANSPARENT, transparent.c);
+				    * 0 (default) = from the host's */
 	SP_OPT_COUNT
 };
 
@@ -177,6 +184,13 @@ enum sp_event_kind {
 	SP_EV_IDLE_RECLAIMED,     /* half-closed pairs reclaimed; count */
 	SP_EV_HEADROOM_RECLAIMED, /* half-closed pairs reset for lack of descriptors; count */
 	SP_EV_UDP_ADDR_EVICTED,   /* entries evicted by the per-address bound; count */
+	/* SP_OPT_TRANSPARENT: a client relayed from the host's address instead,
+	 * because (each kind emitted once per listener): */
+	SP_EV_TP_LOOPBACK,        /* its address is a loopback (or link-local) one */
+	SP_EV_TP_FAMILY,          /* it is an IPv4 client of an IPv6 listener (mapped) */
+	SP_EV_TP_NETWORK,         /* its address is in a sp_engine_set_transparent_exclude() prefix */
+	SP_EV_TP_LOCAL,           /* the kernel says its address is local to the host */
+	SP_EV_TP_FAILED,          /* binding its address failed (err) */
 };
 
 struct sp_event {
@@ -216,6 +230,22 @@ int sp_engine_add_tcp(struct sp_engine *e, int listen_fd,
  * Returns the listener id. */
 int sp_engine_add_udp(struct sp_engine *e, int fd, int family,
 		      const struct sockaddr *backend, socklen_t backend_len);
+
+/* A network prefix: family AF_INET or AF_INET6, len bits of addr. */
+struct sp_prefix {
+	uint8_t family;
+	uint8_t len;
+	uint8_t addr[16];
+};
+
+#define SP_TRANSPARENT_EXCLUDE_MAX 256
+
+/* The prefixes whose clients SP_OPT_TRANSPARENT listeners relay from the
+ * host's address (container networks: a container there would answer its
+ * peer directly, not through the host).  Replaces the list; n = 0 clears.
+ * 0, or -EINVAL (a bad family or length, n beyond
+ * SP_TRANSPARENT_EXCLUDE_MAX), -ENOMEM. */
+int sp_engine_set_transparent_exclude(struct sp_engine *e, const struct sp_prefix *p, int n);
 
 /* Remove listener id at runtime: its socket and everything it owns are
  * closed (TCP connections reset, as on stop; UDP entries closed), its

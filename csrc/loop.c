@@ -97,6 +97,7 @@ void sp_engine_free(struct sp_engine *e)
 	for (p = 0; p < SP_PROTO_COUNT; p++)
 		sp_protos[p]->free(e);
 	sp_pipes_free(e);
+	free(e->tp_exclude);
 	sp_close(e, e->ctlfd);
 	sp_close(e, e->epfd);
 	/* The last image: every gauge back at zero, the final totals. */

@@ -36,6 +36,7 @@
 #include "mover.h"
 #include "portreuse.h"
 #include "proto.h"
+#include "transparent.h"
 
 #define CONN_CHUNK 1024          /* connections per allocation chunk */
 #define ACCEPT_BATCH 64          /* accepts per listener wakeup (fairness) */
@@ -108,6 +109,8 @@ static inline unsigned otheri(unsigned sidei)
 /* A TCP listener's own state (l->state). */
 struct sp_tcp_listener {
 	bool paused;                  /* accept paused after EMFILE */
+	bool for_room;                /* paused for lack of descriptors, which a
+				       * reclaimable pair makes up for */
 	bool pause_reported;          /* "paused" logged, "resumed" not yet */
 	int64_t resume_at_ms;
 };
@@ -293,6 +296,8 @@ static int64_t idle_step(int64_t timeout)
 	return step;
 }
 
+static void resume_listeners(struct sp_engine *e, bool reclaimable);
+
 /**
  * halfclosed_link() - put a connection on the half-closed list, newest first
  * @e:   engine
@@ -300,7 +305,8 @@ static int64_t idle_step(int64_t timeout)
  * @idx: its slot
  *
  * The idle scan is brought forward to this pair's step when its listener's
- * timeout is shorter than those of the pairs already listed.
+ * timeout is shorter than those of the pairs already listed.  A listener
+ * paused for lack of descriptors accepts again: this pair can make room.
  */
 static void halfclosed_link(struct sp_engine *e, struct sp_conn *c, uint32_t idx)
 {
@@ -323,6 +329,8 @@ static void halfclosed_link(struct sp_engine *e, struct sp_conn *c, uint32_t idx
 	t->half_head = idx;
 	c->in_halfclosed = true;
 	t->n_half++;
+	if (t->paused_listeners)
+		resume_listeners(e, true);
 }
 
 /**
@@ -360,20 +368,31 @@ static void resume_listener(struct sp_engine *e, struct sp_listener *l)
 }
 
 /**
- * resume_listeners() - resume listeners paused for lack of descriptors
+ * resume_listeners() - resume the listeners a shortage paused, now that it may be over
+ * @e:           engine
+ * @reclaimable: a half-closed pair turned reclaimable (else descriptors were freed)
  *
- * Resume listeners paused for lack of descriptors: some were just freed.
+ * With descriptors to spare every paused listener resumes.  Without, a
+ * listener paused for lack of descriptors still resumes when a pair turned
+ * reclaimable: accepting makes its room from that pair.  It must not wait
+ * for a descriptor to be freed, or for its backoff: a pair turns
+ * half-closed when its client's FIN is read, which frees nothing, and
+ * before, a burst of clients that filled the descriptors fully open and
+ * sent their FINs later kept accepting paused until the idle timeout, with
+ * the backlog (and every new client in it) waiting behind them.
  */
-static void resume_listeners(struct sp_engine *e)
+static void resume_listeners(struct sp_engine *e, bool reclaimable)
 {
+	bool room = fd_room(e);
 	int i;
 
-	if (!fd_room(e))
+	if (!room && !(reclaimable && e->tcp->half_head != NIL))
 		return;
 	for (i = 0; i < e->n_listeners; i++) {
 		struct sp_listener *l = &e->listeners[i];
 
-		if (l->proto == &sp_tcp_proto && l->state && tl(l)->paused && l->fd >= 0)
+		if (l->proto == &sp_tcp_proto && l->state && tl(l)->paused && l->fd >= 0 &&
+		    (room || tl(l)->for_room))
 			resume_listener(e, l);
 	}
 }
@@ -414,7 +433,7 @@ static void conn_close(struct sp_engine *e, uint32_t idx, struct sp_conn *c, boo
 	sp_lgauge_sub(e, c->listener, SP_STAT_TCP_ACTIVE, 1);
 	sp_lcount(e, c->listener, SP_STAT_TCP_CLOSED, 1);
 	if (t->paused_listeners)
-		resume_listeners(e);
+		resume_listeners(e, false);
 	if (t->n_starved)
 		t->starved_retry_ms = e->now_ms;  /* descriptors were freed: retry now */
 }
@@ -905,6 +924,7 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 	if (sp_epoll_mod(e, l->fd, 0, listener_ref(l)) < 0)
 		return;
 	tls->paused = true;
+	tls->for_room = err == EMFILE || err == ENFILE;
 	tls->resume_at_ms = e->now_ms + e->opt[SP_OPT_ACCEPT_BACKOFF_MS];
 	e->tcp->paused_listeners++;
 	sp_lcount(e, l->id, SP_STAT_ACCEPT_PAUSES, 1);
@@ -916,39 +936,68 @@ static void pause_listener(struct sp_engine *e, struct sp_listener *l, int err)
 
 /**
  * backend_socket() - a nonblocking backend socket, connect() started
+ * @e:           engine
+ * @l:           listener
+ * @connect_err: set to connect()'s errno when the socket was made but
+ *               connect() failed at once, else 0
+ * @bound_port:  set to the reused TIME_WAIT port bound, or 0
+ * @client:      the client's address, to bind the socket to
+ *               (SP_OPT_TRANSPARENT, transparent.c), or NULL
+ * @client_len:  its length
  *
- * A nonblocking backend socket, connect() started.  Returns the socket
- * (connect in progress or done) or -errno; *connect_err is the connect()
- * errno when the socket was made but connect() failed at once.
+ * Return: the socket (connect in progress or done), or -errno
  */
 static int backend_socket(struct sp_engine *e, struct sp_listener *l, int *connect_err,
-			  uint16_t *bound_port)
+			  uint16_t *bound_port, const struct sockaddr *client,
+			  socklen_t client_len)
 {
 	struct sp_ports *ps = &e->tcp->ports;
 	bool reuse = true;
-	int fd, rc, one = 1;
+	int fd, rc, one = 1, tp = 0;
 	uint16_t port;
 
 	*bound_port = 0;
 again:
 	*connect_err = 0;
-	sp_sys(e, SP_STAT_SYS_SOCKET);
-	fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd == -1)
-		return -errno;
-	sp_fd_opened(e);
+	fd = -1;
+	if (client) {
+		tp = sp_transparent_socket(e, l->id, SOCK_STREAM, &l->backend, client, client_len,
+					   &fd);
+		if (tp < 0)
+			return tp;
+	}
+	if (fd < 0) {
+		sp_sys(e, SP_STAT_SYS_SOCKET);
+		fd = socket(l->backend.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (fd == -1)
+			return -errno;
+		sp_fd_opened(e);
+	}
 	set_sockopts(e, fd);
 	/* Every backend socket carries SO_REUSEADDR, so that its TIME_WAIT
-	 * remnant does not block a later explicit bind to its port. */
-	sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	port = reuse ? sp_ports_bind(e, ps, l->id, fd, l->backend.ss_family) : 0;
+	 * remnant does not block a later explicit bind to its port (a
+	 * transparent one has it already). */
+	if (!tp) {
+		sp_sys(e, SP_STAT_SYS_SETSOCKOPT);
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	}
+	port = reuse && !tp ? sp_ports_bind(e, ps, l->id, fd, l->backend.ss_family) : 0;
 	*bound_port = port;
 	do {
 		sp_sys(e, SP_STAT_SYS_CONNECT);
 		rc = connect(fd, (struct sockaddr *)&l->backend, l->backend_len);
 	} while (rc == -1 && errno == EINTR);
 	if (rc == -1 && errno != EINPROGRESS) {
+		if (tp && (errno == EADDRNOTAVAIL || errno == EADDRINUSE)) {
+			/* The client's 4-tuple to the backend is taken (the same
+			 * client port through another listener, or a TIME_WAIT
+			 * the backend keeps): from the host's address. */
+			sp_transparent_fallback(e, l->id, SP_EV_TP_FAILED, errno);
+			sp_close(e, fd);
+			client = NULL;
+			tp = 0;
+			goto again;
+		}
 		if (port && (errno == EADDRNOTAVAIL || errno == EADDRINUSE)) {
 			/* That 4-tuple is not free to take over (e.g. a backend
 			 * without timestamps): use a port of the kernel's. */
@@ -961,7 +1010,34 @@ again:
 	} else if (port) {
 		sp_ports_result(e, ps, l->id, 0);
 	}
+	if (tp && !*connect_err)
+		sp_lcount(e, l->id, SP_STAT_TCP_TRANSPARENT, 1);
 	return fd;
+}
+
+/**
+ * client_address() - the peer of an accepted socket, for SP_OPT_TRANSPARENT
+ * @e:   engine
+ * @l:   listener
+ * @cfd: accepted socket
+ * @ss:  where to put the address
+ * @len: set to its length
+ *
+ * Return: ss, or NULL when the listener is not transparent or the peer is
+ * unknown (the connection is relayed from the host's address)
+ */
+static const struct sockaddr *client_address(struct sp_engine *e, struct sp_listener *l,
+					     int cfd, struct sockaddr_storage *ss, socklen_t *len)
+{
+	if (!sp_lopt(e, l->id, SP_OPT_TRANSPARENT))
+		return NULL;
+	*len = sizeof(*ss);
+	sp_sys(e, SP_STAT_SYS_OTHER);
+	if (getpeername(cfd, (struct sockaddr *)ss, len) == -1) {
+		sp_transparent_fallback(e, l->id, SP_EV_TP_FAILED, errno);
+		return NULL;
+	}
+	return (const struct sockaddr *)ss;
 }
 
 /**
@@ -1086,6 +1162,9 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 	uint16_t bport;
 	int64_t connect_timeout;
 	size_t want;
+	struct sockaddr_storage peer;
+	socklen_t peer_len = 0;
+	const struct sockaddr *client;
 
 	if (t->free_head == NIL && table_grow(t) < 0) {
 		sp_lcount_error(e, l->id, ENOMEM);
@@ -1093,7 +1172,16 @@ static void conn_start(struct sp_engine *e, struct sp_listener *l, int cfd)
 		sp_lcount(e, l->id, SP_STAT_TCP_FAILED, 1);
 		return;
 	}
-	bfd = backend_socket(e, l, &connect_err, &bport);
+	client = client_address(e, l, cfd, &peer, &peer_len);
+	bfd = backend_socket(e, l, &connect_err, &bport, client, peer_len);
+	if ((bfd == -EMFILE || bfd == -ENFILE) && t->half_head != NIL) {
+		/* Out of descriptors the engine does not count (the front
+		 * end's): make room as accepting does, rather than drop this
+		 * client, and try once more. */
+		sp_lcount_error(e, l->id, -bfd);
+		reclaim_for_room(e, true);
+		bfd = backend_socket(e, l, &connect_err, &bport, client, peer_len);
+	}
 	if (bfd < 0) {
 		int err = -bfd;
 
@@ -1250,6 +1338,14 @@ static void conn_connected(struct sp_engine *e, uint32_t idx, struct sp_conn *c)
 {
 	int err = sock_error(e, c->side[SIDE_BACKEND].fd);
 
+	if (err == ECONNRESET) {
+		/* The backend accepted and reset before the connect's completion
+		 * was seen: not a failed connect but a reset from that side,
+		 * passed on as any other (the client sees the reset, not a
+		 * FIN; before, it depended on which event came first). */
+		conn_abort(e, idx, c, err);
+		return;
+	}
 	if (err) {
 		conn_connect_failed(e, idx, c, err);
 		return;
@@ -1297,6 +1393,12 @@ static void conn_event(struct sp_engine *e, unsigned sidei, uint32_t idx, struct
 	if (c->state == CONN_CONNECTING) {
 		if (sidei == SIDE_BACKEND && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
 			conn_connected(e, idx, c);
+		else if (sidei == SIDE_CLIENT && (events & (EPOLLRDHUP | EPOLLHUP)))
+			/* The client finished before the backend answered (its
+			 * FIN came with it from the backlog, or while connecting):
+			 * as abandoned as a half-closed pair, and as reclaimable,
+			 * so a backend slow to answer does not hold the room. */
+			halfclosed_link(e, c, idx);
 		return;
 	}
 	if (events & EPOLLERR) {
@@ -1389,7 +1491,7 @@ static int64_t tcp_timer(struct sp_engine *e)
 				continue;
 			left = tls->resume_at_ms - e->now_ms;
 			if (left <= 0) {
-				if (fd_room(e)) {
+				if (fd_room(e) || (tls->for_room && t->half_head != NIL)) {
 					resume_listener(e, l);
 					if (!tls->paused)
 						continue;
@@ -1559,7 +1661,7 @@ const struct sp_proto sp_tcp_proto = {
 	.listener_free = tcp_listener_free,
 	.listener_options = SP_OPT_BIT(SP_OPT_COPY_MODE) | SP_OPT_BIT(SP_OPT_COPY_BUF) |
 			    SP_OPT_BIT(SP_OPT_PIPE_SIZE) | SP_OPT_BIT(SP_OPT_IDLE_TIMEOUT_MS) |
-			    SP_OPT_BIT(SP_OPT_CONNECT_TIMEOUT_MS),
+			    SP_OPT_BIT(SP_OPT_CONNECT_TIMEOUT_MS) | SP_OPT_BIT(SP_OPT_TRANSPARENT),
 };
 
 /**

@@ -44,6 +44,7 @@
 #include <sys/socket.h>
 
 #include "proto.h"
+#include "transparent.h"
 
 #define SP_UDP_BATCH      32       /* datagrams per recvmmsg/sendmmsg */
 #define SP_UDP_ROUNDS     4        /* batches per event before yielding */
@@ -514,17 +515,28 @@ static bool sp_udp_evict_any(struct sp_engine *e, struct sp_udp_listener *ul)
 	return false;
 }
 
-/* sp_udp_backend_socket() - a nonblocking socket connected to the backend;
+/* sp_udp_backend_socket() - a nonblocking socket connected to the backend,
+ * bound to the client's address with SP_OPT_TRANSPARENT (transparent.c);
  * fd or -errno */
-static int sp_udp_backend_socket(struct sp_engine *e, struct sp_udp_listener *ul)
+static int sp_udp_backend_socket(struct sp_engine *e, struct sp_udp_listener *ul,
+				 const union sp_udp_addr *client, socklen_t client_len)
 {
-	int fd, rc;
+	int fd = -1, rc, tp = 0;
 
-	sp_sys(e, SP_STAT_SYS_SOCKET);
-	fd = socket(ul->backend.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd == -1)
-		return -errno;
-	sp_fd_opened(e);
+	if (sp_lopt(e, ul->id, SP_OPT_TRANSPARENT)) {
+		tp = sp_transparent_socket(e, ul->id, SOCK_DGRAM, &ul->backend,
+					   (const struct sockaddr *)client, client_len, &fd);
+		if (tp < 0)
+			return tp;
+	}
+again:
+	if (fd < 0) {
+		sp_sys(e, SP_STAT_SYS_SOCKET);
+		fd = socket(ul->backend.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (fd == -1)
+			return -errno;
+		sp_fd_opened(e);
+	}
 	do {
 		sp_sys(e, SP_STAT_SYS_CONNECT);
 		rc = connect(fd, (const struct sockaddr *)&ul->backend, ul->backend_len);
@@ -533,8 +545,17 @@ static int sp_udp_backend_socket(struct sp_engine *e, struct sp_udp_listener *ul
 		int err = errno;
 
 		sp_close(e, fd);
+		if (tp) {
+			/* From the host's address, as without the option. */
+			sp_transparent_fallback(e, ul->id, SP_EV_TP_FAILED, err);
+			fd = -1;
+			tp = 0;
+			goto again;
+		}
 		return -err;
 	}
+	if (tp)
+		sp_lcount(e, ul->id, SP_STAT_UDP_FLOWS_TRANSPARENT, 1);
 	return fd;
 }
 
@@ -563,11 +584,11 @@ static struct sp_udp_flow *sp_udp_flow_new(struct sp_engine *e, struct sp_udp_li
 		while (ul->count >= (uint64_t)max && sp_udp_evict(e, ul))
 			;
 
-	fd = sp_udp_backend_socket(e, ul);
+	fd = sp_udp_backend_socket(e, ul, client, client_len);
 	/* Out of descriptors: an old entry is worth less than a new client. */
 	if ((fd == -EMFILE || fd == -ENFILE) && sp_udp_evict_any(e, ul)) {
 		sp_lcount_error(e, ul->id, -fd);
-		fd = sp_udp_backend_socket(e, ul);
+		fd = sp_udp_backend_socket(e, ul, client, client_len);
 	}
 	if (fd < 0) {
 		sp_lcount_error(e, ul->id, -fd);
@@ -1258,7 +1279,8 @@ const struct sp_proto sp_udp_proto = {
 	.remove = sp_udp_listener_free,
 	.listener_free = sp_udp_listener_free,
 	.listener_options = SP_OPT_BIT(SP_OPT_UDP_TIMEOUT_MS) | SP_OPT_BIT(SP_OPT_UDP_MAX_FLOWS) |
-			    SP_OPT_BIT(SP_OPT_UDP_MAX_FLOWS_PER_ADDR),
+			    SP_OPT_BIT(SP_OPT_UDP_MAX_FLOWS_PER_ADDR) |
+			    SP_OPT_BIT(SP_OPT_TRANSPARENT),
 };
 
 /* sp_engine_add_udp() - relay datagrams arriving on a bound socket fd

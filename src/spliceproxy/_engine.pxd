@@ -1,5 +1,5 @@
 # Declarations of csrc/engine.h and csrc/process.h, nothing else.
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -40,6 +40,7 @@ cdef extern from "engine.h" nogil:
         SP_OPT_CONNECT_TIMEOUT_MS
         SP_OPT_UDP_MAX_FLOWS_PER_ADDR
         SP_OPT_SPIN_US
+        SP_OPT_TRANSPARENT
         SP_OPT_COUNT
 
     enum sp_copy_mode:
@@ -66,6 +67,16 @@ cdef extern from "engine.h" nogil:
         SP_EV_IDLE_RECLAIMED
         SP_EV_HEADROOM_RECLAIMED
         SP_EV_UDP_ADDR_EVICTED
+        SP_EV_TP_LOOPBACK
+        SP_EV_TP_FAMILY
+        SP_EV_TP_NETWORK
+        SP_EV_TP_LOCAL
+        SP_EV_TP_FAILED
+
+    struct sp_prefix:
+        uint8_t family
+        uint8_t len
+        uint8_t addr[16]
 
     enum sp_kind:
         SP_KIND_COUNTER
@@ -76,6 +87,7 @@ cdef extern from "engine.h" nogil:
         SP_STATS_MAGIC
         SP_STATS_VERSION
         SP_STATS_FLUSH_MS
+        SP_TRANSPARENT_EXCLUDE_MAX
 
     int sp_engine_new(sp_engine **out)
     void sp_engine_free(sp_engine *e)
@@ -84,6 +96,7 @@ cdef extern from "engine.h" nogil:
     int sp_engine_add_tcp(sp_engine *e, int listen_fd, const sockaddr *backend, socklen_t backend_len)
     int sp_engine_add_udp(sp_engine *e, int fd, int family, const sockaddr *backend, socklen_t backend_len)
     int sp_engine_remove(sp_engine *e, int id)
+    int sp_engine_set_transparent_exclude(sp_engine *e, const sp_prefix *p, int n)
     int sp_engine_listener_stats(const sp_engine *e, int id, uint64_t *out)
     int sp_engine_set_listener_option(sp_engine *e, int id, int option, int64_t value)
     int sp_engine_get_option(const sp_engine *e, int id, int option, int64_t *value)

@@ -18,6 +18,7 @@ OPT_FD_LIMIT: int
 OPT_CONNECT_TIMEOUT_MS: int
 OPT_UDP_MAX_FLOWS_PER_ADDR: int
 OPT_SPIN_US: int
+OPT_TRANSPARENT: int
 
 COPY_SPLICE: int
 COPY_READWRITE: int
@@ -34,6 +35,12 @@ EV_LISTENER_FAILED: int
 EV_IDLE_RECLAIMED: int
 EV_HEADROOM_RECLAIMED: int
 EV_UDP_ADDR_EVICTED: int
+EV_TP_LOOPBACK: int
+EV_TP_FAMILY: int
+EV_TP_NETWORK: int
+EV_TP_LOCAL: int
+EV_TP_FAILED: int
+TRANSPARENT_EXCLUDE_MAX: int
 
 STATS_HEADER_SIZE: int
 STATS_VERSION: int
@@ -55,6 +62,7 @@ class Engine:
     def add_tcp(self, fd: int, family: int, addr: bytes, port: int) -> int: ...
     def add_udp(self, fd: int, listen_family: int, family: int, addr: bytes, port: int) -> int: ...
     def remove(self, listener: int) -> None: ...
+    def set_transparent_exclude(self, prefixes: list[tuple[int, bytes, int]]) -> None: ...
     def set_listener_option(self, listener: int, option: int, value: int) -> None: ...
     def get_option(self, option: int, listener: int = -1) -> int: ...
     def listener_stats(self, listener: int) -> dict[str, int]: ...

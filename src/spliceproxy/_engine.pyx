@@ -63,6 +63,7 @@ OPT_FD_LIMIT = SP_OPT_FD_LIMIT
 OPT_CONNECT_TIMEOUT_MS = SP_OPT_CONNECT_TIMEOUT_MS
 OPT_UDP_MAX_FLOWS_PER_ADDR = SP_OPT_UDP_MAX_FLOWS_PER_ADDR
 OPT_SPIN_US = SP_OPT_SPIN_US
+OPT_TRANSPARENT = SP_OPT_TRANSPARENT
 
 COPY_SPLICE = SP_COPY_SPLICE
 COPY_READWRITE = SP_COPY_READWRITE
@@ -79,6 +80,12 @@ EV_LISTENER_FAILED = SP_EV_LISTENER_FAILED
 EV_IDLE_RECLAIMED = SP_EV_IDLE_RECLAIMED
 EV_HEADROOM_RECLAIMED = SP_EV_HEADROOM_RECLAIMED
 EV_UDP_ADDR_EVICTED = SP_EV_UDP_ADDR_EVICTED
+EV_TP_LOOPBACK = SP_EV_TP_LOOPBACK
+EV_TP_FAMILY = SP_EV_TP_FAMILY
+EV_TP_NETWORK = SP_EV_TP_NETWORK
+EV_TP_LOCAL = SP_EV_TP_LOCAL
+EV_TP_FAILED = SP_EV_TP_FAILED
+TRANSPARENT_EXCLUDE_MAX = SP_TRANSPARENT_EXCLUDE_MAX
 
 STATS_HEADER_SIZE = sizeof(sp_stats_header)
 STATS_VERSION = SP_STATS_VERSION
@@ -233,6 +240,30 @@ cdef class Engine:
         """Close listener (an id from add_*) and everything it owns; the id may be reused."""
         self._check()
         cdef int rc = sp_engine_remove(self.e, listener)
+        if rc < 0:
+            raise _oserror(-rc)
+
+    def set_transparent_exclude(self, prefixes):
+        """The prefixes, (family, packed address, length) each, whose clients
+        transparent listeners relay from the host's address (engine.h)."""
+        self._check()
+        cdef sp_prefix buf[SP_TRANSPARENT_EXCLUDE_MAX]
+        cdef int n = 0
+        cdef bytes raw
+        items = list(prefixes)
+        if len(items) > SP_TRANSPARENT_EXCLUDE_MAX:
+            raise ValueError("more than %d prefixes" % SP_TRANSPARENT_EXCLUDE_MAX)
+        for family, addr, length in items:
+            raw = bytes(addr)
+            if len(raw) != (4 if family == AF_INET else 16 if family == AF_INET6 else -1) \
+                    or not 0 <= length <= 8 * len(raw):
+                raise ValueError("bad prefix %r/%r" % (addr, length))
+            memset(&buf[n], 0, sizeof(sp_prefix))
+            buf[n].family = family
+            buf[n].len = length
+            memcpy(buf[n].addr, <char *>raw, len(raw))
+            n += 1
+        cdef int rc = sp_engine_set_transparent_exclude(self.e, buf, n)
         if rc < 0:
             raise _oserror(-rc)
 

@@ -31,6 +31,7 @@ import os
 import select
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -108,9 +109,10 @@ def engine_options(engine: _engine.Engine, lid: int = -1) -> dict[str, object]:
 
 
 # Settings that are the engine process's, not options of its relay: whom it
-# runs as, the fast path it loaded and where it serves /metrics.  A mapping
-# cannot have its own.
-ENGINE_WIDE = ("USER", "KEEP_PRIVILEGES", "FASTPATH", "FASTPATH_CGROUP", "METRICS_ADDR")
+# runs as, the fast path it loaded, the transparent mode's rules and where it
+# serves /metrics.  A mapping cannot have its own.
+ENGINE_WIDE = ("USER", "KEEP_PRIVILEGES", "FASTPATH", "FASTPATH_CGROUP", "TRANSPARENT",
+               "METRICS_ADDR")
 
 
 def engine_wide_differences(mine: Settings, theirs: Settings) -> list[str]:
@@ -156,7 +158,7 @@ class Mapping:
     """One published port served by the engine, and the stub that stands for it."""
 
     __slots__ = ("id", "proxy", "conn", "stub_pid", "started", "started_wall", "log",
-                 "adopted", "host", "fd", "fp_id", "logged")
+                 "adopted", "host", "fd", "fp_id", "logged", "transparent")
 
     def __init__(self, lid: int, proxy: Proxy, conn: Conn, log: Logger, adopted: bool,
                  port: int, fd: int = -1):
@@ -175,6 +177,7 @@ class Mapping:
         # Of an engine-wide event's counter (SHARED_EVENTS): how much of it
         # this mapping's log has told.
         self.logged: dict[str, int] = {}
+        self.transparent = False  # its backend sockets take the client's address
 
     def describe(self) -> dict:
         c = self.proxy.config
@@ -187,6 +190,7 @@ class Mapping:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "started": self.started_wall,
             "adopted": self.adopted,
+            "transparent": self.transparent,
         }
 
 
@@ -288,6 +292,9 @@ class Service:
         self.addr_watch = None  # fastpath.AddressWatch, for wildcard mappings
         # The one network namespace this engine serves: where it runs.
         self.netns = control.netns_id()
+        self.tp_rules = None  # transparent.Rules when SPLICEPROXY_TRANSPARENT is on
+        self.tp_reason = "SPLICEPROXY_TRANSPARENT is not set"
+        self.tp_mappings: dict[int, str] = {}  # transparent listener id -> container address
         self.metrics: metrics.MetricsServer | None = None  # SPLICEPROXY_METRICS_ADDR
 
     # -- setup -----------------------------------------------------------
@@ -348,6 +355,8 @@ class Service:
         if self.settings.fastpath:
             # Loading and attaching need privilege: before the drop, once.
             self._load_fastpath()
+        if self.settings.transparent:
+            self._transparent_setup()
         try:
             limit = _engine.raise_nofile()
         except OSError:
@@ -453,6 +462,111 @@ class Service:
         except OSError as e:
             self.log.log("fast path: following local addresses: %s" % go_strerror(e.errno))
 
+    # -- transparent mode (transparent.py) --------------------------------
+
+    def _transparent_setup(self) -> None:
+        """Find the host's firewall tool; the rules wait for the first mapping."""
+        from spliceproxy import transparent
+
+        try:
+            tool = transparent.firewall()
+        except transparent.Unavailable as e:
+            self.tp_reason = str(e)
+            self.log.log("transparent mode not available: %s; every mapping relays from the "
+                         "host's address" % e)
+            return
+        self.tp_rules = transparent.Rules(tool)
+        self.tp_reason = ""
+        note = ""
+        with contextlib.suppress(OSError, ValueError):
+            with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+                if int(f.read()):
+                    note = ("; net.ipv4.ip_nonlocal_bind is 1, so no client address can be "
+                            "told from a local one: every client falls back")
+        self.log.log("transparent mode on (firewall: %s): containers see their clients' own "
+                     "addresses%s" % (tool, note))
+
+    def _transparent_add(self, mapping: Mapping) -> None:
+        """Make a mapping transparent, adding the rules with the first one; a
+        mapping that cannot be relays from the host's address, logged once."""
+        rules, engine = self.tp_rules, self.engine
+        if rules is None or engine is None:
+            return
+        from spliceproxy import transparent
+
+        c = mapping.proxy.config
+        front = mapping.proxy.front
+        why = ""
+        if c.host_family != c.container_family:
+            why = ("its clients are IPv%s and the container IPv%s"
+                   % ("6" if c.host_family == AF_INET6 else "4",
+                      "6" if c.container_family == AF_INET6 else "4"))
+        elif not self.tp_mappings:
+            try:
+                stale = rules.install()
+            except (transparent.Unavailable, OSError, subprocess.SubprocessError) as e:
+                why = "cannot add its policy route: %s" % e
+            else:
+                if stale:
+                    self.log.log("transparent mode: removed what a previous engine left: %s"
+                                 % ", ".join(stale))
+                self.log.log("transparent mode: policy route added (mark %#x, table %d, "
+                             "rule priority %d)" % (transparent.MARK, transparent.TABLE,
+                                                    transparent.PREF))
+        if not why and c.container_family not in rules.families:
+            why = "the host has no IPv6 policy routing for it"
+        if why:
+            mapping.log.log("%s: the container sees the host's address, not the client's (%s)"
+                            % (front, why))
+            self._logged(mapping.log)
+            if not self.tp_mappings:
+                self._transparent_rules_down()
+            return
+        self.tp_mappings[mapping.id] = socket.inet_ntop(c.container_family, c.container_addr)
+        self._transparent_exclude()
+        try:
+            engine.set_listener_option(mapping.id, _engine.OPT_TRANSPARENT, 1)
+        except OSError as e:
+            del self.tp_mappings[mapping.id]
+            mapping.log.log("%s: the container sees the host's address, not the client's (%s)"
+                            % (front, go_strerror(e.errno)))
+            self._logged(mapping.log)
+            if not self.tp_mappings:
+                self._transparent_rules_down()
+            return
+        mapping.transparent = True
+
+    def _transparent_exclude(self) -> None:
+        """Give the engine the container networks again (they come and go)."""
+        from spliceproxy import transparent
+
+        assert self.engine is not None
+        nets = transparent.container_networks(sorted(set(self.tp_mappings.values())))
+        try:
+            self.engine.set_transparent_exclude(nets[:_engine.TRANSPARENT_EXCLUDE_MAX])
+        except (OSError, ValueError) as e:
+            self.log.log("transparent mode: container networks: %s" % e)
+
+    def _transparent_remove(self, mapping: Mapping) -> None:
+        if self.tp_mappings.pop(mapping.id, None) is None:
+            return
+        mapping.transparent = False
+        if not self.tp_mappings:
+            self._transparent_rules_down()
+
+    def _transparent_rules_down(self) -> None:
+        rules = self.tp_rules
+        if rules is None or not rules.families:
+            return
+        from spliceproxy import transparent
+
+        try:
+            rules.remove()
+        except (transparent.Unavailable, OSError, subprocess.SubprocessError) as e:
+            self.log.log("transparent mode: removing its policy route: %s" % e)
+            return
+        self.log.log("transparent mode: policy route removed (no transparent mapping)")
+
     def _drop_privileges(self) -> None:
         """As the standalone proxy, but keeping the right to bind low ports."""
         engine = self.engine
@@ -473,7 +587,7 @@ class Service:
             with contextlib.suppress(OSError):
                 engine.reserve_pipes(16)
         try:
-            drop_privileges_keeping_bind(*target)
+            drop_privileges_keeping_bind(*target, net_admin=self.tp_rules is not None)
         except OSError as e:
             raise EngineError("cannot drop privileges to uid %d gid %d: %s: %s"
                               % (target[0], target[1], e.filename, go_strerror(e.errno))
@@ -588,6 +702,9 @@ class Service:
             self.fastpath = None
         if self.engine is not None:
             self.engine.close()
+        # After the engine: its transparent sockets are closed.
+        self.tp_mappings.clear()
+        self._transparent_rules_down()
         if self.addr_watch is not None:
             self.addr_watch.close()
             self.addr_watch = None
@@ -763,6 +880,7 @@ class Service:
         conn.mapping = mapping
         self.mappings[lid] = mapping
         self._fastpath_add(mapping)
+        self._transparent_add(mapping)
         self.idle_since = None
         _write_status(status_fd, b"0\n")
         try:
@@ -879,6 +997,7 @@ class Service:
         mapping.conn.mapping = None
         assert self.engine is not None
         self._fastpath_remove(mapping)
+        self._transparent_remove(mapping)
         try:
             self.engine.remove(mapping.id)
         except OSError as e:
@@ -904,6 +1023,7 @@ class Service:
                 # Removing it frees what is left (its connections, the slot).
                 self.mappings.pop(lid, None)
                 self._fastpath_remove(mapping, listener_open=False)
+                self._transparent_remove(mapping)
                 with contextlib.suppress(OSError):
                     self.engine.remove(lid)
                 mapping.conn.mapping = None
@@ -974,6 +1094,11 @@ class Service:
                 "fastpath": {"active": self.fastpath is not None,
                              "reason": self.fastpath_reason,
                              "cgroup": self.fastpath_cgroup},
+                "transparent": {"on": self.tp_rules is not None,
+                                "reason": self.tp_reason,
+                                "firewall": self.tp_rules.tool if self.tp_rules else None,
+                                "rules": bool(self.tp_rules and self.tp_rules.families),
+                                "mappings": len(self.tp_mappings)},
                 "metrics": self.metrics.describe() if self.metrics is not None else None,
             },
             "mappings": maps,
@@ -1082,11 +1207,13 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_NET_BIND_SERVICE = 10
+CAP_NET_ADMIN = 12
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def drop_privileges_keeping_bind(uid: int, gid: int) -> None:
-    """Become uid/gid keeping only CAP_NET_BIND_SERVICE; OSError (filename: the step).
+def drop_privileges_keeping_bind(uid: int, gid: int, net_admin: bool = False) -> None:
+    """Become uid/gid keeping only CAP_NET_BIND_SERVICE (and CAP_NET_ADMIN with
+    net_admin); OSError (filename: the step).
 
     The standalone proxy keeps no capability (sp_drop_privileges): it binds
     its one port before dropping.  The engine opens listeners for mappings
@@ -1094,6 +1221,11 @@ def drop_privileges_keeping_bind(uid: int, gid: int) -> None:
     port below 1024 is the one privilege its work needs.  Everything else
     goes: the bounding set is cut to that one capability (nothing executed
     can regain more), supplementary groups are dropped, no_new_privs is set.
+
+    The transparent mode (SPLICEPROXY_TRANSPARENT) keeps CAP_NET_ADMIN as
+    well: IP_TRANSPARENT on every backend socket, and the policy route it
+    adds and removes as mappings come and go (ip and iptables/nft, which it
+    runs with that one capability in their ambient set, hence inheritable).
     """
     import ctypes
 
@@ -1112,7 +1244,7 @@ def drop_privileges_keeping_bind(uid: int, gid: int) -> None:
         except (OSError, ValueError):
             last = 40
         for cap in range(last + 1):
-            if cap != CAP_NET_BIND_SERVICE:
+            if cap != CAP_NET_BIND_SERVICE and not (net_admin and cap == CAP_NET_ADMIN):
                 prctl(_PR_CAPBSET_DROP, cap, step="prctl(PR_CAPBSET_DROP)")
         with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
             prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, step="prctl(PR_CAP_AMBIENT)")
@@ -1126,7 +1258,11 @@ def drop_privileges_keeping_bind(uid: int, gid: int) -> None:
         # The permitted set survived the uid change (KEEPCAPS); keep one.
         header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
         bit = 1 << CAP_NET_BIND_SERVICE
-        data = (ctypes.c_uint32 * 6)(bit, bit, 0, 0, 0, 0)  # effective, permitted, inheritable
+        inh = 0
+        if net_admin:
+            inh = 1 << CAP_NET_ADMIN
+            bit |= inh
+        data = (ctypes.c_uint32 * 6)(bit, bit, inh, 0, 0, 0)  # effective, permitted, inheritable
         if libc.capset(header, data) == -1:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), "capset")

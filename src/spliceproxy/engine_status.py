@@ -152,6 +152,19 @@ def table(doc: dict) -> str:
         lines.append("fast path active (cgroup %s)" % fp.get("cgroup"))
     elif fp:
         lines.append("fast path not active: %s" % fp.get("reason"))
+    tp = eng.get("transparent")
+    counters = eng.get("counters") or {}
+    if tp and tp.get("on"):
+        lines.append("transparent mode on (firewall %s, policy route %s): %d mapping%s; "
+                     "%s connections and %s UDP entries from the clients' own addresses, "
+                     "%s from the host's (fallbacks)"
+                     % (tp.get("firewall"), "in place" if tp.get("rules") else "not in place",
+                        tp.get("mappings", 0), "" if tp.get("mappings") == 1 else "s",
+                        counters.get("tcp_transparent", "-"),
+                        counters.get("udp_flows_transparent", "-"),
+                        counters.get("transparent_fallbacks", "-")))
+    elif tp and tp.get("reason") and "is not set" not in tp["reason"]:
+        lines.append("transparent mode not available: %s" % tp["reason"])
     ms = eng.get("metrics")
     if ms and ms.get("listening"):
         lines.append("metrics served on %s" % ms.get("address"))
@@ -276,6 +289,11 @@ def prometheus(doc: dict) -> str:
         family("spliceproxy_engine_fastpath_active", "gauge",
                "Whether the kernel fast path is attached (1) or not (0).")
         out.append("spliceproxy_engine_fastpath_active %d" % bool(fp.get("active")))
+    tp = eng.get("transparent")
+    if tp is not None:
+        family("spliceproxy_engine_transparent_on", "gauge",
+               "Whether SPLICEPROXY_TRANSPARENT is on (1) or not (0).")
+        out.append("spliceproxy_engine_transparent_on %d" % bool(tp.get("on")))
     totals = merged(eng.get("counters")) or {}
     for name in order + sorted(set(totals) - set(order)):
         if name not in totals:

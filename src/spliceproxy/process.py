@@ -78,7 +78,11 @@ def _start(argv: list[str], status: StatusPipe):
     try:
         conf = settings.load(mode="standalone")
     except settings.SettingError as e:
-        raise StartupError(str(e)) from None
+        # A setting of engine mode refused here says why this port is
+        # standalone when it was meant for the engine (no socket possible).
+        why = os.environ.get(STANDALONE_WHY_ENV)
+        raise StartupError("%s (%s)" % (e, STANDALONE_WHY % why) if why and e.mode_refused
+                           else str(e)) from None
     try:
         who = identity.choose(conf.user, conf.keep_privileges)
     except identity.IdentityError as e:

@@ -262,7 +262,24 @@ class Proxy:
             return ("Out of descriptors on %s: reset %d half-closed connection%s that made "
                     "no progress for longest, to serve new clients" % (
                         self.front, count, "" if count == 1 else "s"))
+        why = _TRANSPARENT_FALLBACKS.get(kind)
+        if why is not None:
+            return ("%s: some clients reach %s from the host's address, not their own: %s%s "
+                    "(logged once for this mapping)" % (
+                        self.front, self.back, why, ": " + reason if reason else ""))
         return "engine event %d on %s: %s%s" % (kind, self.front, reason, times)
+
+
+# Why a client of a transparent mapping was relayed from the host's address
+# (SPLICEPROXY_TRANSPARENT, csrc/transparent.c).
+_TRANSPARENT_FALLBACKS = {
+    _engine.EV_TP_LOOPBACK: "a loopback, link-local or other unroutable client address",
+    _engine.EV_TP_FAMILY: "an IPv4 client of an IPv6 port",
+    _engine.EV_TP_NETWORK: "a client inside a container network (its container would "
+                           "answer it directly)",
+    _engine.EV_TP_LOCAL: "a client address local to the host",
+    _engine.EV_TP_FAILED: "binding the client's address failed",
+}
 
 
 def _somaxconn() -> int:

@@ -30,7 +30,12 @@ ENV_PREFIX = "SPLICEPROXY_"
 
 
 class SettingError(Exception):
-    """An invalid SPLICEPROXY_* value (reported on fd 3, exit 1)."""
+    """An invalid SPLICEPROXY_* value (reported on fd 3, exit 1); mode_refused:
+    a valid one set in a mode where it would do nothing."""
+
+    def __init__(self, msg: str, mode_refused: bool = False):
+        super().__init__(msg)
+        self.mode_refused = mode_refused
 
 
 # --------------------------------------------------------------------------
@@ -115,32 +120,29 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def duration_ms(lo_ms: int, hi_ms: int):
-    """A duration (see parse_duration) in whole milliseconds between lo_ms and hi_ms."""
+def _bounded_duration(per_second: float, lo: int, hi: int, lo_text: str, hi_text: str):
+    """A duration (see parse_duration) in whole 1/per_second seconds between lo and
+    hi; out of range, an error naming the bound as lo_text or hi_text."""
 
     def parse(text: str) -> int:
-        ms = int(round(parse_duration(text) * 1000))
-        if ms < lo_ms:
-            raise ValueError("must be at least %dms" % lo_ms)
-        if ms > hi_ms:
-            raise ValueError("must be at most %ds" % (hi_ms // 1000))
-        return ms
+        n = int(round(parse_duration(text) * per_second))
+        if n < lo:
+            raise ValueError("must be at least " + lo_text)
+        if n > hi:
+            raise ValueError("must be at most " + hi_text)
+        return n
 
     return parse
+
+
+def duration_ms(lo_ms: int, hi_ms: int):
+    """A duration (see parse_duration) in whole milliseconds between lo_ms and hi_ms."""
+    return _bounded_duration(1000, lo_ms, hi_ms, "%dms" % lo_ms, "%ds" % (hi_ms // 1000))
 
 
 def duration_us(lo_us: int, hi_us: int):
     """A duration (see parse_duration) in whole microseconds between lo_us and hi_us."""
-
-    def parse(text: str) -> int:
-        us = int(round(parse_duration(text) * 1e6))
-        if us < lo_us:
-            raise ValueError("must be at least %dus" % lo_us)
-        if us > hi_us:
-            raise ValueError("must be at most %dus" % hi_us)
-        return us
-
-    return parse
+    return _bounded_duration(1e6, lo_us, hi_us, "%dus" % lo_us, "%dus" % hi_us)
 
 
 def choice(**values):
@@ -375,6 +377,18 @@ VARIABLES = (
         doc="`true` lets host-local clients skip the relay through the kernel, in "
             "[engine mode](engine-mode.md) (the host engine loads the programs; a standalone "
             "proxy logs that it is not active); see [Kernel fast path](fast-path.md)"),
+    Var("TRANSPARENT", boolean, False, shown="false", modes=("engine",),
+        instead="the policy route that brings replies back belongs to the host engine; "
+                "unset SPLICEPROXY_ENGINE (engine mode is the default) or "
+                "SPLICEPROXY_TRANSPARENT",
+        help="true relays TCP and UDP to containers from the client's own address and port "
+             "(IP_TRANSPARENT and a policy route in the engine's namespace; engine mode only, "
+             "a standalone proxy refuses to start); clients whose address cannot be kept are "
+             "relayed as without it (docs/transparent.md)",
+        doc="`true` relays TCP and UDP to containers from the client's own address and port "
+            "(IP_TRANSPARENT and a policy route in the engine's namespace), in engine mode "
+            "only (a standalone proxy refuses to start); clients whose address cannot be kept "
+            "are relayed as without it; see [Transparent relay](transparent.md)"),
     # For tests and special setups: the programs affect every process below
     # the cgroup they are attached to, the whole host by default.
     Var("FASTPATH_CGROUP", cgroup2_dir, None, shown="the cgroup v2 root",
@@ -462,5 +476,6 @@ def load(environ: dict[bytes, bytes] | None = None, mode: str | None = None) -> 
                                % (ENV_PREFIX, v.name, _show(raw), e)) from None
         if mode is not None and mode not in v.modes:
             raise SettingError("%s%s works in %s mode only: %s"
-                               % (ENV_PREFIX, v.name, " and ".join(v.modes), v.instead))
+                               % (ENV_PREFIX, v.name, " and ".join(v.modes), v.instead),
+                               mode_refused=True)
     return Settings(**values)

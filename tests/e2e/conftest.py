@@ -27,10 +27,13 @@ Which proxy: the ``spliceproxy`` installed for this interpreter by default, or
 the absolute path in ``SPLICEPROXY_E2E_PROXY`` (e.g. ``/usr/sbin/docker-proxy``
 to run the same scenarios against the reference). spliceproxy runs every
 scenario three times: standalone (``SPLICEPROXY_ENGINE=0`` in dockerd's
-environment), in engine mode (``SPLICEPROXY_ENGINE=1``, each daemon with its
-own ``SPLICEPROXY_ENGINE_SOCKET`` in its private directory and a 1 s idle
-exit, so an engine never outlives its daemon's last mapping by more than
-that), and in engine mode with the kernel fast path on (``fastpath``:
+environment), in engine mode (``SPLICEPROXY_ENGINE=1`` and one
+``SPLICEPROXY_ENGINE_DIR`` for the whole session, as /run/spliceproxy is on a
+host: each daemon's stubs find the engine of their own namespace by its
+name there, while an engine of the host's namespace serves a mapping of its
+own in the same directory all along; a 1 s idle exit, so an engine never
+outlives its daemon's last mapping by more than that), and in engine mode
+with the kernel fast path on (``fastpath``:
 ``SPLICEPROXY_FASTPATH=1``, ``SPLICEPROXY_FASTPATH_CGROUP`` a child cgroup
 ``<prefix><pid>[-suffix]-fp`` made for each daemon). In that mode the
 host-local clients (netns_client.py run in the daemon's namespace) are moved
@@ -56,12 +59,16 @@ from typing import NamedTuple
 
 import pytest
 
+from spliceproxy import control, engine_status
 from spliceproxy import fastpath as fastpath_mod
+from spliceproxy.bench.launch import proxy_argv, spawn
 
 from support import cc as cc_flags
 from support import dockerd as dk
 from support import fastpath_env
+from support import servers as srv
 from support.dockerd import Daemon, DockerBuild, Netns, ProxyUnderTest
+from support.engine import kill_engines
 
 HERE = Path(__file__).resolve().parent
 UDP_ECHO_SRC = HERE / "udp_echo.c"
@@ -122,6 +129,41 @@ def proxy_under_test(request) -> ProxyUnderTest:
         others = fastpath_env.attached_elsewhere((f"{NETNS_PREFIX}{os.getpid()}",))
         assert others, (f"fast-path programs loaded: {loaded} before the fast-path mode, "
                         f"{now} after, and no other cgroup holds any")
+
+
+@pytest.fixture(scope="session")
+def engine_dir(proxy_under_test):
+    """Engine mode: the session's directory of engine sockets, and in it, for
+    as long as the mode runs, an engine of the host's own namespace serving a
+    mapping of its own.  The daemons' stubs, each in its daemon's namespace,
+    must find their own namespace's engine and never that one (before one
+    engine per namespace, an engine alive elsewhere broke 6 of 13 checks)."""
+    if not proxy_under_test.engine:
+        yield None
+        return
+    d = Path(tempfile.mkdtemp(prefix=f"{NETNS_PREFIX}{os.getpid()}-engines-", dir="/tmp"))
+    d.chmod(0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLICEPROXY_")}
+    env.update(SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_DIR=str(d),
+               SPLICEPROXY_ENGINE_IDLE_EXIT="1s")
+    echo = srv.EchoServer("127.0.0.1")
+    port = srv.free_port()
+    stub = None
+    try:
+        stub = spawn(proxy_argv(proxy_under_test.path, "tcp", "127.0.0.1", port, "127.0.0.1",
+                                echo.port), env=env, timeout=15.0)
+        yield d
+        # Still served all along, by an engine that took none of the daemons'.
+        srv.echo_roundtrip("127.0.0.1", port, b"host namespace")
+        doc = engine_status.query(str(d / control.socket_name(control.netns_id())))
+        assert [m["stub_pid"] for m in doc["mappings"]] == [stub.pid], doc
+    finally:
+        if stub is not None:
+            stub.stop()
+        echo.close()
+        for sock in d.glob("*.sock"):
+            kill_engines(str(sock))
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", params=list(dk.docker_builds()))
@@ -292,9 +334,10 @@ def _finish(d: Daemon) -> None:
 
 
 @pytest.fixture(scope="session")
-def dockerd(proxy_under_test, docker_build, image_rootfs, e2e_network):
+def dockerd(proxy_under_test, docker_build, image_rootfs, e2e_network, engine_dir):
     """One daemon per mode and build shared by the scenarios (started once)."""
-    d = _new_daemon(proxy_under_test, docker_build, image_rootfs, e2e_network.session_bip, "")
+    d = _new_daemon(proxy_under_test, docker_build, image_rootfs, e2e_network.session_bip, "",
+                    engine_dir=engine_dir)
     yield d
     _finish(d)
 
@@ -317,11 +360,38 @@ def docker(dockerd):
 
 
 @pytest.fixture
-def scratch_dockerd(proxy_under_test, docker_build, image_rootfs, e2e_network):
+def scratch_dockerd(proxy_under_test, docker_build, image_rootfs, e2e_network, engine_dir):
     """A daemon of its own, for a test that stops it."""
-    d = _new_daemon(proxy_under_test, docker_build, image_rootfs, e2e_network.scratch_bip, "-b")
+    d = _new_daemon(proxy_under_test, docker_build, image_rootfs, e2e_network.scratch_bip, "-b",
+                    engine_dir=engine_dir)
     yield d
     _finish(d)
+
+
+@pytest.fixture
+def nsenter_dockerd(proxy_under_test, docker_build, image_rootfs, e2e_network, engine_dir,
+                    tmp_path_factory):
+    """A daemon of its own whose userland proxy is started the way dockerd 29.5
+    starts it for rootless detach-netns, `nsenter -n<netns> -F -- <proxy> ...`
+    (here into the daemon's own namespace, where its bridge is): a wrapper
+    script given as userland-proxy-path."""
+    name = f"{NETNS_PREFIX}{os.getpid()}-b"
+    d = Path(tempfile.mkdtemp(prefix=f"{name}-nsenter-", dir="/tmp"))
+    d.chmod(0o755)
+    wrapper = d / "proxy"
+    wrapper.write_text('#!/bin/sh\nexec nsenter -n/run/netns/%s -F -- %s "$@"\n'
+                       % (name, proxy_under_test.path))
+    wrapper.chmod(0o755)
+    daemon = _new_daemon(proxy_under_test, docker_build, image_rootfs, e2e_network.scratch_bip,
+                         "-b", engine_dir=engine_dir,
+                         extra_args=["--userland-proxy-path", str(wrapper)])
+    try:
+        yield daemon
+    finally:
+        try:
+            _finish(daemon)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

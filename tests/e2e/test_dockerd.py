@@ -504,9 +504,10 @@ def test_engine_killed_under_load_every_mapping_serves_within_1s(docker, engine_
 
 def test_two_dockerds_on_one_host_have_separate_engines(docker, scratch_dockerd, engine_mode,
                                                         page_token):
-    """Two daemons, each with its own SPLICEPROXY_ENGINE_SOCKET, publishing the same
-    port in their own namespaces: two engines, each with its own daemon's
-    mappings only; killing one leaves the other alone."""
+    """Two daemons in namespaces of their own, nothing set but the shared engine
+    directory, publishing the same port: each namespace's stubs find their own
+    engine (two engines, each with its own daemon's mappings only); killing
+    one leaves the other alone."""
     a, b = docker, scratch_dockerd
     port = 18130
     for d in (a, b):
@@ -519,9 +520,11 @@ def test_two_dockerds_on_one_host_have_separate_engines(docker, scratch_dockerd,
     (ea,), (eb,) = a.engines(), b.engines()
     assert ea.pid != eb.pid
     assert str(a.engine_socket) in ea.args and str(b.engine_socket) in eb.args
+    assert a.engine_socket != b.engine_socket
     for d in (a, b):
         st = d.status()
         assert st["engine"]["socket"] == str(d.engine_socket)
+        assert st["engine"]["netns"] == "net:[%d]" % d.netns.ino()[1]
         assert {m["stub_pid"] for m in st["mappings"]} == {p.pid for p in d.proxies()}, st
 
     a.netns.run(["kill", "-9", ea.pid], check=True)
@@ -567,13 +570,13 @@ def test_status_during_traffic(docker, engine_mode, page_token):
         else:
             assert c["tcp_accepted"] >= 4 and c["bytes_b2c"] > 3 * len(page_token), c
 
-        env = dict(os.environ, SPLICEPROXY_ENGINE_SOCKET=str(d.engine_socket))
-        table = subprocess.run([d.proxy.path, "status"], capture_output=True, text=True,
+        env = d.status_env()
+        table = subprocess.run(d.status_argv(), capture_output=True, text=True,
                                timeout=20, env=env)
         assert table.returncode == 0, table.stderr
         assert f"0.0.0.0:{port}" in table.stdout and str(v4[0]["stub_pid"]) in table.stdout, \
             table.stdout
-        prom = subprocess.run([d.proxy.path, "status", "--prometheus"], capture_output=True,
+        prom = subprocess.run(d.status_argv("--prometheus"), capture_output=True,
                               text=True, timeout=20, env=env)
         assert prom.returncode == 0, prom.stderr
         assert f'host_port="{port}"' in prom.stdout and "# TYPE" in prom.stdout, prom.stdout
@@ -848,3 +851,28 @@ def _relayed(d, port: int) -> int:
         if m["host"] == f"0.0.0.0:{port}":
             return (m.get("counters") or {}).get("tcp_accepted", 0)
     raise AssertionError(f"no mapping 0.0.0.0:{port}: {d.status()}")
+
+
+def test_rootless_detach_netns_invocation(nsenter_dockerd, engine_mode, page_token):
+    """dockerd 29.5 (rootless, --detach-netns) starts the proxy as
+    `nsenter -n<netns> -F -- <proxy> ...`: descriptors 3 and 4 pass through
+    nsenter, and the stub finds the engine of the namespace it was put in."""
+    d = nsenter_dockerd
+    port = 18150
+    d.docker("run", "-d", "--name", "ns", "-p", f"{port}:80", "-p", f"{port}:5353/udp",
+             "local/spe2e-busybox:test", "/bin/sh", "-c",
+             "/bin/udp_echo 5353 & exec /bin/httpd -f -p 80 -h /www")
+    d.wait_log("ns", "ready 5353")
+    for host in ("127.0.0.1", "::1"):
+        assert_pages_outside_cgroup(d, host, [port], page_token)
+        res = d.netns.client("udp", host, port, "--clients", "2", "--count", "3",
+                             cgroup=False)
+        assert res["echoed"] == res["sent"] == 6 and not res["failures"], res
+    stubs = d.proxies()
+    assert len(stubs) == 4 and all(p.comm == "spliceproxy" for p in stubs), stubs
+    doc = d.status()
+    assert doc["engine"]["netns"] == "net:[%d]" % d.netns.ino()[1]
+    assert {m["stub_pid"] for m in doc["mappings"]} == {p.pid for p in stubs}, doc
+    d.docker("rm", "-f", "ns")
+    assert_port_free(d, "tcp", port)
+    assert_port_free(d, "udp", port)

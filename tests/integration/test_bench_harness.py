@@ -15,7 +15,8 @@ import subprocess
 
 import pytest
 
-from spliceproxy.bench import harness, paths, report, topology
+from spliceproxy.bench import harness, metrics, paths, report, results, topology
+from spliceproxy.bench.groups import rr, udp
 
 
 def _small(h: harness.Harness, rounds: int = 3) -> harness.Harness:
@@ -26,7 +27,7 @@ def _small(h: harness.Harness, rounds: int = 3) -> harness.Harness:
     return h
 
 
-def _check_run(res: harness.Results, variant: str, rounds: int) -> None:
+def _check_run(res: results.Results, variant: str, rounds: int) -> None:
     m = res.variants[variant]
     for metric in ("rr_p50", "crr_rate", "bulk_1"):
         assert len(m[metric]["spliceproxy"]) == rounds, (metric, res.notes)
@@ -95,8 +96,8 @@ def test_latency_rounds_shorter_than_their_warm_up():
     latency buffer the warm-up shares (it aborted the process)."""
     h = _small(harness.Harness("quick", netns=False, only=("native", "spliceproxy"),
                                peers=False, variants=("loopback",), seed=5), rounds=1)
-    h.p.rr_iters = harness.RR_WARMUP // 10
-    h.p.udp_iters = harness.UDP_WARMUP // 5
+    h.p.rr_iters = rr.WARMUP // 10
+    h.p.udp_iters = udp.WARMUP // 5
     with h:
         res = h.run_all(("rr", "udp"))
     m = res.variants["loopback"]
@@ -119,7 +120,7 @@ def test_ports_group_engine_against_docker_proxy():
     assert not [n for n in res.notes if "ports" in n], res.notes
     m = res.variants["process"]
     for metric in ("port_spawn_ms", "port_uss_kib"):
-        for path in ("spliceproxy", harness.PORTS_STANDALONE, "docker-proxy"):
+        for path in ("spliceproxy", metrics.PORTS_STANDALONE, "docker-proxy"):
             assert len(m[metric][path]) == 3, (metric, path, m.get(metric))
     assert len(m["ports100_uss_mib"]["spliceproxy"]) == 2
     assert len(m["ports100_uss_mib"]["docker-proxy"]) == 2
@@ -127,7 +128,7 @@ def test_ports_group_engine_against_docker_proxy():
     assert len(m["ports100_spawn_ms"]["spliceproxy"]) == 2
     assert len(m["ports100_spawn_ms"]["docker-proxy"]) == 2
     assert sorted(res.orders["process:ports"][0]) == sorted(
-        ["spliceproxy", harness.PORTS_STANDALONE, "docker-proxy"])
+        ["spliceproxy", metrics.PORTS_STANDALONE, "docker-proxy"])
     # A stub is a small static program: far below a Go process.
     uss = res.ratio_stats("process", "port_uss_kib", "spliceproxy", "docker-proxy")
     assert uss.count and uss.value < 0.25 and uss.q1 <= uss.value <= uss.q3, uss

@@ -22,16 +22,15 @@ otherwise.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from spliceproxy import fastpath
+from spliceproxy.bench import procs
 
 from support import cc as cc_flags
 from support import engine as engine_support
@@ -52,27 +51,14 @@ ip = fe.ip
 if fe.skip_reason():
     pytest.skip(fe.skip_reason(), allow_module_level=True)
 
-CGROOT = fastpath.default_cgroup_path()
 
-
-@pytest.fixture(scope="module")
-def container():
-    with NET as c:
-        yield c
-
-
-@pytest.fixture
-def cgroup():
-    with fe.child_cgroup("fw-test") as path:
-        yield path
+container, cgroup = fe.fixtures(NET, "fw-test")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def nothing_left_behind():
     yield
-    assert not [n for n in os.listdir(CGROOT) if n.startswith("fw-test-%s-" % TAG)]
-    left = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
-    assert NS not in left
+    fe.nothing_left_behind("fw", ("fw-test-%s-" % TAG,))
 
 
 class Engine(engine_support.EngineHost):
@@ -100,54 +86,8 @@ def engine(proxy_path, cgroup):
         fastpath.attached(cgroup)
 
 
-# The client: one connection in its own process, moved into the test's
-# cgroup before exec.  Prints one JSON line.
-CLIENT = r"""
-import json, os, socket, sys
-host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-payload = os.urandom(size)
-out = {}
-try:
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect((host, port))
-    out["peer"] = list(s.getpeername()[:2])
-    out["sock"] = list(s.getsockname()[:2])
-    s.sendall(payload)
-    s.shutdown(socket.SHUT_WR)
-    got = bytearray()
-    while True:
-        d = s.recv(1 << 16)
-        if not d:
-            break
-        got += d
-    out["echo"] = bytes(got) == payload
-except OSError as e:
-    out["error"] = e.errno
-print(json.dumps(out))
-"""
-
-UDP_CLIENT = r"""
-import json, os, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-payload = os.urandom(1200)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(5)
-out = {}
-try:
-    s.sendto(payload, (host, port))
-    d, src = s.recvfrom(1 << 16)
-    out = {"echo": d == payload, "from": list(src), "sock": list(s.getsockname())}
-except OSError as e:
-    out["error"] = e.errno
-print(json.dumps(out))
-"""
-
-LAUNCH = fe.LAUNCH
-
-
 def client(cgroup: str | None, host: str, port: int, size: int = 1) -> dict:
-    return fe.run_client(CLIENT, (host, port, size), cgroup)
+    return fe.client(cgroup, "tcp", host, port, size)
 
 
 def _mapping(doc: dict, port: int) -> dict:
@@ -225,7 +165,7 @@ def test_killed_engine_never_leaves_a_stale_rewrite(container, engine, cgroup):
     old = engine.note_engine()
     assert old
     os.kill(old, signal.SIGKILL)
-    assert srv.wait_for(lambda: not engine_support.alive(old), TIMEOUT)
+    assert srv.wait_for(lambda: not procs.alive(old), TIMEOUT)
     # At once: the programs went with the engine; the connect waits in the
     # backlog of the listener the stub kept, for the engine it starts.
     before = container.accepted
@@ -258,7 +198,7 @@ def test_engine_exit_leaves_nothing_attached(container, engine, cgroup):
     assert set(fastpath.attached(cgroup).values()) == {1}
     assert stub.stop(signal.SIGTERM) == 0
     # Idle for SPLICEPROXY_ENGINE_IDLE_EXIT (1s), it exits on its own.
-    assert srv.wait_for(lambda: not engine_support.alive(pid), TIMEOUT)
+    assert srv.wait_for(lambda: not procs.alive(pid), TIMEOUT)
     assert srv.wait_for(lambda: sum(fastpath.attached(cgroup).values()) == 0, TIMEOUT)
     assert "spliceproxy engine %d exiting" % pid in engine.log()
 
@@ -294,10 +234,7 @@ def test_udp_datagrams_go_straight_to_the_container_and_are_counted(container, e
     stub = engine.start(proto="udp")
     _active(engine)
     before = container.udp4.count
-    r = subprocess.run(["sh", "-c", LAUNCH, cgroup, sys.executable, "-c", UDP_CLIENT,
-                        "127.0.0.1", str(stub.port)], capture_output=True, timeout=30)
-    assert r.returncode == 0, r.stderr.decode()
-    got = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    got = fe.client(cgroup, "udp", "127.0.0.1", stub.port, size=1200)
     assert got.get("echo"), got
     assert got["from"] == ["127.0.0.1", stub.port]  # the address the client sent to
     # From the client's own port (its route's source address), not the relay's.

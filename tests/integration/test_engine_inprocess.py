@@ -55,17 +55,10 @@ class RunningEngine:
         self.eng.close()
 
 
-def _tcp_listener() -> tuple[int, int]:
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(64)
-    return ls.getsockname()[1], ls.detach()
-
-
 def test_engine_in_a_thread_relays_tcp_and_udp_through_the_binding():
     with srv.EchoServer("127.0.0.1") as tcp_echo, srv.UdpEcho("127.0.0.1") as udp_echo:
         loop = RunningEngine()
-        port, fd = _tcp_listener()
+        port, fd = srv.tcp_listener()
         assert loop.eng.add_tcp(fd, socket.AF_INET, socket.inet_aton("127.0.0.1"),
                                 tcp_echo.port) >= 0
         rc, step = _engine.open_listener(socket.SOCK_DGRAM, socket.AF_INET,

@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,9 +23,10 @@ import pytest
 
 from spliceproxy import control
 from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+from spliceproxy.bench.procs import alive
 
 from support import servers as srv
-from support.engine import EngineHost, alive
+from support.engine import EngineHost
 
 IO_TIMEOUT = 5.0
 
@@ -36,47 +36,6 @@ def host(proxy_path):
     h = EngineHost(proxy_path)
     yield h
     h.close()
-
-
-class UdpEcho:
-    """A UDP echo backend on a thread."""
-
-    def __init__(self, host: str = "127.0.0.1"):
-        self.sock = socket.socket(srv.family(host), socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except (socket.timeout, OSError):
-                continue
-            with contextlib.suppress(OSError):
-                self.sock.sendto(data, peer)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2.0)
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def udp_roundtrip(port: int, payload: bytes = b"dgram", host: str = "127.0.0.1") -> bytes:
-    with socket.socket(srv.family(host), socket.SOCK_DGRAM) as c:
-        c.settimeout(IO_TIMEOUT)
-        c.connect((host, port))
-        c.send(payload)
-        return c.recv(65535)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1", kind=socket.SOCK_STREAM) -> bool:
@@ -113,9 +72,9 @@ def test_status_pipe_ok_and_tcp_relay(host):
 
 
 def test_udp_relay(host):
-    with UdpEcho() as echo:
+    with srv.UdpEcho() as echo:
         lp = host.start("udp", echo.port)
-        assert udp_roundtrip(lp.port, b"hello udp") == b"hello udp"
+        assert srv.udp_roundtrip(lp.port, b"hello udp") == b"hello udp"
 
 
 def test_startup_failure_is_reported_on_fd3_and_exits_1(host):
@@ -239,7 +198,7 @@ def test_use_listen_fd(host):
 
 
 def test_udp_listen_fd_loses_reuseaddr_and_serves(host):
-    with UdpEcho() as echo, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ls:
+    with srv.UdpEcho() as echo, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ls:
         # As dockerd before 29 passes it: SO_REUSEADDR and IP_PKTINFO set.
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO (not in the socket module)
@@ -248,7 +207,7 @@ def test_udp_listen_fd_loses_reuseaddr_and_serves(host):
         host.start("udp", echo.port, host_port=port, listen_sock=ls)
         # The same socket: nobody else may bind the port beside it any more.
         assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
-        assert udp_roundtrip(port, b"via fd 4") == b"via fd 4"
+        assert srv.udp_roundtrip(port, b"via fd 4") == b"via fd 4"
 
 
 @pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (::1) on this host")
@@ -260,11 +219,11 @@ def test_ipv6_host_to_ipv4_container(host):
 
 
 def test_two_mappings_one_engine(host):
-    with srv.EchoServer() as echo, UdpEcho() as uecho:
+    with srv.EchoServer() as echo, srv.UdpEcho() as uecho:
         a = host.start("tcp", echo.port)
         b = host.start("udp", uecho.port)
         srv.echo_roundtrip("127.0.0.1", a.port, b"a")
-        assert udp_roundtrip(b.port, b"b") == b"b"
+        assert srv.udp_roundtrip(b.port, b"b") == b"b"
         assert len(host.engine_pids) == 1
         doc = host.status()
         assert doc["engine"]["pid"] in host.engine_pids
@@ -293,9 +252,9 @@ def test_stop_frees_the_port_at_once(host, sig):
 
 
 def test_stop_frees_a_udp_port_at_once(host):
-    with UdpEcho() as echo:
+    with srv.UdpEcho() as echo:
         lp = host.start("udp", echo.port)
-        assert udp_roundtrip(lp.port, b"u") == b"u"
+        assert srv.udp_roundtrip(lp.port, b"u") == b"u"
         assert lp.stop(signal.SIGINT, timeout=5.0) == 0
         assert port_is_free(lp.port, kind=socket.SOCK_DGRAM)
 
@@ -311,41 +270,19 @@ def test_sigkill_of_a_stub_removes_its_mapping(host):
         srv.echo_roundtrip("127.0.0.1", keep.port)
 
 
-# A stand-in for dockerd: starts proxies with the parent-death signal set
-# (as dockerd's os/exec does), prints their ports, then waits to be killed.
-FAKE_DOCKERD = r"""
-import ctypes, signal, sys
-from spliceproxy.bench.launch import proxy_argv, spawn
-libc = ctypes.CDLL(None, use_errno=True)
-def pdeathsig():
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-path, proto, backend, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-lps = [spawn(proxy_argv(path, proto, "127.0.0.1", 0, "127.0.0.1", backend),
-             preexec_fn=pdeathsig, timeout=15.0) for _ in range(n)]
-print(" ".join(str(lp.pid) for lp in lps), flush=True)
-signal.pause()
-"""
-
-
 def test_dockerd_killed_no_stub_survives_and_every_port_is_free(host):
     with srv.EchoServer() as echo:
-        fake = subprocess.Popen([sys.executable, "-c", FAKE_DOCKERD, host.proxy_path, "tcp",
-                                 str(echo.port), "3"], env=host.env, stdout=subprocess.PIPE)
-        try:
-            pids = [int(p) for p in fake.stdout.readline().split()]
+        argv = proxy_argv(host.proxy_path, "tcp", "127.0.0.1", 0, "127.0.0.1", echo.port)
+        with srv.FakeDockerd([argv] * 3, env=host.env) as fake:
+            pids = fake.pids
             assert len(pids) == 3
             host.note_engine()
             ports = [m["host"].rsplit(":", 1)[1] for m in host.status()["mappings"]]
             assert len(ports) == 3
             fake.kill()
-            fake.wait(5)
             assert srv.wait_for(lambda: not any(alive(p) for p in pids), 3.0)
             assert all(port_is_free(int(p)) for p in ports)
             assert host.status()["mappings"] == []
-        finally:
-            fake.kill()
-            fake.wait()
-            fake.stdout.close()
 
 
 def test_stop_is_bounded_when_the_engine_hangs(host):
@@ -397,7 +334,7 @@ def test_concurrent_first_stubs_start_exactly_one_engine(host):
 
 
 def test_engine_killed_under_load_every_mapping_serves_within_a_second(host):
-    with srv.EchoServer() as echo, UdpEcho() as uecho:
+    with srv.EchoServer() as echo, srv.UdpEcho() as uecho:
         tcp = [host.start("tcp", echo.port) for _ in range(4)]
         udp = host.start("udp", uecho.port)
         stop = threading.Event()
@@ -425,7 +362,7 @@ def test_engine_killed_under_load_every_mapping_serves_within_a_second(host):
                 with contextlib.suppress(OSError):
                     srv.echo_roundtrip("127.0.0.1", port, b"after", timeout=1.0)
                     pending.discard(port)
-        assert udp_roundtrip(udp.port, b"udp after") == b"udp after"
+        assert srv.udp_roundtrip(udp.port, b"udp after") == b"udp after"
         elapsed = time.monotonic() - t0
         stop.set()
         for t in threads:
@@ -591,7 +528,7 @@ def test_malformed_requests_leave_other_mappings_serving(host):
 
 
 def test_status_table_json_and_prometheus_during_traffic(host):
-    with srv.EchoServer() as echo, UdpEcho() as uecho:
+    with srv.EchoServer() as echo, srv.UdpEcho() as uecho:
         t = host.start("tcp", echo.port)
         u = host.start("udp", uecho.port)
         held = srv.connect("127.0.0.1", t.port)
@@ -600,7 +537,7 @@ def test_status_table_json_and_prometheus_during_traffic(host):
             assert srv.recv_exact(held, 5) == b"12345"
             for _ in range(3):
                 srv.echo_roundtrip("127.0.0.1", t.port, b"abc")
-            assert udp_roundtrip(u.port, b"datagram") == b"datagram"
+            assert srv.udp_roundtrip(u.port, b"datagram") == b"datagram"
             doc = host.status()
             by = {m["proto"]: m for m in doc["mappings"]}
             assert by["tcp"]["container"] == "127.0.0.1:%d" % echo.port
@@ -783,7 +720,7 @@ def test_a_stub_stderr_nobody_reads_never_stalls_the_engine(host):
 
 
 def test_mappings_coming_and_going_leak_nothing_in_the_engine(host):
-    with srv.EchoServer() as echo, UdpEcho() as uecho:
+    with srv.EchoServer() as echo, srv.UdpEcho() as uecho:
         keep = host.start("tcp", echo.port)
         engine = host.engine_pid()
 
@@ -791,7 +728,7 @@ def test_mappings_coming_and_going_leak_nothing_in_the_engine(host):
             t = host.start("tcp", echo.port)
             u = host.start("udp", uecho.port)
             srv.echo_roundtrip("127.0.0.1", t.port)
-            assert udp_roundtrip(u.port) == b"dgram"
+            assert srv.udp_roundtrip(u.port) == b"dgram"
             assert t.stop(signal.SIGTERM) == 0 and u.stop(signal.SIGINT) == 0
             host.stubs.remove(t)
             host.stubs.remove(u)
@@ -812,11 +749,11 @@ def test_mappings_coming_and_going_leak_nothing_in_the_engine(host):
 def test_udp_settings_apply_per_mapping(host):
     """One engine, two UDP mappings: each expires its clients after its own
     SPLICEPROXY_UDP_TIMEOUT (the engine's default is the first stub's)."""
-    with UdpEcho() as echo:
+    with srv.UdpEcho() as echo:
         slow = host.start("udp", echo.port)  # starts the engine: 90 s
         fast = host.start("udp", echo.port, env={"SPLICEPROXY_UDP_TIMEOUT": "300ms"})
-        assert udp_roundtrip(slow.port) == b"dgram"
-        assert udp_roundtrip(fast.port) == b"dgram"
+        assert srv.udp_roundtrip(slow.port) == b"dgram"
+        assert srv.udp_roundtrip(fast.port) == b"dgram"
 
         def counters():
             return {m["stub_pid"]: m["counters"] for m in host.status()["mappings"]}

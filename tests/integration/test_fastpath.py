@@ -51,16 +51,7 @@ if fe.skip_reason():
 CGROOT = fastpath.default_cgroup_path()
 
 
-@pytest.fixture(scope="module")
-def container():
-    with NET as c:
-        yield c
-
-
-@pytest.fixture
-def cgroup():
-    with fe.child_cgroup("fp-test") as path:
-        yield path
+container, cgroup = fe.fixtures(NET, "fp-test")
 
 
 @pytest.fixture
@@ -80,16 +71,8 @@ def fp(cgroup):
 @pytest.fixture(autouse=True, scope="module")
 def nothing_left_behind():
     yield
-    deadline = time.monotonic() + TIMEOUT
-    while fastpath.programs_loaded() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    mine = ("fp-test-%d-" % os.getpid(), "spb-fastpath-%d" % os.getpid())
-    # Loaded programs are ours unless other work on the host holds some.
-    assert fastpath.programs_loaded() == 0 or fe.attached_elsewhere(mine), \
-        "fast-path programs left loaded"
-    assert not any(n.startswith(mine) for n in os.listdir(CGROOT))
-    left = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
-    assert not [n for n in left if n.endswith("-%d" % os.getpid()) and n.startswith("fp-")]
+    fe.nothing_left_behind("fp", ("fp-test-%d-" % os.getpid(), "spb-fastpath-%d" % os.getpid()),
+                           programs=True)
 
 
 class Relay:
@@ -152,59 +135,7 @@ def relays():
         r.close()
 
 
-# The client: one operation in its own process, which the launcher moved into
-# the test's cgroup before exec.  Prints one JSON line.
-CLIENT = r"""
-import hashlib, json, os, socket, sys
-op, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-size = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-bind = sys.argv[5] if len(sys.argv) > 5 else ""
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-payload = os.urandom(size)
-out = {}
-def addr(a):
-    return [a[0], a[1]]
-try:
-    if op == "tcp":
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.settimeout(10)
-        if bind:
-            s.bind((bind, 0))
-        s.connect((host, port))
-        out["peer"] = addr(s.getpeername())
-        out["sock"] = addr(s.getsockname())
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        got = bytearray()
-        while True:
-            d = s.recv(1 << 16)
-            if not d:
-                break
-            got += d
-        out["echo"] = bytes(got) == payload
-        out["reply"] = bytes(got[:16]).decode("latin-1")
-    elif op in ("udp", "udpc"):
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        s.settimeout(5)
-        if op == "udpc":
-            s.connect((host, port))
-            out["peer"] = addr(s.getpeername())
-            s.send(payload)
-            d = s.recv(1 << 16)
-        else:
-            s.sendto(payload, (host, port))
-            d, src = s.recvfrom(1 << 16)
-            out["from"] = addr(src)
-        out["echo"] = d == payload
-        out["reply"] = d[:16].decode("latin-1")
-except OSError as e:
-    out["error"] = e.errno
-print(json.dumps(out))
-"""
-
-def client(cgroup: str, op: str, host: str, port: int, size: int = 1, bind: str = "",
-           netns: str | None = None) -> dict:
-    return fe.run_client(CLIENT, (op, host, port, size, bind), cgroup, netns)
+client = fe.client
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import time
 import pytest
 
 from spliceproxy.bench.launch import ProxyStartError, proxy_argv, spawn
+from spliceproxy.bench.procs import alive
 
 from support import servers as srv
 
@@ -98,9 +99,9 @@ def test_host_engine_says_once_that_the_fast_path_is_not_active(proxy_path):
     finally:
         if engine_pid:
             deadline = time.monotonic() + 10
-            while os.path.exists("/proc/%d" % engine_pid) and time.monotonic() < deadline:
+            while alive(engine_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if os.path.exists("/proc/%d" % engine_pid):
+            if alive(engine_pid):
                 os.kill(engine_pid, 9)
         shutil.rmtree(d, ignore_errors=True)
         if cg is not None:

@@ -110,19 +110,6 @@ def _proc_fds(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-def _settled(fn, timeout: float = 5.0, interval: float = 0.05):
-    """Poll fn until two readings in a row agree; return the reading."""
-    deadline = time.monotonic() + timeout
-    last = fn()
-    while time.monotonic() < deadline:
-        time.sleep(interval)
-        cur = fn()
-        if cur == last:
-            return cur
-        last = cur
-    return last
-
-
 def test_faultshim_fails_the_chosen_calls_only_once_armed(faultshim, tmp_path):
     """The injector itself: period, budget, arming and the off switch."""
     faults = Faults(faultshim, tmp_path / "state", "socket:ENOBUFS:2:max=2,pipe2:ENOMEM:1:after=1")
@@ -338,7 +325,7 @@ def test_tcp_enobufs_enomem_cost_only_their_connections(faultshim, proxy_path, t
             pipes = 2 * st["pipes_open"]
             return _proc_fds(proxy.pid) - pipes, st["fds_open"] - pipes
 
-        base = _settled(lambda: residue(proxy.stats()))
+        base = srv.settled(lambda: residue(proxy.stats()))
 
         # 50 concurrent 1 MiB echo transfers while every fault fires.
         transfers = run_transfers("127.0.0.1", port, _payloads(50, MIB, 7), timeout=40.0)
@@ -381,7 +368,7 @@ def test_tcp_enobufs_enomem_cost_only_their_connections(faultshim, proxy_path, t
 
         st = proxy.wait_idle(10.0)
         assert st["tcp_active"] == 0 and st["pipes_in_use"] == 0, st
-        assert _settled(lambda: residue(proxy.stats())) == base, (
+        assert srv.settled(lambda: residue(proxy.stats())) == base, (
             "descriptor leak: %r -> %r" % (base, residue(proxy.stats())))
         assert proxy.alive()
         assert proxy.stop() == 0
@@ -488,6 +475,45 @@ def test_tcp_immediate_connect_enobufs_is_counted(faultshim, proxy_path, tmp_pat
     assert t.outcome == "refused", (t.outcome, t.detail)
     assert d["tcp_failed"] == 1, d
     assert d["err_enobufs"] == 1, "connect() ENOBUFS not counted in err_enobufs: %r" % d
+
+
+def test_tcp_backend_socket_emfile_makes_room_from_a_half_closed_pair(
+        faultshim, proxy_path, tmp_path):
+    """socket() for a new client's backend fails with EMFILE (descriptors the
+    engine does not count ran out) while an abandoned half-closed pair is
+    held: that pair is reset to make room and the new client is served, not
+    closed (issue 23)."""
+    faults = Faults(faultshim, tmp_path / "faults", "socket:EMFILE:1:after=1:max=1")
+    with srv.AcceptingBackend() as backend, \
+            srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", backend.port,
+                      env=faults.env()) as proxy:
+        assert faults.read()["armed"] == 1
+        st0 = proxy.stats()
+        with srv.connect("127.0.0.1", proxy.port) as abandoned:
+            abandoned.sendall(b"a")
+            abandoned.shutdown(socket.SHUT_WR)
+            held = backend.accept()
+            try:
+                assert srv.recv_to_eof(held)[0] == 1  # the pair is half-closed now
+                with srv.connect("127.0.0.1", proxy.port) as c:
+                    c.sendall(b"ping")
+                    conn = backend.accept()
+                    with conn:
+                        assert srv.recv_exact(conn, 4) == b"ping"
+                        conn.sendall(b"pong")
+                        assert srv.recv_exact(c, 4) == b"pong"
+                assert faults.read()["faults"]["socket"] == 1
+                # The abandoned pair was reset (after its FIN, the kernel
+                # reports that reset as EPIPE).
+                with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                    held.sendall(b"x")
+            finally:
+                held.close()
+        st = proxy.stats()
+        d = {k: st[k] - st0[k] for k in st}
+        assert d["headroom_reclaimed"] == 1 and d["err_emfile"] == 1, d
+        assert d["tcp_failed"] == 0 and d["tcp_accepted"] == 2, d
+        assert proxy.alive()
 
 
 # --------------------------------------------------------------------------
@@ -605,7 +631,7 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
 
         assert faults.read()["armed"] == 1, "the fault library did not arm itself"
         st0 = srv.settled_stats(stats_path)
-        base_fds = _settled(lambda: _proc_fds(launched.pid))
+        base_fds = srv.settled(lambda: _proc_fds(launched.pid))
         clients = UdpClients(port, 16, seed=11)
         stack.callback(clients.close)
 
@@ -659,8 +685,8 @@ def test_udp_enobufs_enomem_drop_and_count_datagrams_only(faultshim, proxy_path,
         assert faults.read()["faults"] == injected, "a fault fired after the off switch"
 
         # No descriptor leaked in any failure path: one socket per live entry.
-        st = _settled(lambda: srv.settled_stats(stats_path))
-        assert _settled(lambda: _proc_fds(launched.pid)) == base_fds + st["udp_flows_active"], st
+        st = srv.settled(lambda: srv.settled_stats(stats_path))
+        assert srv.settled(lambda: _proc_fds(launched.pid)) == base_fds + st["udp_flows_active"], st
         assert st["fds_open"] - st0["fds_open"] == st["udp_flows_active"], st
         assert launched.proc.poll() is None
         assert launched.stop(signal.SIGINT) == 0

@@ -43,8 +43,7 @@ def lg():
 def nofile():
     """Raise this process's soft descriptor limit to the hard one; return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    yield hard
+    yield srv.raise_nofile(hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
@@ -58,14 +57,6 @@ def c_echo(nofile):
 def proxy(proxy_path, tmp_path, c_echo):
     with srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", c_echo) as p:
         yield p
-
-
-def rss_kib(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @contextlib.contextmanager
@@ -109,7 +100,7 @@ def test_ten_thousand_concurrent_connections(proxy, lg, nofile):
     srv.echo_roundtrip("127.0.0.1", proxy.port, b"w" * 100_000)
     settle(proxy)
     fds0 = proxy.fd_count()
-    rss0 = rss_kib(proxy.pid)
+    rss0 = srv.rss_kib(proxy.pid)
 
     fds = ffi.new("int[]", n)
     t0 = time.perf_counter()
@@ -121,7 +112,7 @@ def test_ten_thousand_concurrent_connections(proxy, lg, nofile):
             opened, n, os.strerror(-opened) if opened < 0 else "")
         st = proxy.stats()
         assert st["tcp_active"] == n, st
-        rss_n = rss_kib(proxy.pid)
+        rss_n = srv.rss_kib(proxy.pid)
         # Traffic on every one of them while all are open: 64-byte round trips.
         lat = ffi.new("double[]", 1)
         t0 = time.perf_counter()
@@ -164,7 +155,7 @@ def test_churn_of_short_connections(proxy, lg):
     assert warm == 1000, warm
     st0 = settle(proxy)
     fds0 = proxy.fd_count()
-    rss0 = rss_kib(proxy.pid)
+    rss0 = srv.rss_kib(proxy.pid)
 
     rates = []
     t_start = time.perf_counter()
@@ -189,7 +180,7 @@ def test_churn_of_short_connections(proxy, lg):
         last = max(last, CHURN_CHUNK / (time.perf_counter() - t0))
     st = settle(proxy, fds0)
     served = st["tcp_accepted"] - st0["tcp_accepted"]
-    rss1 = rss_kib(proxy.pid)
+    rss1 = srv.rss_kib(proxy.pid)
     print("\nchurn: %d connections in %.1f s; rate per %d: %s; first %.0f/s, last %.0f/s; "
           "RSS %d -> %d KiB; fds %d -> %d" % (
               served, total_s, CHURN_CHUNK, " ".join("%.0f" % r for r in rates), first, last,

@@ -39,20 +39,9 @@ pytestmark = [
                        reason="privilege drop is only done (and checkable) when started as root"),
 ]
 
-IO_TIMEOUT = 5.0
-
-
 
 def ids(value: str) -> list[int]:
     return [int(x) for x in value.split()]
-
-
-def udp_roundtrip(port: int, payload: bytes) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(IO_TIMEOUT)
-        s.connect(("127.0.0.1", port))
-        s.send(payload)
-        return s.recv(65536)
 
 
 @contextlib.contextmanager
@@ -138,7 +127,7 @@ def test_udp_proxy_runs_unprivileged_and_serves_new_clients(proxy_path, env, uid
         # Each client gets its own backend socket, created after the drop.
         for i in range(5):
             payload = b"datagram %d" % i
-            assert udp_roundtrip(port, payload) == payload
+            assert srv.udp_roundtrip(port, payload) == payload
         assert len(echo.peers()) == 5
         assert lp.stop() == 0
 
@@ -188,7 +177,7 @@ def test_privileged_port_is_served_after_the_drop(proxy_path, proto):
         if proto == "tcp":
             srv.echo_roundtrip("127.0.0.1", port, b"privileged")
         else:
-            assert udp_roundtrip(port, b"privileged") == b"privileged"
+            assert srv.udp_roundtrip(port, b"privileged") == b"privileged"
         assert lp.stop() == 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import random
 import resource
@@ -26,8 +25,6 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
-import sys
 import threading
 import time
 
@@ -54,14 +51,6 @@ def lg():
     return loadgen.load()
 
 
-
-
-def rss_kib(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def settled(proxy, timeout: float = 10.0) -> dict:
@@ -361,7 +350,7 @@ def test_stalled_backend_blocks_senders_with_bounded_memory(proxy_path, tmp_path
     n = 4
     with srv.AcceptingBackend() as backend, \
             srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", backend.port) as p:
-        rss0 = rss_kib(p.pid)
+        rss0 = srv.rss_kib(p.pid)
         stalled = []
         for _ in range(n):
             c = p.connect()
@@ -381,7 +370,7 @@ def test_stalled_backend_blocks_senders_with_bounded_memory(proxy_path, tmp_path
                 except BlockingIOError:
                     time.sleep(0.02)
         st_ = p.stats()
-        rss1 = rss_kib(p.pid)
+        rss1 = srv.rss_kib(p.pid)
         print("\nstalled backend: each client could send %s MiB before blocking; "
               "pipes in use %d for %d connections; proxy RSS %d -> %d KiB" % (
                   "/".join("%.1f" % (s / MIB) for s in sent), st_["pipes_in_use"], n, rss0, rss1))
@@ -390,13 +379,7 @@ def test_stalled_backend_blocks_senders_with_bounded_memory(proxy_path, tmp_path
         assert rss1 - rss0 < 4 * 1024, (rss0, rss1)
         # The loop is not stuck on them: another connection relays both ways.
         c = p.connect()
-        b = backend.accept()
-        c.sendall(b"q" * 300_000)
-        assert srv.recv_exact(b, 300_000) == b"q" * 300_000
-        b.sendall(b"r" * 300_000)
-        assert srv.recv_exact(c, 300_000) == b"r" * 300_000
-        c.close()
-        b.close()
+        srv.relays_both_ways(c, backend.accept(), 300_000)
         # Once the backend reads, every byte the clients sent arrives.
         for i, (c, b) in enumerate(stalled):
             c.setblocking(True)
@@ -412,7 +395,7 @@ def test_stalled_backend_blocks_senders_with_bounded_memory(proxy_path, tmp_path
             b.close()
             c.close()
         settled(p)
-        assert rss_kib(p.pid) - rss0 < 4 * 1024
+        assert srv.rss_kib(p.pid) - rss0 < 4 * 1024
 
 
 def test_backend_reset_mid_transfer_reaches_the_client_only(proxy_path, tmp_path):
@@ -433,12 +416,7 @@ def test_backend_reset_mid_transfer_reaches_the_client_only(proxy_path, tmp_path
         th.join(IO_TIMEOUT)
         c.close()
         # The other connection is unaffected, both ways.
-        other_c.sendall(b"x" * 100_000)
-        assert srv.recv_exact(other_b, 100_000) == b"x" * 100_000
-        other_b.sendall(b"y" * 100_000)
-        assert srv.recv_exact(other_c, 100_000) == b"y" * 100_000
-        other_c.close()
-        other_b.close()
+        srv.relays_both_ways(other_c, other_b, 100_000)
         st_ = settled(p)
         assert st_["tcp_resets"] >= 1, st_
         assert p.alive()
@@ -629,21 +607,6 @@ def test_stop_signal_under_full_load_exits_0_at_once(proxy_path, tmp_path, sig):
         assert dt < 0.5, dt
 
 
-# The parent dockerd stands for: starts the proxy with PR_SET_PDEATHSIG=SIGTERM
-# set in the child before exec (as Go's SysProcAttr.Pdeathsig), prints its pid.
-PARENT = r"""
-import ctypes, json, os, signal, sys
-from spliceproxy.bench.launch import spawn
-libc = ctypes.CDLL(None, use_errno=True)
-def pdeathsig():
-    if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
-        os._exit(99)
-lp = spawn(json.loads(sys.argv[1]), env=dict(os.environ), preexec_fn=pdeathsig, timeout=10.0)
-sys.stdout.write("%d\n" % lp.pid)
-sys.stdout.flush()
-sys.stdin.read()
-"""
-
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -664,12 +627,9 @@ def test_proxy_exits_when_its_parent_dies(proxy_path, tmp_path, keep):
             port = srv.free_port()
             argv = proxy_argv(proxy_path, "tcp", "127.0.0.1", port, "127.0.0.1", echo.port)
             env = dict(os.environ, SPLICEPROXY_KEEP_PRIVILEGES=keep)
-            parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(argv)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-            ready = select.select([parent.stdout], [], [], 20.0)[0]
-            line = parent.stdout.readline() if ready else b""
-            assert line, "the parent did not start the proxy"
-            proxy_pid = int(line)
+            parent = srv.FakeDockerd([argv], env=env)
+            assert parent.pids, "the parent did not start the proxy"
+            proxy_pid = parent.pids[0]
             with open("/proc/%d/status" % proxy_pid) as f:
                 status = f.read()
             uid = int(status.split("Uid:")[1].split()[0])
@@ -678,8 +638,7 @@ def test_proxy_exits_when_its_parent_dies(proxy_path, tmp_path, keep):
             srv.echo_roundtrip("127.0.0.1", port)
             pidfd = os.pidfd_open(proxy_pid)
             try:
-                parent.kill()  # SIGKILL: no chance to clean up
-                parent.wait(10)
+                parent.kill()
                 exited = select.select([pidfd], [], [], 5.0)[0]
             finally:
                 os.close(pidfd)
@@ -688,12 +647,8 @@ def test_proxy_exits_when_its_parent_dies(proxy_path, tmp_path, keep):
             proxy_pid = None
             assert os.waitstatus_to_exitcode(wstatus) == 0
     finally:
-        if parent is not None and parent.poll() is None:
-            parent.kill()
-            parent.wait(10)
         if parent is not None:
-            parent.stdin.close()
-            parent.stdout.close()
+            parent.close()
         if proxy_pid is not None:
             with contextlib.suppress(OSError):
                 os.kill(proxy_pid, signal.SIGKILL)
@@ -778,5 +733,24 @@ def test_random_peer_behaviour_across_connections(fuzz_proxy, scripts):
         for c, b in pairs:
             c.close()
             b.close()
+    assert p.alive()
+    settled(p)
+
+
+def test_a_backend_reset_right_after_accept_reaches_the_client_as_a_reset(fuzz_proxy):
+    """The backend accepts and resets at once, often before the proxy has seen
+    its connect complete (SO_ERROR then says ECONNRESET): that is a reset from
+    the backend like any other, never a plain close of the client."""
+    p, backend = fuzz_proxy
+    seen = []
+    for _ in range(100):
+        c = p.connect()
+        try:
+            srv.abortive_close(backend.accept())
+            seen.append(expect_reset_or_eof(c))
+        finally:
+            c.close()
+    assert seen == ["reset"] * len(seen), "%d of %d clients saw a FIN" % (
+        seen.count("eof"), len(seen))
     assert p.alive()
     settled(p)

@@ -10,6 +10,7 @@ descriptor leaks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -204,26 +205,37 @@ def test_half_close_backend_first(proxy_path, tmp_path):
 # Resets.
 
 
-def test_backend_reset_reaches_client(proxy_path, tmp_path):
+@contextlib.contextmanager
+def _three_resets(proxy_path, tmp_path, by_backend: bool):
+    """Three connections, each reset by one side (the backend or the client)
+    after an exchange: the other side sees a reset, the proxy counts them and
+    lives on.  Yields (backend, proxy)."""
     with srv.AcceptingBackend("127.0.0.1") as backend, \
             srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", backend.port) as p:
         for _ in range(3):
             client = srv.connect("127.0.0.1", p.port, timeout=5.0)
             conn = backend.accept()
+            resetter, other = (conn, client) if by_backend else (client, conn)
             try:
                 client.sendall(b"hello")
                 assert srv.recv_exact(conn, 5) == b"hello"
-                conn.sendall(b"world")
-                assert srv.recv_exact(client, 5) == b"world"
-                srv.abortive_close(conn)
+                if by_backend:
+                    conn.sendall(b"world")
+                    assert srv.recv_exact(client, 5) == b"world"
+                srv.abortive_close(resetter)
                 with pytest.raises(ConnectionResetError):
                     # A clean EOF (b"") would mean the reset was turned into a FIN.
-                    client.recv(1)
+                    other.recv(1)
             finally:
-                client.close()
+                other.close()
         st = p.wait_idle()
         assert st["tcp_resets"] == 3
         assert p.alive()
+        yield backend, p
+
+
+def test_backend_reset_reaches_client(proxy_path, tmp_path):
+    with _three_resets(proxy_path, tmp_path, by_backend=True) as (backend, p):
         client = srv.connect("127.0.0.1", p.port, timeout=5.0)
         conn = backend.accept()
         client.sendall(b"again")
@@ -233,22 +245,8 @@ def test_backend_reset_reaches_client(proxy_path, tmp_path):
 
 
 def test_client_reset_reaches_backend(proxy_path, tmp_path):
-    with srv.AcceptingBackend("127.0.0.1") as backend, \
-            srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", backend.port) as p:
-        for _ in range(3):
-            client = srv.connect("127.0.0.1", p.port, timeout=5.0)
-            conn = backend.accept()
-            try:
-                client.sendall(b"hello")
-                assert srv.recv_exact(conn, 5) == b"hello"
-                srv.abortive_close(client)
-                with pytest.raises(ConnectionResetError):
-                    conn.recv(1)
-            finally:
-                conn.close()
-        st = p.wait_idle()
-        assert st["tcp_resets"] == 3
-        assert p.alive()
+    with _three_resets(proxy_path, tmp_path, by_backend=False):
+        pass  # the resets, their count and the proxy's life are the checks
 
 
 # --------------------------------------------------------------------------
@@ -378,17 +376,6 @@ def _baseline(p) -> tuple[int, int]:
     return p.fd_count() - 2 * st["pipes_open"], st["fds_open"] - 2 * st["pipes_open"]
 
 
-def _settled_baseline(p) -> tuple[int, int]:
-    last = _baseline(p)
-    for _ in range(50):
-        time.sleep(0.05)
-        now = _baseline(p)
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def _assert_no_leak(p, base, accepted: int) -> None:
     st = p.wait_idle(15.0)
     assert st["tcp_accepted"] == accepted, st
@@ -405,7 +392,7 @@ def test_concurrent_and_sequential_connections_leak_nothing(proxy_path, tmp_path
     srv.raise_nofile(4 * n_conc + 256)
     with srv.EchoServer("127.0.0.1") as echo, \
             srv.Proxy(proxy_path, str(tmp_path), "127.0.0.1", "127.0.0.1", echo.port) as p:
-        base = _settled_baseline(p)
+        base = srv.settled(lambda: _baseline(p), timeout=2.5)
         st0 = p.stats()
         assert st0["tcp_active"] == 0 and st0["fds_open"] > 0
 

@@ -39,12 +39,7 @@ needs_ipv6 = pytest.mark.skipif(not srv.have_ipv6(), reason="no IPv6 loopback (:
 
 
 def _have_127_0_0_2() -> bool:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.2", 0))
-        return True
-    except OSError:
-        return False
+    return srv.can_bind("127.0.0.2", socket.SOCK_DGRAM)
 
 
 def _fd_count(pid: int) -> int:
@@ -54,14 +49,7 @@ def _fd_count(pid: int) -> int:
 def _settled_fd_count(pid: int) -> int:
     """The proxy's fd count once startup is over (fd 3 is closed just after the
     status is written, so a count taken right away may still include it)."""
-    last = _fd_count(pid)
-    for _ in range(50):
-        time.sleep(0.1)
-        now = _fd_count(pid)
-        if now == last:
-            return now
-        last = now
-    return last
+    return srv.settled(lambda: _fd_count(pid), interval=0.1)
 
 
 @pytest.fixture(autouse=True)

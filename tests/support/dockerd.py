@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from spliceproxy import fastpath as fastpath_mod
-from spliceproxy.bench import topology
+from spliceproxy.bench import procs, topology
 
 E2E = Path(__file__).resolve().parent.parent / "e2e"
 CLIENT = E2E / "netns_client.py"
@@ -210,7 +210,7 @@ def clean_stale(prefix: str) -> list[str]:
 
 
 def _creator_alive(pid: int) -> bool:
-    return pid == os.getpid() or topology.pid_alive(pid)
+    return pid == os.getpid() or procs.alive(pid)
 
 
 def unmount_under(path: Path) -> None:
@@ -542,6 +542,10 @@ class Daemon:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: what `docker version` says of the server, once started
     version: str = ""
+    #: engine mode: the directory of every namespace's engine socket, shared with
+    #: the session's other daemons and an engine of the host's namespace, as
+    #: /run/spliceproxy is on a host; the socket is this namespace's own in it
+    engine_dir: Path | None = None
 
     @property
     def major(self) -> int:
@@ -566,12 +570,16 @@ class Daemon:
 
     @property
     def engine_socket(self) -> Path:
-        """The engine's control socket (engine mode); the 0700 work directory holds it."""
-        return self.workdir / "engine.sock"
+        """The control socket of the engine of this daemon's namespace (engine
+        mode), named after the namespace in the session's engine directory."""
+        from spliceproxy import control
+
+        assert self.engine_dir is not None, "engine mode needs the session's engine_dir"
+        return self.engine_dir / control.socket_name(self.netns.ino())
 
     @property
     def metrics_socket(self) -> Path:
-        """Where the engine serves /metrics (engine mode), beside its control socket."""
+        """Where the engine of this daemon's namespace serves /metrics (engine mode)."""
         return self.workdir / "metrics.sock"
 
     @property
@@ -599,13 +607,14 @@ class Daemon:
         w = self.workdir
         env = self.build.env()
         env["SPLICEPROXY_LOG_FILE"] = str(self.proxy_log)
-        for k in ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET",
+        for k in ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET", "SPLICEPROXY_ENGINE_DIR",
                   "SPLICEPROXY_ENGINE_IDLE_EXIT", "SPLICEPROXY_FASTPATH",
                   "SPLICEPROXY_FASTPATH_CGROUP", "SPLICEPROXY_METRICS_ADDR"):
             env.pop(k, None)
         if self.proxy.engine:
             env["SPLICEPROXY_ENGINE"] = "1"
-            env["SPLICEPROXY_ENGINE_SOCKET"] = str(self.engine_socket)
+            # No socket named: each stub finds its own namespace's engine.
+            env["SPLICEPROXY_ENGINE_DIR"] = str(self.engine_dir)
             env["SPLICEPROXY_METRICS_ADDR"] = "unix:" + str(self.metrics_socket)
             # Teardown waits 5 s for the namespace to empty: the engine's
             # default grace (5 s) would count as a leak.
@@ -835,13 +844,20 @@ class Daemon:
         return [e for e in self._ours() if is_engine(e)]
 
     def status(self) -> dict:
-        """`spliceproxy status --json` against this daemon's engine."""
-        env = dict(os.environ)
-        env["SPLICEPROXY_ENGINE_SOCKET"] = str(self.engine_socket)
-        r = subprocess.run([self.proxy.path, "status", "--json"], capture_output=True,
-                           text=True, timeout=20, env=env)
+        """`spliceproxy status --json` run in this daemon's namespace, as a user
+        there runs it: its namespace's engine."""
+        r = subprocess.run(self.status_argv("--json"), capture_output=True, text=True,
+                           timeout=20, env=self.status_env())
         assert r.returncode == 0, f"spliceproxy status rc={r.returncode}: {r.stderr}"
         return json.loads(r.stdout)
+
+    def status_argv(self, *flags: str) -> list[str]:
+        return self.netns.cmd([self.proxy.path, "status", *flags])
+
+    def status_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "SPLICEPROXY_ENGINE_SOCKET"}
+        env["SPLICEPROXY_ENGINE_DIR"] = str(self.engine_dir)
+        return env
 
     def container_ip(self, name: str) -> str:
         r = self.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)

@@ -24,33 +24,16 @@ import tempfile
 import time
 
 from spliceproxy.bench.launch import proxy_argv, spawn
+from spliceproxy.bench.procs import alive
 
+from support import guard
 from support import servers as srv
-
-
-def alive(pid: int) -> bool:
-    """Whether pid runs (a zombie does not)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def engine_processes(sock: str) -> list[int]:
     """Every live `spliceproxy engine` process of the control socket sock (from /proc)."""
-    want = b"engine\0--socket\0" + sock.encode() + b"\0"
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                if want in f.read() and alive(int(name)):
-                    out.append(int(name))
-        except OSError:
-            continue
-    return out
+    want = guard.engine_cmdline(sock)
+    return [pid for pid, cmd in guard.proc_files("cmdline") if want in cmd and alive(pid)]
 
 
 def private_dir(prefix: str) -> str:

@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from spliceproxy import fastpath
 
 from support import servers as srv
@@ -178,6 +180,45 @@ def child_cgroup(prefix: str):
                 time.sleep(0.05)
 
 
+def fixtures(net: Container, cgroup_prefix: str):
+    """The two fixtures of a fast-path test module, to bind at its top level:
+    ``container`` (net, for the whole module) and ``cgroup`` (a child_cgroup
+    of cgroup_prefix for each test)::
+
+        container, cgroup = fe.fixtures(NET, "fp-test")
+    """
+
+    @pytest.fixture(scope="module", name="container")
+    def container():
+        with net as c:
+            yield c
+
+    @pytest.fixture(name="cgroup")
+    def cgroup():
+        with child_cgroup(cgroup_prefix) as path:
+            yield path
+
+    return container, cgroup
+
+
+def nothing_left_behind(prefix: str, cgroups: tuple[str, ...], programs: bool = False) -> None:
+    """What a fast-path test module must leave when it ends: no namespace
+    ``<prefix>-*-<pid>`` (a Container's), no cgroup right below the root whose
+    name starts with one of ``cgroups``, and with ``programs`` no fast-path
+    program loaded (waiting TIMEOUT for the last to go) unless other work on
+    the host holds some."""
+    if programs:
+        deadline = time.monotonic() + TIMEOUT
+        while fastpath.programs_loaded() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fastpath.programs_loaded() == 0 or attached_elsewhere(cgroups), \
+            "fast-path programs left loaded"
+    assert not [n for n in os.listdir(fastpath.default_cgroup_path()) if n.startswith(cgroups)]
+    left = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    pid = "-%d" % os.getpid()
+    assert not [n for n in left if n.startswith(prefix + "-") and n.endswith(pid)]
+
+
 def attached_elsewhere(exclude: tuple[str, ...]) -> dict[str, int]:
     """Cgroups right below the cgroup v2 root whose names start with none of
     ``exclude`` (this run's) and that have fast-path hooks attached: other work
@@ -211,3 +252,62 @@ def run_client(script: str, args, cgroup: str | None, netns: str | None = None) 
     r = subprocess.run(argv, capture_output=True, timeout=30)
     assert r.returncode == 0, r.stderr.decode()
     return json.loads(r.stdout.decode().strip().splitlines()[-1])
+
+
+# The client: one operation in its own process, which the launcher moved into
+# the test's cgroup before exec.  Prints one JSON line.
+CLIENT = r"""
+import hashlib, json, os, socket, sys
+op, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+size = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+bind = sys.argv[5] if len(sys.argv) > 5 else ""
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+payload = os.urandom(size)
+out = {}
+def addr(a):
+    return [a[0], a[1]]
+try:
+    if op == "tcp":
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(10)
+        if bind:
+            s.bind((bind, 0))
+        s.connect((host, port))
+        out["peer"] = addr(s.getpeername())
+        out["sock"] = addr(s.getsockname())
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while True:
+            d = s.recv(1 << 16)
+            if not d:
+                break
+            got += d
+        out["echo"] = bytes(got) == payload
+        out["reply"] = bytes(got[:16]).decode("latin-1")
+    elif op in ("udp", "udpc"):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        if op == "udpc":
+            s.connect((host, port))
+            out["peer"] = addr(s.getpeername())
+            s.send(payload)
+            d = s.recv(1 << 16)
+        else:
+            s.sendto(payload, (host, port))
+            d, src = s.recvfrom(1 << 16)
+            out["from"] = addr(src)
+            out["sock"] = addr(s.getsockname())
+        out["echo"] = d == payload
+        out["reply"] = d[:16].decode("latin-1")
+except OSError as e:
+    out["error"] = e.errno
+print(json.dumps(out))
+"""
+
+def client(cgroup: str | None, op: str, host: str, port: int, size: int = 1, bind: str = "",
+           netns: str | None = None) -> dict:
+    """One client operation (op: tcp, udp with sendto, udpc on a connected socket)
+    of size random bytes to host:port, from bind when given, through run_client;
+    its JSON: echo, peer, sock, from, reply, or error (an errno)."""
+    return run_client(CLIENT, (op, host, port, size, bind), cgroup, netns)

@@ -71,23 +71,34 @@ class Snapshot:
     engines: dict[int, str] = field(default_factory=dict)
 
 
-def _engines() -> dict[int, str]:
-    """Engines of the stray socket and of root's directory: {pid: socket}."""
-    out = {}
+def proc_files(what: str):
+    """(pid, contents) of /proc/PID/what for every process that still has it."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                cmd = f.read()
+            with open("/proc/%s/%s" % (name, what), "rb") as f:
+                data = f.read()
         except OSError:
             continue
-        head, found, rest = cmd.partition(b"\0engine\0--socket\0")
+        yield int(name), data
+
+
+def engine_cmdline(sock: str) -> bytes:
+    """What the command line of the engine of the control socket sock contains."""
+    return b"engine\0--socket\0" + sock.encode() + b"\0"
+
+
+def _engines() -> dict[int, str]:
+    """Engines of the stray socket and of root's directory: {pid: socket}."""
+    out = {}
+    for pid, cmd in proc_files("cmdline"):
+        _, found, rest = cmd.partition(b"\0engine\0--socket\0")
         if not found:
             continue
         path = os.fsdecode(rest.partition(b"\0")[0])
         if path in _stray or path.startswith(ROOT_DIR):
-            out[int(name)] = path
+            out[pid] = path
     return out
 
 
@@ -106,24 +117,18 @@ def _fds() -> dict[int, str]:
 def _children() -> dict[int, str]:
     me = os.getpid()
     out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                stat = f.read().decode("ascii", "replace")
-        except OSError:
-            continue
+    for pid, raw in proc_files("stat"):
+        stat = raw.decode("ascii", "replace")
         # pid (comm) state ppid ...: comm may hold spaces and parentheses.
         rest = stat[stat.rfind(")") + 2:].split()
-        if len(rest) < 2 or rest[0] == "Z" or int(rest[1]) != me or int(name) in _kept:
+        if len(rest) < 2 or rest[0] == "Z" or int(rest[1]) != me or pid in _kept:
             continue
         try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
         except OSError:
             cmd = "?"
-        out[int(name)] = cmd
+        out[pid] = cmd
     return out
 
 

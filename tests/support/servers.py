@@ -17,8 +17,8 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import os
-import resource
 import select
 import selectors
 import shutil
@@ -33,11 +33,13 @@ import time
 
 from spliceproxy import _engine, control
 from spliceproxy.bench.launch import LaunchedProxy, ProxyStartError, proxy_argv, spawn
+from spliceproxy.bench.procs import raise_nofile
 from spliceproxy.stats import read_stats_file
 
 IO_TIMEOUT = 10.0  # every blocking socket call in these tests
 
-__all__ = ["ProxyStartError", "proxy_argv", "spawn"]  # re-exported: the one launcher
+# Re-exported: the one launcher, and the one way to raise the descriptor limit.
+__all__ = ["ProxyStartError", "proxy_argv", "raise_nofile", "spawn"]
 
 
 # The variables that choose the mode (tests/conftest.py sets them per test):
@@ -68,6 +70,11 @@ def proc_status(pid: int) -> dict[str, str]:
     return out
 
 
+def rss_kib(pid: int) -> int:
+    """Resident set size of pid in KiB (VmRSS)."""
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
 def has_uid(uid: int) -> bool:
     """Whether the user database knows uid."""
     import pwd
@@ -79,13 +86,18 @@ def has_uid(uid: int) -> bool:
         return False
 
 
-def have_ipv6() -> bool:
+def can_bind(host: str, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether this host has the address host (a socket can bind to it)."""
     try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
+        with socket.socket(family(host), kind) as s:
+            s.bind((host, 0))
         return True
     except OSError:
         return False
+
+
+def have_ipv6() -> bool:
+    return can_bind("::1")
 
 
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
@@ -93,15 +105,6 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(family(host), kind) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def raise_nofile(want: int) -> None:
-    """Raise this process's soft RLIMIT_NOFILE to at least ``want`` (up to the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= want:
-        return
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def wait_for(pred, timeout: float = 5.0, interval: float = 0.02):
@@ -112,6 +115,20 @@ def wait_for(pred, timeout: float = 5.0, interval: float = 0.02):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def settled(read, timeout: float = 5.0, interval: float = 0.05):
+    """read() once two readings ``interval`` apart agree (the last one after
+    ``timeout``): a count that startup or teardown still moves for a moment."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def settled_stats(path: str) -> dict[str, int]:
@@ -176,6 +193,46 @@ def echo_roundtrip(host: str, port: int, payload: bytes = b"ping", timeout: floa
         assert got == payload, (got[:64], payload[:64])
 
 
+def relays_both_ways(client: socket.socket, backend: socket.socket, n: int) -> None:
+    """n bytes from client to backend, n back, each checked; then both closed."""
+    client.sendall(b"q" * n)
+    assert recv_exact(backend, n) == b"q" * n
+    backend.sendall(b"r" * n)
+    assert recv_exact(client, n) == b"r" * n
+    client.close()
+    backend.close()
+
+
+def udp_roundtrip(port: int, payload: bytes = b"dgram", host: str = "127.0.0.1",
+                  timeout: float = 5.0) -> bytes:
+    """One datagram to host:port from a connected socket of its own; the reply."""
+    with socket.socket(family(host), socket.SOCK_DGRAM) as c:
+        c.settimeout(timeout)
+        c.connect((host, port))
+        c.send(payload)
+        return c.recv(65536)
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0,
+                     backlog: int = 64) -> socket.socket:
+    """A TCP socket listening on (host, port) as dockerd makes one: SO_REUSEADDR,
+    and IPv6 only for an IPv6 address."""
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family(host) == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, port))
+    s.listen(backlog)
+    return s
+
+
+def tcp_listener(host: str = "127.0.0.1", backlog: int = 64) -> tuple[int, int]:
+    """A listening TCP socket on a free port, as dockerd hands one to the proxy:
+    (port, fd); the caller owns the descriptor."""
+    s = listening_socket(host, 0, backlog)
+    return s.getsockname()[1], s.detach()
+
+
 # --------------------------------------------------------------------------
 # Backends.
 
@@ -185,12 +242,7 @@ class _SelectorServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 4096):
         self.host = host
-        self.sock = socket.socket(family(host), socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family(host) == socket.AF_INET6:
-            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(backlog)
+        self.sock = listening_socket(host, port, backlog)
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
@@ -348,12 +400,7 @@ class AcceptingBackend:
     """A listener whose accepted sockets the test takes with ``accept()`` and drives by hand."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 1024):
-        self.sock = socket.socket(family(host), socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family(host) == socket.AF_INET6:
-            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(backlog)
+        self.sock = listening_socket(host, port, backlog)
         self.port = self.sock.getsockname()[1]
 
     def accept(self, timeout: float = IO_TIMEOUT) -> socket.socket:
@@ -490,9 +537,9 @@ class Proxy:
             self.stats_path = os.path.join(tmpdir, "proxy-%s.stats" % tag)
             full_env = dict(os.environ)
             full_env["SPLICEPROXY_LOG_FILE"] = self.log_path
-            self.engine_socket = (full_env.get("SPLICEPROXY_ENGINE_SOCKET")
-                                  if control.engine_enabled({**full_env, **(env or {})})
-                                  else None)
+            mode_env = {**full_env, **(env or {})}
+            self.engine_socket = (mode_env.get("SPLICEPROXY_ENGINE_SOCKET")
+                                  if control.engine_enabled(mode_env) else None)
             if self.engine_socket is None:
                 full_env["SPLICEPROXY_STATS_FILE"] = self.stats_path
             full_env.update(env or {})
@@ -597,6 +644,54 @@ class Proxy:
                 self.launched.stop(signal.SIGKILL, timeout=5.0)
 
     def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# A stand-in for dockerd: starts every command line given with the parent-death
+# signal set in the child before exec (PR_SET_PDEATHSIG=SIGTERM, as dockerd's
+# os/exec with SysProcAttr.Pdeathsig), prints their pids on one line, then waits
+# for its stdin to close.
+_FAKE_DOCKERD = r"""
+import ctypes, json, os, signal, sys
+from spliceproxy.bench.launch import spawn
+libc = ctypes.CDLL(None, use_errno=True)
+def pdeathsig():
+    if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        os._exit(99)
+lps = [spawn(argv, env=dict(os.environ), preexec_fn=pdeathsig, timeout=15.0)
+       for argv in json.loads(sys.argv[1])]
+sys.stdout.write(" ".join(str(lp.pid) for lp in lps) + "\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+class FakeDockerd:
+    """The proxies of argvs started by a parent process of their own (see above);
+    pids is theirs, empty when the parent did not report within 20 s.  kill()
+    is dockerd dying: SIGKILL, no chance to clean up."""
+
+    def __init__(self, argvs: list[list[str]], env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, "-c", _FAKE_DOCKERD, json.dumps(argvs)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        ready = select.select([self.proc.stdout], [], [], 20.0)[0]
+        line = self.proc.stdout.readline() if ready else b""
+        self.pids = [int(p) for p in line.split()]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> FakeDockerd:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -709,10 +804,9 @@ def run_threads(*fns, timeout: float = 60.0) -> list:
 # The load generator's C echo server in a child process, on a given port (0:
 # any); it prints the port and stops when stdin closes.
 C_ECHO = r"""
-import resource, socket, sys
-from spliceproxy.bench import loadgen
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+import socket, sys
+from spliceproxy.bench import loadgen, procs
+procs.raise_nofile()
 ffi, lib = loadgen.load()
 ls = socket.socket()
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

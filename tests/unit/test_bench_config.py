@@ -18,7 +18,7 @@ import sysconfig
 
 import pytest
 
-from spliceproxy.bench import harness, report, topology
+from spliceproxy.bench import harness, report, results, topology
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 needs_ip = pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (`ip`)")
@@ -151,8 +151,8 @@ def test_cli_refuses_a_prefix_a_live_namespace_carries():
 
 # -- ratios and their spread ----------------------------------------------------------
 
-def _res(a: list, b: list, metric: str = "bulk_1") -> harness.Results:
-    r = harness.Results("quick")
+def _res(a: list, b: list, metric: str = "bulk_1") -> results.Results:
+    r = results.Results("quick")
     for i, (x, y) in enumerate(zip(a, b)):
         r.add("external", metric, "spliceproxy", x, i)
         r.add("external", metric, "docker-proxy", y, i)
@@ -172,7 +172,7 @@ def test_issue_example_is_not_a_conclusive_0_68():
     # range widely around 1, so the ratio must not be shown as a verdict.
     sp = [14.6, 14.7, 14.5, 14.8, 14.6]
     nat = [44.0, 14.7, 21.0, 14.2, 14.0]
-    r = harness.Results("quick")
+    r = results.Results("quick")
     for i, (x, y) in enumerate(zip(sp, nat)):
         r.add("external", "bulk_1", "spliceproxy", x, i)
         r.add("external", "bulk_1", "native", y, i)
@@ -191,7 +191,7 @@ def test_medians_pointing_the_other_way_make_it_inconclusive():
 
 
 def test_rounds_are_paired_by_index_not_position():
-    r = harness.Results("quick")
+    r = results.Results("quick")
     r.add("external", "crr_rate", "spliceproxy", 10.0, 0)
     r.add("external", "crr_rate", "spliceproxy", 30.0, 2)  # round 1 failed
     for i, v in enumerate((5.0, 100.0, 15.0)):
@@ -217,7 +217,7 @@ def test_shuffled_order_is_reproducible_from_the_seed():
     h2 = object.__new__(harness.Harness)
 
     for h in (h1, h2):
-        h.rng, h.res = random.Random(1234), harness.Results("quick")
+        h.rng, h.res = random.Random(1234), results.Results("quick")
     paths = [(n, None) for n in ("native", "iptables", "spliceproxy", "docker-proxy")]
     o1 = [h1._order("external", "rr", paths) for _ in range(6)]
     o2 = [h2._order("external", "rr", paths) for _ in range(6)]

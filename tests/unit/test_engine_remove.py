@@ -17,6 +17,8 @@ import pytest
 
 from spliceproxy import _engine
 
+from support import servers as srv
+
 AF_INET = socket.AF_INET
 LOOPBACK = socket.inet_aton("127.0.0.1")
 
@@ -100,14 +102,6 @@ def echo():
     ls.close()
 
 
-def _tcp_listener():
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 0))
-    s.listen(64)
-    return s.getsockname()[1], s.detach()
-
-
 def _roundtrip(port, payload=b"ping"):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
         c.sendall(payload)
@@ -149,8 +143,8 @@ def _port_free(port, kind=socket.SOCK_STREAM):
 def test_remove_closes_the_listener_and_its_connections(running, echo):
     eng = running.engine
     base_fds = _held_fds(running.call(eng.stats))
-    keep_port, keep_fd = _tcp_listener()
-    gone_port, gone_fd = _tcp_listener()
+    keep_port, keep_fd = srv.tcp_listener()
+    gone_port, gone_fd = srv.tcp_listener()
     keep = running.call(eng.add_tcp, keep_fd, AF_INET, LOOPBACK, echo)
     gone = running.call(eng.add_tcp, gone_fd, AF_INET, LOOPBACK, echo)
     held = socket.create_connection(("127.0.0.1", gone_port), timeout=5)
@@ -182,12 +176,12 @@ def test_remove_closes_the_listener_and_its_connections(running, echo):
 
 def test_a_removed_id_is_reused_with_fresh_counters(running, echo):
     eng = running.engine
-    port, fd = _tcp_listener()
+    port, fd = srv.tcp_listener()
     first = running.call(eng.add_tcp, fd, AF_INET, LOOPBACK, echo)
     _roundtrip(port)
     assert _wait(lambda: running.call(eng.listener_stats, first)["tcp_closed"] == 1)
     running.call(eng.remove, first)
-    port2, fd2 = _tcp_listener()
+    port2, fd2 = srv.tcp_listener()
     second = running.call(eng.add_tcp, fd2, AF_INET, LOOPBACK, echo)
     assert second == first
     assert set(running.call(eng.listener_stats, second).values()) == {0}
@@ -198,7 +192,7 @@ def test_per_listener_counters_add_up_to_the_engine_totals(running, echo):
     eng = running.engine
     ports, ids = [], []
     for _ in range(3):
-        port, fd = _tcp_listener()
+        port, fd = srv.tcp_listener()
         ports.append(port)
         ids.append(running.call(eng.add_tcp, fd, AF_INET, LOOPBACK, echo))
     for n, port in enumerate(ports):

@@ -315,7 +315,7 @@ def test_target_cli_exit_codes_and_overrides(files):
 
 
 def test_target_entries_come_from_the_fast_path_records():
-    from spliceproxy.bench.harness import Results
+    from spliceproxy.bench.results import Results
 
     res = Results("quick")
     for r, (fp, nat) in enumerate([(17.0, 17.5), (16.0, 16.2), (18.0, 17.9)]):

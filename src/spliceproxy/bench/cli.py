@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def harness_groups() -> tuple:
-    from spliceproxy.bench.harness import GROUPS
+    from spliceproxy.bench.groups import GROUPS
 
     return tuple(GROUPS)
 
@@ -85,6 +85,7 @@ def main(argv: list[str]) -> int:
         return agree_main(argv[1:])
     args = _parser().parse_args(argv)
     from spliceproxy.bench import harness, report
+    from spliceproxy.bench.groups import GROUPS
     from spliceproxy.bench.paths import ALL_PATHS
 
     only = None
@@ -98,10 +99,10 @@ def main(argv: list[str]) -> int:
     groups = None
     if args.groups:
         groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
-        bad = [g for g in groups if g not in harness.GROUPS]
+        bad = [g for g in groups if g not in GROUPS]
         if bad or not groups:
             print("spliceproxy bench: unknown group(s): %s (choose from %s)"
-                  % (", ".join(bad) or "none given", ", ".join(harness.GROUPS)),
+                  % (", ".join(bad) or "none given", ", ".join(GROUPS)),
                   file=sys.stderr)
             return 2
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())

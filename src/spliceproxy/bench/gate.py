@@ -523,7 +523,7 @@ def github_benchmark(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _unit(key: str) -> str:
-    from spliceproxy.bench.harness import METRICS
+    from spliceproxy.bench.metrics import METRICS
 
     m = all_tolerances()[key][0]
     return METRICS.get(m, ("",))[0]

@@ -282,11 +282,16 @@ class Paths:
             return None
         return self._start_dockerish("docker-proxy", self.dp_exe, lambda rt, role: None)
 
+    def _peer(self, name: str) -> str | None:
+        """A peer's executable: none without peers, or (a skip noted) not installed."""
+        exe = shutil.which(name) if self.peers else None
+        if not exe and self.peers:
+            self.skipped[name] = "%s not installed" % name
+        return exe
+
     def _start_haproxy(self):
-        exe = shutil.which("haproxy") if self.peers else None
+        exe = self._peer("haproxy")
         if not exe:
-            if self.peers:
-                self.skipped["haproxy"] = "haproxy not installed"
             return None
         ports = [self._port("haproxy", r) for r in (0, 1)]
         import resource
@@ -319,10 +324,8 @@ class Paths:
         return rt
 
     def _start_socat(self):
-        exe = shutil.which("socat") if self.peers else None
+        exe = self._peer("socat")
         if not exe:
-            if self.peers:
-                self.skipped["socat"] = "socat not installed"
             return None
         rt = PathRuntime("socat", note="fork per connection")
         ports = []

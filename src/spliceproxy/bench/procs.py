@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import tempfile
@@ -96,12 +97,30 @@ def uss_bytes(pid: int) -> int:
 
 
 def alive(pid: int) -> bool:
-    """Whether pid runs (a zombie does not)."""
+    """Whether pid runs (a zombie or a dead task does not)."""
     try:
         with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def raise_nofile(want: int = 1 << 20) -> int:
+    """Raise this process's soft fd limit to at least want, and the hard one with it
+    when allowed (dockerd runs with LimitNOFILE=infinity); else as far as the hard
+    limit goes.  Returns the soft limit now."""
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == inf or soft >= want:
+        return soft
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (limit, hard if hard == inf else max(limit, hard)))
+            return limit
+        except (ValueError, OSError):
+            continue
+    return soft
 
 
 def fd_count(pid: int) -> int:

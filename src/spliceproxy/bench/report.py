@@ -6,7 +6,8 @@ import json
 import platform
 import time
 
-from spliceproxy.bench.harness import BARE, METRICS, PLAIN, REFS, Results
+from spliceproxy.bench.metrics import BARE, METRICS, PLAIN, REFS
+from spliceproxy.bench.results import Results
 
 SUBJECT = "spliceproxy"
 ORDER = ("native", "iptables", "spliceproxy", "spliceproxy-spin", "fastpath", "docker-proxy",

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
 
     ffi, lib = load()
     host, ports = argv[0], [int(p) for p in argv[1:4]]
-    from spliceproxy.bench.harness import raise_nofile
+    from spliceproxy.bench.procs import raise_nofile
 
     raise_nofile()
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -27,6 +27,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
+from spliceproxy.bench import procs
+
 PREFIX = "spb-"
 SUBNET = "198.18.1.0/24"
 NETNS_DIR = "/var/run/netns"
@@ -169,17 +171,6 @@ def _lookup(ns, ifname: str, timeout: float = 5.0) -> int:
         time.sleep(0.02)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process pid exists (one of another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # The bench's namespace names after <prefix><pid>: [-<tag>]-{cli,host,ctr}.
 BENCH_TAIL = r"(?:-.+)?-(?:cli|host|ctr)"
 
@@ -202,7 +193,7 @@ def clean_stale(prefix: str = PREFIX, tail: str = BENCH_TAIL) -> list[str]:
         if not m:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and pid_alive(pid):
+        if pid != os.getpid() and procs.alive(pid):
             continue
         if pid == os.getpid() and any(name in t.names for t in _live):
             continue

@@ -51,8 +51,8 @@ MODES = ("standalone", "engine")
 
 # Modules that are about one mode already, and set it themselves.
 _ONE_MODE = re.compile(
-    r"^test_(engine_mode|engine_fastpath|engine_netns|engine_races|fastpath|fastpath_setting|"
-    r"launcher|rules_c_python|stub_fuzz|transparent)$")
+    r"^test_(engine_mode|engine_fastpath|engine_metrics|engine_netns|engine_races|fastpath|"
+    r"fastpath_setting|launcher|rules_c_python|stub_fuzz|transparent)$")
 
 
 def pytest_configure(config):

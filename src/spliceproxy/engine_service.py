@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from spliceproxy import _engine, control, goflags, settings
+from spliceproxy import _engine, control, goflags, metrics, settings
 from spliceproxy.helptext import HELP_POINTER
 from spliceproxy.log import Logger, NoWaitOutput
 from spliceproxy.proxy import (
@@ -109,8 +109,10 @@ def engine_options(engine: _engine.Engine, lid: int = -1) -> dict[str, object]:
 
 
 # Settings that are the engine process's, not options of its relay: whom it
-# runs as, the fast path it loaded and the transparent mode's rules.  A mapping cannot have its own.
-ENGINE_WIDE = ("USER", "KEEP_PRIVILEGES", "FASTPATH", "FASTPATH_CGROUP", "TRANSPARENT")
+# runs as, the fast path it loaded, the transparent mode's rules and where it
+# serves /metrics.  A mapping cannot have its own.
+ENGINE_WIDE = ("USER", "KEEP_PRIVILEGES", "FASTPATH", "FASTPATH_CGROUP", "TRANSPARENT",
+               "METRICS_ADDR")
 
 
 def engine_wide_differences(mine: Settings, theirs: Settings) -> list[str]:
@@ -293,6 +295,7 @@ class Service:
         self.tp_rules = None  # transparent.Rules when SPLICEPROXY_TRANSPARENT is on
         self.tp_reason = "SPLICEPROXY_TRANSPARENT is not set"
         self.tp_mappings: dict[int, str] = {}  # transparent listener id -> container address
+        self.metrics: metrics.MetricsServer | None = None  # SPLICEPROXY_METRICS_ADDR
 
     # -- setup -----------------------------------------------------------
 
@@ -372,6 +375,8 @@ class Service:
         if self.addr_watch is not None:
             self.ep.register(self.addr_watch.fileno(), _EPOLLIN)
         engine.watch(self.ep.fileno())
+        self.metrics = metrics.start(self.settings.metrics_addr, self.ep, self._metrics_text,
+                                     self.log)
         self._drop_privileges()
 
     def _load_fastpath(self) -> None:
@@ -627,6 +632,10 @@ class Service:
                         break
                     at = now + 0.05
                 deadlines.append(at)
+            if self.metrics is not None:
+                self.metrics.expire(now)
+                if self.metrics.deadline() is not None:
+                    deadlines.append(self.metrics.deadline())
             timeout = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else -1
             rc = engine.run(timeout)
             if rc == _engine.RUN_EVENTS:
@@ -642,6 +651,8 @@ class Service:
                     self._accept()
                 elif self.addr_watch is not None and fd == self.addr_watch.fileno():
                     self._address_events()
+                elif self.metrics is not None and self.metrics.handles(fd):
+                    self.metrics.event(fd, ev)
                 else:
                     self._conn_event(fd, ev)
             self._flush_logs()
@@ -697,6 +708,8 @@ class Service:
         if self.addr_watch is not None:
             self.addr_watch.close()
             self.addr_watch = None
+        if self.metrics is not None:
+            self.metrics.close()
         self.log.log("spliceproxy engine %d exiting" % os.getpid())
 
     # -- control connections ---------------------------------------------
@@ -1086,9 +1099,15 @@ class Service:
                                 "firewall": self.tp_rules.tool if self.tp_rules else None,
                                 "rules": bool(self.tp_rules and self.tp_rules.families),
                                 "mappings": len(self.tp_mappings)},
+                "metrics": self.metrics.describe() if self.metrics is not None else None,
             },
             "mappings": maps,
         }
+
+    def _metrics_text(self) -> str:
+        from spliceproxy import engine_status
+
+        return engine_status.prometheus(self.status())
 
     def _status(self, conn: Conn) -> None:
         text = json.dumps(self.status(), separators=(",", ":")).encode()
@@ -1273,7 +1292,8 @@ namespace where dockerd runs gets an engine of its own.
 SPLICEPROXY_ENGINE_IDLE_EXIT (default 5s; "never") is how long it stays up
 without mappings.  Each mapping has the relay settings of its stub's
 environment (SPLICEPROXY_*, unset ones their defaults); the busy-poll, the
-user and the fast path are the engine's alone, from its own environment.
+user, the fast path and the metrics address are the engine's alone, from
+its own environment.
 """
 
 

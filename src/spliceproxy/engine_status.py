@@ -1,9 +1,10 @@
 """`spliceproxy status`: every mapping the host engine serves, read from its control socket.
 
 A table for people, ``--json`` for programs, ``--prometheus`` in the text
-exposition format (for a node-exporter textfile collector or a scrape
-through a small wrapper).  Per-mapping figures come from the engine's
-per-listener counters; the engine's totals are shown beside them.
+exposition format (for a node-exporter textfile collector; the engine
+serves the same text on SPLICEPROXY_METRICS_ADDR, see metrics.py).
+Per-mapping figures come from the engine's per-listener counters; the
+engine's totals are shown beside them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ entries), bytes each way, UDP clients, errors, uptime, and how many
 connections took the kernel fast path (UDP: connects and datagrams; "-" when
 the fast path does not serve the mapping).
 """
-
-# Counters that are levels, not running totals (Prometheus gauges).
-GAUGES = frozenset(("tcp_active", "udp_flows_active", "pipes_open", "pipes_in_use", "fds_open"))
-
 
 class StatusError(Exception):
     """No engine to ask, or it answered something unexpected."""
@@ -76,6 +73,7 @@ def query(path: str, timeout: float = 5.0) -> dict:
 
 def summary(counters: dict | None) -> dict:
     """The table's figures from a mapping's counters (None: not known)."""
+    counters = merged(counters)
     if not counters:
         return dict.fromkeys(("active", "total", "bytes_in", "bytes_out", "udp_clients",
                               "errors"))
@@ -167,6 +165,11 @@ def table(doc: dict) -> str:
                         counters.get("transparent_fallbacks", "-")))
     elif tp and tp.get("reason") and "is not set" not in tp["reason"]:
         lines.append("transparent mode not available: %s" % tp["reason"])
+    ms = eng.get("metrics")
+    if ms and ms.get("listening"):
+        lines.append("metrics served on %s" % ms.get("address"))
+    elif ms:
+        lines.append("metrics not served on %s: %s" % (ms.get("address"), ms.get("error")))
     return "\n".join(lines) + "\n"
 
 
@@ -174,58 +177,139 @@ def _label(value) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def split_hostport(text: str) -> tuple[str, str]:
+    """("ip", "port") of "ip:port" or "[v6]:port" (Go's net.SplitHostPort)."""
+    host, _, port = str(text).rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def merged(counters) -> dict | None:
+    """One {name: value} from a counters entry: a dict, or a list of dicts
+    (one per loop), summed: every counter is a total and every gauge a
+    count of things each loop holds on its own."""
+    if counters is None or isinstance(counters, dict):
+        return counters
+    out: dict = {}
+    for part in counters:
+        for name, value in (part or {}).items():
+            out[name] = out.get(name, 0) + value
+    return out
+
+
+def _definitions() -> tuple[dict, dict, list]:
+    """Kind, help and order of the engine's counters, from their one
+    definition (engine.h's SP_STATS_TABLE, through the binding)."""
+    try:
+        from spliceproxy import _engine
+    except ImportError:
+        return {}, {}, []
+    return _engine.stat_kinds(), _engine.stat_help(), list(_engine.stat_names())
+
+
+# Per-mapping figures the engine's counters do not hold: (name, kind, help).
+_MAPPING_EXTRA = (
+    ("uptime_seconds", "gauge", "Seconds since the mapping was registered."),
+    ("fastpath_connections", "counter",
+     "Connects that went straight to the container (kernel fast path)."),
+    ("fastpath_datagrams", "counter",
+     "Unconnected UDP datagrams sent straight to the container (kernel fast path)."),
+)
+# The metrics endpoint's own figures (the engine's "metrics" entry).
+_METRICS_SERVER = (
+    ("listening", "gauge", "Whether the engine serves /metrics on its address (1) or "
+     "could not open it (0)."),
+    ("connections", "gauge", "Scrape connections open now."),
+    ("scrapes", "counter", "Scrapes answered with the metrics."),
+    ("bad_requests", "counter", "Requests answered 400, 404 or 405."),
+    ("refused", "counter", "Connections answered 503: too many scrapers at once."),
+    ("dropped", "counter", "Connections dropped at a deadline (request or reply too slow)."),
+)
+
+
 def prometheus(doc: dict) -> str:
-    """The text exposition format (version 0.0.4)."""
+    """The status document in the text exposition format (version 0.0.4).
+
+    One renderer for `spliceproxy status --prometheus` and the engine's
+    /metrics endpoint (metrics.py).  Per mapping, every counter the engine
+    keeps per listener, labelled with the protocol and the host's and the
+    container's address and port; then the engine's totals.  Counters of
+    several loops are summed (``merged``)."""
+    kinds, helps, order = _definitions()
     out = []
-    per = [("active", "gauge", "Connections (TCP) or client entries (UDP) open now."),
-           ("total", "counter", "Connections accepted (TCP) or client entries created (UDP)."),
-           ("bytes_in", "counter", "Bytes relayed client to container."),
-           ("bytes_out", "counter", "Bytes relayed container to client."),
-           ("udp_clients", "gauge", "UDP client entries now."),
-           ("errors", "counter", "Failed connects, dropped datagrams and connection errors."),
-           ("uptime_seconds", "gauge", "Seconds since the mapping was registered."),
-           ("fastpath_connections", "counter",
-            "Connects that went straight to the container (kernel fast path)."),
-           ("fastpath_datagrams", "counter",
-            "Unconnected UDP datagrams sent straight to the container (kernel fast path).")]
-    samples = []
+
+    def family(metric: str, kind: str, help_text: str) -> None:
+        out.append("# HELP %s %s" % (metric, _help(help_text)))
+        out.append("# TYPE %s %s" % (metric, kind))
+
+    def name_of(prefix: str, name: str, kind: str) -> str:
+        return prefix + name + ("_total" if kind == "counter" else "")
+
+    rows = []
     for m in doc["mappings"]:
-        labels = 'proto="%s",host="%s",container="%s",stub_pid="%s"' % (
-            _label(m["proto"]), _label(m["host"]), _label(m["container"]),
-            _label(m["stub_pid"]))
-        s = summary(m.get("counters"))
-        s["uptime_seconds"] = m["uptime_s"]
+        host_ip, host_port = split_hostport(m["host"])
+        cont_ip, cont_port = split_hostport(m["container"])
+        labels = ('proto="%s",host_ip="%s",host_port="%s",container_ip="%s",'
+                  'container_port="%s"' % tuple(_label(v) for v in (
+                      m["proto"], host_ip, host_port, cont_ip, cont_port)))
+        values = dict(merged(m.get("counters")) or {})
+        values["uptime_seconds"] = m["uptime_s"]
         fp = m.get("fastpath")
-        s["fastpath_connections"] = fp.get("connections") if fp else None
-        s["fastpath_datagrams"] = fp.get("datagrams") if fp else None
-        samples.append((labels, s))
+        if fp:
+            values["fastpath_connections"] = fp.get("connections")
+            values["fastpath_datagrams"] = fp.get("datagrams")
+        rows.append((m, labels, values))
+
+    family("spliceproxy_mapping_info", "gauge",
+           "A mapping the engine serves (1), with the pid of its stub.")
+    for m, labels, _ in rows:
+        out.append('spliceproxy_mapping_info{%s,stub_pid="%s"} 1'
+                   % (labels, _label(m["stub_pid"])))
+    names = {n for _, _, values in rows for n in values}
+    per = [(n, kinds.get(n, "counter"), helps.get(n, n.replace("_", " ")))
+           for n in order if n in names]
+    per += [(n, "gauge" if k == "gauge" else "counter", h) for n, k, h in _MAPPING_EXTRA]
     for name, kind, help_text in per:
-        metric = "spliceproxy_mapping_" + name + ("_total" if kind == "counter" else "")
-        out.append("# HELP %s %s" % (metric, help_text))
-        out.append("# TYPE %s %s" % (metric, kind))
-        for labels, s in samples:
-            if s.get(name) is not None:
-                out.append("%s{%s} %s" % (metric, labels, s[name]))
-    out.append("# HELP spliceproxy_engine_mappings Mappings the engine serves.")
-    out.append("# TYPE spliceproxy_engine_mappings gauge")
-    out.append("spliceproxy_engine_mappings %d" % doc["engine"]["mappings"])
-    fp = doc["engine"].get("fastpath")
+        metric = name_of("spliceproxy_mapping_", name, kind)
+        family(metric, kind, help_text)
+        head = metric + "{"
+        out.extend([head + labels + "} " + str(v) for _, labels, values in rows
+                    if (v := values.get(name)) is not None])
+
+    eng = doc["engine"]
+    family("spliceproxy_engine_mappings", "gauge", "Mappings the engine serves.")
+    out.append("spliceproxy_engine_mappings %d" % eng["mappings"])
+    fp = eng.get("fastpath")
     if fp is not None:
-        out.append("# HELP spliceproxy_engine_fastpath_active Whether the kernel fast path "
-                   "is attached (1) or not (0).")
-        out.append("# TYPE spliceproxy_engine_fastpath_active gauge")
+        family("spliceproxy_engine_fastpath_active", "gauge",
+               "Whether the kernel fast path is attached (1) or not (0).")
         out.append("spliceproxy_engine_fastpath_active %d" % bool(fp.get("active")))
-    tp = doc["engine"].get("transparent")
+    tp = eng.get("transparent")
     if tp is not None:
-        out.append("# HELP spliceproxy_engine_transparent_on Whether SPLICEPROXY_TRANSPARENT "
-                   "is on (1) or not (0).")
-        out.append("# TYPE spliceproxy_engine_transparent_on gauge")
+        family("spliceproxy_engine_transparent_on", "gauge",
+               "Whether SPLICEPROXY_TRANSPARENT is on (1) or not (0).")
         out.append("spliceproxy_engine_transparent_on %d" % bool(tp.get("on")))
-    for name, value in sorted(doc["engine"].get("counters", {}).items()):
-        kind = "gauge" if name in GAUGES else "counter"
-        metric = "spliceproxy_engine_" + name + ("_total" if kind == "counter" else "")
-        out.append("# TYPE %s %s" % (metric, kind))
-        out.append("%s %d" % (metric, value))
+    totals = merged(eng.get("counters")) or {}
+    for name in order + sorted(set(totals) - set(order)):
+        if name not in totals:
+            continue
+        kind = kinds.get(name, "counter")
+        metric = name_of("spliceproxy_engine_", name, kind)
+        family(metric, kind, helps.get(name, name.replace("_", " ")))
+        out.append("%s %d" % (metric, totals[name]))
+    server = eng.get("metrics")
+    if server:
+        for name, kind, help_text in _METRICS_SERVER:
+            if server.get(name) is None:
+                continue
+            metric = name_of("spliceproxy_metrics_", name, kind)
+            family(metric, kind, help_text)
+            out.append("%s %d" % (metric, int(server[name])))
     return "\n".join(out) + "\n"
 
 

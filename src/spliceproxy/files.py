@@ -17,6 +17,11 @@ answered.  So every open here:
 * refuses a file owned by anyone but root or the proxy's own user, and a
   file with more than one hard link (a link to some other file).
 
+A socket the proxy creates (the engine's metrics socket) is bound in a
+directory reached the same way, which must be owned by root or the proxy's
+own user and writable by nobody else (``socket_parent``): whoever could
+write there could put a socket of theirs in its place.
+
 A refusal is a ``FileRefused`` whose text says what and why; main reports it
 on the status pipe.  Imports nothing but ``os``.
 """
@@ -25,7 +30,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["FileRefused", "open_dir", "open_in", "open_parent", "open_path", "split"]
+__all__ = ["FileRefused", "open_dir", "open_in", "open_parent", "open_path", "socket_parent",
+           "split"]
 
 _S_IFMT = 0o170000
 _S_IFREG = 0o100000
@@ -147,3 +153,28 @@ def open_path(path: str, flags: int, create: bool = True) -> int:
         return open_in(dfd, name, path, flags, create)
     finally:
         os.close(dfd)
+
+
+def socket_parent(path: str) -> tuple[int, str]:
+    """(descriptor of the directory a socket at path is to be bound in, its name).
+
+    The directory is reached as every other (no link followed), and must be
+    owned by root or this user and not writable by group or others (a
+    sticky bit does not make it safe: anyone could take the name first)."""
+    dfd, name = open_parent(path)
+    try:
+        st = os.fstat(dfd)
+        shown = path.rsplit("/", 1)[0] or "/"
+        if st.st_uid not in _allowed_owners():
+            raise FileRefused("directory %s is owned by uid %d, not by root%s" % (
+                shown, st.st_uid, "" if os.geteuid() == 0 else " or uid %d" % os.geteuid()))
+        if st.st_mode & 0o022:
+            raise FileRefused("directory %s is writable by %s (mode %04o): anyone who can "
+                              "write there could replace the socket" % (
+                                  shown, "group and others" if st.st_mode & 0o022 == 0o022
+                                  else "its group" if st.st_mode & 0o020 else "others",
+                                  st.st_mode & 0o7777))
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd, name

@@ -195,6 +195,44 @@ def user(text: str) -> str | int:
     return text
 
 
+_SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, one for the terminating NUL
+
+
+def metrics_address(text: str) -> tuple:
+    """Where the engine serves /metrics: ``host:port`` with an IPv4 address,
+    ``[v6]:port``, or ``unix:/absolute/path``.
+
+    Returns ("unix", path) or (family, address, port) with family "tcp4" or
+    "tcp6" and the address as written.  Literal addresses only: a name
+    would need a DNS lookup before fd 3 is answered."""
+    if text.startswith("unix:"):
+        where = text[len("unix:"):]
+        if not where.startswith("/"):
+            raise ValueError("unix: needs an absolute path (unix:/run/spliceproxy/metrics.sock)")
+        if where.endswith("/") or where.rsplit("/", 1)[1] in (".", ".."):
+            raise ValueError("unix: the path must name a socket file, not a directory")
+        if len(where.encode("utf-8")) > _SUN_PATH_MAX:
+            raise ValueError("unix: the path is longer than %d bytes" % _SUN_PATH_MAX)
+        return ("unix", where)
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise ValueError("use host:port (an IPv4 address), [v6]:port or unix:/path")
+    if not _ascii_digits(port) or not 1 <= int(port, 10) <= 65535:
+        raise ValueError("port must be a number between 1 and 65535")
+    import socket  # only when the variable is set: off the common start-up path
+
+    if host.startswith("[") and host.endswith("]"):
+        family, kind, host = socket.AF_INET6, "tcp6", host[1:-1]
+    else:
+        family, kind = socket.AF_INET, "tcp4"
+    try:
+        socket.inet_pton(family, host)
+    except (OSError, ValueError):
+        raise ValueError("%r is not an IP%s address (IPv6 in brackets: [::1]:9465)"
+                         % (host, "v4" if kind == "tcp4" else "v6")) from None
+    return (kind, host, int(port, 10))
+
+
 # --------------------------------------------------------------------------
 # The variables.  Empty counts as unset (dockerd's environment may carry
 # "VAR=" to mean "not set").
@@ -362,6 +400,19 @@ VARIABLES = (
             "else is a startup error",
         doc_default="the cgroup v2 root (`/sys/fs/cgroup/unified` where cgroup v2 is mounted "
                     "there, else `/sys/fs/cgroup`)"),
+    # Engine-wide: the engine's own environment (its first stub's) decides.
+    Var("METRICS_ADDR", metrics_address, None, shown="off", modes=("engine",),
+        instead="a standalone proxy serves one port per process and has no endpoint; leave "
+                "SPLICEPROXY_ENGINE unset (engine mode is the default) for the host engine to "
+                "serve /metrics, or read each proxy's counters with SPLICEPROXY_STATS_FILE",
+        help="the host engine serves GET /metrics (Prometheus text format) on this address: "
+             "127.0.0.1:9465, [::1]:9465 or unix:/path (docs/metrics.md); unauthenticated; "
+             "in engine mode only",
+        doc="the host engine serves `GET /metrics` (Prometheus text format) on "
+            "`127.0.0.1:PORT`, `[::1]:PORT` or `unix:/path`, unauthenticated; engine mode "
+            "only (the engine's own environment decides, standalone refuses it); see "
+            "[Metrics](metrics.md)",
+        doc_default="off"),
 )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -578,7 +579,20 @@ def test_status_during_traffic(docker, engine_mode, page_token):
         prom = subprocess.run(d.status_argv("--prometheus"), capture_output=True,
                               text=True, timeout=20, env=env)
         assert prom.returncode == 0, prom.stderr
-        assert f":{port}" in prom.stdout and "# TYPE" in prom.stdout, prom.stdout
+        assert f'host_port="{port}"' in prom.stdout and "# TYPE" in prom.stdout, prom.stdout
+        # The same text from the engine's /metrics, on the unix socket that
+        # dockerd's environment names (SPLICEPROXY_METRICS_ADDR).
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(d.metrics_socket))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: spliceproxy\r\n\r\n")
+            reply = b"".join(iter(lambda: s.recv(65536), b""))
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+        active = [ln for ln in body.decode().splitlines()
+                  if ln.startswith("spliceproxy_mapping_tcp_active{")
+                  and f'host_ip="0.0.0.0",host_port="{port}"' in ln]
+        assert len(active) == 1 and int(active[0].rsplit(" ", 1)[1]) >= 1, body[:2000]
     finally:
         held.stdin.close()
         held.wait(10)

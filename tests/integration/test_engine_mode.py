@@ -560,10 +560,13 @@ def test_status_table_json_and_prometheus_during_traffic(host):
             prom = subprocess.run([host.proxy_path, "status", "--prometheus", "--socket",
                                    host.sock], capture_output=True, text=True, env=host.env,
                                   timeout=10).stdout
-            assert "# TYPE spliceproxy_mapping_active gauge" in prom
-            assert ('spliceproxy_mapping_total_total{proto="tcp",host="127.0.0.1:%d",'
-                    'container="127.0.0.1:%d",stub_pid="%d"} 4' % (t.port, echo.port, t.pid)
-                    ) in prom
+            assert "# TYPE spliceproxy_mapping_tcp_active gauge" in prom
+            assert "# HELP spliceproxy_mapping_tcp_accepted_total connections accepted" in prom
+            labels = ('proto="tcp",host_ip="127.0.0.1",host_port="%d",container_ip="127.0.0.1",'
+                      'container_port="%d"' % (t.port, echo.port))
+            assert "spliceproxy_mapping_tcp_accepted_total{%s} 4" % labels in prom
+            assert "spliceproxy_mapping_tcp_active{%s} 1" % labels in prom
+            assert 'spliceproxy_mapping_info{%s,stub_pid="%d"} 1' % (labels, t.pid) in prom
             assert "spliceproxy_engine_mappings 2" in prom
         finally:
             held.close()

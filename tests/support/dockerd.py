@@ -578,6 +578,11 @@ class Daemon:
         return self.engine_dir / control.socket_name(self.netns.ino())
 
     @property
+    def metrics_socket(self) -> Path:
+        """Where the engine of this daemon's namespace serves /metrics (engine mode)."""
+        return self.workdir / "metrics.sock"
+
+    @property
     def gateway(self) -> str:
         return self.bip.split("/")[0]
 
@@ -604,12 +609,13 @@ class Daemon:
         env["SPLICEPROXY_LOG_FILE"] = str(self.proxy_log)
         for k in ("SPLICEPROXY_ENGINE", "SPLICEPROXY_ENGINE_SOCKET", "SPLICEPROXY_ENGINE_DIR",
                   "SPLICEPROXY_ENGINE_IDLE_EXIT", "SPLICEPROXY_FASTPATH",
-                  "SPLICEPROXY_FASTPATH_CGROUP"):
+                  "SPLICEPROXY_FASTPATH_CGROUP", "SPLICEPROXY_METRICS_ADDR"):
             env.pop(k, None)
         if self.proxy.engine:
             env["SPLICEPROXY_ENGINE"] = "1"
             # No socket named: each stub finds its own namespace's engine.
             env["SPLICEPROXY_ENGINE_DIR"] = str(self.engine_dir)
+            env["SPLICEPROXY_METRICS_ADDR"] = "unix:" + str(self.metrics_socket)
             # Teardown waits 5 s for the namespace to empty: the engine's
             # default grace (5 s) would count as a leak.
             env["SPLICEPROXY_ENGINE_IDLE_EXIT"] = "1s"

@@ -24,7 +24,6 @@ from several proxies sharing one file never interleave.  ``reopen()``
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 
@@ -298,6 +297,8 @@ class NoWaitOutput:
             try:
                 return os.pwritev(self.fd, [data], -1, os.RWF_NOWAIT)
             except OSError as e:
+                import errno  # here: the proxy's start-up path imports as little as it can
+
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
                     raise
                 self.plain = True

@@ -1134,42 +1134,50 @@ static void __attribute__((noreturn)) standalone(int argc, char **argv, const ch
 	fail(msg);
 }
 
-int main(int argc, char **argv)
+/* What a map request carries beside argv and the environment: descriptors
+ * with their roles (control.py: FD_ROLES), and the log file among them. */
+struct passed {
+	const char *roles[6];
+	int fds[6];
+	int n;
+	int log_fd;
+};
+
+/* Failure texts: static, so their pages are touched only when something
+ * fails (a port's private memory is what the stub's start-up touched). */
+static char text[1000], msg[1200];
+
+static void pass_fd(struct passed *p, const char *role, int fd)
 {
-	/* The message buffers are static: written only when something fails,
-	 * their pages are never touched on the way to "0\n", and the stack
-	 * the calls below use stays that much shallower.  A port's private
-	 * memory is what the stub's start-up has touched. */
-	static const char *roles[6];
-	static char text[1000], msg[1200];
-	int fds[6], nfds = 0, log_fd = -1, sock = -1, listen_fd = -1, code;
-	int64_t deadline = now_ms() + START_WAIT_MS;
+	p->roles[p->n] = role;
+	p->fds[p->n++] = fd;
+}
+
+/**
+ * prepare() - everything before the engine: descriptors, signals, the socket
+ * @p: filled with what the map request passes
+ *
+ * Marks fds 3 and 4 close-on-exec (as docker-proxy 28+), blocks the stop
+ * signals into sig_fd, finds this namespace's control socket and checks its
+ * directory, and opens SPLICEPROXY_LOG_FILE with dockerd's privileges (the
+ * engine drops its own).  Where no control socket is possible the port is
+ * served standalone instead, and its log says why; nothing else returns.
+ */
+static void prepare(int argc, char **argv, struct passed *p)
+{
 	const char *log_path;
 	sigset_t set;
 	int i;
 
-	/* Not for the engine: the front end, untouched (fds 3 and 4 are still
-	 * as inherited, no signal is blocked yet). */
-	have_status = fd_is_open(STATUS_FD);
-	if (argc < 1)
-		fail("started with no program name (an empty argv)");
-	if (!engine_wanted(argc, argv))
-		standalone(argc, argv, NULL);
-
 	/* Flag errors and usage name the command as the front end would.  A
 	 * copy: our own command line (ps, /proc) stays as it was. */
-	if (argc > 0)
-		argv0 = shown_name(argv[0]);
-
-	/* As docker-proxy 28+: the inherited descriptors do not leak into what
-	 * we start. */
+	argv0 = shown_name(argv[0]);
 	if (have_status)
 		fcntl(STATUS_FD, F_SETFD, FD_CLOEXEC);
 	have_listen = fd_is_open(LISTEN_FD);
 	if (have_listen) {
 		fcntl(LISTEN_FD, F_SETFD, FD_CLOEXEC);
-		roles[nfds] = "4";
-		fds[nfds++] = LISTEN_FD;
+		pass_fd(p, "4", LISTEN_FD);
 	}
 	reserve_fd(STATUS_FD);
 	reserve_fd(LISTEN_FD);
@@ -1183,8 +1191,6 @@ int main(int argc, char **argv)
 	if (sig_fd == -1)
 		fail("signalfd failed");
 
-	/* No control socket possible: the port is still served, by this
-	 * process, and its log says why. */
 	i = resolve_socket();
 	if (i == -ENOENT)
 		standalone(argc, argv, "no control socket: not root, and XDG_RUNTIME_DIR is "
@@ -1203,63 +1209,73 @@ int main(int argc, char **argv)
 	if (check_dir(msg, sizeof(msg)) < 0)
 		standalone(argc, argv, msg);
 
-	for (i = 1; i <= 2; i++) {
-		if (fd_is_open(i)) {
-			roles[nfds] = i == 1 ? "1" : "2";
-			fds[nfds++] = i;
-		}
-	}
-	roles[nfds] = "netns";
-	fds[nfds++] = netns_fd;
+	for (i = 1; i <= 2; i++)
+		if (fd_is_open(i))
+			pass_fd(p, i == 1 ? "1" : "2", i);
+	pass_fd(p, "netns", netns_fd);
 	/* fd 3 stays here: the engine answers in its reply, and this stub writes
 	 * it.  Passed on, a hung engine would hold dockerd's status pipe open in
 	 * an unread message, and dockerd would see no EOF after our failure. */
-	/* The log file is opened here, with dockerd's privileges, so that the
-	 * engine (which drops its own) can append to it. */
+	p->log_fd = -1;
 	log_path = getenv(ENV_PREFIX "LOG_FILE");
 	if (log_path && *log_path) {
 		static char why[PATH_MAX + 256], lmsg[sizeof(why) + 64];
 
-		log_fd = open_log(log_path, why, sizeof(why));
-		if (log_fd < 0) {
+		p->log_fd = open_log(log_path, why, sizeof(why));
+		if (p->log_fd < 0) {
 			snprintf(lmsg, sizeof(lmsg),
 				 "cannot open log file (SPLICEPROXY_LOG_FILE): %s", why);
 			fail(lmsg);
 		}
-		roles[nfds] = "log";
-		fds[nfds++] = log_fd;
+		pass_fd(p, "log", p->log_fd);
 	}
+}
+
+/**
+ * map() - hand the mapping to the engine and get its verdict
+ * @sock: the control connection, kept for the mapping's life
+ *
+ * Starts the engine if none serves the socket, and tries again while the
+ * engine goes away before answering (it was exiting idle) until dockerd's
+ * deadline nears.  A refusal ends the stub as the standalone proxy would
+ * end (the text on fd 3, its exit code).  Returns the listener's duplicate.
+ */
+static int map(int argc, char **argv, const struct passed *p, int *sock)
+{
+	int64_t deadline = now_ms() + START_WAIT_MS;
+	int code;
 
 	for (;;) {
 		ssize_t len;
 		enum reply r;
 
-		sock = engine_connect_or_start(deadline);
-		if (sock == -EIO) {
+		*sock = engine_connect_or_start(deadline);
+		if (*sock == -EIO) {
 			snprintf(msg, sizeof(msg), "cannot start the spliceproxy engine for %s: %s",
 				 sock_path, engine_error);
 			fail(msg);
 		}
-		if (sock < 0) {
-			if (now_ms() < deadline && sock != -EACCES && sock != -EPERM) {
+		if (*sock < 0) {
+			if (now_ms() < deadline && *sock != -EACCES && *sock != -EPERM) {
 				sleep_ms(20);
 				continue;
 			}
 			snprintf(msg, sizeof(msg), "cannot reach the spliceproxy engine at %s: %s",
-				 sock_path, strerror(-sock));
+				 sock_path, strerror(-*sock));
 			fail(msg);
 		}
-		len = build_request("map", argc, argv, roles, nfds);
+		len = build_request("map", argc, argv, p->roles, p->n);
 		if (len < 0)
 			fail("command line and environment too long for the engine");
-		if (send_msg(sock, msg_buf, (size_t)len, fds, nfds) < 0) {
-			close(sock);
+		if (send_msg(*sock, msg_buf, (size_t)len, p->fds, p->n) < 0) {
+			close(*sock);
 			continue;
 		}
-		r = wait_reply(sock, &code, text, sizeof(text), deadline);
+		r = wait_reply(*sock, &code, text, sizeof(text), deadline);
 		if (r == REPLY_OK) {
-			listen_fd = code;
-			break;
+			if (code < 0)
+				fail("the spliceproxy engine sent no listener");
+			return code;
 		}
 		if (r == REPLY_EXIT && code == 1 && text[0])
 			status_failed(text);  /* the engine has logged it */
@@ -1268,7 +1284,7 @@ int main(int argc, char **argv)
 				 "within %d s", sock_path, START_WAIT_MS / 1000);
 			fail(msg);
 		}
-		close(sock);
+		close(*sock);
 		if (r == REPLY_SIGNAL)
 			_exit(0);  /* the engine sees the hang-up and drops the mapping */
 		if (r == REPLY_EXIT)
@@ -1281,19 +1297,18 @@ int main(int argc, char **argv)
 		if (now_ms() >= deadline)
 			fail("the spliceproxy engine went away while starting the mapping");
 	}
-	if (listen_fd < 0)
-		fail("the spliceproxy engine sent no listener");
-	/* Ready: the listener is in the engine.  The engine owns what it needs
-	 * of fds 1, 2 and 4; fd 4 is closed before "0\n", so that whoever
-	 * reads the verdict finds it closed, as from the standalone proxy (our
-	 * own duplicate is listen_fd). */
-	close(LISTEN_FD);
-	drop_capabilities(log_fd >= 0 ? CAP_TO_MASK(CAP_DAC_OVERRIDE) : 0);
-	if (have_status) {
-		write_all(STATUS_FD, "0\n", 2);
-		close(STATUS_FD);
-	}
+}
 
+/**
+ * serve() - wait for the mapping's end, holding the port
+ *
+ * Stop signals remove the mapping; SIGHUP reopens the log; an "exit" from
+ * the engine (the listener failed) ends the stub as docker-proxy ends; the
+ * engine's hang-up (it died) registers the listener with a new one.
+ */
+static void __attribute__((noreturn)) serve(int argc, char **argv, int sock, int listen_fd,
+					    int log_fd)
+{
 	for (;;) {
 		struct pollfd p[2] = { { .fd = sock, .events = POLLIN },
 				       { .fd = sig_fd, .events = POLLIN } };
@@ -1327,4 +1342,32 @@ int main(int argc, char **argv)
 		close(sock);
 		sock = adopt(argc, argv, listen_fd, log_fd);
 	}
+}
+
+int main(int argc, char **argv)
+{
+	static struct passed passed;
+	int sock, listen_fd;
+
+	/* Not for the engine: the front end, untouched (fds 3 and 4 are still
+	 * as inherited, no signal is blocked yet). */
+	have_status = fd_is_open(STATUS_FD);
+	if (argc < 1)
+		fail("started with no program name (an empty argv)");
+	if (!engine_wanted(argc, argv))
+		standalone(argc, argv, NULL);
+
+	prepare(argc, argv, &passed);
+	listen_fd = map(argc, argv, &passed, &sock);
+	/* Ready: the listener is in the engine.  The engine owns what it needs
+	 * of fds 1, 2 and 4; fd 4 is closed before "0\n", so that whoever
+	 * reads the verdict finds it closed, as from the standalone proxy (our
+	 * own duplicate is listen_fd). */
+	close(LISTEN_FD);
+	drop_capabilities(passed.log_fd >= 0 ? CAP_TO_MASK(CAP_DAC_OVERRIDE) : 0);
+	if (have_status) {
+		write_all(STATUS_FD, "0\n", 2);
+		close(STATUS_FD);
+	}
+	serve(argc, argv, sock, listen_fd, passed.log_fd);
 }

@@ -141,7 +141,8 @@ def test_go_false_drops_privileges(proxy_path, value):
 
 # A value that parses, for each variable that works in one mode only: set in
 # the other, it must be refused, never silently ignored.
-_ONE_MODE_SAMPLES = {"STATS_FILE": "/tmp/sp-mode-check.stats", "TRANSPARENT": "1"}
+_ONE_MODE_SAMPLES = {"STATS_FILE": "/tmp/sp-mode-check.stats", "TRANSPARENT": "1",
+                     "METRICS_ADDR": "127.0.0.1:19998"}
 
 
 @pytest.mark.parametrize("var", [v for v in settings.VARIABLES if v.modes != settings.MODES],

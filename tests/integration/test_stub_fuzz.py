@@ -159,6 +159,8 @@ def test_hostile_engine_replies_never_crash_or_hang_the_stub(proxy_path, sockdir
         msg, nfds = last
         if _head(msg) == b"ok" and nfds:
             assert status == b"0\n"
+            # fd 3 is closed right after "0\n": count from then on.
+            assert srv.wait_for(lambda: not os.path.exists("/proc/%d/fd/3" % lp.pid), 5.0)
             base = _fd_count(lp.pid)
             serving.set()
             exits = any(_head(m[:255]) == b"exit" for m, _ in later)

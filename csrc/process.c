@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <grp.h>
 #include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -123,16 +125,19 @@ static int cap_last_cap(void)
 	return v;
 }
 
-#define CAPS_BOUNDING (1u << 3)
-
-/* The capability sets of this process (CapInh, CapPrm, CapEff, CapBnd,
- * CapAmb, bit i for keys[i]) in mask are empty, as /proc/self/status
- * reports them: 0 if so, -EPERM if any is not, -errno if unreadable. */
-static int caps_clear(unsigned int mask)
+/**
+ * caps_are() - whether this process's capability sets are what they should be
+ * @want: CapInh, CapPrm, CapEff, CapBnd, CapAmb, in that order
+ * @check_bounding: whether to check CapBnd (only root can change it)
+ *
+ * As /proc/self/status reports them.  Return: 0 if so, -EPERM if any is
+ * not, -errno if unreadable.
+ */
+static int caps_are(const uint64_t want[5], bool check_bounding)
 {
 	static const char *const keys[] = { "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:" };
+	unsigned int mask = check_bounding ? 0x1f : 0x17, seen = 0;
 	char line[256];
-	unsigned int seen = 0;
 	size_t i;
 	FILE *f = fopen("/proc/self/status", "re");
 
@@ -145,7 +150,7 @@ static int caps_clear(unsigned int mask)
 
 			if (!(mask & 1u << i) || strncmp(line, keys[i], n) != 0)
 				continue;
-			if (sscanf(line + n, "%llx", &v) != 1 || v != 0) {
+			if (sscanf(line + n, "%llx", &v) != 1 || v != want[i]) {
 				fclose(f);
 				return -EPERM;
 			}
@@ -159,27 +164,43 @@ static int caps_clear(unsigned int mask)
 	return 0;
 }
 
-int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
+/**
+ * sp_drop_privileges() - become uid/gid keeping only the capabilities asked for (process.h)
+ * @uid:         user
+ * @gid:         group
+ * @keep:        capabilities kept (bounding, permitted, effective)
+ * @inheritable: those of keep also kept inheritable
+ * @step:        the call that failed
+ *
+ * Return: 0 or -errno
+ */
+int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inheritable,
+		       const char **step)
 {
 	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3 };
-	struct __user_cap_data_struct data[2] = { { 0 }, { 0 } };
+	struct __user_cap_data_struct data[2];
 	int pdeath = 0, last, cap, err;
 	pid_t parent = getppid();
-	/* Only root can empty the bounding set; below root, no_new_privs
-	 * already makes it irrelevant. */
-	unsigned int check = geteuid() == 0 ? 0x1f : 0x1f & ~CAPS_BOUNDING;
+	bool root = geteuid() == 0;
+	uint64_t want[5];
 
+	/* Only root has capabilities to keep (and can empty the bounding set;
+	 * below root, no_new_privs already makes it irrelevant). */
+	if (!root)
+		keep = inheritable = 0;
+	inheritable &= keep;
 	*step = "prctl(PR_GET_PDEATHSIG)";
 	if (prctl(PR_GET_PDEATHSIG, &pdeath, 0, 0, 0) == -1)
 		return -errno;
 	*step = "prctl(PR_SET_NO_NEW_PRIVS)";
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1)
 		return -errno;
-	if (geteuid() == 0) {
+	if (root) {
 		*step = "prctl(PR_CAPBSET_DROP)";
 		last = cap_last_cap();
 		for (cap = 0; cap <= last; cap++)
-			if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == -1 && errno != EINVAL)
+			if (!(keep & (uint64_t)1 << cap) &&
+			    prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == -1 && errno != EINVAL)
 				return -errno;
 		*step = "prctl(PR_CAP_AMBIENT_CLEAR_ALL)";
 		if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == -1 &&
@@ -187,6 +208,10 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 			return -errno;
 		*step = "setgroups";
 		if (setgroups(0, NULL) == -1)
+			return -errno;
+		/* The permitted set survives the uid change only so. */
+		*step = "prctl(PR_SET_KEEPCAPS)";
+		if (keep && prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) == -1)
 			return -errno;
 	}
 	*step = "setresgid";
@@ -196,17 +221,27 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 	if (setresuid(uid, uid, uid) == -1)
 		return -errno;
 	if (uid != 0) {
-		/* setresuid() away from root clears the permitted and effective
-		 * sets but not the inheritable one (dockerd's children inherit
-		 * CapInh from it): clear that too, so nothing this process could
-		 * ever execute starts with a capability. */
+		/* setresuid() away from root clears the effective set (and the
+		 * permitted one, without KEEPCAPS) but not the inheritable one
+		 * (dockerd's children inherit CapInh from it): set all three. */
+		memset(data, 0, sizeof(data));
+		data[0].effective = data[0].permitted = (uint32_t)keep;
+		data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
+		data[0].inheritable = (uint32_t)inheritable;
+		data[1].inheritable = (uint32_t)(inheritable >> 32);
 		*step = "capset";
 		if (syscall(SYS_capset, &hdr, data) == -1)
 			return -errno;
-		/* Check the drop is for good: no capability left in any of the
-		 * five sets (bounding: when started as root), no way back. */
+		*step = "prctl(PR_SET_KEEPCAPS)";
+		if (keep && prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) == -1)
+			return -errno;
+		/* Check the drop is for good: the five sets hold what was asked
+		 * (bounding: when started as root), and there is no way back. */
+		want[0] = inheritable;
+		want[1] = want[2] = want[3] = keep;
+		want[4] = 0;
 		*step = "capability check (/proc/self/status)";
-		err = caps_clear(check);
+		err = caps_are(want, root);
 		if (err < 0)
 			return err;
 		*step = "setuid(0) check";
@@ -223,5 +258,17 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 			raise(pdeath);
 	}
 	*step = NULL;
+	return 0;
+}
+
+/**
+ * sp_no_new_privs() - set no_new_privs (process.h)
+ *
+ * Return: 0 or -errno
+ */
+int sp_no_new_privs(void)
+{
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1)
+		return -errno;
 	return 0;
 }

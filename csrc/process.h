@@ -26,10 +26,19 @@ int64_t sp_raise_nofile(void);
  * the launcher execs the interpreter, which would otherwise be shown. */
 int sp_set_process_name(const char *name);
 
-/* Become uid/gid for good: no supplementary groups, no capabilities in any
- * set (bounding and ambient included), no_new_privs, and the parent-death
- * signal re-armed (changing credentials clears it).  Call once every socket
- * is set up.  On failure *step names the call that failed. */
-int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step);
+/* Become uid/gid for good: no supplementary groups, no capabilities but
+ * those in keep (bit n: capability n) in the bounding, permitted and
+ * effective sets, of those only the ones in inheritable inheritable (a
+ * helper the process runs may get them ambient), none ambient,
+ * no_new_privs, and the parent-death signal re-armed (changing credentials
+ * clears it).  As systemd's drop_privileges(uid, gid, keep_capabilities).
+ * Call once every socket is set up.  On failure *step names the call that
+ * failed. */
+int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inheritable,
+		       const char **step);
+
+/* no_new_privs alone, for a process that keeps its user (not started as
+ * root, or asked to stay root): nothing it executes gains a privilege. */
+int sp_no_new_privs(void);
 
 #endif

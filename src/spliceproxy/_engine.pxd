@@ -116,4 +116,6 @@ cdef extern from "process.h" nogil:
     int sp_open_listener(int type, const sockaddr *addr, socklen_t len, const char **step)
     int64_t sp_raise_nofile()
     int sp_set_process_name(const char *name)
-    int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
+    int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inheritable,
+                           const char **step)
+    int sp_no_new_privs()

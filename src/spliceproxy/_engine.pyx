@@ -167,12 +167,26 @@ def set_process_name(str name):
         raise _oserror(-rc)
 
 
-def drop_privileges(uid, gid):
-    """Become uid/gid with no capabilities and no way back (see process.h)."""
+def drop_privileges(uid, gid, keep=(), inheritable=()):
+    """Become uid/gid with no capabilities but those of keep (capability
+    numbers; of those, inheritable also inheritable) and no way back (see
+    process.h)."""
     cdef const char *step = NULL
-    cdef int rc = sp_drop_privileges(uid, gid, &step)
+    cdef uint64_t keep_mask = 0, inh_mask = 0
+    for cap in keep:
+        keep_mask |= (<uint64_t>1) << cap
+    for cap in inheritable:
+        inh_mask |= (<uint64_t>1) << cap
+    cdef int rc = sp_drop_privileges(uid, gid, keep_mask, inh_mask, &step)
     if rc < 0:
         raise _oserror(-rc, step.decode() if step != NULL else None)
+
+
+def no_new_privs():
+    """Set no_new_privs: nothing this process executes gains a privilege."""
+    cdef int rc = sp_no_new_privs()
+    if rc < 0:
+        raise _oserror(-rc, "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 cdef class Engine:

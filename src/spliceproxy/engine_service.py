@@ -586,8 +586,22 @@ class Service:
             # the small budget the unprivileged user shares (see proxy.main).
             with contextlib.suppress(OSError):
                 engine.reserve_pipes(16)
+        # The one privilege the engine's work needs: binding a port below
+        # 1024 for a mapping that comes later (dockerd before 28.0 passes no
+        # socket).  The transparent mode keeps CAP_NET_ADMIN as well:
+        # IP_TRANSPARENT on every backend socket, and the policy route it
+        # adds and removes as mappings come and go (ip and iptables/nft run
+        # with that one capability ambient, hence inheritable).
+        keep = [CAP_NET_BIND_SERVICE]
+        inheritable = []
+        if self.tp_rules is not None:
+            keep.append(CAP_NET_ADMIN)
+            inheritable.append(CAP_NET_ADMIN)
         try:
-            drop_privileges_keeping_bind(*target, net_admin=self.tp_rules is not None)
+            if os.geteuid() == 0 and target[0] != 0:
+                _engine.drop_privileges(*target, keep, inheritable)
+            else:
+                _engine.no_new_privs()
         except OSError as e:
             raise EngineError("cannot drop privileges to uid %d gid %d: %s: %s"
                               % (target[0], target[1], e.filename, go_strerror(e.errno))
@@ -1199,75 +1213,10 @@ def _adopt_socket(fd: int, sock_type: int, what: str) -> int:
 
 
 # --------------------------------------------------------------------------
-# Privileges.
+# Privileges: the capabilities the engine may keep (linux/capability.h).
 
-_PR_SET_KEEPCAPS = 8
-_PR_CAPBSET_DROP = 24
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-def drop_privileges_keeping_bind(uid: int, gid: int, net_admin: bool = False) -> None:
-    """Become uid/gid keeping only CAP_NET_BIND_SERVICE (and CAP_NET_ADMIN with
-    net_admin); OSError (filename: the step).
-
-    The standalone proxy keeps no capability (sp_drop_privileges): it binds
-    its one port before dropping.  The engine opens listeners for mappings
-    that come later, and dockerd before 28.0 passes no socket, so binding a
-    port below 1024 is the one privilege its work needs.  Everything else
-    goes: the bounding set is cut to that one capability (nothing executed
-    can regain more), supplementary groups are dropped, no_new_privs is set.
-
-    The transparent mode (SPLICEPROXY_TRANSPARENT) keeps CAP_NET_ADMIN as
-    well: IP_TRANSPARENT on every backend socket, and the policy route it
-    adds and removes as mappings come and go (ip and iptables/nft, which it
-    runs with that one capability in their ambient set, hence inheritable).
-    """
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def prctl(what, *args, step):
-        full = list(args) + [0] * (4 - len(args))
-        if libc.prctl(what, *[ctypes.c_ulong(a) for a in full]) == -1:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), step)
-
-    if os.geteuid() == 0 and uid != 0:
-        try:
-            with open("/proc/sys/kernel/cap_last_cap") as f:
-                last = int(f.read())
-        except (OSError, ValueError):
-            last = 40
-        for cap in range(last + 1):
-            if cap != CAP_NET_BIND_SERVICE and not (net_admin and cap == CAP_NET_ADMIN):
-                prctl(_PR_CAPBSET_DROP, cap, step="prctl(PR_CAPBSET_DROP)")
-        with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
-            prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, step="prctl(PR_CAP_AMBIENT)")
-        prctl(_PR_SET_KEEPCAPS, 1, step="prctl(PR_SET_KEEPCAPS)")
-        try:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, "setresuid") from None
-        # The permitted set survived the uid change (KEEPCAPS); keep one.
-        header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-        bit = 1 << CAP_NET_BIND_SERVICE
-        inh = 0
-        if net_admin:
-            inh = 1 << CAP_NET_ADMIN
-            bit |= inh
-        data = (ctypes.c_uint32 * 6)(bit, bit, inh, 0, 0, 0)  # effective, permitted, inheritable
-        if libc.capset(header, data) == -1:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), "capset")
-        prctl(_PR_SET_KEEPCAPS, 0, step="prctl(PR_SET_KEEPCAPS)")
-    prctl(_PR_SET_NO_NEW_PRIVS, 1, step="prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 # --------------------------------------------------------------------------

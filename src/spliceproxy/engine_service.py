@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from spliceproxy import _engine, control, goflags, settings
+from spliceproxy import _engine, control, goflags, settings, userns
 from spliceproxy.helptext import HELP_POINTER
 from spliceproxy.log import Logger, NoWaitOutput
 from spliceproxy.proxy import (
@@ -1218,7 +1218,12 @@ def drop_privileges_keeping_bind(uid: int, gid: int, net_admin: bool = False) ->
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), step)
 
-    if os.geteuid() == 0 and uid != 0:
+    # Root of a user namespace (a rootless dockerd's) that stays uid 0 there
+    # (identity.choose: no dynamic uid is mapped) is the user on the host
+    # already; it still gives up every capability over that namespace but
+    # the ones it needs.
+    stay = uid == 0 and not userns.in_initial()
+    if os.geteuid() == 0 and (uid != 0 or stay):
         try:
             with open("/proc/sys/kernel/cap_last_cap") as f:
                 last = int(f.read())
@@ -1229,13 +1234,14 @@ def drop_privileges_keeping_bind(uid: int, gid: int, net_admin: bool = False) ->
                 prctl(_PR_CAPBSET_DROP, cap, step="prctl(PR_CAPBSET_DROP)")
         with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
             prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, step="prctl(PR_CAP_AMBIENT)")
-        prctl(_PR_SET_KEEPCAPS, 1, step="prctl(PR_SET_KEEPCAPS)")
-        try:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, "setresuid") from None
+        if not stay:
+            prctl(_PR_SET_KEEPCAPS, 1, step="prctl(PR_SET_KEEPCAPS)")
+            try:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, "setresuid") from None
         # The permitted set survived the uid change (KEEPCAPS); keep one.
         header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
         bit = 1 << CAP_NET_BIND_SERVICE
@@ -1247,7 +1253,8 @@ def drop_privileges_keeping_bind(uid: int, gid: int, net_admin: bool = False) ->
         if libc.capset(header, data) == -1:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), "capset")
-        prctl(_PR_SET_KEEPCAPS, 0, step="prctl(PR_SET_KEEPCAPS)")
+        if not stay:
+            prctl(_PR_SET_KEEPCAPS, 0, step="prctl(PR_SET_KEEPCAPS)")
     prctl(_PR_SET_NO_NEW_PRIVS, 1, step="prctl(PR_SET_NO_NEW_PRIVS)")
 
 

@@ -22,6 +22,7 @@
 #include <sys/syscall.h>
 
 #include "process.h"
+#include "userns.h"
 
 /* The backlog Go uses: net.core.somaxconn, capped to what listen() takes. */
 static int somaxconn(void)
@@ -168,6 +169,10 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 	/* Only root can empty the bounding set; below root, no_new_privs
 	 * already makes it irrelevant. */
 	unsigned int check = geteuid() == 0 ? 0x1f : 0x1f & ~CAPS_BOUNDING;
+	/* Root of a user namespace that stays uid 0 there (a rootless
+	 * dockerd's: identity.py) is its user on the host; it still gives up
+	 * every capability over that namespace. */
+	bool stay = uid == 0 && geteuid() == 0 && !sp_initial_userns();
 
 	*step = "prctl(PR_GET_PDEATHSIG)";
 	if (prctl(PR_GET_PDEATHSIG, &pdeath, 0, 0, 0) == -1)
@@ -186,8 +191,8 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 		    errno != EINVAL)
 			return -errno;
 		*step = "setgroups";
-		if (setgroups(0, NULL) == -1)
-			return -errno;
+		if (setgroups(0, NULL) == -1 && !(stay && errno == EPERM))
+			return -errno;  /* (a namespace may deny setgroups) */
 	}
 	*step = "setresgid";
 	if (setresgid(gid, gid, gid) == -1)
@@ -195,11 +200,12 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 	*step = "setresuid";
 	if (setresuid(uid, uid, uid) == -1)
 		return -errno;
-	if (uid != 0) {
+	if (uid != 0 || stay) {
 		/* setresuid() away from root clears the permitted and effective
 		 * sets but not the inheritable one (dockerd's children inherit
 		 * CapInh from it): clear that too, so nothing this process could
-		 * ever execute starts with a capability. */
+		 * ever execute starts with a capability.  Staying uid 0, clear
+		 * them all. */
 		*step = "capset";
 		if (syscall(SYS_capset, &hdr, data) == -1)
 			return -errno;
@@ -210,7 +216,7 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, const char **step)
 		if (err < 0)
 			return err;
 		*step = "setuid(0) check";
-		if (setuid(0) == 0)
+		if (!stay && setuid(0) == 0)
 			return -EPERM;
 	}
 	/* A credential change clears the parent-death signal dockerd set:

@@ -61,6 +61,8 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 
+#include "../userns.h"
+
 #define STATUS_FD 3
 #define LISTEN_FD 4
 #define MSG_MAX 65536           /* the engine accepts requests up to this size */
@@ -223,34 +225,6 @@ static const char *shown_name(const char *arg0)
 }
 
 /**
- * in_initial_userns() - is this the host's own user namespace?
- *
- * It is when /proc/self/uid_map maps every id to itself ("0 0 4294967295").
- * Root of any other user namespace (RootlessKit's, for a rootless dockerd)
- * is a user of the host.  Returns true when the map cannot be read, as
- * before there was a question.
- */
-static bool in_initial_userns(void)
-{
-	char buf[256];
-	unsigned long inside, outside, count;
-	int fd = open("/proc/self/uid_map", O_RDONLY | O_CLOEXEC);
-	ssize_t n;
-	int end = 0;
-
-	if (fd == -1)
-		return true;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return true;
-	buf[n] = '\0';
-	if (sscanf(buf, " %lu %lu %lu %n", &inside, &outside, &count, &end) != 3)
-		return true;
-	return inside == 0 && outside == 0 && count == 4294967295UL && buf[end] == '\0';
-}
-
-/**
  * resolve_socket() - the engine's control socket path and its directory.
  *
  * One engine per network namespace: a mapping must be bound and connected
@@ -285,7 +259,7 @@ static int resolve_socket(void)
 	} else {
 		if (dir && *dir)
 			n = snprintf(sock_dir, sizeof(sock_dir), "%s", dir);
-		else if (geteuid() == 0 && (!runtime || runtime[0] != '/' || in_initial_userns()))
+		else if (geteuid() == 0 && (!runtime || runtime[0] != '/' || sp_initial_userns()))
 			n = snprintf(sock_dir, sizeof(sock_dir), "/run/spliceproxy");
 		else if (runtime && runtime[0] == '/')
 			n = snprintf(sock_dir, sizeof(sock_dir), "%s/spliceproxy", runtime);

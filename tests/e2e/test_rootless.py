@@ -1,6 +1,6 @@
 """A real rootless dockerd (RootlessKit + slirp4netns, docker.io's
 dockerd-rootless.sh) run by a user created for the test, with spliceproxy in
-engine mode, the default, as its userland proxy.
+engine mode, the default, and standalone as its userland proxy.
 
 A published port reaches the host through RootlessKit's port driver; the
 stub and its engine run in RootlessKit's user and network namespaces, as
@@ -45,9 +45,11 @@ def _bip() -> str:
     return f"{next(net.hosts())}/{net.prefixlen}"
 
 
-@pytest.fixture(params=list(dk.docker_builds()))
+@pytest.fixture(params=[(b, m) for b in dk.docker_builds() for m in ("engine", "standalone")],
+                ids=lambda p: f"{p[1]}-{p[0]}")
 def rootless_dockerd(request):
-    build = dk.docker_builds()[request.param]
+    label, mode = request.param
+    build = dk.docker_builds()[label]
     why = rootless.missing(build)
     if why is not None:
         dk.unmet(why)
@@ -57,7 +59,8 @@ def rootless_dockerd(request):
     gone = rootless.clean_stale(NETNS_PREFIX) + dk.clean_stale(NETNS_PREFIX)
     if gone:
         print(f"rootless: removed what dead runs left behind: {', '.join(gone)}")
-    d = rootless.RootlessDaemon(build, path, NETNS_PREFIX, _bip())
+    d = rootless.RootlessDaemon(build, path, NETNS_PREFIX, _bip(),
+                                env={"SPLICEPROXY_ENGINE": "0"} if mode == "standalone" else {})
     try:
         d.start()
         yield d
@@ -91,7 +94,7 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_rootless_dockerd_publishes_through_spliceproxy_engine(rootless_dockerd):
+def test_rootless_dockerd_publishes_through_spliceproxy(rootless_dockerd):
     d = rootless_dockerd
     page = f"rootless {uuid.uuid4().hex}"
     _image(d, page)
@@ -103,16 +106,25 @@ def test_rootless_dockerd_publishes_through_spliceproxy_engine(rootless_dockerd)
     assert srv.wait_for(lambda: _try_get(port) == page + "\n", 15.0), \
         f"no page on 127.0.0.1:{port}\n{dk.tail(d.log, 30)}"
 
-    # The proxy dockerd started is our stub, in RootlessKit's namespaces.
+    # The proxies dockerd started are ours, in RootlessKit's namespaces: the
+    # stub, or standalone the front end it became.
     child = d.child_pid()
     rootless_ns = rootless.netns_of(child)
     assert rootless_ns != os.readlink("/proc/self/ns/net")
     proxy = os.path.realpath(d.proxy)
     stubs = [p for p in rootless.user_pids(d.uid)
-             if _exe(p) == proxy and str(port) in rootless.cmdline(p)]
+             if "-host-port" in rootless.cmdline(p) and str(port) in rootless.cmdline(p)
+             and (_exe(p) == proxy if d.mode == "engine" else
+                  any(a.endswith("spliceproxy-front") for a in rootless.cmdline(p)))]
     hosts = sorted(_flag(rootless.cmdline(p), "-host-ip") for p in stubs)
     assert "127.0.0.1" in hosts, (hosts, [rootless.cmdline(p) for p in stubs])
     assert {rootless.netns_of(p) for p in stubs} == {rootless_ns}
+    if d.mode == "standalone":
+        # Each keeps the user's ids (uid 0 there) and no capability at all.
+        for p in stubs:
+            assert set(_caps(p).values()) == {0}, (rootless.cmdline(p), _caps(p))
+        _remove_frees_the_port(d, cid, stubs, port)
+        return
 
     # Its engine: one, of that namespace, its socket in the user's runtime
     # directory, serving those stubs' mappings.
@@ -138,7 +150,12 @@ def test_rootless_dockerd_publishes_through_spliceproxy_engine(rootless_dockerd)
     assert any(m["host"] == f"127.0.0.1:{port}" and m["container"].endswith(":80")
                for m in doc["mappings"]), doc["mappings"]
 
-    # docker rm -f: the stubs end, the host's port is free again.
+    _remove_frees_the_port(d, cid, stubs, port)
+
+
+def _remove_frees_the_port(d: rootless.RootlessDaemon, cid: str, stubs: list[int],
+                           port: int) -> None:
+    """docker rm -f: the proxies end, the host's port is free again."""
     d.docker("rm", "-f", cid)
     assert not dk.wait_gone(stubs, 10.0), [rootless.cmdline(p) for p in stubs]
     assert srv.wait_for(lambda: _refused(port), 10.0), f"127.0.0.1:{port} still answers"

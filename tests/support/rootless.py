@@ -158,8 +158,10 @@ def clean_stale(prefix: str) -> list[str]:
 class RootlessDaemon:
     """dockerd-rootless.sh of build, run by a user created for it."""
 
-    def __init__(self, build: dk.DockerBuild, proxy: str, prefix: str, bip: str):
+    def __init__(self, build: dk.DockerBuild, proxy: str, prefix: str, bip: str,
+                 env: dict | None = None):
         self.build = build
+        self.env = dict(env or {})
         self.proxy = proxy
         self.user = f"{prefix}rl{os.getpid()}"
         self.bip = bip
@@ -172,6 +174,10 @@ class RootlessDaemon:
         self.proc: subprocess.Popen | None = None
         self.leaks: list[str] = []
         self.made_run_user = False
+
+    @property
+    def mode(self) -> str:
+        return "standalone" if self.env.get("SPLICEPROXY_ENGINE") == "0" else "engine"
 
     # -- the user ------------------------------------------------------
 
@@ -234,7 +240,7 @@ class RootlessDaemon:
             raise RuntimeError(f"{self.proxy} or {front} cannot be run by another user "
                                "(install spliceproxy where every user can read it)")
         path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
-        env = {"SPLICEPROXY_ENGINE_IDLE_EXIT": "1s"}
+        env = {"SPLICEPROXY_ENGINE_IDLE_EXIT": "1s", **self.env}
         args = ["--data-root", self.workdir / "data", "--exec-root", f"{self.runtime}/rl-exec",
                 "-H", f"unix://{self.sock}", "--pidfile", self.pidfile, "--bip", self.bip,
                 "--exec-opt", "native.cgroupdriver=cgroupfs"]

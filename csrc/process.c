@@ -24,6 +24,7 @@
 #include <sys/syscall.h>
 
 #include "process.h"
+#include "userns.h"
 
 /* The backlog Go uses: net.core.somaxconn, capped to what listen() takes. */
 static int somaxconn(void)
@@ -182,6 +183,10 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inher
 	int pdeath = 0, last, cap, err;
 	pid_t parent = getppid();
 	bool root = geteuid() == 0;
+	/* Root of a user namespace that stays uid 0 there (a rootless
+	 * dockerd's: identity.py) is its user on the host; it still gives up
+	 * every capability over that namespace but those it keeps. */
+	bool stay = uid == 0 && root && !sp_initial_userns();
 	uint64_t want[5];
 
 	/* Only root has capabilities to keep (and can empty the bounding set;
@@ -207,11 +212,11 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inher
 		    errno != EINVAL)
 			return -errno;
 		*step = "setgroups";
-		if (setgroups(0, NULL) == -1)
-			return -errno;
+		if (setgroups(0, NULL) == -1 && !(stay && errno == EPERM))
+			return -errno;  /* (a namespace may deny setgroups) */
 		/* The permitted set survives the uid change only so. */
 		*step = "prctl(PR_SET_KEEPCAPS)";
-		if (keep && prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) == -1)
+		if (keep && !stay && prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) == -1)
 			return -errno;
 	}
 	*step = "setresgid";
@@ -220,10 +225,11 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inher
 	*step = "setresuid";
 	if (setresuid(uid, uid, uid) == -1)
 		return -errno;
-	if (uid != 0) {
+	if (uid != 0 || stay) {
 		/* setresuid() away from root clears the effective set (and the
 		 * permitted one, without KEEPCAPS) but not the inheritable one
-		 * (dockerd's children inherit CapInh from it): set all three. */
+		 * (dockerd's children inherit CapInh from it); staying uid 0
+		 * clears none of them: set all three. */
 		memset(data, 0, sizeof(data));
 		data[0].effective = data[0].permitted = (uint32_t)keep;
 		data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
@@ -233,7 +239,7 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inher
 		if (syscall(SYS_capset, &hdr, data) == -1)
 			return -errno;
 		*step = "prctl(PR_SET_KEEPCAPS)";
-		if (keep && prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) == -1)
+		if (keep && !stay && prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) == -1)
 			return -errno;
 		/* Check the drop is for good: the five sets hold what was asked
 		 * (bounding: when started as root), and there is no way back. */
@@ -245,7 +251,7 @@ int sp_drop_privileges(uint32_t uid, uint32_t gid, uint64_t keep, uint64_t inher
 		if (err < 0)
 			return err;
 		*step = "setuid(0) check";
-		if (setuid(0) == 0)
+		if (!stay && setuid(0) == 0)
 			return -EPERM;
 	}
 	/* A credential change clears the parent-death signal dockerd set:

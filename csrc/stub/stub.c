@@ -44,6 +44,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,8 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+
+#include "../userns.h"
 
 #define STATUS_FD 3
 #define LISTEN_FD 4
@@ -228,8 +231,11 @@ static const char *shown_name(const char *arg0)
  * from its own stub's namespace (where dockerd is, and its route to the
  * bridge), so the socket's name is derived from the namespace's identity,
  * the device and inode of /proc/self/ns/net, in SPLICEPROXY_ENGINE_DIR,
- * root's /run/spliceproxy or a user's $XDG_RUNTIME_DIR/spliceproxy.
- * SPLICEPROXY_ENGINE_SOCKET names one socket outright; its engine still
+ * root's /run/spliceproxy or a user's $XDG_RUNTIME_DIR/spliceproxy.  Root
+ * of a user namespace other than the host's, with XDG_RUNTIME_DIR set, is
+ * the user it is on the host: a rootless dockerd runs as RootlessKit's root,
+ * whose /run is a copy in which /run/spliceproxy may be a link to the
+ * host's.  SPLICEPROXY_ENGINE_SOCKET names one socket outright; its engine still
  * refuses a stub of another namespace.  Opens netns_fd.  Returns -ENOENT
  * when no directory applies (no runtime directory) and -ENAMETOOLONG for a
  * path that does not fit a socket address (the port is then served
@@ -240,6 +246,7 @@ static int resolve_socket(void)
 {
 	const char *env = getenv(ENV_PREFIX "ENGINE_SOCKET");
 	const char *dir = getenv(ENV_PREFIX "ENGINE_DIR");
+	const char *runtime = getenv("XDG_RUNTIME_DIR");
 	struct stat st;
 	char *slash;
 	int n;
@@ -252,10 +259,10 @@ static int resolve_socket(void)
 	} else {
 		if (dir && *dir)
 			n = snprintf(sock_dir, sizeof(sock_dir), "%s", dir);
-		else if (geteuid() == 0)
+		else if (geteuid() == 0 && (!runtime || runtime[0] != '/' || sp_initial_userns()))
 			n = snprintf(sock_dir, sizeof(sock_dir), "/run/spliceproxy");
-		else if ((env = getenv("XDG_RUNTIME_DIR")) && env[0] == '/')
-			n = snprintf(sock_dir, sizeof(sock_dir), "%s/spliceproxy", env);
+		else if (runtime && runtime[0] == '/')
+			n = snprintf(sock_dir, sizeof(sock_dir), "%s/spliceproxy", runtime);
 		else
 			return -ENOENT;
 		if (n < 0 || (size_t)n >= sizeof(sock_dir))

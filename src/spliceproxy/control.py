@@ -53,6 +53,7 @@ import socket
 import stat
 import sys
 
+from spliceproxy import userns
 from spliceproxy.settings import GO_TRUE
 
 __all__ = [
@@ -109,10 +110,13 @@ def socket_name(ident: tuple[int, int]) -> str:
 
 
 def resolve_socket(env=None, euid: int | None = None,
-                   netns: tuple[int, int] | None = None) -> str | None:
+                   netns: tuple[int, int] | None = None,
+                   initial_userns: bool | None = None) -> str | None:
     """The control socket path of this namespace's engine, as the stub resolves
     it; None when there is none (no directory applies, or the path does not
-    fit a socket address)."""
+    fit a socket address).  Root of a user namespace other than the host's
+    (initial_userns false; by default /proc/self/uid_map says) with
+    XDG_RUNTIME_DIR set is the user it is on the host (userns)."""
     env = os.environ if env is None else env
     euid = os.geteuid() if euid is None else euid
     path = env.get("SPLICEPROXY_ENGINE_SOCKET", "")
@@ -120,13 +124,15 @@ def resolve_socket(env=None, euid: int | None = None,
         return path if len(os.fsencode(path)) < SUN_PATH_MAX else None
     directory = env.get("SPLICEPROXY_ENGINE_DIR", "")
     if not directory:
-        if euid == 0:
+        runtime = env.get("XDG_RUNTIME_DIR", "")
+        if euid == 0 and not runtime.startswith("/"):
             directory = DEFAULT_ROOT_DIR
-        else:
-            runtime = env.get("XDG_RUNTIME_DIR", "")
-            if not runtime.startswith("/"):
-                return None
+        elif euid == 0 and (userns.in_initial() if initial_userns is None else initial_userns):
+            directory = DEFAULT_ROOT_DIR
+        elif runtime.startswith("/"):
             directory = os.path.join(runtime, "spliceproxy")
+        else:
+            return None
     path = os.path.join(directory, socket_name(netns_id() if netns is None else netns))
     return path if len(os.fsencode(path)) < SUN_PATH_MAX else None
 

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from spliceproxy import _engine, control, goflags, metrics, settings
+from spliceproxy import _engine, control, goflags, metrics, settings, userns
 from spliceproxy.helptext import HELP_POINTER
 from spliceproxy.log import Logger, NoWaitOutput
 from spliceproxy.proxy import (
@@ -597,8 +597,13 @@ class Service:
         if self.tp_rules is not None:
             keep.append(CAP_NET_ADMIN)
             inheritable.append(CAP_NET_ADMIN)
+        # Root of a user namespace (a rootless dockerd's) that stays uid 0
+        # there (identity.choose: no dynamic uid is mapped) is the user on
+        # the host already; it still gives up every capability over that
+        # namespace but these.
+        stay = target[0] == 0 and not userns.in_initial()
         try:
-            if os.geteuid() == 0 and target[0] != 0:
+            if os.geteuid() == 0 and (target[0] != 0 or stay):
                 _engine.drop_privileges(*target, keep, inheritable)
             else:
                 _engine.no_new_privs()
@@ -1210,6 +1215,13 @@ def _adopt_socket(fd: int, sock_type: int, what: str) -> int:
         sock.close()
         raise
     return sock.detach()
+
+
+# --------------------------------------------------------------------------
+# Privileges: the capabilities the engine may keep (linux/capability.h).
+
+CAP_NET_BIND_SERVICE = 10
+CAP_NET_ADMIN = 12
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 
+from spliceproxy import userns
+
 __all__ = ["LOCK_DIR", "UID_RANGE", "IdentityError", "Identity", "choose"]
 
 UID_RANGE = (0x7FFE0000, 0x7FFEFFFF)  # 2147352576..2147418111
@@ -196,11 +198,18 @@ def choose(user: str | int | None, keep_privileges: bool) -> Identity | None:
 
     Root becomes ``user`` (SPLICEPROXY_USER) or, by default, a dynamic uid
     of its own; keep_privileges turns the drop off.  A process that is not
-    root keeps its ids and only loses the ability to gain more."""
+    root keeps its ids and only loses the ability to gain more, and so does
+    root of a user namespace that does not map UID_RANGE (RootlessKit's:
+    there root is the user running the rootless dockerd)."""
     if keep_privileges:
         return None
     if os.geteuid() != 0:
         return Identity(os.getuid(), os.getgid())
     if user is not None:
         return named(user)
+    if not (userns.maps(*UID_RANGE, userns.UID_MAP) and userns.maps(*UID_RANGE, userns.GID_MAP)):
+        # Root of a user namespace without those ids (a rootless dockerd's,
+        # which maps the user and its subordinate ids): it is a user of the
+        # host already, and keeps its ids as a user does.
+        return Identity(os.getuid(), os.getgid())
     return dynamic()

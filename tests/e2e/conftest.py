@@ -288,13 +288,7 @@ def image_rootfs(proxy_under_test, page_token):
     """busybox-static + the UDP echo compiled now, laid out as an image root."""
     root = Path(tempfile.mkdtemp(prefix=f"{NETNS_PREFIX}{os.getpid()}-rootfs-", dir="/tmp"))
     try:
-        (root / "bin").mkdir()
-        (root / "www").mkdir()
-        (root / "tmp").mkdir()
-        shutil.copy2(dk.BUSYBOX, root / "bin" / "busybox")
-        for applet in APPLETS:
-            (root / "bin" / applet).symlink_to("busybox")
-        (root / "www" / "index.html").write_text(page_token + "\n")
+        dk.busybox_rootfs(root, page_token, APPLETS)
         r = subprocess.run(["gcc", "-static", "-O2", *cc_flags.cflags(),
                             "-o", str(root / "bin" / "udp_echo"), str(UDP_ECHO_SRC)],
                            capture_output=True, text=True, timeout=120)

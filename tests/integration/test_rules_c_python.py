@@ -66,16 +66,19 @@ class FakeEngine:
         self.sock.close()
 
 
-def _stub(proxy_path: str, env: dict, as_user: bool = False, log: str | None = None):
-    """Run a stub for a port with nothing behind it: what it said on fd 3."""
+def _stub(proxy_path: str, env: dict, as_user: bool | str = False, log: str | None = None):
+    """Run a stub for a port with nothing behind it: what it said on fd 3.
+    as_user: True for USER, "userns" for root of a user namespace of its own
+    (which maps root only, as RootlessKit's maps only its user)."""
     full = srv.env_without_settings()
     for k in srv.MODE_VARIABLES:
         full.pop(k, None)
     full.update(env)
     if log:
         full["SPLICEPROXY_LOG_FILE"] = log
-    wrap = ["setpriv", "--reuid=%d" % USER, "--regid=%d" % USER, "--clear-groups",
-            "--"] if as_user else []
+    wrap = (["unshare", "--user", "--map-root-user", "--"] if as_user == "userns" else
+            ["setpriv", "--reuid=%d" % USER, "--regid=%d" % USER, "--clear-groups", "--"]
+            if as_user else [])
     lp = spawn(wrap + proxy_argv(proxy_path, "tcp", "127.0.0.1", srv.free_port(), "127.0.0.1",
                                  9), env=full, check=False, timeout=15.0)
     if lp.status == b"0\n":
@@ -131,6 +134,11 @@ def _path_cases(d: str):
         ("user-runtime-dir", {"XDG_RUNTIME_DIR": d}, True),
         ("user-relative-runtime-dir", {"XDG_RUNTIME_DIR": "run/user"}, True),
         ("user-no-runtime-dir", {}, True),
+        # RootlessKit's root: /run there is a copy (/run/spliceproxy may be
+        # a link to the host's); its user's runtime directory is the place.
+        ("userns-root-runtime-dir", {"XDG_RUNTIME_DIR": d}, "userns"),
+        ("userns-root-dir", {"XDG_RUNTIME_DIR": "/nonexistent", "SPLICEPROXY_ENGINE_DIR": d},
+         "userns"),
     ]
 
 
@@ -141,16 +149,18 @@ def test_the_stub_finds_the_socket_the_front_end_names(proxy_path, case, tmp_pat
     log = os.path.join(d, "p.log")
     fake = None
     try:
-        if as_user:
+        user = as_user is True
+        if user:
             os.chown(d, USER, USER)
             open(log, "w").close()
             os.chown(log, USER, USER)
-        want = control.resolve_socket(env, USER if as_user else 0)
+        want = control.resolve_socket(env, USER if user else 0,
+                                      initial_userns=as_user != "userns")
         if want is not None:
             os.makedirs(os.path.dirname(want), mode=0o700, exist_ok=True)
-            if as_user:
+            if user:
                 os.chown(os.path.dirname(want), USER, USER)
-            fake = FakeEngine(want, USER if as_user else 0)
+            fake = FakeEngine(want, USER if user else 0)
         status = _stub(proxy_path, dict(env, SPLICEPROXY_ENGINE="1"), as_user, log)
         if want is None:
             # No socket possible: served standalone, its log says why.

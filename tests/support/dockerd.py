@@ -288,6 +288,18 @@ def require_prerequisites() -> None:
         unmet(why)
 
 
+def busybox_rootfs(root: Path, page: str, applets) -> None:
+    """Lay out an image root in root: busybox-static with links for applets,
+    /www/index.html holding page (and a newline), an empty /tmp."""
+    (root / "bin").mkdir()
+    (root / "www").mkdir()
+    (root / "tmp").mkdir()
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in applets:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "www" / "index.html").write_text(page + "\n")
+
+
 # --------------------------------------------------------------------------
 # processes
 

@@ -89,6 +89,19 @@ def test_resolve_socket():
     assert control.resolve_socket({"SPLICEPROXY_ENGINE_DIR": "/x/y"}, 0, ns) == "/x/y/" + name
     assert control.resolve_socket({"XDG_RUNTIME_DIR": "relative"}, 1000, ns) is None
     assert control.resolve_socket({}, 1000, ns) is None
+    # Root of a user namespace (RootlessKit's) with a runtime directory is
+    # its user; the host's root, or one without a runtime directory, is root.
+    run = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert control.resolve_socket(run, 0, ns, initial_userns=False) == \
+        "/run/user/1000/spliceproxy/" + name
+    assert control.resolve_socket(run, 0, ns, initial_userns=True) == \
+        "/run/spliceproxy/" + name
+    assert control.resolve_socket({}, 0, ns, initial_userns=False) == \
+        "/run/spliceproxy/" + name
+    assert control.resolve_socket({"XDG_RUNTIME_DIR": "rel"}, 0, ns, initial_userns=False) == \
+        "/run/spliceproxy/" + name
+    assert control.resolve_socket(dict(run, SPLICEPROXY_ENGINE_DIR="/x"), 0, ns,
+                                  initial_userns=False) == "/x/" + name
 
 
 def test_resolve_socket_is_this_namespace():

@@ -350,6 +350,8 @@ static void sleep_ms(int ms)
 /* What a spawned engine said instead of "ok" (its startup error). */
 static char engine_error[512];
 
+static void exec_front(char *launcher, int argc, char **argv);
+
 /**
  * spawn_engine() - start `spliceproxy engine` detached from this process.
  *
@@ -405,7 +407,8 @@ static int spawn_engine(void)
 		/* Replaces dockerd's status pipe: the engine must not hold it. */
 		dup2(ready[1], 3);
 		close(LISTEN_FD);
-		execve(launcher, args, environ);
+		/* Without the launcher's shell part, as every other command. */
+		exec_front(launcher, 6, args);
 		/* Said on the ready pipe, so the stub can tell dockerd why. */
 		dprintf(3, "cannot run %s: %s; " REINSTALL_HINT, launcher, strerror(errno));
 		_exit(127);

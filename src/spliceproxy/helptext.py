@@ -102,6 +102,9 @@ ENVIRONMENT = _proxy_rows() + (
     Variable("SPLICEPROXY_E2E_NETNS_PREFIX", "spe2e-",
              "name prefix of the dockerd scenarios' network namespaces", group="tests",
              note=_PENDING),
+    Variable("SPLICEPROXY_DOCKER_SID", "/var/cache/spliceproxy/docker-sid",
+             "where scripts/fetch-docker-sid unpacks dockerd and docker-proxy 28.5; "
+             "`spliceproxy bench` takes that docker-proxy as its reference", group="tests"),
     Variable("SPLICEPROXY_BENCH_TEST_PREFIX", "bt-l<pid>-",
              "name prefix of the bench harness test's loopback namespaces", group="tests",
              note=_PENDING),

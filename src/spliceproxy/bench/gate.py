@@ -50,12 +50,12 @@ SUBJECT = "spliceproxy"
 #   takes it below 0.1.
 # Since the relay paths run in engine mode and docker-proxy 28.5 is the
 # reference (issue 21), four quick runs here (one whole, three of the agg
-# and ports groups): connections/s with four clients on four ports
-# 1.31-1.59x docker-proxy (four processes), four streams on four ports
-# 0.89-1.06x, their CPU per GB 0.85-1.06x; the first port's start (no
-# engine running) 9.4-10.8x docker-proxy's, the warm start 0.34-0.39x.
-# Against 28.5, CPU per GB is 1.02x [0.91-1.11] (0.5x of 20.10's) and
-# connections/s 1.45x: the tolerances above, set against 20.10, still
+# and ports groups) and the suite's baseline: connections/s with four
+# clients on four ports 1.21-1.59x docker-proxy (four processes), four
+# streams on four ports 0.85-1.09x, their CPU per GB 0.82-1.06x; the first port's start (no
+# engine running) 9.4-13.6x docker-proxy's, the warm start 0.30-0.39x.
+# Against 28.5, CPU per GB is 0.80-1.02x (0.44-0.50x of 20.10's) and
+# connections/s 1.45-1.64x: the tolerances above, set against 20.10, still
 # hold them with the same relative margin.
 # The read/write copy mode with 4 KiB buffers costs ~2 system calls per
 # 4 KiB (~525k/GiB), far outside any of these.
@@ -91,10 +91,12 @@ TOLERANCES = {
     "ports1000_uss/docker-proxy": ("ports1000_uss_mib", "docker-proxy", "count", "lower", 0.25,
                                    0.0),
     "port_spawn/docker-proxy": ("port_spawn_ms", "docker-proxy", "timing", "lower", 1.0, 0.0),
-    # The first port's start: an engine's interpreter start, 9.4-10.8x
-    # docker-proxy's over four runs (per-round IQR as wide as 7.1-14.5).
+    # The first port's start is an interpreter's start (the engine's)
+    # against a static Go binary's, so the neighbours' load weighs on one
+    # side only: 9.4-13.6x docker-proxy's over five runs, per-round IQRs as
+    # wide as 11.2-20.5.  Like a single warm start, it gates a doubling.
     "port_first_spawn/docker-proxy": ("port_first_spawn_ms", "docker-proxy", "timing", "lower",
-                                      0.5, 0.0),
+                                      1.0, 0.0),
     # Four clients on four published ports at once (agg group), not pinned:
     # the spread above with a margin of about twice it.
     "agg_crr_rate/docker-proxy": ("agg_crr_rate", "docker-proxy", "timing", "higher", 0.35,
@@ -112,7 +114,11 @@ TOLERANCES = {
 
 # A baseline beyond the cap gates as the cap (figures whose lucky runs say
 # nothing about the next one).
-CAPS = {"churn_hold": 1.0}
+# ports100_spawn against docker-proxy 28.5 ranged 0.18-0.53 over five quick
+# runs here (three rounds each; a range's 100 starts meet the neighbours'
+# bursts unevenly), so no baseline predicts the next run: it gates as at
+# least 0.5, failing when a range starts no faster than docker-proxy's.
+CAPS = {"churn_hold": 1.0, "ports100_spawn/docker-proxy": 0.5}
 
 # Targets: same-run ratios of a path other than the subject that must meet a
 # fixed figure whatever the baseline says (the kernel fast path against

@@ -76,11 +76,13 @@ class Harness:
         return self
 
     def __exit__(self, *exc) -> None:
-        if getattr(self, "paths", None) is not None:
-            self.paths.stop()
-        if self.topo is not None:
-            self.topo.teardown()
-            self.topo = None
+        try:
+            if getattr(self, "paths", None) is not None:
+                self.paths.stop()  # raises when an engine of ours survives
+        finally:
+            if self.topo is not None:
+                self.topo.teardown()
+                self.topo = None
 
     # -- helpers -------------------------------------------------------------
     def _where(self, rt, variant):

@@ -9,24 +9,33 @@ import pytest
 from spliceproxy.bench.gate import gate_entries
 from spliceproxy.bench.metrics import BARE, METRICS, PLAIN, PORTS_STANDALONE, REFS
 
-TIMING = ("native", "iptables", "spliceproxy", "docker-proxy", "haproxy", "socat")
-USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat")
+# spliceproxy is engine mode (an engine of the bench's own); standalone and
+# docker-proxy 20.10 (the second reference, while installed) beside it.
+STANDALONE, DP_OLD = "spliceproxy-standalone", "docker-proxy-20.10"
+TIMING = ("native", "iptables", "spliceproxy", STANDALONE, "docker-proxy", DP_OLD, "haproxy",
+          "socat")
+USERLAND = ("spliceproxy", STANDALONE, "docker-proxy", DP_OLD, "haproxy", "socat")
+UDP_PATHS = ("native", "iptables", "spliceproxy", STANDALONE, "docker-proxy", DP_OLD, "socat")
 # The plain relay with the busy-poll on (SPLICEPROXY_SPIN): measured where it
 # could matter, latency, connection rate and the CPU each round trip costs.
 SPIN = "spliceproxy-spin"
 PER_METRIC = {
     "bulk_1": TIMING, "bulk_n": TIMING, "cpu_per_gb": USERLAND, "cpu_per_gb_n": USERLAND,
-    "syscalls_per_gib": ("spliceproxy",),
+    "syscalls_per_gib": ("spliceproxy", STANDALONE),
     "rr_p50": TIMING + (SPIN,), "rr_p99": TIMING + (SPIN,),
     "rr_added_p50": TIMING[1:] + (SPIN,), "rr_added_p99": TIMING[1:] + (SPIN,),
     "rr_cpu_us": USERLAND + (SPIN,),
-    "crr_rate": TIMING + (SPIN,), "syscalls_per_conn": ("spliceproxy",),
-    "udp_rr_p50": ("native", "iptables", "spliceproxy", "docker-proxy", "socat", SPIN),
-    "udp_rr_p99": ("native", "iptables", "spliceproxy", "docker-proxy", "socat", SPIN),
-    "udp_added_p50": ("iptables", "spliceproxy", "docker-proxy", "socat", SPIN),
-    "udp_cpu_us": ("spliceproxy", "docker-proxy", "socat", SPIN),
-    "udp_pps": ("native", "iptables", "spliceproxy", "docker-proxy", "socat"),
-    "udp_loss_pct": ("native", "iptables", "spliceproxy", "docker-proxy", "socat"),
+    "crr_rate": TIMING + (SPIN,), "syscalls_per_conn": ("spliceproxy", STANDALONE),
+    "udp_rr_p50": UDP_PATHS + (SPIN,),
+    "udp_rr_p99": UDP_PATHS + (SPIN,),
+    "udp_added_p50": UDP_PATHS[1:] + (SPIN,),
+    "udp_cpu_us": UDP_PATHS[2:] + (SPIN,),
+    "udp_pps": UDP_PATHS,
+    "udp_loss_pct": UDP_PATHS,
+    # Four clients on four published ports at once (engine mode: one engine).
+    "agg_crr_rate": ("native", "spliceproxy", "docker-proxy"),
+    "agg_bulk": ("native", "spliceproxy", "docker-proxy"),
+    "agg_cpu_per_gb": ("spliceproxy", "docker-proxy"),
     "scale_served_pct": ("spliceproxy", "docker-proxy", "haproxy"),
     "rss_per_conn_kib": ("spliceproxy", "docker-proxy", "haproxy"),
     "fds_per_conn": ("spliceproxy", "docker-proxy", "haproxy"),
@@ -42,6 +51,7 @@ PROCESS = {"spawn_ms": ("spliceproxy", "docker-proxy", BARE),
            "idle_rss_mib": ("spliceproxy", "docker-proxy", BARE),
            # The ports group: engine mode and standalone against docker-proxy.
            "port_spawn_ms": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
+           "port_first_spawn_ms": ("spliceproxy", "docker-proxy"),
            "port_uss_kib": ("spliceproxy", PORTS_STANDALONE, "docker-proxy"),
            "ports100_uss_mib": ("spliceproxy", "docker-proxy"),
            "ports1000_uss_mib": ("spliceproxy", "docker-proxy"),
@@ -51,7 +61,8 @@ GROUP = {"bulk_1": "bulk", "bulk_n": "bulk", "cpu_per_gb": "bulk", "cpu_per_gb_n
          "syscalls_per_gib": "bulk",
          "strace_syscalls_per_gib": "bulk", "crr_rate": "crr", "syscalls_per_conn": "crr",
          "strace_syscalls_per_conn": "crr", "churn_rate": "crr", "churn_hold": "crr",
-         "churn_done_pct": "crr", "churn_time_wait": "crr"}
+         "churn_done_pct": "crr", "churn_time_wait": "crr", "agg_bulk": "bulk",
+         "agg_cpu_per_gb": "bulk", "agg_crr_rate": "crr"}
 for _m in METRICS:
     if _m.startswith("udp"):
         GROUP[_m] = "udp"

@@ -104,7 +104,8 @@ ENVIRONMENT = _proxy_rows() + (
              note=_PENDING),
     Variable("SPLICEPROXY_DOCKER_SID", "/var/cache/spliceproxy/docker-sid",
              "where scripts/fetch-docker-sid unpacks Debian unstable's docker.io (dockerd "
-             "and docker-proxy 28.5) and the dockerd suite finds it", group="tests"),
+             "and docker-proxy 28.5): the dockerd suite runs that dockerd, and "
+             "`spliceproxy bench` takes that docker-proxy as its reference", group="tests"),
     Variable("SPLICEPROXY_BENCH_TEST_PREFIX", "bt-l<pid>-",
              "name prefix of the bench harness test's loopback namespaces", group="tests",
              note=_PENDING),

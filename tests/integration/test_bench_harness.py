@@ -122,6 +122,12 @@ def test_ports_group_engine_against_docker_proxy():
     for metric in ("port_spawn_ms", "port_uss_kib"):
         for path in ("spliceproxy", metrics.PORTS_STANDALONE, "docker-proxy"):
             assert len(m[metric][path]) == 3, (metric, path, m.get(metric))
+    # The first port, no engine running: each start starts an engine of its
+    # own, which costs an interpreter's start; a warm start does not.
+    for path in ("spliceproxy", "docker-proxy"):
+        assert len(m["port_first_spawn_ms"][path]) == 3, m.get("port_first_spawn_ms")
+    assert res.median("process", "port_first_spawn_ms", "spliceproxy") > res.median(
+        "process", "port_spawn_ms", "spliceproxy")
     assert len(m["ports100_uss_mib"]["spliceproxy"]) == 2
     assert len(m["ports100_uss_mib"]["docker-proxy"]) == 2
     # The whole range's start, back to back, beside its memory.
@@ -139,6 +145,74 @@ def test_ports_group_engine_against_docker_proxy():
     left = subprocess.run(["pgrep", "-f", h.ports_engine_dir], capture_output=True,
                           text=True).stdout.split()
     assert not left, left
+
+
+def _engine_procs(needle: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", needle], capture_output=True,
+                          text=True).stdout.split()
+
+
+def test_relay_paths_run_in_engine_mode_and_count_the_engine():
+    """spliceproxy is engine mode: its stubs hand every mapping to an engine of
+    the run's own (private socket, in this namespace), whose CPU and system
+    calls are the path's figures; spliceproxy-standalone is a process per
+    port; the engine is gone afterwards."""
+    h = _small(harness.Harness("quick", netns=False,
+                               only=("native", "spliceproxy", "spliceproxy-standalone"),
+                               peers=False, variants=("loopback",), seed=9))
+    with h:
+        rt = h.paths.runtimes["spliceproxy"]
+        eng = rt.engine
+        assert eng is not None and eng.pid not in [p.pid for p in rt.procs.values()]
+        st = eng.status()
+        assert sorted(m["stub_pid"] for m in st["mappings"]) == sorted(
+            p.pid for p in rt.procs.values())
+        assert os.stat(eng.dir).st_mode & 0o777 == 0o700
+        assert os.readlink("/proc/%d/ns/net" % eng.pid) == os.readlink("/proc/self/ns/net")
+        assert rt.pid("sink") == rt.pid("echo") == eng.pid
+        sa = h.paths.runtimes["spliceproxy-standalone"]
+        assert sa.engine is None and sa.pid("sink") == sa.procs["sink"].pid
+        calls0 = eng.counters()["syscalls"]
+        res = h.run_all(("bulk", "crr"))
+        assert eng.counters()["syscalls"] > calls0
+        pid, needle = eng.pid, eng.sock
+    m = res.variants["loopback"]
+    for path in ("spliceproxy", "spliceproxy-standalone"):
+        assert len(m["syscalls_per_gib"][path]) == 3, (path, res.notes)
+        assert len(m["cpu_per_gb"][path]) == 3 and min(m["cpu_per_gb"][path]) > 0
+        assert len(m["syscalls_per_conn"][path]) == 3
+    # The engine relays with splice: far fewer calls per GiB than 4 KiB copies.
+    assert res.median("loopback", "syscalls_per_gib", "spliceproxy") < 100_000
+    assert not os.path.exists("/proc/%d" % pid) or not _engine_procs(needle)
+    assert not _engine_procs(needle)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+@pytest.mark.skipif(paths.find_docker_proxy() is None,
+                    reason="needs docker-proxy (apt-get install docker.io)")
+def test_aggregate_group_four_ports_at_once():
+    """Four clients on four published ports at once: one engine serves the
+    four mappings, docker-proxy runs four processes; every round measures
+    every path."""
+    prefix = "bt-a%d-" % os.getpid()
+    h = _small(harness.Harness("quick", only=("native", "spliceproxy", "docker-proxy"),
+                               peers=False, variants=("external",), subnet="198.19.239.0/24",
+                               netns_prefix=prefix, seed=4), rounds=2)
+    h.p.stream_bytes = 4 << 20
+    with h:
+        sp, dp = h.paths.runtimes["spliceproxy"], h.paths.runtimes["docker-proxy"]
+        assert len(sp.agg["echo"]) == len(sp.agg["sink"]) == paths.AGG_PORTS
+        assert len({a[1] for a in sp.agg["echo"] + sp.agg["sink"]}) == 2 * paths.AGG_PORTS
+        assert len(sp.engine.status()["mappings"]) == 3 + 2 * paths.AGG_PORTS
+        assert len(dp.pids(["aggsink%d" % i for i in range(paths.AGG_PORTS)])) == 4
+        res = h.run_all(("agg",))
+    m = res.variants["external"]
+    for metric in ("agg_crr_rate", "agg_bulk"):
+        for path in ("native", "spliceproxy", "docker-proxy"):
+            assert len(m[metric][path]) == 2, (metric, path, res.notes)
+    assert len(m["agg_cpu_per_gb"]["spliceproxy"]) == 2
+    assert "native" not in m["agg_cpu_per_gb"]
+    assert res.ratio_stats("external", "agg_crr_rate", "spliceproxy", "docker-proxy")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, iptables)")

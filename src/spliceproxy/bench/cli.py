@@ -26,11 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default="spliceproxy-bench.png", metavar="FILE",
                    help="write the chart here (default %(default)s; '' for none)")
     p.add_argument("--spliceproxy", metavar="PATH", help="spliceproxy executable")
-    p.add_argument("--docker-proxy", metavar="PATH", help="reference docker-proxy executable")
+    p.add_argument("--docker-proxy", metavar="PATH",
+                   help="reference docker-proxy executable (default: 28.5 as "
+                        "scripts/fetch-docker-sid unpacks it, in $SPLICEPROXY_DOCKER_SID or "
+                        "/var/cache/spliceproxy/docker-sid; else PATH's or /usr/sbin's)")
     p.add_argument("--no-peers", action="store_true", help="skip haproxy and socat")
     p.add_argument("--paths", metavar="LIST",
-                   help="comma-separated subset of native,iptables,spliceproxy,docker-proxy,"
-                        "haproxy,socat,spliceproxy-spin,fastpath")
+                   help="comma-separated subset of %s" % ",".join(harness_paths()))
     p.add_argument("--groups", metavar="LIST",
                    help="comma-separated subset of the metric groups (default all: %s)"
                         % ",".join(harness_groups()))
@@ -50,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="name prefix of the network namespaces (default %(default)s); refused "
                         "when a namespace with it already exists")
     return p
+
+
+def harness_paths() -> tuple:
+    from spliceproxy.bench.paths import ALL_PATHS
+
+    return ALL_PATHS
 
 
 def harness_groups() -> tuple:

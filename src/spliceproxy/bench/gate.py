@@ -48,6 +48,15 @@ SUBJECT = "spliceproxy"
 # - churn_hold 0.37-8.5 (a slow first tenth makes it large), so its baseline
 #   counts as at most 1 (CAPS) and it fails below 0.2; a TIME_WAIT collapse
 #   takes it below 0.1.
+# Since the relay paths run in engine mode and docker-proxy 28.5 is the
+# reference (issue 21), four quick runs here (one whole, three of the agg
+# and ports groups) and the suite's baseline: connections/s with four
+# clients on four ports 1.21-1.59x docker-proxy (four processes), four
+# streams on four ports 0.85-1.09x, their CPU per GB 0.82-1.06x; the first port's start (no
+# engine running) 9.4-13.6x docker-proxy's, the warm start 0.30-0.39x.
+# Against 28.5, CPU per GB is 0.80-1.02x (0.44-0.50x of 20.10's) and
+# connections/s 1.45-1.64x: the tolerances above, set against 20.10, still
+# hold them with the same relative margin.
 # The read/write copy mode with 4 KiB buffers costs ~2 system calls per
 # 4 KiB (~525k/GiB), far outside any of these.
 TOLERANCES = {
@@ -82,6 +91,26 @@ TOLERANCES = {
     "ports1000_uss/docker-proxy": ("ports1000_uss_mib", "docker-proxy", "count", "lower", 0.25,
                                    0.0),
     "port_spawn/docker-proxy": ("port_spawn_ms", "docker-proxy", "timing", "lower", 1.0, 0.0),
+    # The first port's start is an interpreter's start (the engine's)
+    # against a static Go binary's, so the neighbours' load weighs on one
+    # side only: 9.4-13.6x docker-proxy's over five runs, per-round IQRs as
+    # wide as 11.2-20.5.  Like a single warm start, it gates a doubling.
+    "port_first_spawn/docker-proxy": ("port_first_spawn_ms", "docker-proxy", "timing", "lower",
+                                      1.0, 0.0),
+    # Four clients on four published ports at once (agg group), not pinned:
+    # the spread above with a margin of about twice it.  Connections/s
+    # depends on the machine's load, not on the rounds: the engine relays
+    # in one thread, which competes with the neighbours as one, while four
+    # docker-proxy processes compete with all their threads.  In the suite
+    # run of a gate check with the load average at 7 it measured 0.67x
+    # [0.59-0.97] (engine 1.4k-4.3k/s per round, docker-proxy 2.6k-4.2k/s),
+    # against 1.21-1.59x in five runs at 3-5.  The tolerance spans both, as
+    # udp_added_p50's does its two modes: it fails a collapse, not the load.
+    "agg_crr_rate/docker-proxy": ("agg_crr_rate", "docker-proxy", "timing", "higher", 0.6,
+                                  0.0),
+    "agg_bulk/docker-proxy": ("agg_bulk", "docker-proxy", "timing", "higher", 0.35, 0.0),
+    "agg_cpu_per_gb/docker-proxy": ("agg_cpu_per_gb", "docker-proxy", "timing", "lower", 0.6,
+                                    0.0),
     # 100 starts back to back: 0.57-0.69 over six runs here, 1.15 in one
     # whose ports group met a burst of the neighbours' load (three rounds
     # only; the single start's tolerance).
@@ -92,7 +121,11 @@ TOLERANCES = {
 
 # A baseline beyond the cap gates as the cap (figures whose lucky runs say
 # nothing about the next one).
-CAPS = {"churn_hold": 1.0}
+# ports100_spawn against docker-proxy 28.5 ranged 0.18-0.53 over five quick
+# runs here (three rounds each; a range's 100 starts meet the neighbours'
+# bursts unevenly), so no baseline predicts the next run: it gates as at
+# least 0.5, failing when a range starts no faster than docker-proxy's.
+CAPS = {"churn_hold": 1.0, "ports100_spawn/docker-proxy": 0.5}
 
 # Targets: same-run ratios of a path other than the subject that must meet a
 # fixed figure whatever the baseline says (the kernel fast path against

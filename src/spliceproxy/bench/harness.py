@@ -76,11 +76,13 @@ class Harness:
         return self
 
     def __exit__(self, *exc) -> None:
-        if getattr(self, "paths", None) is not None:
-            self.paths.stop()
-        if self.topo is not None:
-            self.topo.teardown()
-            self.topo = None
+        try:
+            if getattr(self, "paths", None) is not None:
+                self.paths.stop()  # raises when an engine of ours survives
+        finally:
+            if self.topo is not None:
+                self.topo.teardown()
+                self.topo = None
 
     # -- helpers -------------------------------------------------------------
     def _where(self, rt, variant):
@@ -105,6 +107,15 @@ class Harness:
         return s
 
     def _stats(self, rt, role):
+        if rt.engine is not None:
+            # The engine counts system calls for itself as a whole; it
+            # serves this path's mappings only, one measured at a time.
+            from spliceproxy import engine_status
+
+            try:
+                return rt.engine.counters()
+            except engine_status.StatusError:
+                return None
         path = rt.stats_files.get(role)
         if not path:
             return None
@@ -216,7 +227,7 @@ class Harness:
     def _spawn_measured(self, argv, env=None):
         """Every measured start goes the one way dockerd's does (spawn_dockerd), so
         the spawn ratios compare the proxies and not the launcher."""
-        return spawn_dockerd(argv, env=env if env is not None else self.paths.proxy_env,
+        return spawn_dockerd(argv, env=env if env is not None else self.paths.standalone_env,
                              netns=self.paths.host_ns)
 
     def run_all(self, groups=None) -> Results:

@@ -80,6 +80,9 @@ METRICS = {
     "udp_cpu_us": ("us", "lower", "proxy CPU per 64-byte UDP round trip"),
     "udp_pps": ("pkt/s", "higher", "64-byte datagrams echoed per second, 64 in flight"),
     "udp_loss_pct": ("%", "lower", "datagrams lost in the burst"),
+    "agg_crr_rate": ("conn/s", "higher", "connections/s, four clients on four ports at once"),
+    "agg_bulk": ("Gbit/s", "higher", "four TCP streams on four ports at once, aggregate"),
+    "agg_cpu_per_gb": ("s/GB", "lower", "CPU of every proxy process per GB, four ports"),
     "scale_served_pct": ("%", "higher", "concurrent connections served"),
     "rss_per_conn_kib": ("KiB", "lower", "proxy RSS per idle connection"),
     "fds_per_conn": ("fds", "lower", "proxy fds per connection"),
@@ -92,6 +95,8 @@ METRICS = {
     "idle_rss_mib": ("MiB", "lower", "idle RSS of one process"),
     "port_uss_kib": ("KiB", "lower", "private memory (USS) of one published port's process"),
     "port_spawn_ms": ("ms", "lower", "spawn to ready (status pipe), engine running"),
+    "port_first_spawn_ms": ("ms", "lower",
+                            "spawn to ready (status pipe), no engine running: the first port"),
     "ports100_uss_mib": ("MiB", "lower", "USS of every proxy process, 100 mappings"),
     "ports1000_uss_mib": ("MiB", "lower", "USS of every proxy process, 1,000 mappings"),
     "ports100_spawn_ms": ("ms", "lower", "spawn to ready of 100 mappings back to back, summed"),
@@ -100,7 +105,10 @@ METRICS = {
     "strace_syscalls_per_gib": ("calls", "lower", "system calls per GiB (strace -c)"),
     "strace_syscalls_per_conn": ("calls", "lower", "system calls per connection (strace -c)"),
 }
-REFS = ("native", "iptables", "docker-proxy")
+REFS = ("native", "iptables", "docker-proxy", "docker-proxy-20.10")
+# docker-proxy 28.5 is the reference (path docker-proxy); the system's 20.10
+# is the second one, while installed.
+DOCKER_PROXIES = ("docker-proxy", "docker-proxy-20.10")
 # The plain relay, reference of the same engine run with a setting changed
 # (spliceproxy-spin): its ratios to it are in every result too.
 PLAIN = "spliceproxy"

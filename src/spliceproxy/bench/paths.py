@@ -3,7 +3,12 @@
 Each proxy is started exactly as dockerd 20.10 starts it (argv, fd 3 status
 pipe, /dev/null stdio, SIGTERM as parent-death signal, clone with CLONE_VM |
 CLONE_VFORK as Go's os/exec: launch.spawn_dockerd), one process per
-published port, in the host namespace.
+published port, in the host namespace.  The spliceproxy paths run in
+engine mode, the default users run: their stubs hand the mappings to an
+engine of the path's own (bench.engine.PrivateEngine), whose process is the
+one measured; spliceproxy-standalone serves each port in its own process.
+The reference docker-proxy is 28.5 (scripts/fetch-docker-sid) when fetched,
+and the system's (Debian 12: 20.10) is a second reference path.
 """
 
 from __future__ import annotations
@@ -25,8 +30,18 @@ from spliceproxy.bench.launch import LaunchedProxy, proxy_argv, spawn_dockerd
 ECHO, SINK, UDP = 7001, 7002, 7003
 PORT_BASE = {"iptables": 8100, "spliceproxy": 8200, "docker-proxy": 8300,
              "haproxy": 8400, "socat": 8500, "spliceproxy-spin": 8600,
-             "fastpath": 8700}
-USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat", "spliceproxy-spin")
+             "fastpath": 8700, "spliceproxy-standalone": 8800, "docker-proxy-20.10": 8900}
+USERLAND = ("spliceproxy", "docker-proxy", "haproxy", "socat", "spliceproxy-spin",
+            "spliceproxy-standalone", "docker-proxy-20.10")
+# The aggregate group's published ports per path: AGG_PORTS to the echo
+# server, as many to the sink, each its own mapping (roles aggN, aggsinkN).
+AGG_PORTS = 4
+AGG_OFFSET = 10
+# docker-proxy 28.5 as scripts/fetch-docker-sid unpacks it, the reference;
+# the system's docker-proxy (Debian 12: 20.10) is the second one.
+DOCKER_SID_DEFAULT = "/var/cache/spliceproxy/docker-sid"
+SYSTEM_DOCKER_PROXY = "/usr/sbin/docker-proxy"
+DOCKER_PROXY_OLD = "docker-proxy-20.10"
 # The busy-poll the spliceproxy-spin path runs with (SPLICEPROXY_SPIN).
 SPIN = "50us"
 # The path table: name -> the Paths method that starts it and returns its
@@ -42,6 +57,8 @@ PATHS = {
     "socat": "_start_socat",
     "spliceproxy-spin": "_start_spliceproxy_spin",
     "fastpath": "_start_fastpath",
+    "spliceproxy-standalone": "_start_spliceproxy_standalone",
+    "docker-proxy-20.10": "_start_docker_proxy_old",
 }
 ALL_PATHS = tuple(PATHS)
 
@@ -62,21 +79,56 @@ class PathRuntime:
     loopback: Endpoint | None = None
     note: str = ""
     fastpath: object = None  # the fastpath path's spliceproxy.fastpath.FastPath
+    engine: object = None  # engine mode: the bench.engine.PrivateEngine relaying every role
+    agg: dict = field(default_factory=dict)  # "echo"/"sink" -> the aggregate group's addresses
 
     def pid(self, role: str) -> int | None:
+        """The process relaying role: the engine in engine mode (the stubs only wait)."""
+        if self.engine is not None:
+            return self.engine.pid
         p = self.procs.get(role) or self.procs.get("all")
         return p.pid if p is not None else None
+
+    def pids(self, roles) -> list[int]:
+        """The distinct processes relaying roles (one engine, or one process per port)."""
+        out = []
+        for role in roles:
+            pid = self.pid(role)
+            if pid is not None and pid not in out:
+                out.append(pid)
+        return out
 
     @property
     def tree(self) -> bool:
         return self.name == "socat"
 
 
+def docker_proxy_sid(env=None) -> str | None:
+    """docker-proxy 28.5 as scripts/fetch-docker-sid left it (SPLICEPROXY_DOCKER_SID,
+    else its default directory), or None."""
+    env = os.environ if env is None else env
+    d = env.get("SPLICEPROXY_DOCKER_SID") or DOCKER_SID_DEFAULT
+    exe = os.path.join(d, "usr", "sbin", "docker-proxy")
+    return exe if os.access(exe, os.X_OK) else None
+
+
 def find_docker_proxy(given: str | None = None) -> str | None:
-    for cand in (given, shutil.which("docker-proxy"), "/usr/sbin/docker-proxy"):
+    """The reference: given, else the fetched 28.5, else PATH's or /usr/sbin's."""
+    for cand in (given, docker_proxy_sid(), shutil.which("docker-proxy"), SYSTEM_DOCKER_PROXY):
         if cand and os.access(cand, os.X_OK):
             return cand
     return None
+
+
+def find_old_docker_proxy(reference: str | None) -> str | None:
+    """The system's docker-proxy (Debian 12's 20.10) as a second reference,
+    when installed and not the reference itself."""
+    cand = SYSTEM_DOCKER_PROXY
+    if not os.access(cand, os.X_OK):
+        return None
+    if reference and os.path.realpath(reference) == os.path.realpath(cand):
+        return None
+    return cand
 
 
 def find_spliceproxy(given: str | None = None) -> str | None:
@@ -118,16 +170,17 @@ class Paths:
         self.topo = topo  # None: no namespaces (loopback only, current netns)
         self.sp_exe = spliceproxy
         self.dp_exe = docker_proxy
+        self.dp_old_exe = find_old_docker_proxy(docker_proxy)
         self.peers = peers
         self.proxy_env = dict(os.environ)
         # dockerd's environment, not the harness's: no source-tree import path.
         self.proxy_env.pop("PYTHONPATH", None)
-        # The relay paths measure the proxy serving its own port, as their
-        # baseline was measured (and with the counters file only a standalone
-        # proxy writes); engine mode, the product's default, is the ports
-        # group's.  --proxy-env SPLICEPROXY_ENGINE=1 measures it here too.
-        self.proxy_env["SPLICEPROXY_ENGINE"] = "0"
         self.proxy_env.update(proxy_env or {})
+        # Each path says its mode: engine mode for spliceproxy and
+        # spliceproxy-spin (an engine each), standalone for the path of
+        # that name and the spawn group.
+        self.standalone_env = dict(self.proxy_env, SPLICEPROXY_ENGINE="0")
+        self.engines: list = []
         self.only = only
         self.runtimes: dict[str, PathRuntime] = {}
         self.skipped: dict[str, str] = {}
@@ -174,12 +227,21 @@ class Paths:
             for p in rt.procs.values():
                 _stop(p)
         self.runtimes.clear()
+        # The stubs are gone: now their engines, each checked gone.
+        errors = []
+        while self.engines:
+            try:
+                self.engines.pop().stop()
+            except RuntimeError as exc:
+                errors.append(str(exc))
         for proc in self.server_procs:
             _stop(proc)
         self.server_procs.clear()
         while self.cleanups:
             self.cleanups.pop()()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if errors:
+            raise RuntimeError("; ".join(errors))
 
     def _start_servers(self, index: int) -> None:
         """The backend servers of one path; sets echo_port, sink_port, udp_port."""
@@ -241,46 +303,95 @@ class Paths:
         return PathRuntime("iptables", external=ext, loopback=lo,
                            note="loopback: nat OUTPUT DNAT, route_localnet, MASQUERADE")
 
-    def _start_dockerish(self, name: str, exe: str, env_for) -> PathRuntime:
+    def _start_dockerish(self, name: str, exe: str, env_for, agg: bool = False) -> PathRuntime:
         rt = PathRuntime(name)
-        ports = []
-        for role, proto, backend in ((0, "tcp", self.echo_port), (1, "tcp", self.sink_port),
-                                     (2, "udp", self.udp_port)):
-            port = self._port(name, role)
-            rt.procs[("echo", "sink", "udp")[role]] = self._spawn(
-                exe, proto, port, backend, env=env_for(rt, role))
-            ports.append(port)
-        rt.external, rt.loopback = self._endpoints(ports)
+        try:
+            ports = []
+            for role, proto, backend in ((0, "tcp", self.echo_port), (1, "tcp", self.sink_port),
+                                         (2, "udp", self.udp_port)):
+                port = self._port(name, role)
+                rt.procs[("echo", "sink", "udp")[role]] = self._spawn(
+                    exe, proto, port, backend, env=env_for(rt, role))
+                ports.append(port)
+            rt.external, rt.loopback = self._endpoints(ports)
+            if agg and self.topo:
+                self._start_agg(rt, exe, env_for(rt, None))
+        except BaseException:
+            for p in rt.procs.values():
+                _stop(p)
+            raise
         return rt
 
+    def _start_agg(self, rt, exe: str, env) -> None:
+        """The aggregate group's mappings: AGG_PORTS published ports to the
+        echo server and as many to the sink, each its own mapping (its own
+        process for docker-proxy, one more mapping of the engine for
+        spliceproxy); external clients only."""
+        h = self.topo.addr.host_ext
+        for kind, backend in (("echo", self.echo_port), ("sink", self.sink_port)):
+            addrs = []
+            for i in range(AGG_PORTS):
+                port = self._port(rt.name, AGG_OFFSET + i + (AGG_PORTS if kind == "sink" else 0))
+                rt.procs["agg%s%d" % (kind, i)] = self._spawn(exe, "tcp", port, backend, env=env)
+                addrs.append((h, port))
+            rt.agg[kind] = addrs
+
     def _start_spliceproxy(self, name: str = "spliceproxy", extra_env=None):
+        """Engine mode: the stubs hand every mapping to an engine of this path's
+        own, started by the first of them in the host namespace."""
+        if not self.sp_exe:
+            self.skipped[name] = "spliceproxy is not installed (no console script)"
+            return None
+        from spliceproxy.bench.engine import PrivateEngine
+
+        eng = PrivateEngine(dict(self.proxy_env, **(extra_env or {})), self.tmp)
+        self.engines.append(eng)
+        rt = self._start_dockerish(name, self.sp_exe, lambda rt, role: eng.env,
+                                   agg=name == "spliceproxy")
+        rt.engine = eng
+        eng.attach()
+        rt.note = "engine mode, an engine of its own"
+        return rt
+
+    def _start_spliceproxy_standalone(self):
+        """One relay process per port (SPLICEPROXY_ENGINE=0), each writing its
+        counters file."""
+        name = "spliceproxy-standalone"
         if not self.sp_exe:
             self.skipped[name] = "spliceproxy is not installed (no console script)"
             return None
 
         def env_for(rt, role):
-            env = dict(self.proxy_env)
-            env.update(extra_env or {})
             path = os.path.join(self.tmp, "stats-%s-%d" % (name, role))
-            env["SPLICEPROXY_STATS_FILE"] = path
             rt.stats_files[("echo", "sink", "udp")[role]] = path
-            return env
+            return dict(self.standalone_env, SPLICEPROXY_STATS_FILE=path)
 
-        return self._start_dockerish(name, self.sp_exe, env_for)
+        rt = self._start_dockerish(name, self.sp_exe, env_for)
+        rt.note = "SPLICEPROXY_ENGINE=0"
+        return rt
 
     def _start_spliceproxy_spin(self):
         """The same engine with the busy-poll on: compared with the plain relay
         in the same run, ratio by ratio."""
         rt = self._start_spliceproxy("spliceproxy-spin", {"SPLICEPROXY_SPIN": self.spin})
         if rt is not None:
-            rt.note = "SPLICEPROXY_SPIN=%s" % self.spin
+            rt.note = "engine mode, SPLICEPROXY_SPIN=%s" % self.spin
         return rt
 
     def _start_docker_proxy(self):
         if not self.dp_exe:
-            self.skipped["docker-proxy"] = "docker-proxy not found on PATH or /usr/sbin"
+            self.skipped["docker-proxy"] = ("docker-proxy not found (scripts/fetch-docker-sid, "
+                                            "PATH, /usr/sbin)")
             return None
-        return self._start_dockerish("docker-proxy", self.dp_exe, lambda rt, role: None)
+        return self._start_dockerish("docker-proxy", self.dp_exe, lambda rt, role: None,
+                                     agg=True)
+
+    def _start_docker_proxy_old(self):
+        if not self.dp_old_exe:
+            self.skipped[DOCKER_PROXY_OLD] = ("no second docker-proxy: %s is missing or is the "
+                                              "reference" % SYSTEM_DOCKER_PROXY)
+            return None
+        return self._start_dockerish(DOCKER_PROXY_OLD, self.dp_old_exe, lambda rt, role: None)
 
     def _peer(self, name: str) -> str | None:
         """A peer's executable: none without peers, or (a skip noted) not installed."""
@@ -396,7 +507,8 @@ class Paths:
                 ls.listen(4096)
             relay = spawn_dockerd(proxy_argv(self.sp_exe, proto, "0.0.0.0", port,
                                              self.backend_ip, backend, use_listen_fd=True),
-                                  listen_sock=ls, env=self.proxy_env, netns=self.host_ns)
+                                  listen_sock=ls, env=self.standalone_env,
+                                  netns=self.host_ns)
             self.cleanups.append(lambda r=relay: _stop(r))
             with topo_mod.in_netns(self.host_ns):
                 m = fp.add_mapping(proto, "0.0.0.0", port, self.backend_ip, backend, ls)

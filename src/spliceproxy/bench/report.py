@@ -10,10 +10,15 @@ from spliceproxy.bench.metrics import BARE, METRICS, PLAIN, REFS
 from spliceproxy.bench.results import Results
 
 SUBJECT = "spliceproxy"
-ORDER = ("native", "iptables", "spliceproxy", "spliceproxy-spin", "fastpath", "docker-proxy",
-         "haproxy", "socat", BARE)
+ORDER = ("native", "iptables", "spliceproxy", "spliceproxy-standalone", "spliceproxy-spin",
+         "fastpath", "docker-proxy", "docker-proxy-20.10", "haproxy", "socat", BARE)
 # Paths whose ratios get columns of their own beside the subject's.
 ALSO = ("fastpath",)
+
+
+def short(ref: str, width: int = 8) -> str:
+    """A reference's column name: cut to width, the second docker-proxy told apart."""
+    return "dp-20.10"[:width] if ref == "docker-proxy-20.10" else ref[:width]
 
 
 def _fmt(v) -> str:
@@ -59,7 +64,7 @@ def table(res: Results, subject: str = SUBJECT) -> str:
         # The same engine with a setting changed, against the plain relay.
         variants_of = [p for p in paths if p.startswith(PLAIN + "-")] if subject == PLAIN else []
         head = ["%s metric" % variant, "unit"] + paths + [
-            "%s/%s" % (w[:6] if w == subject else w, r[:8]) for w, r in cols]
+            "%s/%s" % (w[:6] if w == subject else w, short(r)) for w, r in cols]
         head += ["%s/plain" % p[len(PLAIN) + 1:][:6] for p in variants_of]
         rows = [head]
         for metric in METRICS:
@@ -156,7 +161,8 @@ def write_json(res: Results, path: str) -> None:
 
 COLORS = {"native": "#888888", "iptables": "#bbbbbb", "spliceproxy": "#1f77b4",
           "docker-proxy": "#d62728", "haproxy": "#2ca02c", "socat": "#9467bd",
-          "spliceproxy-spin": "#17becf", BARE: "#8c564b"}
+          "spliceproxy-spin": "#17becf", BARE: "#8c564b", "spliceproxy-standalone": "#aec7e8",
+          "docker-proxy-20.10": "#ff9896"}
 
 
 def chart_panels(res: Results) -> list[tuple[str, str, dict]]:
@@ -176,7 +182,7 @@ def _ratio_caption(per: dict, subject: str = SUBJECT) -> str:
     parts = []
     for ref in REFS + (BARE,):
         if ref in spread:
-            parts.append("/%s %s" % (ref[:6], fmt_ratio(spread[ref])))
+            parts.append("/%s %s" % (short(ref, 6), fmt_ratio(spread[ref])))
     return "\n".join(parts)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from spliceproxy.bench import metrics as _m
 from spliceproxy.bench.metrics import BARE, COUNTS, METRICS, MIN_TIMING_ROUNDS, PLAIN, REFS
 
 
@@ -102,7 +103,7 @@ class Results:
         a, b = m.get(path), m.get(ref)
         if not a or not b or path == ref:
             return None
-        if "added" in metric and ref != "docker-proxy":
+        if "added" in metric and ref not in _m.DOCKER_PROXIES:
             return None  # added latency over native/iptables is ~0: no meaningful ratio
         ro = self.round_of.get(variant, {}).get(metric, {})
         ra = dict(zip(ro.get(path, range(len(a))), a))

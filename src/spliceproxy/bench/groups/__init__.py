@@ -43,6 +43,7 @@ GROUPS = {
     "crr": Group("crr"),
     "udp": Group("udp"),
     "strace": Group("strace"),
+    "agg": Group("agg", variants=("external",)),
     "scale": Group("scale", phase=1, quick_loopback_only=False),
     "spawn": Group("spawn", phase=2, variants=("process",)),
     "churn": Group("churn", phase=3, variants=("external",)),

@@ -14,21 +14,24 @@ same command with SPLICEPROXY_ENGINE=0:
   the engine) summed, against N docker-proxy processes, the two alternated
   per round;
 - portsN_spawn_ms: the spawn-to-ready times of those N starts, one right
-  after the other as dockerd starts a port range, summed.
+  after the other as dockerd starts a port range, summed;
+- port_first_spawn_ms: a host's first published port, no engine running:
+  each round a fresh private socket directory, one stub started (it starts
+  the engine) until its `0\n`, then the stub and the engine stopped; beside
+  a docker-proxy start in the same shuffled rounds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
-import tempfile
 import time
 
 from spliceproxy import engine_status
 from spliceproxy.bench import procs
 from spliceproxy.bench import topology as topo_mod
+from spliceproxy.bench.engine import PrivateEngine
 from spliceproxy.bench.launch import proxy_argv
 from spliceproxy.bench.metrics import PORTS_STANDALONE
 
@@ -74,19 +77,17 @@ def run(h, group: str, variant: str) -> None:
     if not h.sp_exe or not h.dp_exe:
         h.res.notes.append("ports group: needs spliceproxy and docker-proxy")
         return
-    sockdir = tempfile.mkdtemp(prefix="spliceproxy-bench-engine-")
-    h.ports_engine_dir = sockdir  # its engine's command line names it
-    sock = os.path.join(sockdir, "engine.sock")
     base = dict(h.paths.proxy_env if h.paths.proxy_env is not None else os.environ)
-    env = dict(base, SPLICEPROXY_ENGINE="1", SPLICEPROXY_ENGINE_SOCKET=sock,
-               SPLICEPROXY_ENGINE_IDLE_EXIT="never")
-    maps = Mappings(h, {"spliceproxy": (h.sp_exe, env),
+    # Every engine of the group lives under the run's directory, which
+    # their command lines name.
+    h.ports_engine_dir = h.paths.tmp
+    eng = PrivateEngine(base, h.paths.tmp)
+    maps = Mappings(h, {"spliceproxy": (h.sp_exe, eng.env),
                         PORTS_STANDALONE: (h.sp_exe, dict(base, SPLICEPROXY_ENGINE="0")),
                         "docker-proxy": (h.dp_exe, base)})
-    engine_pid = None
     try:
         warm = maps.start("spliceproxy")  # starts the engine; not measured
-        engine_pid = engine_status.query(sock)["engine"]["pid"]
+        engine_pid = eng.attach()
         one_at_a_time(h, maps)
         maps.stop(warm)
         for n in h.p.ports_ranges:
@@ -95,9 +96,34 @@ def run(h, group: str, variant: str) -> None:
         h.res.notes.append("ports group failed: %s" % exc)
     finally:
         maps.stop_all()
-        if engine_pid is not None:
-            _stop_engine(engine_pid)
-        shutil.rmtree(sockdir, ignore_errors=True)
+        eng.stop()
+    first_start(h, maps, base)
+
+
+def first_start(h, maps: Mappings, base: dict) -> None:
+    """port_first_spawn_ms: no engine running, the first stub starts one."""
+    for i in range(h.p.spawns):
+        order = ["spliceproxy", "docker-proxy"]
+        h.rng.shuffle(order)
+        h.res.orders.setdefault("process:ports-first", []).append(order)
+        for name in order:
+            h.progress("ports first start %d/%d: %s" % (i + 1, h.p.spawns, name))
+            eng = PrivateEngine(base, h.paths.tmp) if name == "spliceproxy" else None
+            try:
+                if eng is not None:
+                    maps.kinds[name] = (h.sp_exe, eng.env)
+                lp = maps.start(name)
+                h.res.add("process", "port_first_spawn_ms", name, lp.ready_s * 1e3, i)
+                if eng is not None:
+                    eng.attach()
+                maps.stop(lp)
+            except (OSError, RuntimeError, engine_status.StatusError) as exc:
+                h.res.notes.append("ports first start via %s failed: %s" % (name, exc))
+            finally:
+                maps.stop_all()
+                if eng is not None:
+                    eng.stop()
+            time.sleep(0.05)
 
 
 def one_at_a_time(h, maps: Mappings) -> None:
@@ -137,11 +163,3 @@ def all_at_once(h, maps: Mappings, n: int, engine_pid: int) -> None:
                 pids.append(engine_pid)
             h.res.add("process", metric, name, sum(procs.uss_bytes(p) for p in pids) / 2**20, r)
             maps.stop_all()
-
-
-def _stop_engine(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, 15)
-    deadline = time.monotonic() + 5
-    while procs.alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)

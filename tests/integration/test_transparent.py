@@ -20,6 +20,7 @@ Needs root; skips with the reason otherwise.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -35,7 +36,10 @@ from spliceproxy import transparent
 from support import engine as engine_support
 from support import servers as srv
 from support import transparent_env as te
-from support.fastpath_env import in_netns, ip
+from support.fastpath_env import in_netns, ip, tool_env
+
+# System tools run without the sanitizer run's preloaded runtime (fastpath_env).
+_tool = functools.partial(subprocess.run, env=tool_env())
 
 pytestmark = pytest.mark.root
 
@@ -53,10 +57,10 @@ def _setup_host_routing(t: te.Topology, mangle: bool = True) -> None:
        "lookup", "100")
     for tool in ("iptables", "ip6tables"):
         if mangle:
-            subprocess.run(["ip", "netns", "exec", t.host, tool, "-w", "-t", "mangle", "-A",
+            _tool(["ip", "netns", "exec", t.host, tool, "-w", "-t", "mangle", "-A",
                             "PREROUTING", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"],
                            check=True)
-        subprocess.run(["ip", "netns", "exec", t.host, tool, "-w", "-A", "FORWARD", "-p",
+        _tool(["ip", "netns", "exec", t.host, tool, "-w", "-A", "FORWARD", "-p",
                         "udp", "--dport", "9", "-j", "ACCEPT"], check=True)
 
 
@@ -307,9 +311,9 @@ def test_strict_rp_filter_and_bridge_netfilter(topo, engine_host, bridge_nf):
     """docs/transparent.md: nothing to change for either."""
     t = topo
     for ns in (t.host, t.cont):
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+        _tool(["ip", "netns", "exec", ns, "sysctl", "-qw",
                         "net.ipv4.conf.all.rp_filter=1"], check=True)
-    nf = subprocess.run(["ip", "netns", "exec", t.host, "sysctl", "-qw",
+    nf = _tool(["ip", "netns", "exec", t.host, "sysctl", "-qw",
                          "net.bridge.bridge-nf-call-iptables=" + bridge_nf,
                          "net.bridge.bridge-nf-call-ip6tables=" + bridge_nf])
     if nf.returncode != 0:
@@ -350,7 +354,7 @@ def test_nftables_where_there_is_no_iptables(topo, engine_host):
 def _nft_checks(t, h, nft: str, before: dict) -> None:
     st = h.status()["engine"]["transparent"]
     assert st["firewall"] == "nft" and st["rules"], st
-    ruleset = subprocess.run(["ip", "netns", "exec", t.host, nft, "list", "table", "inet",
+    ruleset = _tool(["ip", "netns", "exec", t.host, nft, "list", "table", "inet",
                               transparent.NFT_TABLE], capture_output=True, text=True)
     assert "socket transparent 1" in ruleset.stdout, ruleset
     seen_ip, seen_port, mine = t.in_client(lambda: te.ask_tcp(t.host4, HPORT))[0]
@@ -371,7 +375,7 @@ def _path_of(links: dict[str, str]) -> str:
 
 
 def _legacy_save(ns: str) -> str:
-    return "".join(subprocess.run(["ip", "netns", "exec", ns, tool], capture_output=True,
+    return "".join(_tool(["ip", "netns", "exec", ns, tool], capture_output=True,
                                   text=True).stdout
                    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"))
 
@@ -426,10 +430,10 @@ def test_a_table_changed_meanwhile_is_not_deleted():
     ip("netns", "add", ns)
     try:
         def in_ns(*argv):
-            subprocess.run(["ip", "netns", "exec", ns, *argv], check=True)
+            _tool(["ip", "netns", "exec", ns, *argv], check=True)
 
         def save() -> str:
-            return subprocess.run(["ip", "netns", "exec", ns, "iptables-save"],
+            return _tool(["ip", "netns", "exec", ns, "iptables-save"],
                                   capture_output=True, text=True).stdout
 
         in_ns("iptables", "-w", "-t", "mangle", "-N", "X")

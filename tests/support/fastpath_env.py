@@ -57,9 +57,21 @@ def skip_reason() -> str | None:
     return None
 
 
+# A sanitizer runtime preloaded into the test run (.ci/sanitizers) is there
+# for the engine; the system's own tools (iproute2, iptables, nft, sysctl)
+# run without it, or it aborts them on faults of their own (iproute2's
+# print_route trips ASan's strncpy overlap check).
+_SANITIZER_VARS = ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS")
+
+
+def tool_env() -> dict[str, str]:
+    """This process's environment for a system tool: without a sanitizer runtime."""
+    return {k: v for k, v in os.environ.items() if k not in _SANITIZER_VARS}
+
+
 def ip(*args: str, check: bool = True) -> None:
     subprocess.run(["ip", *args], check=check, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL if not check else None)
+                   stderr=subprocess.DEVNULL if not check else None, env=tool_env())
 
 
 def _enter(name: str) -> None:

@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 
-from support.fastpath_env import in_netns, ip
+from support.fastpath_env import in_netns, ip, tool_env
 
 IO_TIMEOUT = 5.0
 
@@ -169,7 +169,8 @@ class Topology:
         # their routes) are there at once, not a moment into a snapshot.
         for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
                     "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"):
-            subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", key], check=True)
+            subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", key], check=True,
+                           env=tool_env())
         # client <-> host
         ip("-n", h, "link", "add", "out0", "type", "veth", "peer", "name", "eth0",
            "netns", self.client)
@@ -233,7 +234,7 @@ class Topology:
 def _out(ns: str | None, argv: list[str]) -> str:
     if ns:
         argv = ["ip", "netns", "exec", ns] + argv
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=10, env=tool_env())
     return p.stdout if p.returncode == 0 else ""
 
 

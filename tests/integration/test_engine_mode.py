@@ -38,21 +38,6 @@ def host(proxy_path):
     h.close()
 
 
-def port_is_free(port: int, host: str = "127.0.0.1", kind=socket.SOCK_STREAM) -> bool:
-    """Bind the port as dockerd would for the next container (SO_REUSEADDR)."""
-    s = socket.socket(srv.family(host), kind)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
-        if kind == socket.SOCK_STREAM:
-            s.listen(1)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def _stub_exe(pid: int) -> str:
     return os.path.basename(os.readlink("/proc/%d/exe" % pid))
 
@@ -181,7 +166,7 @@ def test_engine_value_not_a_go_boolean_is_refused(host, value):
         assert str(info.value) == (
             "invalid SPLICEPROXY_ENGINE=%r: not a boolean: use one of 1, t, T, TRUE, true, "
             "True, 0, f, F, FALSE, false, False" % value)
-        assert port_is_free(port)
+        assert srv.port_is_free(port)
         assert not os.path.exists(host.sock) and host.engine_processes() == []
 
 
@@ -246,7 +231,7 @@ def test_stop_frees_the_port_at_once(host, sig):
             assert srv.recv_exact(open_conn, 1) == b"x"
             assert lp.stop(sig, timeout=5.0) == 0
             # Right after the stub exits, as dockerd restarting the container.
-            assert port_is_free(lp.port)
+            assert srv.port_is_free(lp.port)
         srv.echo_roundtrip("127.0.0.1", keep.port, b"the other mapping serves on")
         assert {m["stub_pid"] for m in host.status()["mappings"]} == {keep.pid}
 
@@ -256,7 +241,7 @@ def test_stop_frees_a_udp_port_at_once(host):
         lp = host.start("udp", echo.port)
         assert srv.udp_roundtrip(lp.port, b"u") == b"u"
         assert lp.stop(signal.SIGINT, timeout=5.0) == 0
-        assert port_is_free(lp.port, kind=socket.SOCK_DGRAM)
+        assert srv.port_is_free(lp.port, kind=socket.SOCK_DGRAM)
 
 
 def test_sigkill_of_a_stub_removes_its_mapping(host):
@@ -265,7 +250,7 @@ def test_sigkill_of_a_stub_removes_its_mapping(host):
         lp = host.start("tcp", echo.port)
         lp.proc.kill()
         lp.proc.wait(5)
-        assert srv.wait_for(lambda: port_is_free(lp.port), 2.0)
+        assert srv.wait_for(lambda: srv.port_is_free(lp.port), 2.0)
         assert [m["stub_pid"] for m in host.status()["mappings"]] == [keep.pid]
         srv.echo_roundtrip("127.0.0.1", keep.port)
 
@@ -281,7 +266,7 @@ def test_dockerd_killed_no_stub_survives_and_every_port_is_free(host):
             assert len(ports) == 3
             fake.kill()
             assert srv.wait_for(lambda: not any(alive(p) for p in pids), 3.0)
-            assert all(port_is_free(int(p)) for p in ports)
+            assert all(srv.port_is_free(int(p)) for p in ports)
             assert host.status()["mappings"] == []
 
 
@@ -596,7 +581,7 @@ def test_engine_drops_privileges_keeping_only_low_port_binding(host):
         assert st["NoNewPrivs"] == "1"
         srv.echo_roundtrip("127.0.0.1", lp.port)
         # A port below 1024 opened by the engine itself (dockerd before 28).
-        low = next((p for p in range(900, 1000) if port_is_free(p)), None)
+        low = next((p for p in range(900, 1000) if srv.port_is_free(p)), None)
         assert low is not None
         lp2 = host.start("tcp", echo.port, host_port=low)
         srv.echo_roundtrip("127.0.0.1", lp2.port)

@@ -99,15 +99,6 @@ def _roundtrip_in(ns: str | None, port: int, payload: bytes) -> bytes:
     return in_netns(ns, go) if ns else go()
 
 
-def _port_free_here(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _stop(*stubs) -> None:
     for lp in stubs:
         with contextlib.suppress(Exception):
@@ -136,7 +127,7 @@ def test_same_port_in_two_namespaces_beside_an_engine_of_the_host(proxy_path, na
                 assert echoes[ns].accepted == before[ns] + 1
                 assert all(echoes[n].accepted == before[n] for n in echoes if n != ns)
             # Nothing of theirs was bound here.
-            assert _port_free_here(PORT)
+            assert srv.port_is_free(PORT)
             srv.echo_roundtrip("127.0.0.1", host_port, b"host")
             # One engine per namespace, each on the socket named after it.
             socks = sorted(os.path.basename(p) for p in glob.glob(engine_dir + "/*.sock"))
@@ -158,7 +149,7 @@ def test_same_port_in_two_namespaces_beside_an_engine_of_the_host(proxy_path, na
                 e.close()
     # Stopped, the port is free again in both namespaces.
     for ns in (a, b):
-        assert in_netns(ns, lambda: _port_free_here(PORT))
+        assert in_netns(ns, lambda: srv.port_is_free(PORT))
 
 
 def test_an_engine_refuses_a_proxy_of_another_namespace(proxy_path, namespaces, engine_dir):
@@ -178,8 +169,8 @@ def test_an_engine_refuses_a_proxy_of_another_namespace(proxy_path, namespaces, 
                     % (control.netns_name(control.netns_id()),
                        control.netns_name(_netns_ident(a)))) in text, text
             assert lp.proc.wait(5) == 1
-            assert _port_free_here(PORT)
-            assert in_netns(a, lambda: _port_free_here(PORT))
+            assert srv.port_is_free(PORT)
+            assert in_netns(a, lambda: srv.port_is_free(PORT))
             srv.echo_roundtrip("127.0.0.1", host_port, b"still served")
         finally:
             _stop(host_stub)
@@ -220,7 +211,7 @@ def test_no_proc_is_a_clear_failure_not_a_wrong_engine(proxy_path, namespaces, e
     assert lp.status == (b"1\ncannot tell this proxy's network namespace (/proc/self/ns/net: "
                          b"No such file or directory): the engine it needs is its namespace's")
     assert glob.glob(engine_dir + "/*.sock") == []
-    assert in_netns(a, lambda: _port_free_here(PORT))
+    assert in_netns(a, lambda: srv.port_is_free(PORT))
 
 
 def test_stub_start_failure_is_reported(proxy_path, namespaces, engine_dir):
@@ -231,6 +222,6 @@ def test_stub_start_failure_is_reported(proxy_path, namespaces, engine_dir):
     try:
         with pytest.raises(ProxyStartError, match="address already in use"):
             _start(proxy_path, a, env)
-        assert _port_free_here(PORT)
+        assert srv.port_is_free(PORT)
     finally:
         holder.close()

@@ -96,6 +96,21 @@ def can_bind(host: str, kind: int = socket.SOCK_STREAM) -> bool:
         return False
 
 
+def port_is_free(port: int, host: str = "127.0.0.1", kind=socket.SOCK_STREAM) -> bool:
+    """Bind the port as dockerd would for the next container (SO_REUSEADDR)."""
+    s = socket.socket(family(host), kind)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(1)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def have_ipv6() -> bool:
     return can_bind("::1")
 
